@@ -1,0 +1,3 @@
+from cxrbatch.cli import main
+
+main()

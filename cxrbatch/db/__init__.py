@@ -1,0 +1,1 @@
+"""The results database: SQLAlchemy 2.0 tables, engine/session, and the only code touching rows."""

@@ -1,0 +1,143 @@
+"""Tables of the results database (documented for people who query it in docs/schema.md).
+
+studies        one row per StudyInstanceUID ever seen
+outcomes       one row per processing of a study; exactly one has is_current = true
+images         one row per instance of the study in that processing (processed or not)
+findings       one row per (image, model role, label) probability
+rejected_files files that were not usable input, with the reason and quarantine copy
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    first_seen_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    outcomes: Mapped[list[Outcome]] = relationship(back_populates="study")
+
+
+class Outcome(Base):
+    __tablename__ = "outcomes"
+    __table_args__ = (
+        # Never two current outcomes for one study.
+        Index(
+            "uq_outcomes_current_per_study",
+            "study_id",
+            unique=True,
+            sqlite_where=text("is_current"),
+            postgresql_where=text("is_current"),
+        ),
+        Index("ix_outcomes_study_current", "study_id", "is_current"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"))
+    is_current: Mapped[bool] = mapped_column(Boolean, default=True)
+    # processed | ineligible | failed (see cxrbatch.domain.OutcomeStatus)
+    status: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    # likely-normal | abnormal | NULL (no screening bundle)
+    triage: Mapped[str | None] = mapped_column(String(16))
+    no_finding_score: Mapped[float | None] = mapped_column(Float)
+    screening_no_finding_score: Mapped[float | None] = mapped_column(Float)
+    segmentation_only: Mapped[bool] = mapped_column(Boolean, default=False)
+    synthetic_model: Mapped[bool] = mapped_column(Boolean, default=False)
+    input_fingerprint: Mapped[str] = mapped_column(String(64))
+    models: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    outputs: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    timings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    superseded_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+    study: Mapped[Study] = relationship(back_populates="outcomes")
+    images: Mapped[list[Image]] = relationship(
+        back_populates="outcome", cascade="all, delete-orphan"
+    )
+
+
+class Image(Base):
+    __tablename__ = "images"
+    __table_args__ = (UniqueConstraint("outcome_id", "sop_instance_uid"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    outcome_id: Mapped[int] = mapped_column(ForeignKey("outcomes.id", ondelete="CASCADE"))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    view_position: Mapped[str | None] = mapped_column(String(16))
+    # processed | ineligible | failed
+    status: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    side_source: Mapped[str | None] = mapped_column(Text)
+    right_lung_fraction: Mapped[float | None] = mapped_column(Float)
+    left_lung_fraction: Mapped[float | None] = mapped_column(Float)
+    no_finding_score: Mapped[float | None] = mapped_column(Float)
+    screening_no_finding_score: Mapped[float | None] = mapped_column(Float)
+    triage: Mapped[str | None] = mapped_column(String(16))
+    seg_path: Mapped[str | None] = mapped_column(Text)
+
+    outcome: Mapped[Outcome] = relationship(back_populates="images")
+    findings: Mapped[list[Finding]] = relationship(
+        back_populates="image", cascade="all, delete-orphan"
+    )
+
+
+class Finding(Base):
+    __tablename__ = "findings"
+    __table_args__ = (UniqueConstraint("image_id", "role", "label"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    # classifier | screening
+    role: Mapped[str] = mapped_column(String(16))
+    label: Mapped[str] = mapped_column(String(32))
+    probability: Mapped[float] = mapped_column(Float)
+
+    image: Mapped[Image] = relationship(back_populates="findings")
+
+
+class RejectedFile(Base):
+    __tablename__ = "rejected_files"
+    __table_args__ = (UniqueConstraint("path", "sha256"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64), default="")
+    reason: Mapped[str] = mapped_column(Text)
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    quarantine_path: Mapped[str | None] = mapped_column(Text)
+    first_seen_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_seen_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,184 @@
+"""The only code that reads and writes rows of the results database."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from cxrbatch.db import models
+from cxrbatch.domain import OutcomeStatus, RejectedFile, StudyResult
+
+
+def current_outcome(session: Session, study_instance_uid: str) -> models.Outcome | None:
+    return session.scalar(
+        select(models.Outcome)
+        .join(models.Study)
+        .where(models.Study.study_instance_uid == study_instance_uid, models.Outcome.is_current)
+    )
+
+
+def _study(session: Session, study_instance_uid: str) -> models.Study:
+    study = session.scalar(
+        select(models.Study).where(models.Study.study_instance_uid == study_instance_uid)
+    )
+    if study is None:
+        study = models.Study(study_instance_uid=study_instance_uid)
+        session.add(study)
+        session.flush()
+    study.updated_at = models.utcnow()
+    return study
+
+
+def _image_rows(result: StudyResult) -> list[models.Image]:
+    rows: list[models.Image] = []
+    seg_files = result.outputs.seg_files if result.outputs else {}
+    for item in result.images:
+        header = item.instance
+        findings = [
+            models.Finding(role=role, label=label, probability=p)
+            for role, f in (("classifier", item.findings), ("screening", item.screening))
+            if f is not None
+            for label, p in f.probabilities.items()
+        ]
+        screening = item.screening
+        rows.append(
+            models.Image(
+                sop_instance_uid=header.sop_instance_uid,
+                series_instance_uid=header.series_instance_uid,
+                sop_class_uid=header.sop_class_uid,
+                modality=header.modality,
+                view_position=header.view_position,
+                status=OutcomeStatus.PROCESSED.value,
+                reason="view position unknown" if header.view_position is None else None,
+                side_source=item.image.side_source,
+                right_lung_fraction=item.segmentation.area_fraction("right"),
+                left_lung_fraction=item.segmentation.area_fraction("left"),
+                no_finding_score=item.findings.no_finding_score if item.findings else None,
+                screening_no_finding_score=screening.no_finding_score if screening else None,
+                triage=screening.triage.value if screening and screening.triage else None,
+                seg_path=str(seg_files[header.sop_instance_uid])
+                if header.sop_instance_uid in seg_files
+                else None,
+                findings=findings,
+            )
+        )
+    for skipped in result.skipped:
+        h = skipped.instance
+        rows.append(
+            models.Image(
+                sop_instance_uid=h.sop_instance_uid,
+                series_instance_uid=h.series_instance_uid,
+                sop_class_uid=h.sop_class_uid,
+                modality=h.modality,
+                view_position=h.view_position,
+                status=skipped.status.value,
+                reason=skipped.reason,
+            )
+        )
+    for failure in result.failures:
+        h = failure.instance
+        rows.append(
+            models.Image(
+                sop_instance_uid=h.sop_instance_uid,
+                series_instance_uid=h.series_instance_uid,
+                sop_class_uid=h.sop_class_uid,
+                modality=h.modality,
+                view_position=h.view_position,
+                status=OutcomeStatus.FAILED.value,
+                reason=failure.reason,
+            )
+        )
+    return rows
+
+
+def outcome_document(result: StudyResult) -> dict[str, Any]:
+    outputs: dict[str, Any] = {}
+    if result.outputs:
+        outputs = {
+            "seg": {k: str(v) for k, v in result.outputs.seg_files.items()},
+            "sr": str(result.outputs.sr_file) if result.outputs.sr_file else None,
+            "json": str(result.outputs.json_file) if result.outputs.json_file else None,
+        }
+    return outputs
+
+
+def record_study(session: Session, result: StudyResult) -> models.Outcome:
+    """Record a study's outcome; the previous current outcome (if any) is superseded.
+
+    The caller commits. Re-recording the same input fingerprint replaces the current
+    outcome in place instead of adding a row.
+    """
+    study = _study(session, result.study_instance_uid)
+    previous = session.scalar(
+        select(models.Outcome).where(models.Outcome.study_id == study.id, models.Outcome.is_current)
+    )
+    if previous is not None and previous.input_fingerprint == result.input_fingerprint:
+        session.delete(previous)
+        session.flush()
+    elif previous is not None:
+        session.execute(
+            update(models.Outcome)
+            .where(models.Outcome.id == previous.id)
+            .values(is_current=False, superseded_at=models.utcnow())
+        )
+        session.flush()
+    classified = [i for i in result.images if i.findings is not None]
+    screened = [i.screening for i in result.images if i.screening is not None]
+    outcome = models.Outcome(
+        study_id=study.id,
+        is_current=True,
+        status=result.status.value,
+        reason=result.reason,
+        triage=result.triage.value if result.triage else None,
+        no_finding_score=result.no_finding_score,
+        screening_no_finding_score=min((s.no_finding_score for s in screened), default=None),
+        segmentation_only=bool(result.images) and not classified,
+        synthetic_model=any(m.synthetic_training_data for m in result.models),
+        input_fingerprint=result.input_fingerprint,
+        models=[m.as_dict() for m in result.models],
+        outputs=outcome_document(result),
+        timings={k: round(v, 4) for k, v in result.timings.items()},
+        images=_image_rows(result),
+    )
+    session.add(outcome)
+    session.flush()
+    return outcome
+
+
+def record_rejected(session: Session, rejected: RejectedFile, quarantine_path: Path | None) -> None:
+    path = str(rejected.path)
+    sha = rejected.sha256 or ""
+    row = session.scalar(
+        select(models.RejectedFile).where(
+            models.RejectedFile.path == path, models.RejectedFile.sha256 == sha
+        )
+    )
+    if row is None:
+        session.add(
+            models.RejectedFile(
+                path=path,
+                sha256=sha,
+                reason=rejected.reason,
+                study_instance_uid=(rejected.study_instance_uid or "")[:64] or None,
+                sop_instance_uid=(rejected.sop_instance_uid or "")[:64] or None,
+                quarantine_path=str(quarantine_path) if quarantine_path else None,
+            )
+        )
+    else:
+        row.reason = rejected.reason
+        row.last_seen_at = models.utcnow()
+        if quarantine_path:
+            row.quarantine_path = str(quarantine_path)
+
+
+def current_outcomes(session: Session) -> list[models.Outcome]:
+    return list(
+        session.scalars(
+            select(models.Outcome)
+            .where(models.Outcome.is_current)
+            .order_by(models.Outcome.created_at)
+        )
+    )

@@ -1,0 +1,1 @@
+"""DICOM input and output: discovery, selection, decoding, SEG and SR writers, codes."""

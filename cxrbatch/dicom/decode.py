@@ -1,0 +1,167 @@
+"""Decode a radiograph into a display-ready 8-bit image.
+
+Intensity handling (one definition for the daemon and the training code):
+
+1. Pixel data decoded by pydicom with the pylibjpeg plugins (JPEG baseline/lossless,
+   JPEG-LS, JPEG 2000, RLE) or natively (little/big endian, deflate).
+2. Modality LUT or Rescale Slope/Intercept.
+3. VOI: the first VOI LUT or window (Center/Width, LINEAR, LINEAR_EXACT or SIGMOID) in the
+   header when it is valid; otherwise the 0.5-99.5 percentile range of the pixel values.
+4. MONOCHROME1 (and Presentation LUT Shape INVERSE) inverted, so higher = brighter.
+5. Scaled to 0..255 and rounded to uint8: the same form as an 8-bit PNG export.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut
+
+from cxrbatch.domain import DecodedImage, InstanceHeader
+from cxrbatch.errors import InputError
+
+log = logging.getLogger(__name__)
+
+MAX_PIXELS = 80_000_000  # ~9000 x 9000; larger declared sizes are refused as hostile
+
+
+def _first(value: Any) -> Any:
+    if isinstance(value, list | tuple | pydicom.multival.MultiValue):
+        return value[0] if len(value) else None
+    return value
+
+
+def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """PS3.3 C.11.2.1.2 windowing to 0..1."""
+    if function == "LINEAR_EXACT":
+        return np.clip((values - center) / width + 0.5, 0.0, 1.0)
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
+    return np.clip((values - (center - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0)
+
+
+def _voi(ds: Dataset, values: np.ndarray, notes: list[str]) -> np.ndarray:
+    lut_seq = ds.get("VOILUTSequence")
+    if lut_seq:
+        try:
+            item = lut_seq[0]
+            descriptor = [int(v) for v in item.LUTDescriptor]
+            lut = np.asarray(item.LUTData, dtype=np.float64).ravel()
+            first = descriptor[1]
+            index = np.clip(np.round(values).astype(np.int64) - first, 0, len(lut) - 1)
+            mapped = lut[index]
+            span = float(lut.max() - lut.min())
+            if span > 0:
+                notes.append("VOI LUT from header")
+                return (mapped - lut.min()) / span
+        except Exception as exc:
+            notes.append(f"VOI LUT unusable ({type(exc).__name__}); percentile window used")
+    center = _first(ds.get("WindowCenter"))
+    width = _first(ds.get("WindowWidth"))
+    try:
+        if center is not None and width is not None and float(width) >= 1.0:
+            function = str(ds.get("VOILUTFunction", "LINEAR")).upper() or "LINEAR"
+            notes.append("window from header")
+            return _window(values, float(center), float(width), function)
+        if width is not None:
+            notes.append(f"invalid WindowWidth {width!r}; percentile window used")
+    except (TypeError, ValueError):
+        notes.append("unparseable window values; percentile window used")
+    low, high = np.percentile(values, [0.5, 99.5])
+    if high <= low:
+        high = low + 1.0
+    notes.append("percentile window (0.5-99.5)")
+    return np.clip((values - low) / (high - low), 0.0, 1.0)
+
+
+def patient_side_mapping(ds: Dataset) -> tuple[bool, str]:
+    """Whether column 0 is the patient's right, and from what that was decided.
+
+    PatientOrientation's first value is the patient direction of increasing column index:
+    'L' means the image runs towards the patient's left, so column 0 is the patient's
+    right. Without it, frontal chest radiographs are by convention displayed with the
+    patient's right on the viewer's left, for PA and for AP.
+    """
+    orientation = ds.get("PatientOrientation")
+    try:
+        row_direction = str(orientation[0]).upper() if orientation else ""
+    except Exception:
+        row_direction = ""
+    if "L" in row_direction and "R" not in row_direction:
+        return True, "PatientOrientation"
+    if "R" in row_direction and "L" not in row_direction:
+        return False, "PatientOrientation"
+    view = str(ds.get("ViewPosition", "") or "").upper() or "unknown view"
+    return True, f"display convention ({view}; PatientOrientation row direction absent)"
+
+
+def decode_dataset(ds: Dataset, header: InstanceHeader) -> DecodedImage:
+    notes: list[str] = []
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if samples != 1:
+        raise InputError(f"Expected a grayscale image (SamplesPerPixel 1), found {samples}.")
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise InputError(
+            f"Expected PhotometricInterpretation MONOCHROME1 or MONOCHROME2, found {photometric!r}."
+        )
+    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if rows < 16 or columns < 16 or rows * columns > MAX_PIXELS:
+        raise InputError(f"Implausible image size {rows} x {columns}.")
+    if "PixelData" not in ds:
+        raise InputError("The instance has no Pixel Data.")
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:
+        raise InputError(f"Pixel data cannot be decoded: {type(exc).__name__}: {exc}") from exc
+    if pixels.ndim == 3:
+        notes.append(f"multi-frame ({pixels.shape[0]} frames): first frame used")
+        pixels = pixels[0]
+    if pixels.ndim != 2:
+        raise InputError(f"Expected a 2-D image, found pixel array of shape {pixels.shape}.")
+    try:
+        values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64)
+    except Exception as exc:
+        notes.append(f"Modality LUT unusable ({type(exc).__name__}); stored values used")
+        values = pixels.astype(np.float64)
+    if not np.isfinite(values).all():
+        raise InputError("Pixel values are not finite after the Modality LUT.")
+    display = _voi(ds, values, notes)
+    inverse = str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE"
+    if (photometric == "MONOCHROME1") != inverse:
+        display = 1.0 - display
+        notes.append(
+            "inverted (MONOCHROME1)"
+            if photometric == "MONOCHROME1"
+            else "inverted (Presentation LUT INVERSE)"
+        )
+    image_u8 = np.round(display * 255.0).astype(np.uint8)
+    left_is_right, side_source = patient_side_mapping(ds)
+    return DecodedImage(
+        instance=header,
+        pixels=image_u8,
+        image_left_is_patient_right=left_is_right,
+        side_source=side_source,
+        notes=tuple(notes),
+    )
+
+
+def read_dataset(header: InstanceHeader) -> Dataset:
+    try:
+        return pydicom.dcmread(header.path)
+    except Exception as exc:
+        raise InputError(f"DICOM file cannot be read: {type(exc).__name__}: {exc}") from exc
+
+
+def decode(header: InstanceHeader) -> tuple[DecodedImage, Dataset]:
+    """Read and decode one instance; the dataset (without pixels) is kept for the writers."""
+    ds = read_dataset(header)
+    image = decode_dataset(ds, header)
+    # The writers need the header only; drop the pixel bytes to keep memory flat.
+    if "PixelData" in ds:
+        del ds.PixelData
+    return image, ds

@@ -1,0 +1,102 @@
+"""DICOM Segmentation (BINARY) of the right and left lung, built with highdicom."""
+
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+import cxrbatch
+from cxrbatch.dicom import codes
+from cxrbatch.domain import LungSegmentation, ModelRef
+
+NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSTIC USE"
+MANUFACTURER = "cxrbatch"
+
+
+def algorithm_identification(model: ModelRef, strategy: str) -> hd.AlgorithmIdentificationSequence:
+    return hd.AlgorithmIdentificationSequence(
+        name=f"{model.name} {strategy}"[:64],
+        family=codes.ALGORITHM_FAMILY,
+        version=model.version[:64],
+        source=MANUFACTURER,
+        parameters={"weights_sha256": model.sha256},
+    )
+
+
+def valid_pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
+    """PixelSpacing (or ImagerPixelSpacing) when both values are positive numbers."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(keyword)
+        try:
+            spacing = (float(value[0]), float(value[1])) if value is not None else None
+        except (TypeError, ValueError, IndexError):
+            spacing = None
+        if spacing and spacing[0] > 0 and spacing[1] > 0 and all(np.isfinite(spacing)):
+            return spacing
+    return None
+
+
+def build_seg(
+    source: Dataset,
+    segmentation: LungSegmentation,
+    model: ModelRef,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+) -> Dataset:
+    """A BINARY SEG with segment 1 = right lung and segment 2 = left lung (patient sides)."""
+    algorithm = algorithm_identification(model, "auto-box lungs")
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=label,
+            segmented_property_category=codes.ANATOMICAL_STRUCTURE,
+            segmented_property_type=code,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            tracking_uid=hd.UID(),
+            tracking_id=f"{label} (cxrbatch)",
+        )
+        for number, label, code in (
+            (1, "Right lung", codes.RIGHT_LUNG),
+            (2, "Left lung", codes.LEFT_LUNG),
+        )
+    ]
+    pixel_array = np.stack([segmentation.right_lung, segmentation.left_lung], axis=-1)[None]
+    seg = hd.seg.Segmentation(
+        source_images=[source],
+        pixel_array=pixel_array.astype(np.uint8),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=series_instance_uid,
+        series_number=9901,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name="cxrbatch lung segmentation",
+        software_versions=f"cxrbatch {cxrbatch.__version__}",
+        device_serial_number="0",
+        content_description=f"Algorithm output ({model.name}). {NOT_FOR_DIAGNOSTIC_USE_SHORT}",
+        content_label="LUNGS",
+        content_creator_name="cxrbatch^algorithm",
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        omit_empty_frames=False,
+    )
+    # No Pixel Measures: a projection radiograph has no frame of reference, and the SEG maps
+    # pixel for pixel onto its source, whose spacing stays the one reference. highdicom
+    # copies the source's PixelSpacing, which is often invalid (zero, as in the RG1 export)
+    # and, without the Type 1C SliceThickness that a projection lacks, makes the SEG
+    # unreadable by highdicom itself. The SR reports lung areas in mm2 where the source's
+    # spacing is valid.
+    for group in seg.SharedFunctionalGroupsSequence:
+        if "PixelMeasuresSequence" in group:
+            del group.PixelMeasuresSequence
+    # General Image module: Type 2C without a frame of reference; copied from the source.
+    orientation = source.get("PatientOrientation")
+    seg.PatientOrientation = list(orientation) if orientation else ""
+    seg.SeriesDescription = f"cxrbatch lungs - ALGORITHM - {NOT_FOR_DIAGNOSIS}"[:64]
+    return seg
+
+
+NOT_FOR_DIAGNOSTIC_USE_SHORT = "Not for diagnostic use."

@@ -1,0 +1,182 @@
+"""DICOM Comprehensive 3D SR (TID 1500 Measurement Report) with the study's findings.
+
+Per processed image:
+- one measurement group (TID 1501) referencing the source image, with each label's
+  probability, the No Finding score (1 - max p) and, in screening mode, the triage category;
+- one planar ROI group (TID 1410) per lung referencing its SEG segment, with the lung's
+  area in mm2 when the source has a valid pixel spacing.
+Every group carries the algorithm's name, version and weight hash.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes as dcm_codes
+
+import cxrbatch
+from cxrbatch.dicom import codes
+from cxrbatch.dicom.seg import MANUFACTURER, NOT_FOR_DIAGNOSIS, valid_pixel_spacing
+from cxrbatch.domain import Findings, LungSegmentation, ModelRef
+
+
+@dataclass(frozen=True, eq=False)
+class SrImage:
+    """What the SR says about one image."""
+
+    source: Dataset
+    seg: Dataset
+    segmentation: LungSegmentation
+    segmenter: ModelRef
+    findings: Findings | None
+    screening: Findings | None
+
+
+def _algorithm(model: ModelRef) -> hd.sr.AlgorithmIdentification:
+    name = model.name + (" [SYNTHETIC TRAINING DATA]" if model.synthetic_training_data else "")
+    parameters = [f"weights_sha256={model.sha256}"]
+    if model.mask_mode:
+        parameters.append(f"mask_mode={model.mask_mode}")
+    if model.synthetic_training_data:
+        parameters.append("training_data=synthetic; outputs are not clinically meaningful")
+    return hd.sr.AlgorithmIdentification(
+        name=name[:64], version=model.version[:64], parameters=parameters
+    )
+
+
+def _finding_group(
+    item: SrImage, findings: Findings, role: str, uid_seed: int
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    algorithm = _algorithm(findings.model)
+    measurements = [
+        hd.sr.Measurement(
+            name=codes.finding_code(label),
+            value=round(probability, 6),
+            unit=codes.UNIT_PROBABILITY,
+            algorithm_id=algorithm,
+        )
+        for label, probability in findings.probabilities.items()
+    ]
+    measurements.append(
+        hd.sr.Measurement(
+            name=codes.NO_FINDING_SCORE,
+            value=round(findings.no_finding_score, 6),
+            unit=codes.UNIT_PROBABILITY,
+            algorithm_id=algorithm,
+        )
+    )
+    evaluations = None
+    if findings.triage is not None:
+        evaluations = [
+            hd.sr.QualitativeEvaluation(
+                name=codes.TRIAGE_CATEGORY, value=codes.TRIAGE_VALUES[findings.triage.value]
+            )
+        ]
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=hd.UID(), identifier=f"{role} image {uid_seed}"
+        ),
+        finding_type=codes.CLASSIFICATION,
+        algorithm_id=algorithm,
+        finding_sites=[hd.sr.FindingSite(codes.CHEST)],
+        measurements=measurements,
+        qualitative_evaluations=evaluations,
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(item.source)],
+    )
+
+
+def _lung_groups(
+    item: SrImage, index: int
+) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    spacing = valid_pixel_spacing(item.source)
+    groups = []
+    for segment_number, side, code in (
+        (1, "right", codes.RIGHT_LUNG),
+        (2, "left", codes.LEFT_LUNG),
+    ):
+        mask = item.segmentation.right_lung if side == "right" else item.segmentation.left_lung
+        measurements = []
+        if spacing is not None:
+            area = float(mask.sum()) * spacing[0] * spacing[1]
+            measurements.append(
+                hd.sr.Measurement(name=codes.AREA, value=round(area, 1), unit=codes.UNIT_MM2)
+            )
+        referenced = hd.sr.ReferencedSegmentationFrame(
+            sop_class_uid=item.seg.SOPClassUID,
+            sop_instance_uid=item.seg.SOPInstanceUID,
+            frame_number=segment_number,
+            segment_number=segment_number,
+            source_image=hd.sr.SourceImageForSegmentation.from_source_image(item.source),
+        )
+        # A SEG is referenced by segment number alone: PS3.3 C.18.3 forbids the frame
+        # number beside the segment number, and highdicom writes both.
+        for content_item in referenced:
+            for sop_item in content_item.get("ReferencedSOPSequence", []):
+                if "ReferencedSegmentNumber" in sop_item and "ReferencedFrameNumber" in sop_item:
+                    del sop_item.ReferencedFrameNumber
+        groups.append(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=hd.UID(), identifier=f"{side} lung image {index}"
+                ),
+                referenced_segment=referenced,
+                finding_type=code,
+                algorithm_id=_algorithm(item.segmenter),
+                measurements=measurements or None,
+            )
+        )
+    return groups
+
+
+def series_description(models: list[ModelRef], classified: bool) -> str:
+    synthetic = any(m.synthetic_training_data for m in models)
+    kind = "findings" if classified else "SEGMENTATION ONLY"
+    tag = "SYNTHETIC-TRAINED " if synthetic else ""
+    return f"cxrbatch {kind} {tag}- {NOT_FOR_DIAGNOSIS}"[:64]
+
+
+def build_sr(items: list[SrImage], series_instance_uid: str, sop_instance_uid: str) -> Dataset:
+    groups: list[object] = []
+    models: list[ModelRef] = []
+    for index, item in enumerate(items, start=1):
+        models.append(item.segmenter)
+        for findings, role in ((item.findings, "classifier"), (item.screening, "screening")):
+            if findings is not None:
+                models.append(findings.model)
+                groups.append(_finding_group(item, findings, role, index))
+        groups.extend(_lung_groups(item, index))
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=hd.UID(),
+        name="cxrbatch",
+        manufacturer_name=MANUFACTURER,
+        model_name=f"cxrbatch {cxrbatch.__version__}",
+    )
+    context = hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=dcm_codes.DCM.Device,
+            observer_identifying_attributes=device,
+        )
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=context,
+        procedure_reported=codes.PROCEDURE_CHEST_RADIOGRAPH,
+        imaging_measurements=groups,  # type: ignore[arg-type]
+    )
+    evidence = [item.source for item in items] + [item.seg for item in items]
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report,
+        series_instance_uid=series_instance_uid,
+        series_number=9902,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+    )
+    classified = any(item.findings is not None or item.screening is not None for item in items)
+    sr.SeriesDescription = series_description(models, classified)
+    return sr

