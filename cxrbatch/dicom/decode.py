@@ -131,13 +131,13 @@ def decode_dataset(ds: Dataset, header: InstanceHeader) -> DecodedImage:
     if not np.isfinite(values).all():
         raise InputError("Pixel values are not finite after the Modality LUT.")
     display = _voi(ds, values, notes)
-    inverse = str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE"
-    if (photometric == "MONOCHROME1") != inverse:
+    # MONOCHROME1 is displayed inverted. PS3.3 C.8.11.6 pairs DX MONOCHROME1 with
+    # Presentation LUT Shape INVERSE: that expresses the same inversion, not a second one.
+    inverse_plut = str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE"
+    if photometric == "MONOCHROME1" or inverse_plut:
         display = 1.0 - display
         notes.append(
-            "inverted (MONOCHROME1)"
-            if photometric == "MONOCHROME1"
-            else "inverted (Presentation LUT INVERSE)"
+            f"inverted ({'MONOCHROME1' if photometric == 'MONOCHROME1' else 'Presentation LUT INVERSE'})"
         )
     image_u8 = np.round(display * 255.0).astype(np.uint8)
     left_is_right, side_source = patient_side_mapping(ds)

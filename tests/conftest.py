@@ -1,0 +1,126 @@
+"""Shared fixtures: settings, the real LiteMedSAM model (loaded once), phantoms, real
+radiographs from pydicom-data, a tiny classifier bundle, dciodvfy and PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from cxrbatch import logs, pipeline
+from cxrbatch.config import Settings, load_settings
+from cxrbatch.models.bundle import BundleSpec, Screening, TrainingData, build_network, save_bundle
+
+logs.quiet_third_party()
+torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "CXRBATCH_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+@pytest.fixture(scope="session")
+def settings() -> Settings:
+    return load_settings(None, segmentation={"device": "cpu"}, classifier={"device": "cpu"})
+
+
+@pytest.fixture(scope="session")
+def models(settings: Settings) -> pipeline.Models:
+    """The real LiteMedSAM segmenter, no classifier (loaded once for the session)."""
+    return pipeline.load_models(settings)
+
+
+def make_tiny_bundle(directory: Path, mask_mode: str = "M-50", screening: float | None = 0.5,
+                     seed: int = 0) -> Path:
+    """A randomly initialised ResNet50 bundle at 64 px, flagged as synthetic (untrained)."""
+    torch.manual_seed(seed)
+    network = build_network("resnet50", 5)
+    spec = BundleSpec(
+        architecture="resnet50",
+        input_size=64,
+        mask_mode=mask_mode,  # type: ignore[arg-type]
+        thresholds={"Mass": 0.5},
+        screening=Screening(no_finding_threshold=screening) if screening is not None else None,
+        training_data=TrainingData(description="untrained test network", synthetic=True),
+    )
+    save_bundle(directory, network, name=f"tiny-resnet50-{mask_mode}", version="0.0.1",
+                spec=spec, description="test bundle: random weights")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bundles")
+    return {
+        "classifier": make_tiny_bundle(root / "classifier", "M-15", screening=None, seed=1),
+        "screening": make_tiny_bundle(root / "screening", "M-50", screening=0.5, seed=2),
+    }
+
+
+@pytest.fixture(scope="session")
+def classified_models(settings: Settings, models: pipeline.Models,
+                      tiny_bundles: dict[str, Path]) -> tuple[Settings, pipeline.Models]:
+    from cxrbatch.models.bundle import load_bundle
+
+    configured = load_settings(
+        None,
+        segmentation={"device": "cpu"},
+        classifier={"device": "cpu", "bundle": str(tiny_bundles["classifier"]),
+                    "screening_bundle": str(tiny_bundles["screening"])},
+    )
+    loaded = pipeline.Models(
+        models.segmenter,
+        load_bundle(tiny_bundles["classifier"], "cpu"),
+        load_bundle(tiny_bundles["screening"], "cpu"),
+    )
+    return configured, loaded
+
+
+def real_file(name: str) -> Path:
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name)
+    if path is None:
+        pytest.fail(f"pydicom-data does not provide {name}; install the dev extras")
+    return Path(str(path))
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """Error lines of dciodvfy for one file. Fails (not skips) in CI when it is missing."""
+    exe = shutil.which("dciodvfy")
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("dciodvfy (dicom3tools) is required in CI")
+        pytest.skip("dciodvfy (Debian package dicom3tools) is not installed")
+    proc = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=120)
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
+
+
+@pytest.fixture()
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test, dropped afterwards."""
+    from sqlalchemy import create_engine, text
+
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"cxrbatch_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:
+        admin.dispose()
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL at {POSTGRES_ADMIN_URL} is required in CI: {exc}")
+        pytest.skip(f"PostgreSQL not reachable: {exc}")
+    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        yield url
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

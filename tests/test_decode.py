@@ -1,0 +1,112 @@
+"""Decoding: every transfer syntax, bit depth and photometric interpretation to the same
+display image; invalid headers do not crash; patient sides come from the header."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from cxrbatch.dicom.decode import decode, decode_dataset, patient_side_mapping
+from cxrbatch.dicom.discover import read_header
+from cxrbatch.domain import InstanceHeader
+from cxrbatch.errors import InputError
+from cxrbatch.synthetic import TRANSFER_SYNTAXES, make_phantom, save, to_dataset
+from tests.conftest import real_file
+
+PHANTOM = make_phantom(7, (256, 200))  # non-square on purpose
+
+
+def _decode_file(path: Path) -> np.ndarray:
+    header = read_header(path)
+    assert isinstance(header, InstanceHeader), header
+    image, _ = decode(header)
+    return image.pixels
+
+
+@pytest.mark.parametrize("syntax", sorted(TRANSFER_SYNTAXES))
+@pytest.mark.parametrize(("bits", "monochrome"), [(8, "MONOCHROME2"), (10, "MONOCHROME1"),
+                                                   (12, "MONOCHROME2"), (16, "MONOCHROME1")])
+def test_all_syntaxes_and_depths_give_the_phantom(tmp_path: Path, syntax: str, bits: int,
+                                                  monochrome: str) -> None:
+    ds = to_dataset(PHANTOM, "decode", bits=bits, monochrome=monochrome)
+    pixels = _decode_file(save(ds, tmp_path / "x.dcm", syntax))
+    expected = np.round(PHANTOM.image * 255)
+    assert pixels.shape == (256, 200) and pixels.dtype == np.uint8
+    # Quantisation of an 8-bit store costs at most one grey level after windowing.
+    assert np.abs(pixels.astype(float) - expected).max() <= 2.0
+
+
+def test_dx_with_presentation_lut_inverse_is_displayed_right_way_up(tmp_path: Path) -> None:
+    ds = to_dataset(PHANTOM, "dx", modality="DX", bits=12, monochrome="MONOCHROME1")
+    pixels = _decode_file(save(ds, tmp_path / "dx.dcm"))
+    lungs = PHANTOM.right_lung | PHANTOM.left_lung
+    assert pixels[lungs].mean() < pixels[~lungs & (PHANTOM.image > 0.5)].mean()
+
+
+@pytest.mark.parametrize("name", ["RG1_UNCR.dcm", "RG1_UNCI.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm"])
+def test_real_chest_cr_in_every_syntax(name: str) -> None:
+    pixels = _decode_file(real_file(name))
+    reference = _decode_file(real_file("RG1_UNCR.dcm"))
+    assert pixels.shape == (1955, 1841)
+    tolerance = 1.0 if "J2KI" not in name else 6.0  # lossy JPEG 2000
+    assert np.abs(pixels.astype(float) - reference).mean() <= tolerance
+    # MONOCHROME1 was inverted: the mediastinum is brighter than the lung fields.
+    assert pixels[600:1200, 850:1000].mean() > pixels[600:1200, 300:600].mean()
+
+
+def test_invalid_window_and_spacing_do_not_crash(tmp_path: Path) -> None:
+    ds = to_dataset(PHANTOM, "bad", bits=12)
+    ds.WindowWidth = 0
+    ds.PixelSpacing = [0, 0]
+    ds.PatientOrientation = ["A", "F"]
+    header = read_header(save(ds, tmp_path / "bad.dcm"))
+    assert isinstance(header, InstanceHeader)
+    image, _ = decode(header)
+    assert any("invalid WindowWidth" in n for n in image.notes)
+    assert image.side_source.startswith("display convention")
+
+
+def test_short_pixel_data_is_an_input_error(tmp_path: Path) -> None:
+    ds = to_dataset(PHANTOM, "short", bits=12)
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3]
+    header = read_header(save(ds, tmp_path / "short.dcm"))
+    assert isinstance(header, InstanceHeader)
+    with pytest.raises(InputError, match="cannot be decoded"):
+        decode(header)
+
+
+def test_colour_and_huge_images_are_refused() -> None:
+    ds = to_dataset(PHANTOM, "colour", bits=8)
+    header = InstanceHeader(Path("x"), "0", "1", "1", "1", "1", "CR", "CHEST", "PA", "1.2.840.10008.1.2.1")
+    ds.Rows = 60000
+    ds.Columns = 60000
+    with pytest.raises(InputError, match="Implausible image size"):
+        decode_dataset(ds, header)
+    ds = to_dataset(PHANTOM, "colour", bits=8)
+    ds.SamplesPerPixel = 3
+    with pytest.raises(InputError, match="SamplesPerPixel"):
+        decode_dataset(ds, header)
+
+
+@pytest.mark.parametrize(
+    ("orientation", "view", "left_is_right", "source"),
+    [
+        (["L", "F"], "PA", True, "PatientOrientation"),
+        (["R", "F"], "AP", False, "PatientOrientation"),
+        (["LP", "F"], "AP", True, "PatientOrientation"),
+        (None, "AP", True, "display convention"),
+        (["P", "F"], "PA", True, "display convention"),
+    ],
+)
+def test_patient_side_mapping(orientation: list[str] | None, view: str, left_is_right: bool,
+                              source: str) -> None:
+    ds = pydicom.Dataset()
+    if orientation is not None:
+        ds.PatientOrientation = orientation
+    ds.ViewPosition = view
+    mapped, how = patient_side_mapping(ds)
+    assert mapped is left_is_right
+    assert how.startswith(source)

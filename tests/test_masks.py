@@ -1,0 +1,84 @@
+"""Study masks: erosion 5 then dilation 15 / 50 at 512 x 512, exact radii, containment."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from cxrbatch.models.masks import apply_mask, dilate, erode, resize_mask, study_mask
+from cxrbatch.models.preprocess import classifier_input
+from cxrbatch.synthetic import make_phantom
+
+
+@pytest.fixture(scope="module")
+def lungs() -> np.ndarray:
+    phantom = make_phantom(3, (1024, 1024))
+    return resize_mask(phantom.right_lung | phantom.left_lung)
+
+
+def test_containment(lungs: np.ndarray) -> None:
+    eroded = erode(lungs, 5)
+    m15 = study_mask(lungs, "M-15")
+    m50 = study_mask(lungs, "M-50")
+    assert m15 is not None and m50 is not None
+    assert lungs.shape == (512, 512)
+    assert eroded.any() and eroded.sum() < lungs.sum()
+    assert not (m15 & ~m50).any(), "M-15 must lie inside M-50"
+    assert not (eroded & ~m15).any() and not (eroded & ~m50).any()
+    assert m15.sum() > lungs.sum() and m50.sum() > m15.sum()
+
+
+@pytest.mark.parametrize(("mode", "radius"), [("M-15", 15), ("M-50", 50)])
+def test_radii_are_honoured(lungs: np.ndarray, mode: str, radius: int) -> None:
+    eroded = erode(lungs, 5)
+    mask = study_mask(lungs, mode)  # type: ignore[arg-type]
+    assert mask is not None
+    distance_to_eroded = ndi.distance_transform_edt(~eroded)
+    # Every pixel of the mask is within `radius` of the eroded mask, and every pixel within
+    # `radius` is in the mask (exact Euclidean disk).
+    assert distance_to_eroded[mask].max() <= radius
+    assert mask[distance_to_eroded <= radius].all()
+    assert distance_to_eroded[mask].max() > radius - 1
+
+
+def test_erosion_radius_on_a_square() -> None:
+    square = np.zeros((512, 512), bool)
+    square[100:300, 100:300] = True
+    eroded = erode(square, 5)
+    ys, xs = np.nonzero(eroded)
+    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (105, 294, 105, 294)
+    grown = dilate(eroded, 15)
+    ys, xs = np.nonzero(grown)
+    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (90, 309, 90, 309)
+
+
+def test_original_mode_has_no_mask(lungs: np.ndarray) -> None:
+    assert study_mask(lungs, "original") is None
+    image = np.ones((512, 512), np.float32)
+    assert apply_mask(image, None) is image
+
+
+def test_classifier_input_zeroes_outside_the_mask(lungs: np.ndarray) -> None:
+    image = np.full((1024, 1024), 200, np.uint8)
+    big_lungs = np.kron(lungs, np.ones((2, 2), bool))
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    masked = classifier_input(image, big_lungs, "M-50", 512, mean, std)
+    original = classifier_input(image, big_lungs, "original", 512, mean, std)
+    m50 = study_mask(lungs, "M-50")
+    assert masked.shape == (3, 512, 512)
+    assert np.allclose(masked[0][~m50], (0 - 0.5) / 0.25)
+    assert np.allclose(masked[0][m50], (200 / 255 - 0.5) / 0.25, atol=1e-5)
+    assert np.allclose(original[0], (200 / 255 - 0.5) / 0.25, atol=1e-5)
+
+
+def test_png_and_dicom_display_forms_give_the_same_input() -> None:
+    """The training path (8-bit PNG) and the daemon path (decoded DICOM) share one input."""
+    phantom = make_phantom(4, (600, 600))
+    as_png = np.round(phantom.image * 255).astype(np.uint8)
+    as_16bit_png = np.round(phantom.image * 65535).astype(np.uint16)
+    lungs = phantom.right_lung | phantom.left_lung
+    args = ("M-15", 256, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    a = classifier_input(as_png, lungs, *args)  # type: ignore[arg-type]
+    b = classifier_input(as_16bit_png, lungs, *args)  # type: ignore[arg-type]
+    assert np.abs(a - b).max() < 0.02
