@@ -126,9 +126,12 @@ def _process_one(
     fingerprint = pipeline.input_fingerprint(study, models, settings)
     with sessions() as session:
         current = repository.current_outcome(session, study.study_instance_uid)
+        # Unchanged input, same models, outputs in place: nothing to do. Failed studies are
+        # always retried (the cause may have been transient: a full disk, a killed worker).
         if (
             not force
             and current is not None
+            and current.status != OutcomeStatus.FAILED.value
             and current.input_fingerprint == fingerprint
             and _outputs_exist(current.outputs)
         ):

@@ -17,7 +17,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import highdicom as hd
@@ -200,41 +200,39 @@ def run(study: StudyInput, models: Models, settings: Settings, out_dir: Path) ->
         timings=timer.seconds,
         input_fingerprint=input_fingerprint(study, models, settings),
     )
+    folder = export.study_dir(out_dir, study.study_instance_uid)
     with timer.stage("write"):
-        outputs = write_outputs(result, [p.dataset for p in processed], models, settings, out_dir)
-    return StudyResult(**{**result.__dict__, "outputs": outputs, "timings": dict(timer.seconds)})
+        seg_files, sr_file = write_dicom_outputs(
+            result, [p.dataset for p in processed], models, folder
+        )
+    json_file = folder / "result.json" if settings.output.write_json else None
+    outputs = OutputFiles(seg_files, sr_file, json_file)
+    result = replace(result, outputs=outputs, timings=dict(timer.seconds))
+    if json_file is not None:
+        export.write_json(json_file, result_document(result, outputs))
+    return result
 
 
-def write_outputs(
-    result: StudyResult, datasets: list[Dataset], models: Models, settings: Settings, out_dir: Path
-) -> OutputFiles:
-    folder = export.study_dir(out_dir, result.study_instance_uid)
+def write_dicom_outputs(
+    result: StudyResult, datasets: list[Dataset], models: Models, folder: Path
+) -> tuple[dict[str, Path], Path | None]:
+    """One SEG per processed image and one SR for the study; nothing for ineligible ones."""
+    if not result.images:
+        return {}, None
     seg_files: dict[str, Path] = {}
-    sr_file = None
-    if result.images:
-        seg_series = hd.UID()
-        sr_items: list[SrImage] = []
-        for item, ds in zip(result.images, datasets, strict=True):
-            seg = build_seg(ds, item.segmentation, models.segmenter.model, seg_series, hd.UID())
-            name = f"seg_{uid_path_component(item.instance.sop_instance_uid)}.dcm"
-            seg_files[item.instance.sop_instance_uid] = export.write_dicom(folder / name, seg)
-            sr_items.append(
-                SrImage(
-                    ds,
-                    seg,
-                    item.segmentation,
-                    models.segmenter.model,
-                    item.findings,
-                    item.screening,
-                )
+    seg_series = hd.UID()
+    sr_items: list[SrImage] = []
+    for item, ds in zip(result.images, datasets, strict=True):
+        seg = build_seg(ds, item.segmentation, models.segmenter.model, seg_series, hd.UID())
+        name = f"seg_{uid_path_component(item.instance.sop_instance_uid)}.dcm"
+        seg_files[item.instance.sop_instance_uid] = export.write_dicom(folder / name, seg)
+        sr_items.append(
+            SrImage(
+                ds, seg, item.segmentation, models.segmenter.model, item.findings, item.screening
             )
-        sr = build_sr(sr_items, hd.UID(), hd.UID())
-        sr_file = export.write_dicom(folder / "sr.dcm", sr)
-    json_file = None
-    if settings.output.write_json:
-        outputs = OutputFiles(seg_files, sr_file, folder / "result.json")
-        json_file = export.write_json(folder / "result.json", result_document(result, outputs))
-    return OutputFiles(seg_files, sr_file, json_file)
+        )
+    sr = build_sr(sr_items, hd.UID(), hd.UID())
+    return seg_files, export.write_dicom(folder / "sr.dcm", sr)
 
 
 def _findings_dict(findings: Findings | None) -> dict[str, object] | None:

@@ -136,9 +136,8 @@ def decode_dataset(ds: Dataset, header: InstanceHeader) -> DecodedImage:
     inverse_plut = str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE"
     if photometric == "MONOCHROME1" or inverse_plut:
         display = 1.0 - display
-        notes.append(
-            f"inverted ({'MONOCHROME1' if photometric == 'MONOCHROME1' else 'Presentation LUT INVERSE'})"
-        )
+        why = "MONOCHROME1" if photometric == "MONOCHROME1" else "Presentation LUT INVERSE"
+        notes.append(f"inverted ({why})")
     image_u8 = np.round(display * 255.0).astype(np.uint8)
     left_is_right, side_source = patient_side_mapping(ds)
     return DecodedImage(

@@ -1,0 +1,149 @@
+"""`cxrbatch process` as a batch: results DB rows, quarantine, re-runs, supersession,
+alembic schema on SQLite and PostgreSQL, CLI exit codes, no patient data in logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, func, select
+from typer.testing import CliRunner
+
+from cxrbatch import pipeline
+from cxrbatch.batch import run_batch
+from cxrbatch.cli import app
+from cxrbatch.config import Settings
+from cxrbatch.db import models as tables
+from cxrbatch.db.session import make_engine, session_factory, upgrade
+from cxrbatch.synthetic import make_phantom, save, to_dataset, write_studies
+from tests.conftest import real_file
+
+
+def _mixed_folder(root: Path) -> Path:
+    write_studies(root / "phantoms", 2, seed=11, size=(384, 384))
+    (root / "mr").mkdir()
+    shutil.copyfile(real_file("MR_small.dcm"), root / "mr" / "IM0001")
+    (root / "empty").write_bytes(b"")
+    (root / "notes.txt").write_text("not dicom")
+    good = root / "phantoms" / "phantom_00000" / "image.dcm"
+    (root / "truncated.dcm").write_bytes(good.read_bytes()[:300])
+    ds = to_dataset(make_phantom(3, (256, 256)), "short-pixels")
+    ds.PixelData = ds.PixelData[:1000]
+    save(ds, root / "short_pixels.dcm")
+    return root
+
+
+def _counts(url: str) -> dict[str, int]:
+    engine = make_engine(url)
+    with session_factory(engine)() as session:
+        counts = {
+            "studies": session.scalar(select(func.count()).select_from(tables.Study)),
+            "outcomes": session.scalar(select(func.count()).select_from(tables.Outcome)),
+            "current": session.scalar(select(func.count()).select_from(tables.Outcome).where(tables.Outcome.is_current)),
+            "images": session.scalar(select(func.count()).select_from(tables.Image)),
+            "rejected": session.scalar(select(func.count()).select_from(tables.RejectedFile)),
+        }
+    engine.dispose()
+    return {k: int(v or 0) for k, v in counts.items()}
+
+
+def test_batch_records_every_input_and_quarantines_bad_ones(
+    tmp_path: Path, settings: Settings, models: pipeline.Models, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = _mixed_folder(tmp_path / "in")
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO):
+        summary = run_batch(folder, out, settings, models=models)
+    assert summary.studies["processed"] == 2
+    assert summary.studies["ineligible"] == 1  # MR
+    assert summary.studies["failed"] == 1  # short pixel data: its own study, failed
+    assert summary.rejected_files == 3  # empty, not DICOM, truncated header
+    quarantine = out / "_quarantine"
+    copies = sorted(quarantine.glob("*.bin"))
+    assert len(copies) == 4  # the three rejected files + the undecodable one
+    reasons = [json.loads(p.read_text())["reason"] for p in quarantine.glob("*.json")]
+    assert any("cannot be decoded" in r for r in reasons)
+    assert (folder / "truncated.dcm").exists(), "quarantine copies, never moves"
+    url = f"sqlite:///{out / 'cxrbatch.sqlite'}"
+    counts = _counts(url)
+    assert counts["studies"] == 4 and counts["current"] == 4 and counts["rejected"] == 4
+    # No patient names or IDs in the log at the default level.
+    text = caplog.text
+    assert "PHANTOM^NUMBER" not in text and "SYN-011" not in text
+    assert "1.2.826.0.1.3680043.10.1411." in text  # UIDs are logged instead
+
+    # Re-running the same input adds no rows and reprocesses nothing.
+    again = run_batch(folder, out, settings, models=models)
+    assert again.studies["unchanged"] == 3  # failed study is retried, others unchanged
+    assert _counts(url) == counts
+
+    # A changed study supersedes: one current outcome, the old one kept as superseded.
+    extra = to_dataset(make_phantom(99, (384, 384)), "11/0", instance=2)
+    save(extra, folder / "phantoms" / "phantom_00000" / "late.dcm")
+    run_batch(folder, out, settings, models=models)
+    after = _counts(url)
+    assert after["studies"] == 4 and after["current"] == 4
+    assert after["outcomes"] == counts["outcomes"] + 1  # the changed study; the retry replaced in place
+    engine = create_engine(url)
+    with session_factory(engine)() as session:
+        superseded = session.scalars(select(tables.Outcome).where(tables.Outcome.superseded_at.is_not(None))).all()
+        assert len(superseded) >= 1 and not any(o.is_current for o in superseded)
+    engine.dispose()
+
+
+def _schema_diff(url: str) -> list[object]:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    upgrade(url)
+    engine = make_engine(url)
+    with engine.connect() as connection:
+        diff = compare_metadata(MigrationContext.configure(connection), tables.Base.metadata)
+    engine.dispose()
+    return list(diff)
+
+
+def test_alembic_upgrade_gives_the_models_schema_on_sqlite(tmp_path: Path) -> None:
+    assert _schema_diff(f"sqlite:///{tmp_path / 'empty.sqlite'}") == []
+
+
+@pytest.mark.postgres
+def test_alembic_upgrade_gives_the_models_schema_on_postgres(postgres_url: str) -> None:
+    assert _schema_diff(postgres_url) == []
+
+
+@pytest.mark.postgres
+def test_batch_on_postgres(tmp_path: Path, postgres_url: str, settings: Settings,
+                           models: pipeline.Models) -> None:
+    write_studies(tmp_path / "in", 1, seed=12, size=(256, 256))
+    configured = settings.model_copy(update={"database": settings.database.model_copy(update={"url": postgres_url})})
+    summary = run_batch(tmp_path / "in", tmp_path / "out", configured, models=models)
+    assert summary.studies["processed"] == 1
+    assert _counts(postgres_url)["current"] == 1
+
+
+def test_cli_process_results_and_exit_codes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CXRBATCH_SEGMENTATION__DEVICE", "cpu")
+    write_studies(tmp_path / "in", 1, seed=13, size=(256, 256))
+    (tmp_path / "in" / "junk.bin").write_bytes(b"\x00" * 10)
+    runner = CliRunner()
+    result = runner.invoke(app, ["process", str(tmp_path / "in"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "processed" in result.output and "quarantined files" in result.output
+    listed = runner.invoke(app, ["results", "--out", str(tmp_path / "out"), "--format", "json"])
+    assert listed.exit_code == 0, listed.output
+    rows = json.loads(listed.stdout)
+    assert len(rows) == 1 and rows[0]["status"] == "processed" and "triage" in rows[0]
+    assert runner.invoke(app, ["process", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")]).exit_code == 2
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[segmentation]\nbackend = 'nonexistent'\n")
+    assert runner.invoke(app, ["process", str(tmp_path / "in"), "--out", str(tmp_path / "o3"),
+                               "--config", str(bad)]).exit_code == 2
+    missing = tmp_path / "vitb.toml"
+    missing.write_text("[segmentation]\nbackend = 'medsam-vitb'\n")
+    result = runner.invoke(app, ["process", str(tmp_path / "in"), "--out", str(tmp_path / "o4"),
+                                 "--config", str(missing)])
+    assert result.exit_code == 2 and "medsam_checkpoint" in result.output
