@@ -12,7 +12,6 @@ import argparse
 import json
 import statistics
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +34,27 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 def phantom_image(index: int, size: int) -> tuple[DecodedImage, np.ndarray, np.ndarray]:
     flipped = bool(VARIANTS[index % len(VARIANTS)].get("flipped", False))
     phantom = make_phantom(10_000 + index, (size, size), flipped=flipped)
-    header = InstanceHeader(Path(f"phantom{index}"), "", str(index), "", "", "", "CR", "CHEST", "PA", "")
-    image = DecodedImage(header, np.round(phantom.image * 255).astype(np.uint8),
-                         image_left_is_patient_right=not flipped,
-                         side_source="PatientOrientation")
+    header = InstanceHeader(
+        Path(f"phantom{index}"), "", str(index), "", "", "", "CR", "CHEST", "PA", ""
+    )
+    image = DecodedImage(
+        header,
+        np.round(phantom.image * 255).astype(np.uint8),
+        image_left_is_patient_right=not flipped,
+        side_source="PatientOrientation",
+    )
     return image, phantom.right_lung, phantom.left_lung
+
+
+def default_real_files() -> list[Path]:
+    """The RG1 chest CR (uncompressed and lossy JPEG 2000) installed by pydicom-data."""
+    try:
+        import data_store  # the import name of the pydicom-data package
+    except ImportError:
+        print("pydicom-data not installed: real radiograph check skipped")
+        return []
+    folder = Path(data_store.__file__).parent / "data"
+    return [folder / "RG1_UNCR.dcm", folder / "RG1_J2KI.dcm"]
 
 
 def main() -> None:
@@ -50,10 +65,18 @@ def main() -> None:
     parser.add_argument("--backend", default="litemedsam")
     parser.add_argument("--checkpoint", default="")
     parser.add_argument("--report", type=Path, default=None)
+    parser.add_argument(
+        "--real",
+        type=Path,
+        nargs="*",
+        default=None,
+        help="real frontal chest radiographs (default: pydicom-data's RG1)",
+    )
     args = parser.parse_args()
     logs.quiet_third_party()
-    settings = SegmentationSettings(backend=args.backend, device=args.device,
-                                    medsam_checkpoint=args.checkpoint)
+    settings = SegmentationSettings(
+        backend=args.backend, device=args.device, medsam_checkpoint=args.checkpoint
+    )
     segmenter = load_segmenter(settings)
     report: dict[str, object] = {"backend": segmenter.model.name, "device": str(segmenter.device)}
     for refine in (False, True):
@@ -72,37 +95,35 @@ def main() -> None:
             side: {"mean": statistics.mean(v), "min": min(v), "median": statistics.median(v)}
             for side, v in scores.items()
         } | {"side_swaps": swapped, "seconds_per_image": seconds}
-        print(f"{key:>10}: Dice right mean {statistics.mean(scores['right']):.3f} "
-              f"(min {min(scores['right']):.3f}), left mean {statistics.mean(scores['left']):.3f} "
-              f"(min {min(scores['left']):.3f}), side swaps {swapped}/{args.phantoms}, "
-              f"{seconds:.2f} s/image")
-    try:
-        from pydicom.data import get_testdata_file
-
-        real = {}
-        for name in ("RG1_UNCR.dcm", "RG1_J2KI.dcm"):
-            header = read_header(Path(str(get_testdata_file(name))))
-            assert isinstance(header, InstanceHeader)
-            image, _ = decode(header)
-            seg = segment_lungs(segmenter, image, refine=True)
-            cols = image.pixels.shape[1]
-            cx = {s: float(np.nonzero(m)[1].mean()) / cols if m.any() else None
-                  for s, m in (("right", seg.right_lung), ("left", seg.left_lung))}
-            real[name] = {
-                "area_fraction": {s: seg.area_fraction(s) for s in ("right", "left")},
-                "centroid_x_fraction": cx,
-                "two_lungs": bool(seg.right_lung.any() and seg.left_lung.any()),
-                "right_on_image_left": cx["right"] is not None and cx["right"] < 0.5,
-                "rl_overlap_pixels": int((seg.right_lung & seg.left_lung).sum()),
-            }
-            print(f"{name}: {json.dumps(real[name])}")
-        report["real"] = real
-    except ImportError:
-        print("pydicom-data not installed: real radiograph check skipped")
+        print(
+            f"{key:>10}: Dice right mean {statistics.mean(scores['right']):.3f} "
+            f"(min {min(scores['right']):.3f}), left mean {statistics.mean(scores['left']):.3f} "
+            f"(min {min(scores['left']):.3f}), side swaps {swapped}/{args.phantoms}, "
+            f"{seconds:.2f} s/image"
+        )
+    real = {}
+    for path in args.real or default_real_files():
+        header = read_header(path)
+        assert isinstance(header, InstanceHeader), header
+        image, _ = decode(header)
+        seg = segment_lungs(segmenter, image, refine=True)
+        cols = image.pixels.shape[1]
+        cx = {
+            s: float(np.nonzero(m)[1].mean()) / cols if m.any() else None
+            for s, m in (("right", seg.right_lung), ("left", seg.left_lung))
+        }
+        real[path.name] = {
+            "area_fraction": {s: seg.area_fraction(s) for s in ("right", "left")},
+            "centroid_x_fraction": cx,
+            "two_lungs": bool(seg.right_lung.any() and seg.left_lung.any()),
+            "right_on_image_left": cx["right"] is not None and cx["right"] < 0.5,
+            "rl_overlap_pixels": int((seg.right_lung & seg.left_lung).sum()),
+        }
+        print(f"{path.name}: {json.dumps(real[path.name])}")
+    report["real"] = real
     if args.report:
         args.report.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
-    _ = replace
     main()

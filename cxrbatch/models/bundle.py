@@ -113,15 +113,19 @@ def save_bundle(
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write a bundle directory; returns the model file's path."""
-    import monai
+    try:
+        import monai
 
+        monai_version: str | None = monai.__version__
+    except ImportError:  # recorded as unknown; MONAI is only needed for training
+        monai_version = None
     model_path = directory / "models" / "model.pt"
     _atomic_write_bytes(model_path, lambda h: torch.save(network.state_dict(), h))
     metadata: dict[str, Any] = {
         "name": name,
         "version": version,
         "changelog": {version: "exported by cxrbatch"},
-        "monai_version": monai.__version__,
+        "monai_version": monai_version,
         "pytorch_version": torch.__version__,
         "numpy_version": np.__version__,
         "task": "Multi-label chest radiograph classification (lung-masked input)",

@@ -1,0 +1,142 @@
+"""GPU path check: the same studies on CPU and on CUDA, results compared, stages timed.
+
+    python bench/gpu_check.py --studies 16 --size 2048 [--real FILE.dcm] [--report out.json]
+
+Builds random-weight bundles (ResNet50 M-15 classifier, DenseNet121 M-50 screening, 512 px)
+so the classifier stage costs what a real one would; their scores mean nothing.
+Prints per-stage seconds per study on each device, mask Dice and probability differences
+between CPU and GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cxrbatch import logs, pipeline
+from cxrbatch.config import load_settings
+from cxrbatch.dicom.discover import discover
+from cxrbatch.models.bundle import BundleSpec, Screening, TrainingData, build_network, save_bundle
+from cxrbatch.synthetic import write_studies
+
+
+def make_bundles(root: Path) -> dict[str, str]:
+    torch.manual_seed(0)
+    paths = {}
+    for role, arch, mode, screening in (
+        ("bundle", "resnet50", "M-15", None),
+        ("screening_bundle", "densenet121", "M-50", 0.5),
+    ):
+        spec = BundleSpec(
+            architecture=arch,
+            input_size=512,
+            mask_mode=mode,
+            screening=Screening(no_finding_threshold=screening) if screening else None,
+            training_data=TrainingData(description="random weights, timing only", synthetic=True),
+        )
+        save_bundle(root / role, build_network(arch, 5), f"timing-{arch}", "0", spec, "timing")
+        paths[role] = str(root / role)
+    return paths
+
+
+def run_all(device: str, folder: Path, out: Path, bundles: dict[str, str]):
+    settings = load_settings(
+        None, segmentation={"device": device}, classifier={"device": device, **bundles}
+    )
+    models = pipeline.load_models(settings)
+    studies, _ = discover(folder)
+    pipeline.run(studies[0], models, settings, out / "warmup")  # load kernels, caches
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    results = [pipeline.run(s, models, settings, out) for s in studies]
+    if device == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    return results, wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--studies", type=int, default=16)
+    parser.add_argument("--size", type=int, default=2048)
+    parser.add_argument("--real", type=Path, default=None)
+    parser.add_argument("--report", type=Path, default=None)
+    parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"])
+    args = parser.parse_args()
+    logs.quiet_third_party()
+    report: dict[str, object] = {
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        write_studies(root / "in", args.studies, seed=3, size=(args.size, args.size))
+        if args.real:
+            (root / "in" / "real").mkdir()
+            (root / "in" / "real" / "IM0001").write_bytes(args.real.read_bytes())
+        bundles = make_bundles(root / "bundles")
+        runs = {}
+        for device in args.devices:
+            results, wall = run_all(device, root / "in", root / f"out-{device}", bundles)
+            runs[device] = {r.study_instance_uid: r for r in results}
+            stages = {
+                k: statistics.mean(r.timings.get(k, 0.0) for r in results)
+                for k in ("decode", "segment", "classify", "write")
+            }
+            report[device] = {
+                "studies_per_s": len(results) / wall,
+                "wall_s": wall,
+                "seconds_per_study_by_stage": stages,
+            }
+            print(
+                f"{device}: {len(results)} studies in {wall:.1f}s = {len(results) / wall:.2f}/s; "
+                + ", ".join(f"{k} {v:.3f}s" for k, v in stages.items())
+            )
+        if len(runs) < 2:
+            return
+        dices, prob_diffs, nf_diffs = [], [], []
+        for uid, cpu in runs["cpu"].items():
+            gpu = runs["cuda"][uid]
+            for a, b in zip(cpu.images, gpu.images, strict=True):
+                for side in ("right_lung", "left_lung"):
+                    ma, mb = getattr(a.segmentation, side), getattr(b.segmentation, side)
+                    dices.append(2 * (ma & mb).sum() / max(ma.sum() + mb.sum(), 1))
+                for fa, fb in ((a.findings, b.findings), (a.screening, b.screening)):
+                    prob_diffs.append(
+                        max(
+                            abs(fa.probabilities[k] - fb.probabilities[k]) for k in fa.probabilities
+                        )
+                    )
+                    nf_diffs.append(abs(fa.no_finding_score - fb.no_finding_score))
+        report["cpu_vs_gpu"] = {
+            "mask_dice_min": float(np.min(dices)),
+            "mask_dice_mean": float(np.mean(dices)),
+            "prob_abs_diff_max": float(np.max(prob_diffs)),
+            "no_finding_abs_diff_max": float(np.max(nf_diffs)),
+        }
+        print("cpu vs gpu:", json.dumps(report["cpu_vs_gpu"]))
+        if args.real:
+            real = [
+                r
+                for r in runs["cuda"].values()
+                if not r.study_instance_uid.startswith("1.2.826.0.1.3680043.10.1411")
+            ]
+            for r in real:
+                seg = r.images[0].segmentation
+                print(
+                    "real on gpu:", {s: round(seg.area_fraction(s), 4) for s in ("right", "left")}
+                )
+    if args.report:
+        args.report.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
