@@ -22,6 +22,7 @@ from cxrbatch.db import repository
 from cxrbatch.db.session import default_url, make_engine, session_factory, upgrade
 from cxrbatch.dicom.discover import discover
 from cxrbatch.domain import OutcomeStatus, RejectedFile, StudyInput, StudyResult
+from cxrbatch.errors import CxrBatchError
 from cxrbatch.quarantine import quarantine
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,9 @@ def _process_one(
             return None
     try:
         result = pipeline.run(study, models, settings, out_dir)
+    except CxrBatchError as exc:  # e.g. an output that cannot be written (disk full)
+        log.error("study %s failed: %s", study.study_instance_uid, exc)
+        result = _failed_result(study, str(exc), models, settings)
     except Exception as exc:  # one study must never stop the batch
         log.exception("study %s failed", study.study_instance_uid)
         result = _failed_result(

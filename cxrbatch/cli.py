@@ -25,6 +25,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from sqlalchemy.exc import SQLAlchemyError
 
 from cxrbatch import logs
 from cxrbatch.config import Settings, load_settings
@@ -95,6 +96,12 @@ def process(
             summary = run_batch(input_dir, out, settings, force=force, on_study=advance)
     except CxrBatchError as exc:
         raise _fail(str(exc)) from exc
+    except SQLAlchemyError as exc:
+        raise _fail(
+            f"results database error: {type(exc).__name__}: {exc.args[0] if exc.args else ''}"
+        ) from exc
+    except OSError as exc:
+        raise _fail(f"cannot use the output folder: {exc}") from exc
     table = Table(
         title=f"cxrbatch: {sum(summary.studies.values())} studies in {summary.seconds:.1f}s"
     )

@@ -36,8 +36,9 @@ def models(settings: Settings) -> pipeline.Models:
     return pipeline.load_models(settings)
 
 
-def make_tiny_bundle(directory: Path, mask_mode: str = "M-50", screening: float | None = 0.5,
-                     seed: int = 0) -> Path:
+def make_tiny_bundle(
+    directory: Path, mask_mode: str = "M-50", screening: float | None = 0.5, seed: int = 0
+) -> Path:
     """A randomly initialised ResNet50 bundle at 64 px, flagged as synthetic (untrained)."""
     torch.manual_seed(seed)
     network = build_network("resnet50", 5)
@@ -49,8 +50,14 @@ def make_tiny_bundle(directory: Path, mask_mode: str = "M-50", screening: float 
         screening=Screening(no_finding_threshold=screening) if screening is not None else None,
         training_data=TrainingData(description="untrained test network", synthetic=True),
     )
-    save_bundle(directory, network, name=f"tiny-resnet50-{mask_mode}", version="0.0.1",
-                spec=spec, description="test bundle: random weights")
+    save_bundle(
+        directory,
+        network,
+        name=f"tiny-resnet50-{mask_mode}",
+        version="0.0.1",
+        spec=spec,
+        description="test bundle: random weights",
+    )
     return directory
 
 
@@ -64,15 +71,19 @@ def tiny_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def classified_models(settings: Settings, models: pipeline.Models,
-                      tiny_bundles: dict[str, Path]) -> tuple[Settings, pipeline.Models]:
+def classified_models(
+    settings: Settings, models: pipeline.Models, tiny_bundles: dict[str, Path]
+) -> tuple[Settings, pipeline.Models]:
     from cxrbatch.models.bundle import load_bundle
 
     configured = load_settings(
         None,
         segmentation={"device": "cpu"},
-        classifier={"device": "cpu", "bundle": str(tiny_bundles["classifier"]),
-                    "screening_bundle": str(tiny_bundles["screening"])},
+        classifier={
+            "device": "cpu",
+            "bundle": str(tiny_bundles["classifier"]),
+            "screening_bundle": str(tiny_bundles["screening"]),
+        },
     )
     loaded = pipeline.Models(
         models.segmenter,

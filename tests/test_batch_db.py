@@ -33,6 +33,16 @@ def _mixed_folder(root: Path) -> Path:
     ds = to_dataset(make_phantom(3, (256, 256)), "short-pixels")
     ds.PixelData = ds.PixelData[:1000]
     save(ds, root / "short_pixels.dcm")
+    # Wrongly tagged files, each its own study.
+    ds = to_dataset(make_phantom(4, (256, 256)), "wrong-photometric")
+    ds.PhotometricInterpretation = "RGB"
+    save(ds, root / "wrong_photometric.dcm")
+    ds = to_dataset(make_phantom(5, (256, 256)), "no-pixels")
+    del ds.PixelData
+    save(ds, root / "no_pixels.dcm")
+    ds = to_dataset(make_phantom(6, (256, 256)), "ct-class-cr-modality")
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    save(ds, root / "ct_class.dcm")
     return root
 
 
@@ -42,7 +52,9 @@ def _counts(url: str) -> dict[str, int]:
         counts = {
             "studies": session.scalar(select(func.count()).select_from(tables.Study)),
             "outcomes": session.scalar(select(func.count()).select_from(tables.Outcome)),
-            "current": session.scalar(select(func.count()).select_from(tables.Outcome).where(tables.Outcome.is_current)),
+            "current": session.scalar(
+                select(func.count()).select_from(tables.Outcome).where(tables.Outcome.is_current)
+            ),
             "images": session.scalar(select(func.count()).select_from(tables.Image)),
             "rejected": session.scalar(select(func.count()).select_from(tables.RejectedFile)),
         }
@@ -58,18 +70,20 @@ def test_batch_records_every_input_and_quarantines_bad_ones(
     with caplog.at_level(logging.INFO):
         summary = run_batch(folder, out, settings, models=models)
     assert summary.studies["processed"] == 2
-    assert summary.studies["ineligible"] == 1  # MR
-    assert summary.studies["failed"] == 1  # short pixel data: its own study, failed
+    assert summary.studies["ineligible"] == 2  # MR, CT SOP class tagged Modality CR
+    assert summary.studies["failed"] == 3  # short pixel data, RGB-tagged grayscale, no pixels
     assert summary.rejected_files == 3  # empty, not DICOM, truncated header
     quarantine = out / "_quarantine"
     copies = sorted(quarantine.glob("*.bin"))
-    assert len(copies) == 4  # the three rejected files + the undecodable one
+    assert len(copies) == 6  # the three rejected files + the three undecodable ones
     reasons = [json.loads(p.read_text())["reason"] for p in quarantine.glob("*.json")]
     assert any("cannot be decoded" in r for r in reasons)
+    assert any("PhotometricInterpretation" in r for r in reasons)
+    assert any("no Pixel Data" in r for r in reasons)
     assert (folder / "truncated.dcm").exists(), "quarantine copies, never moves"
     url = f"sqlite:///{out / 'cxrbatch.sqlite'}"
     counts = _counts(url)
-    assert counts["studies"] == 4 and counts["current"] == 4 and counts["rejected"] == 4
+    assert counts["studies"] == 7 and counts["current"] == 7 and counts["rejected"] == 6
     # No patient names or IDs in the log at the default level.
     text = caplog.text
     assert "PHANTOM^NUMBER" not in text and "SYN-011" not in text
@@ -77,7 +91,7 @@ def test_batch_records_every_input_and_quarantines_bad_ones(
 
     # Re-running the same input adds no rows and reprocesses nothing.
     again = run_batch(folder, out, settings, models=models)
-    assert again.studies["unchanged"] == 3  # failed study is retried, others unchanged
+    assert again.studies["unchanged"] == 4  # failed studies are retried, others unchanged
     assert _counts(url) == counts
 
     # A changed study supersedes: one current outcome, the old one kept as superseded.
@@ -85,11 +99,15 @@ def test_batch_records_every_input_and_quarantines_bad_ones(
     save(extra, folder / "phantoms" / "phantom_00000" / "late.dcm")
     run_batch(folder, out, settings, models=models)
     after = _counts(url)
-    assert after["studies"] == 4 and after["current"] == 4
-    assert after["outcomes"] == counts["outcomes"] + 1  # the changed study; the retry replaced in place
+    assert after["studies"] == 7 and after["current"] == 7
+    assert (
+        after["outcomes"] == counts["outcomes"] + 1
+    )  # the changed study; the retry replaced in place
     engine = create_engine(url)
     with session_factory(engine)() as session:
-        superseded = session.scalars(select(tables.Outcome).where(tables.Outcome.superseded_at.is_not(None))).all()
+        superseded = session.scalars(
+            select(tables.Outcome).where(tables.Outcome.superseded_at.is_not(None))
+        ).all()
         assert len(superseded) >= 1 and not any(o.is_current for o in superseded)
     engine.dispose()
 
@@ -116,16 +134,21 @@ def test_alembic_upgrade_gives_the_models_schema_on_postgres(postgres_url: str) 
 
 
 @pytest.mark.postgres
-def test_batch_on_postgres(tmp_path: Path, postgres_url: str, settings: Settings,
-                           models: pipeline.Models) -> None:
+def test_batch_on_postgres(
+    tmp_path: Path, postgres_url: str, settings: Settings, models: pipeline.Models
+) -> None:
     write_studies(tmp_path / "in", 1, seed=12, size=(256, 256))
-    configured = settings.model_copy(update={"database": settings.database.model_copy(update={"url": postgres_url})})
+    configured = settings.model_copy(
+        update={"database": settings.database.model_copy(update={"url": postgres_url})}
+    )
     summary = run_batch(tmp_path / "in", tmp_path / "out", configured, models=models)
     assert summary.studies["processed"] == 1
     assert _counts(postgres_url)["current"] == 1
 
 
-def test_cli_process_results_and_exit_codes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_process_results_and_exit_codes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("CXRBATCH_SEGMENTATION__DEVICE", "cpu")
     write_studies(tmp_path / "in", 1, seed=13, size=(256, 256))
     (tmp_path / "in" / "junk.bin").write_bytes(b"\x00" * 10)
@@ -137,13 +160,25 @@ def test_cli_process_results_and_exit_codes(tmp_path: Path, monkeypatch: pytest.
     assert listed.exit_code == 0, listed.output
     rows = json.loads(listed.stdout)
     assert len(rows) == 1 and rows[0]["status"] == "processed" and "triage" in rows[0]
-    assert runner.invoke(app, ["process", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")]).exit_code == 2
+    assert (
+        runner.invoke(
+            app, ["process", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")]
+        ).exit_code
+        == 2
+    )
     bad = tmp_path / "bad.toml"
     bad.write_text("[segmentation]\nbackend = 'nonexistent'\n")
-    assert runner.invoke(app, ["process", str(tmp_path / "in"), "--out", str(tmp_path / "o3"),
-                               "--config", str(bad)]).exit_code == 2
+    assert (
+        runner.invoke(
+            app,
+            ["process", str(tmp_path / "in"), "--out", str(tmp_path / "o3"), "--config", str(bad)],
+        ).exit_code
+        == 2
+    )
     missing = tmp_path / "vitb.toml"
     missing.write_text("[segmentation]\nbackend = 'medsam-vitb'\n")
-    result = runner.invoke(app, ["process", str(tmp_path / "in"), "--out", str(tmp_path / "o4"),
-                                 "--config", str(missing)])
+    result = runner.invoke(
+        app,
+        ["process", str(tmp_path / "in"), "--out", str(tmp_path / "o4"), "--config", str(missing)],
+    )
     assert result.exit_code == 2 and "medsam_checkpoint" in result.output

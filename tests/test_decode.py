@@ -27,10 +27,13 @@ def _decode_file(path: Path) -> np.ndarray:
 
 
 @pytest.mark.parametrize("syntax", sorted(TRANSFER_SYNTAXES))
-@pytest.mark.parametrize(("bits", "monochrome"), [(8, "MONOCHROME2"), (10, "MONOCHROME1"),
-                                                   (12, "MONOCHROME2"), (16, "MONOCHROME1")])
-def test_all_syntaxes_and_depths_give_the_phantom(tmp_path: Path, syntax: str, bits: int,
-                                                  monochrome: str) -> None:
+@pytest.mark.parametrize(
+    ("bits", "monochrome"),
+    [(8, "MONOCHROME2"), (10, "MONOCHROME1"), (12, "MONOCHROME2"), (16, "MONOCHROME1")],
+)
+def test_all_syntaxes_and_depths_give_the_phantom(
+    tmp_path: Path, syntax: str, bits: int, monochrome: str
+) -> None:
     ds = to_dataset(PHANTOM, "decode", bits=bits, monochrome=monochrome)
     pixels = _decode_file(save(ds, tmp_path / "x.dcm", syntax))
     expected = np.round(PHANTOM.image * 255)
@@ -80,7 +83,9 @@ def test_short_pixel_data_is_an_input_error(tmp_path: Path) -> None:
 
 def test_colour_and_huge_images_are_refused() -> None:
     ds = to_dataset(PHANTOM, "colour", bits=8)
-    header = InstanceHeader(Path("x"), "0", "1", "1", "1", "1", "CR", "CHEST", "PA", "1.2.840.10008.1.2.1")
+    header = InstanceHeader(
+        Path("x"), "0", "1", "1", "1", "1", "CR", "CHEST", "PA", "1.2.840.10008.1.2.1"
+    )
     ds.Rows = 60000
     ds.Columns = 60000
     with pytest.raises(InputError, match="Implausible image size"):
@@ -101,8 +106,9 @@ def test_colour_and_huge_images_are_refused() -> None:
         (["P", "F"], "PA", True, "display convention"),
     ],
 )
-def test_patient_side_mapping(orientation: list[str] | None, view: str, left_is_right: bool,
-                              source: str) -> None:
+def test_patient_side_mapping(
+    orientation: list[str] | None, view: str, left_is_right: bool, source: str
+) -> None:
     ds = pydicom.Dataset()
     if orientation is not None:
         ds.PatientOrientation = orientation
@@ -110,3 +116,59 @@ def test_patient_side_mapping(orientation: list[str] | None, view: str, left_is_
     mapped, how = patient_side_mapping(ds)
     assert mapped is left_is_right
     assert how.startswith(source)
+
+
+def _encapsulated(pixels: np.ndarray, frames: list[bytes], syntax: str) -> pydicom.Dataset:
+    from pydicom.encaps import encapsulate
+
+    phantom_ds = to_dataset(PHANTOM, "encaps", bits=8)
+    phantom_ds.file_meta.TransferSyntaxUID = syntax
+    phantom_ds.PixelData = encapsulate(frames)
+    phantom_ds["PixelData"].VR = "OB"
+    phantom_ds.NumberOfFrames = len(frames)
+    return phantom_ds
+
+
+def test_jpeg_baseline_made_by_another_encoder(tmp_path: Path) -> None:
+    """JPEG baseline (8-bit, lossy) written by OpenCV's encoder, decoded by pylibjpeg."""
+    import cv2
+    from pydicom.uid import JPEGBaseline8Bit
+
+    pixels = np.round(PHANTOM.image * 255).astype(np.uint8)
+    ok, encoded = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    assert ok
+    ds = _encapsulated(pixels, [encoded.tobytes()], JPEGBaseline8Bit)
+    ds.save_as(tmp_path / "jpeg.dcm", enforce_file_format=True)
+    decoded = _decode_file(tmp_path / "jpeg.dcm")
+    assert np.abs(decoded.astype(float) - pixels).mean() < 3.0
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "JPGLosslessP14SV1_1s_1f_8b.dcm",
+        "JPEG-LL.dcm",
+        "emri_small_jpeg_ls_lossless.dcm",
+        "emri_small_RLE.dcm",
+        "emri_small_big_endian.dcm",
+    ],
+)
+def test_other_real_codecs_decode(name: str) -> None:
+    """JPEG lossless, JPEG-LS, RLE and big endian files from pydicom-data decode (they are
+    not chest radiographs; decoding is checked on its own)."""
+    path = real_file(name)
+    ds = pydicom.dcmread(path)
+    header = InstanceHeader(path, "", "1", "1", "1", "1", "CR", "CHEST", "PA", "")
+    image = decode_dataset(ds, header)
+    assert image.pixels.dtype == np.uint8 and image.pixels.std() > 1.0
+
+
+def test_multi_frame_uses_the_first_frame(tmp_path: Path) -> None:
+    ds = to_dataset(PHANTOM, "frames", bits=8)
+    single = np.round(PHANTOM.image * 255).astype(np.uint8)
+    ds.NumberOfFrames = 2
+    ds.PixelData = single.tobytes() + (255 - single).tobytes()
+    header = InstanceHeader(Path("x"), "", "1", "1", "1", "1", "CR", "CHEST", "PA", "")
+    image = decode_dataset(ds, header)
+    assert any("first frame" in note for note in image.notes)
+    assert np.abs(image.pixels.astype(float) - single).max() <= 1

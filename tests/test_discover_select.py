@@ -76,9 +76,16 @@ def test_duplicates_dropped_and_conflicts_recorded(tmp_path: Path) -> None:
 
 def _header(**overrides: object) -> InstanceHeader:
     values: dict[str, object] = dict(
-        path=Path("x"), sha256="0", sop_instance_uid="1.2", sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
-        study_instance_uid="1.3", series_instance_uid="1.4", modality="CR",
-        body_part_examined="CHEST", view_position="PA", transfer_syntax_uid="1.2.840.10008.1.2.1",
+        path=Path("x"),
+        sha256="0",
+        sop_instance_uid="1.2",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+        study_instance_uid="1.3",
+        series_instance_uid="1.4",
+        modality="CR",
+        body_part_examined="CHEST",
+        view_position="PA",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
     )
     values.update(overrides)
     return InstanceHeader(**values)  # type: ignore[arg-type]
@@ -111,16 +118,22 @@ def test_eligibility_rules(overrides: dict[str, object], expected: str | None) -
 
 
 def test_site_rules_are_configurable() -> None:
-    strict = SelectionSettings(missing_view="skip", missing_body_part="skip",
-                               chest_body_parts=("CHEST", "CHESTPA"))
+    strict = SelectionSettings(
+        missing_view="skip", missing_body_part="skip", chest_body_parts=("CHEST", "CHESTPA")
+    )
     assert "ViewPosition missing" in str(eligibility(_header(view_position=None), strict))
     assert "BodyPartExamined missing" in str(eligibility(_header(body_part_examined=None), strict))
     assert eligibility(_header(body_part_examined="CHEST_PA"), strict) is None
 
 
 def test_real_files_are_selected_or_skipped_with_reasons() -> None:
-    expected = {"RG1_UNCR.dcm": None, "RG3_UNCR.dcm": "EXTREMITY", "MR_small.dcm": "not a CR/DX",
-                "CT_small.dcm": "not a CR/DX", "US1_UNCR.dcm": "not a CR/DX"}
+    expected = {
+        "RG1_UNCR.dcm": None,
+        "RG3_UNCR.dcm": "EXTREMITY",
+        "MR_small.dcm": "not a CR/DX",
+        "CT_small.dcm": "not a CR/DX",
+        "US1_UNCR.dcm": "not a CR/DX",
+    }
     for name, reason in expected.items():
         header = read_header(real_file(name))
         assert isinstance(header, InstanceHeader), name

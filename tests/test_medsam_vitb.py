@@ -38,8 +38,9 @@ def test_random_vitb_checkpoint_runs_end_to_end(tmp_path: Path) -> None:
     torch.manual_seed(0)
     checkpoint = tmp_path / "medsam_vit_b.pth"
     torch.save(sam_model_registry["vit_b"](checkpoint=None).state_dict(), checkpoint)
-    segmenter = load_segmenter(SegmentationSettings(backend="medsam-vitb", device="cpu",
-                                                    medsam_checkpoint=str(checkpoint)))
+    segmenter = load_segmenter(
+        SegmentationSettings(backend="medsam-vitb", device="cpu", medsam_checkpoint=str(checkpoint))
+    )
     assert segmenter.model.name == "MedSAM ViT-B" and len(segmenter.model.sha256) == 64
     phantom = make_phantom(2, (300, 240))
     header = InstanceHeader(Path("p"), "", "1", "", "", "", "CR", "CHEST", "PA", "")

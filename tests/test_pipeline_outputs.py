@@ -22,15 +22,17 @@ from cxrbatch.synthetic import read_truth, write_studies
 from tests.conftest import dciodvfy_errors, real_file
 
 
-def _run_folder(folder: Path, out: Path, settings: Settings,
-                models: pipeline.Models) -> list[StudyResult]:
+def _run_folder(
+    folder: Path, out: Path, settings: Settings, models: pipeline.Models
+) -> list[StudyResult]:
     studies, rejected = discover(folder)
     assert rejected == []
     return [pipeline.run(study, models, settings, out) for study in studies]
 
 
-def _single_file_run(tmp_path: Path, name: str, settings: Settings,
-                     models: pipeline.Models) -> StudyResult:
+def _single_file_run(
+    tmp_path: Path, name: str, settings: Settings, models: pipeline.Models
+) -> StudyResult:
     folder = tmp_path / "in"
     folder.mkdir()
     shutil.copyfile(real_file(name), folder / "IM0001")
@@ -88,11 +90,15 @@ def test_real_chest_cr_with_classifier_and_screening(
     screening = groups["screening image 1"]
     json_image = document["images"][0]
     for label, probability in json_image["findings"]["probabilities"].items():
-        assert classifier[label.replace("Edema", "Pulmonary edema")] == pytest.approx(probability, abs=1e-6)
+        assert classifier[label.replace("Edema", "Pulmonary edema")] == pytest.approx(
+            probability, abs=1e-6
+        )
     assert classifier["No Finding score (1 - max p)"] == pytest.approx(
-        json_image["findings"]["no_finding_score"], abs=1e-6)
+        json_image["findings"]["no_finding_score"], abs=1e-6
+    )
     assert screening["No Finding score (1 - max p)"] == pytest.approx(
-        json_image["screening"]["no_finding_score"], abs=1e-6)
+        json_image["screening"]["no_finding_score"], abs=1e-6
+    )
     assert document["triage"] == json_image["screening"]["triage"]
     assert document["synthetic_model"] is True
     assert any("SYNTHETIC" in note for note in document["notes"])
@@ -121,11 +127,16 @@ def test_real_chest_cr_every_syntax_segmentation_only(
 
 @pytest.mark.parametrize(
     ("name", "reason"),
-    [("RG3_UNCR.dcm", "EXTREMITY"), ("MR_small.dcm", "MR"), ("CT_small.dcm", "CT"),
-     ("US1_UNCR.dcm", "US")],
+    [
+        ("RG3_UNCR.dcm", "EXTREMITY"),
+        ("MR_small.dcm", "MR"),
+        ("CT_small.dcm", "CT"),
+        ("US1_UNCR.dcm", "US"),
+    ],
 )
-def test_real_non_chest_files_are_ineligible(tmp_path: Path, settings: Settings,
-                                             models: pipeline.Models, name: str, reason: str) -> None:
+def test_real_non_chest_files_are_ineligible(
+    tmp_path: Path, settings: Settings, models: pipeline.Models, name: str, reason: str
+) -> None:
     result = _single_file_run(tmp_path, name, settings, models)
     assert result.status is OutcomeStatus.INELIGIBLE
     assert result.reason is not None and reason in result.reason
@@ -135,14 +146,17 @@ def test_real_non_chest_files_are_ineligible(tmp_path: Path, settings: Settings,
     assert document["status"] == "ineligible" and reason in document["reason"]
 
 
-def test_phantoms_dice_and_conformance(tmp_path: Path, settings: Settings,
-                                       models: pipeline.Models) -> None:
+def test_phantoms_dice_and_conformance(
+    tmp_path: Path, settings: Settings, models: pipeline.Models
+) -> None:
     """Six phantoms covering CR/DX, MONOCHROME1/2, 8-16 bits, six transfer syntaxes, one
     mirrored (PatientOrientation R\\F): Dice against the known masks, per patient side."""
     truth_dir = tmp_path / "truth"
     generated = write_studies(tmp_path / "in", 6, seed=5, size=(512, 512), truth_dir=truth_dir)
-    results = {r.study_instance_uid: r for r in _run_folder(tmp_path / "in", tmp_path / "out",
-                                                           settings, models)}
+    results = {
+        r.study_instance_uid: r
+        for r in _run_folder(tmp_path / "in", tmp_path / "out", settings, models)
+    }
     dices = []
     for study in generated:
         result = results[study.study_instance_uid]
@@ -157,3 +171,17 @@ def test_phantoms_dice_and_conformance(tmp_path: Path, settings: Settings,
     print(f"phantom Dice per lung: mean {np.mean(dices):.3f}, min {np.min(dices):.3f}")
     assert min(dices) > 0.85
     assert np.mean(dices) > 0.93
+
+
+def test_temporaries_of_a_killed_writer_are_removed(
+    tmp_path: Path, settings: Settings, models: pipeline.Models
+) -> None:
+    folder = tmp_path / "in"
+    generated = write_studies(folder, 1, seed=8, size=(256, 256))
+    out = tmp_path / "out"
+    study_folder = out / generated[0].study_instance_uid
+    study_folder.mkdir(parents=True)
+    (study_folder / ".sr.dcm.abc123.tmp").write_bytes(b"half a file")
+    _run_folder(folder, out, settings, models)
+    assert list(study_folder.glob(".*.tmp")) == []
+    assert (study_folder / "sr.dcm").is_file()

@@ -23,6 +23,16 @@ def study_dir(out_root: Path, study_instance_uid: str) -> Path:
     return inside(out_root, out_root / uid_path_component(study_instance_uid))
 
 
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete temporary files a killed writer left in `folder` (never finished outputs)."""
+    removed = 0
+    if folder.is_dir():
+        for stale in folder.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
