@@ -44,6 +44,7 @@ from cxrbatch.domain import (
     Triage,
 )
 from cxrbatch.errors import InputError, ModelError
+from cxrbatch.files import remove_stale_temporaries
 from cxrbatch.models.bundle import ClassifierBundle, load_bundle
 from cxrbatch.models.preprocess import classifier_input
 from cxrbatch.models.prompts import segment_lungs
@@ -201,7 +202,7 @@ def run(study: StudyInput, models: Models, settings: Settings, out_dir: Path) ->
         input_fingerprint=input_fingerprint(study, models, settings),
     )
     folder = export.study_dir(out_dir, study.study_instance_uid)
-    export.remove_stale_temporaries(folder)
+    remove_stale_temporaries(folder)
     with timer.stage("write"):
         seg_files, sr_file = write_dicom_outputs(
             result, [p.dataset for p in processed], models, folder

@@ -6,8 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from cxrbatch.dicom.discover import file_sha256
-from cxrbatch.dicom.export import atomic_write
+from cxrbatch.files import atomic_write, sha256_file
 
 
 def quarantine(
@@ -19,7 +18,7 @@ def quarantine(
     names). Returns the copy's path, or None if the source is gone or unreadable.
     """
     try:
-        digest = sha256 or file_sha256(path)
+        digest = sha256 or sha256_file(path)
     except OSError:
         return None
     quarantine_dir.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from cxrbatch.db import models
-from cxrbatch.domain import OutcomeStatus, RejectedFile, StudyResult
+from cxrbatch.domain import InstanceHeader, OutcomeStatus, RejectedFile, StudyResult
 
 
 def current_outcome(session: Session, study_instance_uid: str) -> models.Outcome | None:
@@ -30,6 +30,18 @@ def _study(session: Session, study_instance_uid: str) -> models.Study:
         session.flush()
     study.updated_at = models.utcnow()
     return study
+
+
+def _unprocessed_row(header: InstanceHeader, status: OutcomeStatus, reason: str) -> models.Image:
+    return models.Image(
+        sop_instance_uid=header.sop_instance_uid,
+        series_instance_uid=header.series_instance_uid,
+        sop_class_uid=header.sop_class_uid,
+        modality=header.modality,
+        view_position=header.view_position,
+        status=status.value,
+        reason=reason,
+    )
 
 
 def _image_rows(result: StudyResult) -> list[models.Image]:
@@ -65,32 +77,10 @@ def _image_rows(result: StudyResult) -> list[models.Image]:
                 findings=findings,
             )
         )
-    for skipped in result.skipped:
-        h = skipped.instance
-        rows.append(
-            models.Image(
-                sop_instance_uid=h.sop_instance_uid,
-                series_instance_uid=h.series_instance_uid,
-                sop_class_uid=h.sop_class_uid,
-                modality=h.modality,
-                view_position=h.view_position,
-                status=skipped.status.value,
-                reason=skipped.reason,
-            )
-        )
-    for failure in result.failures:
-        h = failure.instance
-        rows.append(
-            models.Image(
-                sop_instance_uid=h.sop_instance_uid,
-                series_instance_uid=h.series_instance_uid,
-                sop_class_uid=h.sop_class_uid,
-                modality=h.modality,
-                view_position=h.view_position,
-                status=OutcomeStatus.FAILED.value,
-                reason=failure.reason,
-            )
-        )
+    rows.extend(_unprocessed_row(s.instance, s.status, s.reason) for s in result.skipped)
+    rows.extend(
+        _unprocessed_row(f.instance, OutcomeStatus.FAILED, f.reason) for f in result.failures
+    )
     return rows
 
 

@@ -6,7 +6,6 @@ with a human-readable reason, and the walk goes on.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -18,6 +17,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from cxrbatch.domain import InstanceHeader, RejectedFile, StudyInput
+from cxrbatch.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +34,6 @@ _HEADER_TAGS = [
     "ViewPosition",
     "InstanceNumber",
 ]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def iter_files(root: Path) -> Iterator[Path]:
@@ -80,7 +72,7 @@ def read_header(path: Path) -> InstanceHeader | RejectedFile:
     if size == 0:
         return RejectedFile(path, "empty file (0 bytes)")
     try:
-        sha = file_sha256(path)
+        sha = sha256_file(path)
     except OSError as exc:
         return RejectedFile(path, f"cannot read file: {exc.strerror}")
     try:

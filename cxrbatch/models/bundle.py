@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,9 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from cxrbatch.domain import Findings, ModelRef, Triage
 from cxrbatch.errors import ModelError
+from cxrbatch.files import atomic_write, sha256_file
 from cxrbatch.models.device import resolve_device
 from cxrbatch.models.masks import MaskMode
-from cxrbatch.models.segmenter import sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -89,20 +87,6 @@ def build_network(architecture: str, num_labels: int, pretrained: bool = False) 
     raise ModelError(f"Expected architecture 'resnet50' or 'densenet121', found {architecture!r}.")
 
 
-def _atomic_write_bytes(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_bundle(
     directory: Path,
     network: torch.nn.Module,
@@ -120,7 +104,7 @@ def save_bundle(
     except ImportError:  # recorded as unknown; MONAI is only needed for training
         monai_version = None
     model_path = directory / "models" / "model.pt"
-    _atomic_write_bytes(model_path, lambda h: torch.save(network.state_dict(), h))
+    atomic_write(model_path, lambda h: torch.save(network.state_dict(), h))
     metadata: dict[str, Any] = {
         "name": name,
         "version": version,
@@ -155,13 +139,13 @@ def save_bundle(
                 }
             },
         },
-        "model_sha256": sha256_of(model_path),
+        "model_sha256": sha256_file(model_path),
         "cxrbatch": spec.model_dump(mode="json"),
     }
     if extra:
         metadata.update(extra)
     text = json.dumps(metadata, indent=2).encode()
-    _atomic_write_bytes(directory / "configs" / "metadata.json", lambda h: h.write(text))
+    atomic_write(directory / "configs" / "metadata.json", lambda h: h.write(text))
     return model_path
 
 
@@ -202,7 +186,7 @@ def load_bundle(path: str | Path, device: str = "auto") -> ClassifierBundle:
         spec = BundleSpec.model_validate(metadata["cxrbatch"])
     except (json.JSONDecodeError, KeyError, ValidationError) as exc:
         raise ModelError(f"Invalid bundle metadata in {meta_path}: {exc}") from exc
-    digest = sha256_of(model_path)
+    digest = sha256_file(model_path)
     recorded = metadata.get("model_sha256")
     if recorded and recorded != digest:
         raise ModelError(

