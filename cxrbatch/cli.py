@@ -72,6 +72,9 @@ def process(
     force: Annotated[
         bool, typer.Option(help="Reprocess studies whose input is unchanged.")
     ] = False,
+    workers: Annotated[
+        int, typer.Option(min=1, help="Worker processes, each with its own models.")
+    ] = 1,
 ) -> None:
     """Process every study in INPUT_DIR: SEG + SR + JSON per study, one DB row per study."""
     from cxrbatch.batch import run_batch
@@ -93,7 +96,9 @@ def process(
             def advance(_result: object, index: int, total: int) -> None:
                 progress.update(task, completed=index, total=total)
 
-            summary = run_batch(input_dir, out, settings, force=force, on_study=advance)
+            summary = run_batch(
+                input_dir, out, settings, force=force, workers=workers, on_study=advance
+            )
     except CxrBatchError as exc:
         raise _fail(str(exc)) from exc
     except SQLAlchemyError as exc:
@@ -119,8 +124,7 @@ def process(
         for reason, count in summary.reasons.most_common():
             reasons.add_row(reason, str(count))
         out_console.print(reasons)
-    synthetic = any(m.synthetic_training_data for r in summary.results for m in r.models)
-    if synthetic:
+    if summary.synthetic_model:
         out_console.print(
             "[bold yellow]A model trained on SYNTHETIC data produced these scores: "
             "not clinically meaningful.[/]"

@@ -58,6 +58,8 @@ class ClassifierSettings(_Section):
     # Path to an M-50 screening bundle; empty = no triage category.
     screening_bundle: str = ""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # auto = bf16 autocast on CUDA (documented tolerance), fp32 on the CPU.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 
 class OutputSettings(_Section):

@@ -73,13 +73,15 @@ class Models:
 
 def load_models(settings: Settings) -> Models:
     segmenter = load_segmenter(settings.segmentation)
-    device = settings.classifier.device
+    device, precision = settings.classifier.device, settings.classifier.precision
     classifier = (
-        load_bundle(settings.classifier.bundle, device) if settings.classifier.bundle else None
+        load_bundle(settings.classifier.bundle, device, precision)
+        if settings.classifier.bundle
+        else None
     )
     screening = None
     if settings.classifier.screening_bundle:
-        screening = load_bundle(settings.classifier.screening_bundle, device)
+        screening = load_bundle(settings.classifier.screening_bundle, device, precision)
         if screening.spec.screening is None:
             raise ModelError(
                 f"Screening bundle {screening.path} has no screening.no_finding_threshold "

@@ -156,12 +156,17 @@ class ClassifierBundle:
     model: ModelRef
     network: torch.nn.Module
     device: torch.device
+    bf16: bool = False
 
     @torch.inference_mode()
     def predict(self, inputs: np.ndarray) -> np.ndarray:
         """Sigmoid probabilities (N, labels) for network inputs (N, 3, S, S)."""
-        batch = torch.from_numpy(np.ascontiguousarray(inputs)).to(self.device)
-        logits = self.network(batch)
+        batch = torch.from_numpy(np.ascontiguousarray(inputs))
+        if self.device.type == "cuda":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.network(batch)
         return torch.sigmoid(logits.float()).cpu().numpy()
 
     def findings(self, probabilities: np.ndarray) -> Findings:
@@ -174,7 +179,10 @@ class ClassifierBundle:
         return Findings(self.model, probs, no_finding, triage, threshold)
 
 
-def load_bundle(path: str | Path, device: str = "auto") -> ClassifierBundle:
+def load_bundle(
+    path: str | Path, device: str = "auto", precision: str = "fp32"
+) -> ClassifierBundle:
+    """Load and verify a bundle. precision: fp32, bf16, or auto (bf16 on CUDA only)."""
     root = Path(path)
     meta_path = root / "configs" / "metadata.json"
     model_path = root / "models" / "model.pt"
@@ -200,6 +208,9 @@ def load_bundle(path: str | Path, device: str = "auto") -> ClassifierBundle:
         raise ModelError(f"{model_path} does not match a {spec.architecture}: {exc}") from exc
     torch_device = resolve_device(device)
     network = network.to(torch_device).eval()
+    if torch_device.type == "cuda":
+        network = network.to(memory_format=torch.channels_last)
+    bf16 = precision == "bf16" or (precision == "auto" and torch_device.type == "cuda")
     model = ModelRef(
         name=str(metadata.get("name", root.name)),
         version=str(metadata.get("version", "0")),
@@ -213,4 +224,4 @@ def load_bundle(path: str | Path, device: str = "auto") -> ClassifierBundle:
             "clinically meaningful",
             model.name,
         )
-    return ClassifierBundle(root, spec, model, network, torch_device)
+    return ClassifierBundle(root, spec, model, network, torch_device, bf16)

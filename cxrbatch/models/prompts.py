@@ -107,6 +107,26 @@ def initial_boxes(
     return boxes, regions, notes
 
 
+def _refined_box(
+    first: np.ndarray,
+    region: np.ndarray | None,
+    box: np.ndarray,
+    shape: tuple[int, int],
+    scale: float,
+) -> np.ndarray:
+    """The box of the first mask's largest component united with the dark region, padded
+    by 2 %, in original pixels; the first box when the first mask is empty."""
+    union = _largest_component(first)
+    if region is not None:
+        union = union | region
+    found = _bbox(union)
+    if found is None:
+        return box
+    rows, cols = shape
+    padded = _pad_box(found, 0.02 * cols, 0.02 * rows, cols, rows)
+    return np.array(padded, dtype=np.float32) / scale
+
+
 def segment_lungs(
     segmenter: BoxSegmenter, image: DecodedImage, refine: bool = True, threshold: float = 0.5
 ) -> LungSegmentation:
@@ -123,35 +143,30 @@ def segment_lungs(
     boxes = np.array([[v / scale for v in small_boxes[s]] for s in sides], dtype=np.float32)
 
     embedding = segmenter.embed(pixels)
-    probs, iou = segmenter.predict(embedding, boxes)
-
-    if refine:
-        refined_boxes = []
+    if not refine:
+        probs, iou = segmenter.predict(embedding, boxes)
+    else:
+        # The first pass only steers the second: decode it at the 256-px working size.
+        first, iou = segmenter.predict(embedding, boxes, output_size=small.shape[:2])
+        refined = np.stack(
+            [
+                _refined_box(first[i] > threshold, regions[side], boxes[i], small.shape[:2], scale)
+                for i, side in enumerate(sides)
+            ]
+        )
+        probs, iou2 = segmenter.predict(embedding, refined)
+        fallback = None
         for i, side in enumerate(sides):
-            first = _largest_component(probs[i] > threshold)
-            first_small = cv2.resize(
-                first.astype(np.uint8), small.shape[::-1], interpolation=cv2.INTER_NEAREST
-            ).astype(bool)
-            region = regions[side]
-            union = first_small | region if region is not None else first_small
-            box = _bbox(union)
-            if box is None:
-                refined_boxes.append(boxes[i])
-                continue
-            padded = _pad_box(
-                box, 0.02 * small.shape[1], 0.02 * small.shape[0], small.shape[1], small.shape[0]
-            )
-            refined_boxes.append(np.array(padded, dtype=np.float32) / scale)
-        refined = np.stack(refined_boxes)
-        probs2, iou2 = segmenter.predict(embedding, refined)
-        for i, side in enumerate(sides):
-            fraction = float((probs2[i] > threshold).mean())
+            fraction = float((probs[i] > threshold).mean())
             if PLAUSIBLE_AREA[0] <= fraction <= PLAUSIBLE_AREA[1]:
-                probs[i], iou[i], boxes[i] = probs2[i], iou2[i], refined[i]
-            else:
-                notes.append(
-                    f"{side.replace('_', '-')} lung: refined mask implausible, first pass kept"
-                )
+                iou[i], boxes[i] = iou2[i], refined[i]
+                continue
+            if fallback is None:
+                fallback = segmenter.predict(embedding, boxes)[0]
+            probs[i] = fallback[i]
+            notes.append(
+                f"{side.replace('_', '-')} lung: refined mask implausible, first pass kept"
+            )
 
     masks = []
     for i in range(2):

@@ -60,8 +60,14 @@ class BoxSegmenter(Protocol):
 
     def embed(self, image: np.ndarray) -> Embedding: ...
 
-    def predict(self, embedding: Embedding, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Probabilities (N, rows, columns) float32 at the original size, and IoU scores (N,)."""
+    def predict(
+        self, embedding: Embedding, boxes: np.ndarray, output_size: tuple[int, int] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities (N, rows, columns) float32 and IoU scores (N,).
+
+        Boxes are (x0, y0, x1, y1) in original pixels; masks come at the original size, or
+        at `output_size` (rows, columns) of the same field of view.
+        """
         ...
 
 
@@ -83,7 +89,9 @@ class _SamLikeBackend:
         return self._net.image_encoder(batch)
 
     @torch.inference_mode()
-    def predict(self, embedding: Embedding, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def predict(
+        self, embedding: Embedding, boxes: np.ndarray, output_size: tuple[int, int] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
         scaled = boxes * np.array([*embedding.scale_xy, *embedding.scale_xy], dtype=np.float32)
         box_t = torch.as_tensor(scaled, device=self.device)[:, None, :]
@@ -100,7 +108,10 @@ class _SamLikeBackend:
         logits = logits[:, :, :rows, :cols].float()
         probs = torch.sigmoid(
             F.interpolate(
-                logits, size=embedding.original_size, mode="bilinear", align_corners=False
+                logits,
+                size=output_size or embedding.original_size,
+                mode="bilinear",
+                align_corners=False,
             )
         )
         return probs[:, 0].cpu().numpy(), iou[:, 0].float().cpu().numpy()

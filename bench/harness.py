@@ -1,0 +1,302 @@
+"""Throughput harness: the full pipeline as `cxrbatch process` runs it, naive vs tuned.
+
+    bench/run --studies N [--gpu] [--workers W] [--codec uncompressed|j2k|mixed]
+              [--min-size 2000 --max-size 3000] [--report FILE]
+
+Generates N synthetic chest studies (12-16 bit, 2000-3000 px by default), two random-weight
+classifier bundles at 512 px (ResNet50 M-15 classifier, DenseNet121 M-50 screening, so the
+classifier stage costs what real ones would), then runs in one go, each in a fresh process:
+
+- naive: one process, one image at a time, each stage in sequence with each library's
+  defaults (torch's default threads, fp32);
+- tuned: W worker processes (models loaded once per worker, CPU threads split between
+  them), overlapping decode and writing of one study with inference of another; on GPU
+  bf16 autocast and channels_last for the classifiers.
+
+Both write SEG + SR + JSON and record to their own SQLite database. The outputs are
+compared (lung mask Dice, probability differences). Prints studies/s, per-stage shares,
+peak memory (RSS and GPU), and last `speedup_vs_naive: X.XX`; writes a JSON report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+STAGES = ("decode", "segment", "classify", "write")
+
+
+def _generate(args: tuple[Path, int, int, int, str, int]) -> None:
+    from cxrbatch.synthetic import write_study
+
+    out, index, rows, cols, syntax, bits = args
+    write_study(
+        out,
+        index,
+        seed=77,
+        size=(rows, cols),
+        transfer_syntax=syntax,
+        bits=bits,
+        monochrome="MONOCHROME1" if index % 2 else "MONOCHROME2",
+    )
+
+
+def generate(
+    folder: Path, count: int, min_size: int, max_size: int, codec: str, processes: int
+) -> None:
+    rng = np.random.default_rng(2026)
+    jobs = []
+    for index in range(count):
+        rows, cols = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
+        syntax = {"uncompressed": "explicit", "j2k": "j2k"}.get(codec) or (
+            "explicit" if index % 2 == 0 else "j2k"
+        )
+        jobs.append((folder, index, rows, cols, syntax, (12, 14, 16)[index % 3]))
+    with ProcessPoolExecutor(processes) as pool:
+        list(pool.map(_generate, jobs))
+
+
+def make_bundles(folder: Path) -> dict[str, str]:
+    import torch
+
+    from cxrbatch.models.bundle import (
+        BundleSpec,
+        Screening,
+        TrainingData,
+        build_network,
+        save_bundle,
+    )
+
+    torch.manual_seed(0)
+    paths = {}
+    for role, arch, mode, threshold in (
+        ("bundle", "resnet50", "M-15", None),
+        ("screening_bundle", "densenet121", "M-50", 0.5),
+    ):
+        spec = BundleSpec(
+            architecture=arch,
+            input_size=512,
+            mask_mode=mode,
+            screening=Screening(no_finding_threshold=threshold) if threshold else None,
+            training_data=TrainingData(
+                description="random weights, benchmark only", synthetic=True
+            ),
+        )
+        save_bundle(folder / role, build_network(arch, 5), f"bench-{arch}", "0", spec, "bench")
+        paths[role] = str(folder / role)
+    return paths
+
+
+def run_mode(
+    mode: str, input_dir: Path, out_dir: Path, bundles: dict[str, str], device: str, workers: int
+) -> dict[str, Any]:
+    """Run one configuration in this (fresh) process; returns its measurements."""
+    import resource
+
+    import torch
+
+    from cxrbatch import logs
+    from cxrbatch.batch import run_batch
+    from cxrbatch.config import load_settings
+
+    logs.configure("WARNING")
+    precision = "fp32" if mode == "naive" else "auto"
+    settings = load_settings(
+        None,
+        segmentation={"device": device},
+        classifier={"device": device, "precision": precision, **bundles},
+    )
+    start = time.perf_counter()
+    summary = run_batch(input_dir, out_dir, settings, workers=1 if mode == "naive" else workers)
+    wall = time.perf_counter() - start
+    reports = summary.reports
+    stage_seconds = {s: float(sum(r.timings.get(s, 0.0) for r in reports)) for s in STAGES}
+    # Each worker reports its own peak; the naive run's peak is this process's.
+    own_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    worker_peaks: dict[int, int] = {}
+    for r in reports:
+        worker_peaks[r.worker_pid] = max(worker_peaks.get(r.worker_pid, 0), r.peak_rss_bytes)
+    return {
+        "mode": mode,
+        "workers": 1 if mode == "naive" else workers,
+        "torch_threads": (
+            torch.get_num_threads() if mode == "naive" else max(1, (os.cpu_count() or 1) // workers)
+        ),
+        "precision": precision,
+        "studies": len(reports),
+        "statuses": dict(summary.studies),
+        "wall_s": wall,
+        "studies_per_s": len(reports) / wall,
+        "stage_seconds_per_study": {s: v / max(len(reports), 1) for s, v in stage_seconds.items()},
+        "peak_rss_bytes_total": (
+            own_rss
+            if mode == "naive"
+            else own_rss + sum(p for pid, p in worker_peaks.items() if pid != os.getpid())
+        ),
+        "peak_rss_bytes_per_worker": sorted(worker_peaks.values()),
+        "peak_gpu_bytes_per_worker": max((r.peak_gpu_bytes for r in reports), default=0),
+    }
+
+
+def compare(naive_out: Path, tuned_out: Path) -> dict[str, float]:
+    """Lung mask Dice and probability differences between the two runs' outputs."""
+    import highdicom as hd
+
+    dices: list[float] = []
+    prob_diffs: list[float] = []
+    for result in sorted(naive_out.glob("*/result.json")):
+        other = tuned_out / result.parent.name / "result.json"
+        a, b = json.loads(result.read_text()), json.loads(other.read_text())
+        for image_a, image_b in zip(a["images"], b["images"], strict=True):
+            seg_a = hd.seg.segread(result.parent / image_a["seg_file"])
+            seg_b = hd.seg.segread(other.parent / image_b["seg_file"])
+            uid = image_a["sop_instance_uid"]
+            pa = seg_a.get_pixels_by_source_instance([uid], combine_segments=False)[0]
+            pb = seg_b.get_pixels_by_source_instance([uid], combine_segments=False)[0]
+            for k in range(pa.shape[-1]):
+                ma, mb = pa[..., k].astype(bool), pb[..., k].astype(bool)
+                dices.append(2 * (ma & mb).sum() / max(ma.sum() + mb.sum(), 1))
+            for role in ("findings", "screening"):
+                fa, fb = image_a[role], image_b[role]
+                if fa and fb:
+                    prob_diffs.extend(
+                        abs(fa["probabilities"][k] - fb["probabilities"][k])
+                        for k in fa["probabilities"]
+                    )
+                    prob_diffs.append(abs(fa["no_finding_score"] - fb["no_finding_score"]))
+    return {
+        "images_compared": len(dices) // 2,
+        "mask_dice_min": float(min(dices)) if dices else float("nan"),
+        "probability_abs_diff_max": float(max(prob_diffs)) if prob_diffs else float("nan"),
+    }
+
+
+def _gb(value: float) -> str:
+    return f"{value / 2**30:.2f} GiB"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--studies", type=int, default=16)
+    parser.add_argument("--gpu", action="store_true", help="run the models on CUDA")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="tuned worker processes (default: the CPU count on CPU, min(CPU count, 16) on GPU)",
+    )
+    parser.add_argument("--codec", choices=("uncompressed", "j2k", "mixed"), default="uncompressed")
+    parser.add_argument("--min-size", type=int, default=2000)
+    parser.add_argument("--max-size", type=int, default=3000)
+    parser.add_argument("--report", type=Path, default=None, help="JSON report path")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep data here")
+    parser.add_argument("--mode", choices=("naive", "tuned"), help=argparse.SUPPRESS)
+    parser.add_argument("--input", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--bundles", type=str, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    device = "cuda" if args.gpu else "cpu"
+    cpus = os.cpu_count() or 1
+    workers = args.workers or (min(cpus, 16) if args.gpu else cpus)
+
+    if args.mode:  # a child process measuring one configuration
+        result = run_mode(
+            args.mode, args.input, args.out, json.loads(args.bundles), device, workers
+        )
+        print("RESULT " + json.dumps(result))
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.workdir or Path(tmp)
+        started = time.perf_counter()
+        generate(work / "in", args.studies, args.min_size, args.max_size, args.codec, cpus)
+        bundles = make_bundles(work / "bundles")
+        print(
+            f"generated {args.studies} studies ({args.min_size}-{args.max_size} px, "
+            f"{args.codec}) in {time.perf_counter() - started:.1f}s",
+            flush=True,
+        )
+        runs = {}
+        for mode in ("naive", "tuned"):
+            command = [
+                sys.executable,
+                "-m",
+                "bench.harness",
+                "--mode",
+                mode,
+                "--input",
+                str(work / "in"),
+                "--out",
+                str(work / f"out-{mode}"),
+                "--bundles",
+                json.dumps(bundles),
+                "--workers",
+                str(workers),
+            ]
+            if args.gpu:
+                command.append("--gpu")
+            proc = subprocess.run(command, capture_output=True, text=True, check=False)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if proc.returncode != 0 or line is None:
+                sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+                raise SystemExit(f"{mode} run failed (exit {proc.returncode})")
+            runs[mode] = json.loads(line[len("RESULT ") :])
+            r = runs[mode]
+            shares = r["stage_seconds_per_study"]
+            total = sum(shares.values()) or 1.0
+            print(
+                f"{mode:>5}: {r['studies']} studies in {r['wall_s']:.1f}s = "
+                f"{r['studies_per_s']:.2f} studies/s, workers {r['workers']}, "
+                f"threads/worker {r['torch_threads']}, peak RSS {_gb(r['peak_rss_bytes_total'])}"
+                f", GPU peak/worker {_gb(r['peak_gpu_bytes_per_worker'])}",
+                flush=True,
+            )
+            print(
+                "       per study: "
+                + ", ".join(f"{s} {v:.3f}s ({100 * v / total:.0f}%)" for s, v in shares.items()),
+                flush=True,
+            )
+        agreement = compare(work / "out-naive", work / "out-tuned")
+        print(f"agreement: {json.dumps(agreement)}")
+        speedup = runs["naive"]["wall_s"] / runs["tuned"]["wall_s"]
+        report = {
+            "studies": args.studies,
+            "device": device,
+            "codec": args.codec,
+            "sizes": [args.min_size, args.max_size],
+            "cpu_count": cpus,
+            "platform": platform.platform(),
+            "runs": runs,
+            "agreement": agreement,
+            "speedup_vs_naive": speedup,
+        }
+        try:
+            import torch
+
+            report["torch"] = torch.__version__
+            if args.gpu:
+                report["gpu"] = torch.cuda.get_device_name(0)
+        except Exception:  # reporting only
+            pass
+        path = args.report or Path("bench") / "results" / f"bench-{device}-{int(time.time())}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))
+        print(f"report: {path}")
+        print(f"speedup_vs_naive: {speedup:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""A tiny run of the throughput harness, for correctness (not for time): both
+configurations process every study, their outputs agree, the report is complete."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_harness_tiny_run(tmp_path: Path) -> None:
+    report_path = tmp_path / "report.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.harness",
+            "--studies",
+            "2",
+            "--min-size",
+            "256",
+            "--max-size",
+            "320",
+            "--workers",
+            "2",
+            "--codec",
+            "mixed",
+            "--report",
+            str(report_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("speedup_vs_naive: ")
+    report = json.loads(report_path.read_text())
+    assert float(last.split(": ")[1]) == round(report["speedup_vs_naive"], 2)
+    for mode in ("naive", "tuned"):
+        run = report["runs"][mode]
+        assert run["statuses"] == {"processed": 2}, run
+        assert set(run["stage_seconds_per_study"]) == {"decode", "segment", "classify", "write"}
+        assert run["peak_rss_bytes_total"] > 0
+    assert report["runs"]["tuned"]["workers"] == 2
+    assert len(report["runs"]["tuned"]["peak_rss_bytes_per_worker"]) == 2
+    # fp32 on the CPU in both configurations: the same masks and probabilities.
+    agreement = report["agreement"]
+    assert agreement["images_compared"] == 2
+    assert agreement["mask_dice_min"] >= 0.99
+    assert agreement["probability_abs_diff_max"] <= 1e-3
