@@ -99,7 +99,13 @@ def make_bundles(folder: Path) -> dict[str, str]:
 
 
 def run_mode(
-    mode: str, input_dir: Path, out_dir: Path, bundles: dict[str, str], device: str, workers: int
+    mode: str,
+    input_dir: Path,
+    out_dir: Path,
+    bundles: dict[str, str],
+    device: str,
+    workers: int,
+    bf16: bool,
 ) -> dict[str, Any]:
     """Run one configuration in this (fresh) process; returns its measurements."""
     import resource
@@ -111,7 +117,7 @@ def run_mode(
     from cxrbatch.config import load_settings
 
     logs.configure("WARNING")
-    precision = "fp32" if mode == "naive" else "auto"
+    precision = "fp32" if mode == "naive" or not bf16 else "auto"
     settings = load_settings(
         None,
         segmentation={"device": device},
@@ -202,6 +208,9 @@ def main() -> None:
     parser.add_argument("--min-size", type=int, default=2000)
     parser.add_argument("--max-size", type=int, default=3000)
     parser.add_argument("--report", type=Path, default=None, help="JSON report path")
+    parser.add_argument(
+        "--bf16", action="store_true", help="tuned run: bf16 autocast for the classifiers on CUDA"
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="keep data here")
     parser.add_argument("--mode", choices=("naive", "tuned"), help=argparse.SUPPRESS)
     parser.add_argument("--input", type=Path, help=argparse.SUPPRESS)
@@ -214,7 +223,7 @@ def main() -> None:
 
     if args.mode:  # a child process measuring one configuration
         result = run_mode(
-            args.mode, args.input, args.out, json.loads(args.bundles), device, workers
+            args.mode, args.input, args.out, json.loads(args.bundles), device, workers, args.bf16
         )
         print("RESULT " + json.dumps(result))
         return
@@ -246,8 +255,8 @@ def main() -> None:
                 "--workers",
                 str(workers),
             ]
-            if args.gpu:
-                command.append("--gpu")
+            command += ["--gpu"] if args.gpu else []
+            command += ["--bf16"] if args.bf16 else []
             proc = subprocess.run(command, capture_output=True, text=True, check=False)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if proc.returncode != 0 or line is None:

@@ -58,8 +58,9 @@ class ClassifierSettings(_Section):
     # Path to an M-50 screening bundle; empty = no triage category.
     screening_bundle: str = ""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # auto = bf16 autocast on CUDA (documented tolerance), fp32 on the CPU.
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # fp32 everywhere by default; "auto" = bf16 autocast on CUDA and fp32 on the CPU
+    # (probability differences measured in docs/performance.md).
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
 
 
 class OutputSettings(_Section):

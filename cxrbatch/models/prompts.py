@@ -27,6 +27,7 @@ from cxrbatch.domain import DecodedImage, LungSegmentation
 from cxrbatch.models.segmenter import BoxSegmenter
 
 WORK_SIZE = 256
+POST_SIZE = 1024
 # Prior boxes (x0, y0, x1, y1) as fractions of the image: the image-left and image-right lung.
 PRIOR_BOXES = {"image_left": (0.10, 0.12, 0.48, 0.82), "image_right": (0.52, 0.12, 0.90, 0.84)}
 PLAUSIBLE_AREA = (0.01, 0.40)
@@ -142,9 +143,14 @@ def segment_lungs(
     sides = ("image_left", "image_right")
     boxes = np.array([[v / scale for v in small_boxes[s]] for s in sides], dtype=np.float32)
 
+    # Masks are decoded and cleaned up at most POST_SIZE px on the long side (SAM's logits
+    # are 256 px anyway), then resized to the image: scipy's labelling and hole filling on
+    # a 3000 x 3000 image cost more than the whole model on a GPU.
+    post_scale = min(1.0, POST_SIZE / max(rows, cols))
+    post_shape = (max(1, round(rows * post_scale)), max(1, round(cols * post_scale)))
     embedding = segmenter.embed(pixels)
     if not refine:
-        probs, iou = segmenter.predict(embedding, boxes)
+        probs, iou = segmenter.predict(embedding, boxes, output_size=post_shape)
     else:
         # The first pass only steers the second: decode it at the 256-px working size.
         first, iou = segmenter.predict(embedding, boxes, output_size=small.shape[:2])
@@ -154,7 +160,7 @@ def segment_lungs(
                 for i, side in enumerate(sides)
             ]
         )
-        probs, iou2 = segmenter.predict(embedding, refined)
+        probs, iou2 = segmenter.predict(embedding, refined, output_size=post_shape)
         fallback = None
         for i, side in enumerate(sides):
             fraction = float((probs[i] > threshold).mean())
@@ -162,7 +168,7 @@ def segment_lungs(
                 iou[i], boxes[i] = iou2[i], refined[i]
                 continue
             if fallback is None:
-                fallback = segmenter.predict(embedding, boxes)[0]
+                fallback = segmenter.predict(embedding, boxes, output_size=post_shape)[0]
             probs[i] = fallback[i]
             notes.append(
                 f"{side.replace('_', '-')} lung: refined mask implausible, first pass kept"
@@ -173,7 +179,13 @@ def segment_lungs(
         own = probs[i] > threshold
         other = probs[1 - i]
         own &= ~((other > threshold) & (other > probs[i]))
-        masks.append(ndi.binary_fill_holes(_largest_component(own)))
+        mask = ndi.binary_fill_holes(_largest_component(own))
+        if post_shape != (rows, cols):
+            resized = cv2.resize(
+                mask.astype(np.float32), (cols, rows), interpolation=cv2.INTER_LINEAR
+            )
+            mask = np.asarray(resized) > 0.5
+        masks.append(mask)
     image_left_mask, image_right_mask = masks
     if image.image_left_is_patient_right:
         right, left = image_left_mask, image_right_mask
