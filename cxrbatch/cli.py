@@ -1,7 +1,12 @@
 """The `cxrbatch` command.
 
-    cxrbatch process INPUT --out OUT [--config FILE] [--db URL] [--force]
-    cxrbatch results [--out OUT | --db URL] [--format table|csv|json]
+    cxrbatch process INPUT --out OUT [--config FILE] [--db URL] [--force] [--workers N]
+    cxrbatch watch INPUT --out OUT [--config FILE] [--db URL] [--workers N]
+    cxrbatch worker --out OUT --db URL [--config FILE] [--workers N]
+    cxrbatch results [--out OUT | --db URL] [--format table|csv|json] [filters]
+    cxrbatch worklist [--out OUT | --db URL] [--format table|csv|json]
+    cxrbatch status [--out OUT | --db URL]
+    cxrbatch jobs retry [STUDY_UID ...] [--out OUT | --db URL]
     cxrbatch db upgrade [--out OUT | --db URL]
     cxrbatch phantoms OUT [--studies N] [--size PX] [--truth DIR]
     cxrbatch demo-data DIR
@@ -13,6 +18,8 @@ Exit codes: 0 when the batch ran (even if some inputs were bad), 2 when it could
 from __future__ import annotations
 
 import csv
+import datetime as dt
+import enum
 import io
 import json
 import logging
@@ -25,10 +32,13 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
 
 from cxrbatch import logs
 from cxrbatch.config import Settings, load_settings
+from cxrbatch.domain import OutcomeStatus, Triage
 from cxrbatch.errors import CxrBatchError
 
 app = typer.Typer(
@@ -39,6 +49,8 @@ app = typer.Typer(
 )
 db_app = typer.Typer(no_args_is_help=True, help="Results database schema (alembic).")
 app.add_typer(db_app, name="db")
+jobs_app = typer.Typer(no_args_is_help=True, help="The daemon's job queue.")
+app.add_typer(jobs_app, name="jobs")
 console = Console(stderr=True)
 out_console = Console()
 log = logging.getLogger("cxrbatch.cli")
@@ -47,6 +59,20 @@ ConfigOption = Annotated[Path | None, typer.Option("--config", help="Site config
 DbOption = Annotated[
     str | None, typer.Option("--db", help="SQLAlchemy URL of the results database.")
 ]
+OutOption = Annotated[
+    Path | None, typer.Option("--out", help="Output folder (its SQLite DB, OUT/cxrbatch.sqlite).")
+]
+
+
+class Format(enum.StrEnum):
+    TABLE = "table"
+    CSV = "csv"
+    JSON = "json"
+
+
+class StatusFormat(enum.StrEnum):
+    TABLE = "table"
+    JSON = "json"
 
 
 def _settings(config: Path | None, db: str | None) -> Settings:
@@ -102,9 +128,7 @@ def process(
     except CxrBatchError as exc:
         raise _fail(str(exc)) from exc
     except SQLAlchemyError as exc:
-        raise _fail(
-            f"results database error: {type(exc).__name__}: {exc.args[0] if exc.args else ''}"
-        ) from exc
+        raise _fail(_database_error(exc)) from exc
     except OSError as exc:
         raise _fail(f"cannot use the output folder: {exc}") from exc
     table = Table(
@@ -132,70 +156,294 @@ def process(
     out_console.print(f"outputs: {out.resolve()}  (NOT FOR DIAGNOSTIC USE)")
 
 
-@app.command()
-def results(
-    out: Annotated[
-        Path | None, typer.Option("--out", help="Output folder of a batch (its SQLite DB).")
-    ] = None,
-    db: DbOption = None,
-    config: ConfigOption = None,
-    fmt: Annotated[str, typer.Option("--format", help="table | csv | json")] = "table",
-) -> None:
-    """List the current outcome of every study."""
-    from cxrbatch.batch import database_url
-    from cxrbatch.db import repository
-    from cxrbatch.db.session import make_engine, session_factory, upgrade
+def _serve(settings: Settings, out: Path, workers: int, input_dir: Path | None) -> None:
+    from cxrbatch.daemon import Service
 
     try:
-        settings = _settings(config, db)
-        if not settings.database.url and out is None:
-            raise _fail("give --out OUT or --db URL")
-        url = database_url(settings, out or Path("."))
-        upgrade(url)
-        engine = make_engine(url)
-        with session_factory(engine)() as session:
-            rows = [
-                {
-                    "study_instance_uid": o.study.study_instance_uid,
-                    "status": o.status,
-                    "triage": o.triage,
-                    "no_finding_score": o.no_finding_score,
-                    "segmentation_only": o.segmentation_only,
-                    "synthetic_model": o.synthetic_model,
-                    "reason": o.reason,
-                    "created_at": o.created_at.isoformat() if o.created_at else None,
-                }
-                for o in repository.current_outcomes(session)
-            ]
-        engine.dispose()
+        if input_dir is not None and not input_dir.is_dir():
+            raise _fail(f"input folder not found: {input_dir}")
+        service = Service(settings, out, workers, input_dir)
     except CxrBatchError as exc:
         raise _fail(str(exc)) from exc
+    except SQLAlchemyError as exc:
+        raise _fail(_database_error(exc)) from exc
+    except OSError as exc:
+        raise _fail(f"cannot use the output folder: {exc}") from exc
+    service.install_signal_handlers()
+    service.run()
+
+
+WorkersOption = Annotated[
+    int, typer.Option(min=1, help="Worker processes, each with its own models.")
+]
+
+
+@app.command()
+def watch(
+    input_dir: Annotated[Path, typer.Argument(help="The PACS export folder to watch.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: OUT/<StudyInstanceUID>/...")],
+    config: ConfigOption = None,
+    db: DbOption = None,
+    workers: WorkersOption = 1,
+) -> None:
+    """Watch INPUT_DIR and process every study that lands there, until SIGTERM."""
+    settings = _settings(config, db)
+    _serve(settings, out, workers, input_dir)
+
+
+@app.command()
+def worker(
+    out: Annotated[
+        Path, typer.Option("--out", help="Output folder (shared storage), as for `watch`.")
+    ],
+    config: ConfigOption = None,
+    db: DbOption = None,
+    workers: WorkersOption = 1,
+) -> None:
+    """Run workers only, on the queue of --db (extra hosts beside a `watch`)."""
+    settings = _settings(config, db)
+    _serve(settings, out, workers, None)
+
+
+def _open_database(settings: Settings, out: Path | None) -> tuple[Engine, sessionmaker[Session]]:
+    """The results database of --db URL (or the config), or of the output folder --out."""
+    from cxrbatch.db.session import make_engine, session_factory, upgrade
+    from cxrbatch.paths import database_url
+
+    if not settings.database.url and out is None:
+        raise _fail("give --out OUT or --db URL")
+    url = database_url(settings, out or Path("."))
+    upgrade(url)
+    engine = make_engine(url)
+    return engine, session_factory(engine)
+
+
+def _utc(value: dt.datetime | None) -> dt.datetime | None:
+    """Command-line times are local unless they carry an offset; the database is UTC."""
+    if value is None:
+        return None
+    return (value if value.tzinfo else value.astimezone()).astimezone(dt.UTC)
+
+
+def _print_rows(rows: list[dict[str, object]], fmt: str, title: str, columns: list[str]) -> None:
     if fmt == "json":
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
     elif fmt == "csv":
         buffer = io.StringIO()
-        writer = csv.DictWriter(
-            buffer, fieldnames=list(rows[0]) if rows else ["study_instance_uid"]
-        )
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else columns)
         writer.writeheader()
         writer.writerows(rows)
         sys.stdout.write(buffer.getvalue())
-    elif fmt == "table":
-        table = Table(title="current study outcomes (NOT FOR DIAGNOSTIC USE)")
-        for column in ("study_instance_uid", "status", "triage", "no_finding_score", "reason"):
+    else:
+        table = Table(title=title)
+        for column in columns:
             table.add_column(column)
         for row in rows:
-            score = row["no_finding_score"]
-            table.add_row(
-                str(row["study_instance_uid"]),
-                str(row["status"]),
-                str(row["triage"] or "-"),
-                "-" if score is None else f"{score:.3f}",
-                str(row["reason"] or ""),
-            )
+            table.add_row(*(_cell(row.get(column)) for column in columns))
         out_console.print(table)
-    else:
-        raise _fail(f"Expected --format table, csv or json, found {fmt!r}.")
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+FormatOption = Annotated[Format, typer.Option("--format", help="Output format.")]
+
+
+@app.command()
+def results(
+    out: OutOption = None,
+    db: DbOption = None,
+    config: ConfigOption = None,
+    fmt: FormatOption = Format.TABLE,
+    since: Annotated[
+        dt.datetime | None, typer.Option(help="Outcomes recorded at or after this time.")
+    ] = None,
+    until: Annotated[
+        dt.datetime | None, typer.Option(help="Outcomes recorded before this time.")
+    ] = None,
+    status: Annotated[OutcomeStatus | None, typer.Option(help="Outcome status.")] = None,
+    triage: Annotated[Triage | None, typer.Option(help="Triage category.")] = None,
+    label: Annotated[
+        str | None,
+        typer.Option(help="A finding label (Mass, Nodule, Pneumonia, Edema, Fibrosis)."),
+    ] = None,
+    min_probability: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="With --label: probability at least this.")
+    ] = 0.5,
+) -> None:
+    """List the current outcome of every study (filters combine with AND)."""
+    from cxrbatch.db import repository
+
+    try:
+        settings = _settings(config, db)
+        engine, sessions = _open_database(settings, out)
+        where = repository.OutcomeFilter(
+            since=_utc(since),
+            until=_utc(until),
+            status=status.value if status else None,
+            triage=triage.value if triage else None,
+            label=label,
+            min_probability=min_probability if label else None,
+        )
+        with sessions() as session:
+            rows = [repository.outcome_row(o) for o in repository.current_outcomes(session, where)]
+        engine.dispose()
+    except CxrBatchError as exc:
+        raise _fail(str(exc)) from exc
+    except SQLAlchemyError as exc:
+        raise _fail(_database_error(exc)) from exc
+    _print_rows(
+        rows,
+        fmt,
+        "current study outcomes (NOT FOR DIAGNOSTIC USE)",
+        ["study_instance_uid", "status", "triage", "no_finding_score", "reason"],
+    )
+    _warn_synthetic(rows)
+
+
+@app.command()
+def worklist(
+    out: OutOption = None,
+    db: DbOption = None,
+    config: ConfigOption = None,
+    fmt: FormatOption = Format.TABLE,
+) -> None:
+    """Processed studies in screening order: abnormal first, by No Finding score."""
+    from cxrbatch.db import repository
+
+    try:
+        settings = _settings(config, db)
+        engine, sessions = _open_database(settings, out)
+        with sessions() as session:
+            rows = [
+                {"rank": rank, **repository.outcome_row(o)}
+                for rank, o in enumerate(repository.worklist(session), start=1)
+            ]
+        engine.dispose()
+    except CxrBatchError as exc:
+        raise _fail(str(exc)) from exc
+    except SQLAlchemyError as exc:
+        raise _fail(_database_error(exc)) from exc
+    _print_rows(
+        rows,
+        fmt,
+        "screening worklist (NOT FOR DIAGNOSTIC USE)",
+        [
+            "rank",
+            "study_instance_uid",
+            "triage",
+            "screening_no_finding_score",
+            "no_finding_score",
+        ],
+    )
+    _warn_synthetic(rows)
+
+
+@app.command()
+def status(
+    out: OutOption = None,
+    db: DbOption = None,
+    config: ConfigOption = None,
+    fmt: Annotated[
+        StatusFormat, typer.Option("--format", help="Output format.")
+    ] = StatusFormat.TABLE,
+) -> None:
+    """Queue depth by job status, throughput, recent failures and dead jobs."""
+    from cxrbatch import queue
+    from cxrbatch.db import repository
+
+    try:
+        settings = _settings(config, db)
+        engine, sessions = _open_database(settings, out)
+        now = dt.datetime.now(dt.UTC)
+        with sessions() as session:
+            report = {
+                "jobs": queue.counts(session),
+                "finished_last_hour": repository.finished_since(
+                    session, now - dt.timedelta(hours=1)
+                ),
+                "finished_last_24h": repository.finished_since(
+                    session, now - dt.timedelta(hours=24)
+                ),
+                "failed_studies": [
+                    {"study_instance_uid": o.study.study_instance_uid, "reason": o.reason}
+                    for o in repository.recent_failures(session)
+                ],
+                "dead_jobs": [
+                    {
+                        "study_instance_uid": j.study_instance_uid,
+                        "attempts": j.attempts,
+                        "last_error": j.last_error,
+                    }
+                    for j in repository.dead_jobs(session)
+                ],
+            }
+        engine.dispose()
+    except CxrBatchError as exc:
+        raise _fail(str(exc)) from exc
+    except SQLAlchemyError as exc:
+        raise _fail(_database_error(exc)) from exc
+    if fmt == "json":
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        return
+    table = Table(title="queue")
+    table.add_column("jobs")
+    table.add_column("count", justify="right")
+    for name, count in report["jobs"].items():  # type: ignore[attr-defined]
+        table.add_row(name, str(count))
+    table.add_row("finished in the last hour", str(report["finished_last_hour"]))
+    table.add_row("finished in the last 24 h", str(report["finished_last_24h"]))
+    out_console.print(table)
+    for key, title in (("failed_studies", "failed studies"), ("dead_jobs", "dead jobs")):
+        items = report[key]
+        if items:
+            detail = Table(title=title)
+            for column in items[0]:  # type: ignore[index]
+                detail.add_column(column)
+            for item in items:  # type: ignore[attr-defined]
+                detail.add_row(*(_cell(v) for v in item.values()))
+            out_console.print(detail)
+
+
+@jobs_app.command("retry")
+def jobs_retry(
+    study_instance_uids: Annotated[
+        list[str] | None, typer.Argument(help="Studies to retry; none = every dead job.")
+    ] = None,
+    out: OutOption = None,
+    db: DbOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Queue dead jobs again with fresh attempts."""
+    from cxrbatch import queue
+
+    try:
+        settings = _settings(config, db)
+        engine, sessions = _open_database(settings, out)
+        count = queue.retry_dead(sessions, study_instance_uids or None)
+        engine.dispose()
+    except CxrBatchError as exc:
+        raise _fail(str(exc)) from exc
+    except SQLAlchemyError as exc:
+        raise _fail(_database_error(exc)) from exc
+    out_console.print(f"{count} dead job(s) queued again")
+
+
+def _warn_synthetic(rows: list[dict[str, object]]) -> None:
+    if any(row.get("synthetic_model") for row in rows):
+        console.print(
+            "[bold yellow]Scores marked synthetic_model come from a model trained on "
+            "SYNTHETIC data: not clinically meaningful.[/]"
+        )
+
+
+def _database_error(exc: SQLAlchemyError) -> str:
+    return f"results database error: {type(exc).__name__}: {exc.args[0] if exc.args else ''}"
 
 
 @db_app.command("upgrade")
@@ -207,8 +455,8 @@ def db_upgrade(
     config: ConfigOption = None,
 ) -> None:
     """Create or upgrade the results database schema to the newest migration."""
-    from cxrbatch.batch import database_url
     from cxrbatch.db.session import current_revision, upgrade
+    from cxrbatch.paths import database_url
 
     try:
         settings = _settings(config, db)

@@ -69,6 +69,44 @@ class OutputSettings(_Section):
     write_json: bool = True
 
 
+class IngestSettings(_Section):
+    """`cxrbatch watch`: how files are taken from the export folder."""
+
+    # "move": taken files move into the spool (rename, or copy + fsync + rename across file
+    # systems); "read-only": files stay where the PACS put them and are read there.
+    mode: Literal["move", "read-only"] = "move"
+    # Empty = OUT/_spool.
+    spool_dir: str = ""
+    # "native" (inotify on Linux) or "polling" (network shares deliver no events).
+    observer: Literal["native", "polling"] = "native"
+    polling_interval_seconds: Annotated[float, Field(gt=0)] = 5.0
+    # A file is complete when unchanged in size and mtime this long ...
+    quiet_seconds: Annotated[float, Field(ge=0)] = 10.0
+    # ... or at once when its writer closed it (inotify CLOSE_WRITE) or renamed it into place.
+    trust_close_events: bool = True
+    # A study is complete (and its job due) after this long with no new instance.
+    study_stable_seconds: Annotated[float, Field(ge=0)] = 60.0
+    # A full scan of the export folder catches what events missed (overflow, restarts).
+    reconcile_interval_seconds: Annotated[float, Field(gt=0)] = 300.0
+    # File names never taken: writers' temporaries.
+    ignore_patterns: tuple[str, ...] = (".*", "*.tmp", "*.part", "*.partial")
+
+
+class QueueSettings(_Section):
+    """The job queue and its workers (`cxrbatch watch` and `cxrbatch worker`)."""
+
+    lease_seconds: Annotated[float, Field(gt=0)] = 120.0
+    heartbeat_seconds: Annotated[float, Field(gt=0)] = 20.0
+    max_attempts: Annotated[int, Field(ge=1)] = 5
+    backoff_base_seconds: Annotated[float, Field(ge=0)] = 30.0
+    backoff_max_seconds: Annotated[float, Field(ge=0)] = 3600.0
+    poll_interval_seconds: Annotated[float, Field(gt=0)] = 2.0
+    # SIGTERM: in-flight studies get this long to finish, then are released for retry.
+    drain_grace_seconds: Annotated[float, Field(ge=0)] = 120.0
+    # Workers stop claiming while the output (or spool) file system has less free space.
+    min_free_disk_mb: Annotated[float, Field(ge=0)] = 1024.0
+
+
 class DatabaseSettings(_Section):
     # Any SQLAlchemy URL; empty = sqlite file OUT/cxrbatch.sqlite.
     url: str = ""
@@ -88,6 +126,8 @@ class Settings(BaseSettings):
     segmentation: SegmentationSettings = SegmentationSettings()
     classifier: ClassifierSettings = ClassifierSettings()
     output: OutputSettings = OutputSettings()
+    ingest: IngestSettings = IngestSettings()
+    queue: QueueSettings = QueueSettings()
     database: DatabaseSettings = DatabaseSettings()
     logging: LoggingSettings = LoggingSettings()
 

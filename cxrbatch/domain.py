@@ -21,6 +21,17 @@ class OutcomeStatus(enum.StrEnum):
     FAILED = "failed"  # eligible input, but an error of ours or of the input stopped it
 
 
+class JobStatus(enum.StrEnum):
+    """The state of a study's job in the SQL queue (`jobs.status`)."""
+
+    QUEUED = "queued"  # waiting for its study to be stable (run_after) and for a worker
+    RUNNING = "running"  # claimed; the worker holds a lease that its heartbeats renew
+    DONE = "done"  # processed; the outcome is recorded
+    INELIGIBLE = "ineligible"  # nothing in the study to process; recorded
+    FAILED = "failed"  # the last attempt failed; retried at run_after (exponential backoff)
+    DEAD = "dead"  # failed max_attempts times; kept with its last error until `jobs retry`
+
+
 class Triage(enum.StrEnum):
     LIKELY_NORMAL = "likely-normal"
     ABNORMAL = "abnormal"

@@ -1,10 +1,15 @@
-"""Turning untrusted values (UIDs, tag values) into safe path components."""
+"""Turning untrusted values (UIDs, tag values) into safe path components, and where
+cxrbatch keeps its database, quarantine and spool under the output folder."""
 
 from __future__ import annotations
 
 import hashlib
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cxrbatch.config import Settings
 
 _UID_CHARS = re.compile(r"[^\d.]")
 _VALID_UID = re.compile(r"^\d+(\.\d+)*$")
@@ -31,3 +36,23 @@ def inside(root: Path, candidate: Path) -> Path:
     if resolved != root_resolved and root_resolved not in resolved.parents:
         raise ValueError(f"Expected a path inside {root_resolved}, found {resolved}.")
     return resolved
+
+
+# ---- where cxrbatch keeps things under the output folder ---------------------------------
+
+
+def database_url(settings: Settings, out_dir: Path) -> str:
+    """The configured SQLAlchemy URL, or the SQLite file OUT/cxrbatch.sqlite."""
+    return settings.database.url or f"sqlite:///{(out_dir / 'cxrbatch.sqlite').resolve()}"
+
+
+def quarantine_dir(settings: Settings, out_dir: Path) -> Path:
+    return (
+        Path(settings.output.quarantine_dir)
+        if settings.output.quarantine_dir
+        else (out_dir / "_quarantine")
+    )
+
+
+def spool_dir(settings: Settings, out_dir: Path) -> Path:
+    return Path(settings.ingest.spool_dir) if settings.ingest.spool_dir else out_dir / "_spool"

@@ -6,6 +6,10 @@ import json
 import shutil
 from pathlib import Path
 
+from sqlalchemy.orm import Session
+
+from cxrbatch.db import repository
+from cxrbatch.domain import RejectedFile
 from cxrbatch.files import atomic_write, sha256_file
 
 
@@ -37,3 +41,22 @@ def quarantine(
         lambda handle: handle.write(json.dumps(record, indent=2).encode()),
     )
     return target
+
+
+def record_rejected_files(
+    session: Session, rejected: list[RejectedFile], quarantine_dir: Path
+) -> tuple[int, int]:
+    """Quarantine (copy) bad input and record every rejected file with its reason.
+
+    Returns (recorded, quarantined). The caller commits.
+    """
+    quarantined = 0
+    for item in rejected:
+        copy = (
+            quarantine(item.path, item.reason, quarantine_dir, item.sha256)
+            if item.quarantine
+            else None
+        )
+        quarantined += copy is not None
+        repository.record_rejected(session, item, copy)
+    return len(rejected), quarantined

@@ -47,7 +47,7 @@ def test_predict_gives_probabilities(tiny_bundles: dict[str, Path]) -> None:
 
 
 def test_missing_and_corrupt_bundles_give_clear_errors(tmp_path: Path) -> None:
-    with pytest.raises(ModelError, match="lacks configs/metadata.json"):
+    with pytest.raises(ModelError, match=r"lacks configs/metadata\.json"):
         load_bundle(tmp_path / "nothing", "cpu")
     root = make_tiny_bundle(tmp_path / "b")
     with (root / "models" / "model.pt").open("ab") as handle:

@@ -5,6 +5,8 @@ outcomes       one row per processing of a study; exactly one has is_current = t
 images         one row per instance of the study in that processing (processed or not)
 findings       one row per (image, model role, label) probability
 rejected_files files that were not usable input, with the reason and quarantine copy
+instances      instances received by the daemon (spool), one per SOPInstanceUID
+jobs           the work queue of the daemon: one job per study
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -141,3 +144,49 @@ class RejectedFile(Base):
     quarantine_path: Mapped[str | None] = mapped_column(Text)
     first_seen_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_seen_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Instance(Base):
+    """An instance taken in by `cxrbatch watch` (moved into the spool, or left in place)."""
+
+    __tablename__ = "instances"
+    __table_args__ = (Index("ix_instances_study", "study_instance_uid"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    sha256: Mapped[str] = mapped_column(String(64))
+    # Where the file is now: in the spool, or the export folder in read-only mode.
+    path: Mapped[str] = mapped_column(Text)
+    source_path: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(BigInteger)
+    # Identical copies (same SOPInstanceUID and SHA-256) received again and dropped.
+    duplicates: Mapped[int] = mapped_column(Integer, default=0)
+    received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Job(Base):
+    """One study's work in the queue. Status values: cxrbatch.domain.JobStatus."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_claim", "status", "run_after"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    # queued | running | done | ineligible | failed | dead
+    status: Mapped[str] = mapped_column(String(16))
+    # Attempts since the job was last (re)queued by new input or `jobs retry`.
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Not claimed before this time: the study's quiet period, or a retry's backoff.
+    run_after: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    # Bumped by every new instance of the study; a run of an older generation re-queues.
+    generation: Mapped[int] = mapped_column(Integer, default=1)
+    claimed_generation: Mapped[int | None] = mapped_column(Integer)
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    outcome_id: Mapped[int | None] = mapped_column(ForeignKey("outcomes.id", ondelete="SET NULL"))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))

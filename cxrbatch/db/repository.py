@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import datetime as dt
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import case, func, select, update
+from sqlalchemy.orm import Session, selectinload
 
 from cxrbatch.db import models
 from cxrbatch.domain import InstanceHeader, OutcomeStatus, RejectedFile, StudyResult
@@ -164,11 +166,118 @@ def record_rejected(session: Session, rejected: RejectedFile, quarantine_path: P
             row.quarantine_path = str(quarantine_path)
 
 
-def current_outcomes(session: Session) -> list[models.Outcome]:
+@dataclass(frozen=True)
+class OutcomeFilter:
+    """Filters of `cxrbatch results` (all optional, combined with AND)."""
+
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
+    status: str | None = None
+    triage: str | None = None
+    label: str | None = None
+    min_probability: float | None = None
+
+
+def current_outcomes(session: Session, where: OutcomeFilter | None = None) -> list[models.Outcome]:
+    """Current outcomes, oldest first, filtered by time range, status, triage, or a label's
+    classifier probability on any image of the study."""
+    where = where or OutcomeFilter()
+    statement = (
+        select(models.Outcome)
+        .where(models.Outcome.is_current)
+        .options(selectinload(models.Outcome.study))
+        .order_by(models.Outcome.created_at, models.Outcome.id)
+    )
+    if where.since is not None:
+        statement = statement.where(models.Outcome.created_at >= where.since)
+    if where.until is not None:
+        statement = statement.where(models.Outcome.created_at < where.until)
+    if where.status:
+        statement = statement.where(models.Outcome.status == where.status)
+    if where.triage:
+        statement = statement.where(models.Outcome.triage == where.triage)
+    if where.label:
+        matching = (
+            select(models.Image.outcome_id)
+            .join(models.Finding)
+            .where(
+                models.Finding.role == "classifier",
+                models.Finding.label == where.label,
+                models.Finding.probability >= (where.min_probability or 0.0),
+            )
+        )
+        statement = statement.where(models.Outcome.id.in_(matching))
+    return list(session.scalars(statement))
+
+
+def worklist(session: Session) -> list[models.Outcome]:
+    """Processed studies in screening order: abnormal first, then unscreened, then
+    likely-normal; within each, the least normal (lowest No Finding score) first."""
+    score = func.coalesce(
+        models.Outcome.screening_no_finding_score, models.Outcome.no_finding_score
+    )
+    triage_rank = case(
+        (models.Outcome.triage == "abnormal", 0),
+        (models.Outcome.triage.is_(None), 1),
+        else_=2,
+    )
     return list(
         session.scalars(
             select(models.Outcome)
-            .where(models.Outcome.is_current)
-            .order_by(models.Outcome.created_at)
+            .where(models.Outcome.is_current, models.Outcome.status == "processed")
+            .options(selectinload(models.Outcome.study))
+            .order_by(
+                triage_rank,
+                case((score.is_(None), 1), else_=0),
+                score,
+                models.Outcome.created_at,
+            )
+        )
+    )
+
+
+def outcome_row(outcome: models.Outcome) -> dict[str, Any]:
+    """One current outcome as the flat record `cxrbatch results` prints."""
+    return {
+        "study_instance_uid": outcome.study.study_instance_uid,
+        "status": outcome.status,
+        "triage": outcome.triage,
+        "no_finding_score": outcome.no_finding_score,
+        "screening_no_finding_score": outcome.screening_no_finding_score,
+        "segmentation_only": outcome.segmentation_only,
+        "synthetic_model": outcome.synthetic_model,
+        "reason": outcome.reason,
+        "created_at": outcome.created_at.isoformat() if outcome.created_at else None,
+    }
+
+
+def recent_failures(session: Session, limit: int = 10) -> list[models.Outcome]:
+    return list(
+        session.scalars(
+            select(models.Outcome)
+            .where(models.Outcome.is_current, models.Outcome.status == "failed")
+            .options(selectinload(models.Outcome.study))
+            .order_by(models.Outcome.created_at.desc())
+            .limit(limit)
+        )
+    )
+
+
+def finished_since(session: Session, since: dt.datetime) -> int:
+    """Jobs finished (done, ineligible or dead) since `since`: the queue's throughput."""
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(models.Job)
+            .where(models.Job.finished_at.is_not(None), models.Job.finished_at >= since)
+        )
+        or 0
+    )
+
+
+def dead_jobs(session: Session) -> list[models.Job]:
+    return list(
+        session.scalars(
+            select(models.Job).where(models.Job.status == "dead").order_by(models.Job.updated_at)
         )
     )

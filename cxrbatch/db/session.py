@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from cxrbatch.errors import ConfigError
@@ -13,16 +13,18 @@ from cxrbatch.errors import ConfigError
 ALEMBIC_DIR = Path(__file__).resolve().parent.parent.parent / "alembic"
 
 
-def default_url(out_dir: Path) -> str:
-    return f"sqlite:///{(out_dir / 'cxrbatch.sqlite').resolve()}"
-
-
 def make_engine(url: str) -> Engine:
+    """An engine for `url`. SQLite gets WAL, a busy timeout and IMMEDIATE transactions.
+
+    IMMEDIATE takes SQLite's write lock when a transaction begins, so two processes that
+    read-then-update a queue row serialise instead of both reading the same row.
+    """
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.isolation_level = None  # SQLAlchemy emits BEGIN itself
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA busy_timeout=30000")
@@ -30,8 +32,58 @@ def make_engine(url: str) -> Engine:
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
 
+        @event.listens_for(engine, "begin")
+        def _begin_immediate(connection: Any) -> None:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+# File systems on which SQLite's locking is unreliable (sqlite.org/howtocorrupt.html 2.1).
+NETWORK_FILESYSTEMS = frozenset(
+    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse.sshfs", "9p", "glusterfs", "ceph", "afs"}
+)
+
+
+def filesystem_type(path: Path, mounts: str | None = None) -> str | None:
+    """The type of the file system holding `path`, from /proc/mounts (Linux)."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return None
+    target = path.resolve()
+    best: tuple[int, str] | None = None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mount_point = Path(fields[1].replace("\\040", " "))
+        if target == mount_point or mount_point in target.parents:
+            depth = len(mount_point.parts)
+            if best is None or depth >= best[0]:
+                best = (depth, fields[2])
+    return best[1] if best else None
+
+
+def ensure_local_sqlite(url: str, mounts: str | None = None) -> None:
+    """Refuse a SQLite database on a network file system (its locks do not work there)."""
+    if not url.startswith("sqlite"):
+        return
+    database = make_url(url).database
+    if not database or database == ":memory:":
+        return
+    folder = Path(database).resolve().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    fstype = filesystem_type(folder, mounts)
+    if fstype in NETWORK_FILESYSTEMS or (fstype or "").startswith("nfs"):
+        raise ConfigError(
+            f"Expected the SQLite database on a local file system, found {fstype!r} at "
+            f"{folder}. SQLite locking is unsafe on network file systems: put the database "
+            "on a local disk or use PostgreSQL (--db postgresql+psycopg://...)."
+        )
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -1,0 +1,147 @@
+"""`cxrbatch watch` and `cxrbatch worker`: the long-running service, wired in one place.
+
+    watch:  ingest loop (this process)  +  N worker processes (models loaded once each)
+    worker: N worker processes only (extra hosts sharing one PostgreSQL queue and storage)
+
+SIGTERM or SIGINT drains: ingest stops taking files, every worker finishes the study in
+hand within `queue.drain_grace_seconds` or gives it back to the queue, then exits. A
+worker process that dies (killed, out of memory) is replaced; its job is recovered from
+the queue and counted as a failed attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from types import FrameType
+
+from cxrbatch import queue
+from cxrbatch.config import Settings
+from cxrbatch.db.session import ensure_local_sqlite, make_engine, session_factory, upgrade
+from cxrbatch.ingest.folder import FolderIngest
+from cxrbatch.ingest.spool import Spool
+from cxrbatch.paths import database_url, quarantine_dir, spool_dir
+
+log = logging.getLogger(__name__)
+
+_INGEST_TICK_SECONDS = 0.5
+
+
+class Service:
+    """Worker processes (and optionally the folder ingest) until a stop is requested."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        out_dir: Path,
+        workers: int,
+        input_dir: Path | None = None,
+    ) -> None:
+        self.settings = settings
+        self.out_dir = out_dir
+        self.workers = workers
+        self.input_dir = input_dir
+        self.stop_requested = threading.Event()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.url = database_url(settings, out_dir)
+        ensure_local_sqlite(self.url)
+        upgrade(self.url)
+        self.engine = make_engine(self.url)
+        self.sessions = session_factory(self.engine)
+        self._context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+        self._children: list[BaseProcess] = []
+
+    # -- signals --------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        log.info("%s received: draining", signal.Signals(signum).name)
+        self.stop_requested.set()
+
+    # -- running --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        policy = queue.RetryPolicy(
+            self.settings.queue.max_attempts,
+            self.settings.queue.backoff_base_seconds,
+            self.settings.queue.backoff_max_seconds,
+        )
+        recovered = queue.recover_stalled(self.sessions, policy)
+        if recovered:
+            log.warning("%d job(s) of a previous run recovered for retry", recovered)
+        ingest = self._start_ingest() if self.input_dir is not None else None
+        try:
+            for _ in range(self.workers):
+                self._spawn_worker()
+            while not self.stop_requested.is_set():
+                if ingest is not None:
+                    ingest.step()
+                self._replace_dead_workers()
+                self.stop_requested.wait(_INGEST_TICK_SECONDS)
+        finally:
+            if ingest is not None:
+                ingest.stop()
+            self._drain()
+            self.engine.dispose()
+
+    def _start_ingest(self) -> FolderIngest:
+        assert self.input_dir is not None
+        spool = Spool(
+            spool_dir(self.settings, self.out_dir),
+            self.sessions,
+            quarantine_dir(self.settings, self.out_dir),
+            mode=self.settings.ingest.mode,
+            study_stable_seconds=self.settings.ingest.study_stable_seconds,
+        )
+        spool.recover()
+        ingest = FolderIngest(self.input_dir, spool, self.settings.ingest)
+        ingest.start()
+        return ingest
+
+    def _spawn_worker(self) -> None:
+        from cxrbatch.worker import worker_process_main
+
+        threads = max(1, (os.cpu_count() or 1) // self.workers)
+        child = self._context.Process(
+            target=worker_process_main,
+            args=(self.settings, self.out_dir, self.url, threads, os.getpid()),
+            name="cxrbatch-worker",
+            daemon=False,
+        )
+        child.start()
+        self._children.append(child)
+        log.info("worker process %d started (%d CPU threads)", child.pid, threads)
+
+    def _replace_dead_workers(self) -> None:
+        for child in list(self._children):
+            if child.is_alive():
+                continue
+            self._children.remove(child)
+            log.error(
+                "worker process %d exited (code %s); starting another", child.pid, child.exitcode
+            )
+            self._spawn_worker()
+
+    def _drain(self) -> None:
+        grace = self.settings.queue.drain_grace_seconds
+        for child in self._children:
+            if child.is_alive() and child.pid is not None:
+                os.kill(child.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace + 15  # workers release their study at `grace`
+        for child in self._children:
+            child.join(max(0.0, deadline - time.monotonic()))
+            if child.is_alive():
+                log.error("worker process %d did not stop; killed", child.pid)
+                child.kill()
+                child.join(5)
+        self._children.clear()
+        log.info("all workers stopped")

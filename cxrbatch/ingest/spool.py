@@ -1,0 +1,212 @@
+"""Taking a complete file in: dedupe, spool, record the instance, queue its study.
+
+Every way in (the folder watcher now, a C-STORE receiver later) ends in `Spool.take`:
+
+    read the header (unreadable -> quarantine copy + rejected_files row)
+    same SOPInstanceUID and SHA-256 as a received instance -> duplicate, dropped, counted
+    same SOPInstanceUID, other content                     -> conflict, quarantined, recorded
+    else: into the spool (rename, or copy + fsync + rename across file systems), or left in
+          place in read-only mode; then one transaction records the instance and (re)queues
+          its study's job to run after the study's quiet period.
+
+The file is in the spool before its row exists; `recover` re-takes spool files without
+a row after a crash, so nothing received is lost.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from cxrbatch import queue
+from cxrbatch.db import models as tables
+from cxrbatch.dicom.discover import iter_files, read_header
+from cxrbatch.domain import InstanceHeader, RejectedFile
+from cxrbatch.paths import uid_path_component
+from cxrbatch.quarantine import record_rejected_files
+
+log = logging.getLogger(__name__)
+
+
+class Taken(enum.StrEnum):
+    """What became of one offered file."""
+
+    RECEIVED = "received"  # a new instance, recorded; its study queued
+    DUPLICATE = "duplicate"  # identical to a received instance; dropped and counted
+    CONFLICT = "conflict"  # same SOPInstanceUID, other content; quarantined and recorded
+    REJECTED = "rejected"  # not usable DICOM; quarantined and recorded
+    CHANGED = "changed"  # the file changed while it was taken; offered again later
+    GONE = "gone"  # the file disappeared before it could be taken
+
+
+class Spool:
+    def __init__(
+        self,
+        root: Path,
+        sessions: sessionmaker[Session],
+        quarantine_dir: Path,
+        *,
+        mode: str = "move",
+        study_stable_seconds: float = 60.0,
+    ) -> None:
+        self.root = root
+        self.sessions = sessions
+        self.quarantine_dir = quarantine_dir
+        self.mode = mode
+        self.study_stable_seconds = study_stable_seconds
+        root.mkdir(parents=True, exist_ok=True)
+
+    def take(self, path: Path) -> Taken:
+        """Take one complete file in. Never raises on bad input; OS errors propagate."""
+        if not path.exists():
+            return Taken.GONE
+        header = read_header(path)
+        if isinstance(header, RejectedFile):
+            self._reject(header)
+            return Taken.REJECTED
+        with self.sessions.begin() as session:
+            known = session.scalar(
+                select(tables.Instance).where(
+                    tables.Instance.sop_instance_uid == header.sop_instance_uid
+                )
+            )
+            if known is not None and known.path == str(path):
+                return Taken.DUPLICATE  # the spool file itself (recovery after a crash)
+            duplicate = known is not None and known.sha256 == header.sha256
+            if duplicate and known is not None:
+                known.duplicates += 1
+        if duplicate:
+            self._drop_source(path)
+            log.info("duplicate instance %s dropped", header.sop_instance_uid)
+            return Taken.DUPLICATE
+        if known is not None:
+            self._reject(
+                RejectedFile(
+                    path,
+                    "conflict: same SOPInstanceUID as a received instance with different content",
+                    header.sha256,
+                    study_instance_uid=header.study_instance_uid,
+                    sop_instance_uid=header.sop_instance_uid,
+                )
+            )
+            return Taken.CONFLICT
+        stored = self._store(path, header)
+        if stored is None:
+            return Taken.CHANGED
+        try:
+            with self.sessions.begin() as session:
+                session.add(
+                    tables.Instance(
+                        sop_instance_uid=header.sop_instance_uid,
+                        study_instance_uid=header.study_instance_uid,
+                        sha256=header.sha256,
+                        path=str(stored),
+                        source_path=str(path),
+                        size=stored.stat().st_size,
+                        duplicates=0,
+                    )
+                )
+                queue.enqueue_study(session, header.study_instance_uid, self.study_stable_seconds)
+        except IntegrityError:
+            # Taken at the same moment by another ingest: the same instance, already recorded.
+            return Taken.DUPLICATE
+        log.info(
+            "received instance %s of study %s", header.sop_instance_uid, header.study_instance_uid
+        )
+        return Taken.RECEIVED
+
+    def recover(self) -> int:
+        """Record spool files that a crash left without a row; returns how many."""
+        with self.sessions() as session:
+            known = set(session.scalars(select(tables.Instance.path)).all())
+        recovered = 0
+        for path in iter_files(self.root):
+            if path.name.startswith(".") and path.name.endswith(".tmp"):
+                path.unlink(missing_ok=True)  # a copy a crash interrupted; its source remains
+                continue
+            if str(path) not in known and self.take(path) is Taken.RECEIVED:
+                recovered += 1
+        if recovered:
+            log.warning("recovered %d spooled instance(s) left unrecorded by a crash", recovered)
+        return recovered
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _reject(self, rejected: RejectedFile) -> None:
+        with self.sessions() as session:
+            _, quarantined = record_rejected_files(session, [rejected], self.quarantine_dir)
+            session.commit()
+        log.info("rejected input file: %s", rejected.reason)
+        if quarantined:
+            self._drop_source(rejected.path)  # its copy is in the quarantine
+
+    def _drop_source(self, path: Path) -> None:
+        if self.mode == "move" and not _inside(self.root, path):
+            path.unlink(missing_ok=True)
+
+    def _store(self, path: Path, header: InstanceHeader) -> Path | None:
+        if self.mode == "read-only" or _inside(self.root, path):
+            return path
+        target = (
+            self.root
+            / uid_path_component(header.study_instance_uid)
+            / f"{uid_path_component(header.sop_instance_uid)}.dcm"
+        )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(path, target)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            if not _copy_verified(path, target, header.sha256):
+                return None
+            path.unlink(missing_ok=True)
+        _fsync_dir(target.parent)
+        return target
+
+
+def _inside(root: Path, path: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def _copy_verified(source: Path, target: Path, sha256: str) -> bool:
+    """Copy across file systems: temp file, fsync, hash check, rename. False if the source
+    changed since its header was read (it is then offered again later)."""
+    tmp = target.parent / f".{target.name}.tmp"
+    digest = hashlib.sha256()
+    try:
+        with source.open("rb") as reader, tmp.open("wb") as writer:
+            for block in iter(lambda: reader.read(1 << 20), b""):
+                digest.update(block)
+                writer.write(block)
+            writer.flush()
+            os.fsync(writer.fileno())
+        if digest.hexdigest() != sha256:
+            tmp.unlink(missing_ok=True)
+            log.info("file changed while it was copied; it will be offered again")
+            return False
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return True
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,470 @@
+"""Workers: claim a study -> pipeline.run -> record the outcome; graceful shutdown.
+
+`StudyProcessor` processes one study and records it (used by `cxrbatch process` and by
+the daemon). `QueueWorker` is the daemon's loop around it: claim a job from the SQL
+queue, keep its lease alive with heartbeats, record the outcome and close the job in one
+transaction, stop claiming when the disk runs low, and on SIGTERM finish the study in
+hand within a grace period or give it back to the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+import torch
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from cxrbatch import logs, pipeline, queue
+from cxrbatch.config import Settings
+from cxrbatch.db import models as tables
+from cxrbatch.db import repository
+from cxrbatch.db.session import make_engine, session_factory
+from cxrbatch.dicom.discover import read_header
+from cxrbatch.domain import (
+    InstanceHeader,
+    JobStatus,
+    OutcomeStatus,
+    RejectedFile,
+    StudyInput,
+    StudyResult,
+)
+from cxrbatch.errors import CxrBatchError
+from cxrbatch.paths import quarantine_dir, spool_dir
+from cxrbatch.quarantine import record_rejected_files
+
+log = logging.getLogger(__name__)
+
+# Called inside the transaction that records a study, with its current outcome row;
+# returning False rolls the record back (the job is no longer ours).
+OnRecord = Callable[[Session, tables.Outcome], bool]
+
+
+@dataclass(frozen=True)
+class StudyReport:
+    """What processing one study reports back (small enough to cross processes)."""
+
+    study_instance_uid: str
+    status: str  # an OutcomeStatus value, "unchanged", or "lost" (lease lost, not recorded)
+    reason: str | None = None
+    image_reasons: tuple[str, ...] = ()
+    quarantined: int = 0
+    images: int = 0
+    synthetic_model: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+    peak_rss_bytes: int = 0
+    peak_gpu_bytes: int = 0
+    worker_pid: int = 0
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def peak_gpu_bytes() -> int:
+    return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_initialized() else 0
+
+
+class StudyProcessor:
+    """Models loaded once and a database session factory; processes and records studies."""
+
+    def __init__(
+        self, settings: Settings, out_dir: Path, url: str, models: pipeline.Models | None = None
+    ) -> None:
+        self.settings = settings
+        self.out_dir = out_dir
+        self.engine = make_engine(url)
+        self.sessions: sessionmaker[Session] = session_factory(self.engine)
+        self.models = models if models is not None else pipeline.load_models(settings)
+        self.synthetic = any(m.synthetic_training_data for m in self.models.refs)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def process(
+        self, study: StudyInput, force: bool = False, on_record: OnRecord | None = None
+    ) -> StudyReport:
+        settings, models = self.settings, self.models
+        uid = study.study_instance_uid
+        fingerprint = pipeline.input_fingerprint(study, models, settings)
+        with self.sessions() as session:
+            current = repository.current_outcome(session, uid)
+            # Unchanged input, same models, outputs in place: nothing to do. Failed studies
+            # are always retried (the cause may have been transient: a full disk, a kill).
+            if (
+                not force
+                and current is not None
+                and current.status != OutcomeStatus.FAILED.value
+                and current.input_fingerprint == fingerprint
+                and _outputs_exist(current.outputs)
+            ):
+                if on_record is not None and not on_record(session, current):
+                    session.rollback()
+                    return StudyReport(uid, "lost", synthetic_model=self.synthetic)
+                session.commit()
+                log.info("study %s unchanged since its last outcome; skipped", uid)
+                return StudyReport(uid, "unchanged", synthetic_model=self.synthetic)
+        try:
+            result = pipeline.run(study, models, settings, self.out_dir)
+        except CxrBatchError as exc:  # e.g. an output that cannot be written (disk full)
+            log.error("study %s failed: %s", uid, exc)
+            result = _failed_result(study, str(exc), fingerprint, models)
+        except Exception as exc:  # one study must never stop the batch
+            log.exception("study %s failed", uid)
+            result = _failed_result(
+                study, f"internal error: {type(exc).__name__}: {exc}", fingerprint, models
+            )
+        quarantined = self._record(study, result, on_record)
+        if quarantined is None:
+            log.warning("study %s: the job was taken over while it ran; not recorded", uid)
+            return StudyReport(uid, "lost", synthetic_model=self.synthetic)
+        total = sum(result.timings.values())
+        log.info(
+            "study %s %s in %.2fs (%d image(s) processed, %d skipped, %d failed)",
+            uid,
+            result.status.value,
+            total,
+            len(result.images),
+            len(result.skipped),
+            len(result.failures),
+            extra={
+                "fields": {
+                    "event": "study_outcome",
+                    "study_instance_uid": uid,
+                    "status": result.status.value,
+                    "reason": result.reason,
+                    "images_processed": len(result.images),
+                    "images_skipped": len(result.skipped),
+                    "images_failed": len(result.failures),
+                    "triage": result.triage.value if result.triage else None,
+                    "seconds": round(total, 3),
+                    "timings": {k: round(v, 3) for k, v in result.timings.items()},
+                }
+            },
+        )
+        reasons = [s.reason for s in result.skipped] + [f.reason for f in result.failures]
+        if result.status is OutcomeStatus.FAILED and not result.failures and result.reason:
+            reasons.append(result.reason)  # a failure of the study as a whole
+        return StudyReport(
+            study_instance_uid=uid,
+            status=result.status.value,
+            reason=result.reason,
+            image_reasons=tuple(reasons),
+            quarantined=quarantined,
+            images=len(result.images),
+            synthetic_model=self.synthetic,
+            timings=dict(result.timings),
+            peak_rss_bytes=peak_rss_bytes(),
+            peak_gpu_bytes=peak_gpu_bytes(),
+            worker_pid=os.getpid(),
+        )
+
+    def _record(
+        self, study: StudyInput, result: StudyResult, on_record: OnRecord | None
+    ) -> int | None:
+        failures = [
+            RejectedFile(
+                f.instance.path,
+                f.reason,
+                f.instance.sha256,
+                study_instance_uid=study.study_instance_uid,
+                sop_instance_uid=f.instance.sop_instance_uid,
+            )
+            for f in result.failures
+        ]
+        with self.sessions() as session:
+            _, quarantined = record_rejected_files(
+                session, failures, quarantine_dir(self.settings, self.out_dir)
+            )
+            outcome = repository.record_study(session, result)
+            if on_record is not None and not on_record(session, outcome):
+                session.rollback()
+                return None
+            session.commit()
+        return quarantined
+
+
+def _failed_result(
+    study: StudyInput, reason: str, fingerprint: str, models: pipeline.Models
+) -> StudyResult:
+    return StudyResult(
+        study_instance_uid=study.study_instance_uid,
+        status=OutcomeStatus.FAILED,
+        reason=reason,
+        images=(),
+        skipped=(),
+        failures=(),
+        triage=None,
+        no_finding_score=None,
+        models=models.refs,
+        input_fingerprint=fingerprint,
+    )
+
+
+def _outputs_exist(outputs: dict[str, object]) -> bool:
+    paths: list[str] = []
+    seg = outputs.get("seg") or {}
+    if isinstance(seg, dict):
+        paths.extend(str(p) for p in seg.values())
+    for key in ("sr", "json"):
+        value = outputs.get(key)
+        if value:
+            paths.append(str(value))
+    return all(Path(p).is_file() for p in paths)
+
+
+# ---- the daemon's worker ----------------------------------------------------------------
+
+JOB_STATUS_OF_OUTCOME = {
+    OutcomeStatus.PROCESSED.value: JobStatus.DONE,
+    OutcomeStatus.INELIGIBLE.value: JobStatus.INELIGIBLE,
+    OutcomeStatus.FAILED.value: JobStatus.FAILED,
+}
+
+
+def retry_policy(settings: Settings) -> queue.RetryPolicy:
+    return queue.RetryPolicy(
+        settings.queue.max_attempts,
+        settings.queue.backoff_base_seconds,
+        settings.queue.backoff_max_seconds,
+    )
+
+
+def received_study(
+    session: Session, study_instance_uid: str
+) -> tuple[StudyInput, list[RejectedFile]]:
+    """The study as received so far (instances table), each file's header read again."""
+    rows = session.scalars(
+        select(tables.Instance)
+        .where(tables.Instance.study_instance_uid == study_instance_uid)
+        .order_by(tables.Instance.id)
+    ).all()
+    headers: list[InstanceHeader] = []
+    rejected: list[RejectedFile] = []
+    for row in rows:
+        header = read_header(Path(row.path))
+        if isinstance(header, RejectedFile):
+            rejected.append(header)
+        else:
+            headers.append(header)
+    return StudyInput(study_instance_uid, tuple(headers)), rejected
+
+
+def free_disk_mb(paths: list[Path]) -> float:
+    """The least free space (MiB) over the file systems holding `paths`."""
+    free: list[float] = []
+    for path in paths:
+        probe = path
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        free.append(shutil.disk_usage(probe).free / 2**20)
+    return min(free)
+
+
+class _Heartbeat:
+    """Renews a claim's lease every heartbeat_seconds while a study is processed."""
+
+    def __init__(
+        self, sessions: sessionmaker[Session], claimed: queue.Claim, settings: Settings
+    ) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(sessions, claimed, settings), daemon=True
+        )
+
+    def _run(
+        self, sessions: sessionmaker[Session], claimed: queue.Claim, settings: Settings
+    ) -> None:
+        interval = settings.queue.heartbeat_seconds
+        while not self._stop.wait(interval):
+            try:
+                if not queue.heartbeat(sessions, claimed, settings.queue.lease_seconds):
+                    log.warning("lease of study %s lost", claimed.study_instance_uid)
+                    return
+            except Exception as exc:  # the database may be briefly unreachable
+                log.warning("heartbeat failed: %s", exc)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class QueueWorker:
+    """One worker: claims jobs until stopped. Models are loaded once, at construction."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        out_dir: Path,
+        url: str,
+        models: pipeline.Models | None = None,
+        handle: Callable[[queue.Claim], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.out_dir = out_dir
+        self.processor = StudyProcessor(settings, out_dir, url, models)
+        self.sessions = self.processor.sessions
+        self.policy = retry_policy(settings)
+        self.owner = queue.new_owner()
+        self.stopping = threading.Event()
+        self.current: queue.Claim | None = None
+        self._lock = threading.Lock()
+        self._paused_for_disk = False
+        self._last_recovery = 0.0
+        self.processed = 0
+        self._handle = handle or self.process_claim
+
+    # -- shutdown ---------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self.request_stop(f"signal {signal.Signals(signum).name}")
+
+    def request_stop(self, why: str = "stop requested") -> None:
+        """Finish the study in hand within the drain grace, then give it back and exit."""
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        grace = self.settings.queue.drain_grace_seconds
+        log.info(
+            "worker %s stopping (%s): %.0fs grace for the study in hand", self.owner, why, grace
+        )
+        timer = threading.Timer(grace, self._abandon)
+        timer.daemon = True
+        timer.start()
+
+    def _abandon(self) -> None:
+        with self._lock:
+            claimed = self.current
+        if claimed is not None:
+            released = queue.release(self.sessions, claimed)
+            log.warning(
+                "grace period over: study %s %s for retry",
+                claimed.study_instance_uid,
+                "released" if released else "could not be released (lease already lost)",
+            )
+        logging.shutdown()
+        os._exit(0)  # the pipeline's writes are atomic; the next run removes temporaries
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self, *, parent_pid: int | None = None, until_idle: bool = False) -> int:
+        """Claim and process jobs until stopped (or, with until_idle, the queue is empty).
+
+        Returns the number of jobs this worker finished.
+        """
+        interval = self.settings.queue.poll_interval_seconds
+        try:
+            while not self.stopping.is_set():
+                if parent_pid is not None and os.getppid() != parent_pid:
+                    log.warning("parent process %d is gone; worker exits", parent_pid)
+                    break
+                self._recover_if_due()
+                if self._disk_low():
+                    self.stopping.wait(interval)
+                    continue
+                claimed = queue.claim(self.sessions, self.owner, self.settings.queue.lease_seconds)
+                if claimed is None:
+                    if until_idle and not self._work_pending():
+                        break
+                    self.stopping.wait(interval)
+                    continue
+                with self._lock:
+                    self.current = claimed
+                try:
+                    with _Heartbeat(self.sessions, claimed, self.settings):
+                        self._handle(claimed)
+                    self.processed += 1
+                finally:
+                    with self._lock:
+                        self.current = None
+        finally:
+            self.processor.close()
+        return self.processed
+
+    def process_claim(self, claimed: queue.Claim) -> None:
+        with self.sessions() as session:
+            study, missing = received_study(session, claimed.study_instance_uid)
+        if missing:
+            with self.sessions() as session:
+                record_rejected_files(session, missing, quarantine_dir(self.settings, self.out_dir))
+                session.commit()
+
+        def close_job(session: Session, outcome: tables.Outcome) -> bool:
+            status = JOB_STATUS_OF_OUTCOME[outcome.status]
+            error = outcome.reason if status is JobStatus.FAILED else None
+            closed = queue.finish(
+                session, claimed, status, self.policy, error=error, outcome_id=outcome.id
+            )
+            if closed is not None:
+                log.info(
+                    "job of study %s is %s (attempt %d)",
+                    claimed.study_instance_uid,
+                    closed.value,
+                    claimed.attempts,
+                    extra={
+                        "fields": {
+                            "event": "job_finished",
+                            "study_instance_uid": claimed.study_instance_uid,
+                            "job_status": closed.value,
+                            "attempt": claimed.attempts,
+                        }
+                    },
+                )
+            return closed is not None
+
+        self.processor.process(study, on_record=close_job)
+
+    def _recover_if_due(self) -> None:
+        now = time.monotonic()
+        if now - self._last_recovery >= self.settings.queue.lease_seconds / 2:
+            self._last_recovery = now
+            queue.recover_stalled(self.sessions, self.policy)
+
+    def _disk_low(self) -> bool:
+        watermark = self.settings.queue.min_free_disk_mb
+        free = free_disk_mb([self.out_dir, spool_dir(self.settings, self.out_dir)])
+        low = free < watermark
+        if low and not self._paused_for_disk:
+            log.warning(
+                "free disk %.0f MiB is under the watermark %.0f MiB: not claiming work",
+                free,
+                watermark,
+            )
+        elif not low and self._paused_for_disk:
+            log.info("free disk %.0f MiB: claiming work again", free)
+        self._paused_for_disk = low
+        return low
+
+    def _work_pending(self) -> bool:
+        with self.sessions() as session:
+            counted = queue.counts(session)
+        return counted[JobStatus.QUEUED.value] + counted[JobStatus.RUNNING.value] > 0
+
+
+def worker_process_main(
+    settings: Settings, out_dir: Path, url: str, threads: int, parent_pid: int | None
+) -> None:
+    """Entry point of a worker process (spawned by `cxrbatch watch` / `cxrbatch worker`)."""
+    logs.configure(settings.logging.level, settings.logging.format)
+    torch.set_num_threads(threads)
+    worker = QueueWorker(settings, out_dir, url)
+    worker.install_signal_handlers()
+    worker.run(parent_pid=parent_pid)

@@ -1,0 +1,199 @@
+"""`cxrbatch watch` as a hospital runs it: a real process on a real folder, killed with
+SIGKILL at random moments and restarted, then drained with SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cxrbatch.synthetic import write_studies
+
+CONFIG = """
+[segmentation]
+device = "cpu"
+[ingest]
+quiet_seconds = 0.5
+study_stable_seconds = 1.0
+reconcile_interval_seconds = 2.0
+[queue]
+lease_seconds = 15.0
+heartbeat_seconds = 2.0
+poll_interval_seconds = 0.2
+drain_grace_seconds = {grace}
+min_free_disk_mb = 0.0
+[logging]
+level = "INFO"
+format = "json"
+"""
+
+
+def _cxrbatch() -> list[str]:
+    return [sys.executable, "-m", "cxrbatch.cli"]
+
+
+class _Daemon:
+    def __init__(self, root: Path, grace: float = 30.0, workers: int = 2) -> None:
+        self.root = root
+        self.export = root / "export"
+        self.out = root / "out"
+        self.export.mkdir(parents=True, exist_ok=True)
+        self.config = root / "site.toml"
+        self.config.write_text(CONFIG.format(grace=grace))
+        self.workers = workers
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        log = (self.root / f"daemon-{self.starts}.log").open("wb")
+        self.process = subprocess.Popen(
+            [
+                *_cxrbatch(),
+                "watch",
+                str(self.export),
+                "--out",
+                str(self.out),
+                "--workers",
+                str(self.workers),
+                "--config",
+                str(self.config),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: the kill reaches the workers
+        )
+
+    def kill9(self) -> None:
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(30)
+
+    def terminate(self, timeout: float) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def query(self, sql: str) -> list[tuple[object, ...]]:
+        database = self.out / "cxrbatch.sqlite"
+        if not database.exists():
+            return []
+        with sqlite3.connect(database, timeout=30) as connection:
+            try:
+                return connection.execute(sql).fetchall()
+            except sqlite3.OperationalError:  # schema not created yet
+                return []
+
+    def jobs(self, status: str) -> int:
+        rows = self.query(f"SELECT count(*) FROM jobs WHERE status = '{status}'")
+        return int(rows[0][0]) if rows else 0  # type: ignore[call-overload]
+
+    def wait_for(self, condition: object, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if callable(condition) and condition():
+                return
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(f"daemon exited ({self.process.returncode}): {self.tail()}")
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {what}: {self.tail()}")
+
+    def tail(self) -> str:
+        logs = sorted(self.root.glob("daemon-*.log"))
+        return logs[-1].read_text()[-3000:] if logs else ""
+
+
+def _export(studies_dir: Path, export: Path, rng: random.Random) -> None:
+    """Files arrive as a PACS writes them: some renamed into place, some written directly."""
+    for index, path in enumerate(sorted(studies_dir.rglob("*.dcm"))):
+        target = export / f"{path.parent.name}" / f"IM{index:04d}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if rng.random() < 0.5:
+            staging = target.parent / f".{target.name}.tmp"
+            shutil.copyfile(path, staging)
+            os.rename(staging, target)
+        else:
+            shutil.copyfile(path, target)
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_then_restart_gives_exactly_one_outcome_each(
+    tmp_path: Path,
+) -> None:
+    seed = int(os.environ.get("CXRBATCH_KILL_SEED", random.randrange(1 << 30)))
+    rng = random.Random(seed)
+    print(f"kill test seed {seed} (CXRBATCH_KILL_SEED to repeat)")
+    studies = write_studies(tmp_path / "generated", 52, seed=31, size=(192, 192))
+    daemon = _Daemon(tmp_path)
+    daemon.start()
+    _export(tmp_path / "generated", daemon.export, rng)
+    kills = 0
+    for _ in range(3):
+        # Let it get going, then kill the whole process group at a random moment.
+        daemon.wait_for(lambda: daemon.jobs("running") + daemon.jobs("done") > 0, 120, "work")
+        time.sleep(rng.uniform(0.2, 4.0))
+        daemon.kill9()
+        kills += 1
+        if daemon.jobs("done") == len(studies):
+            break
+        daemon.start()
+    else:
+        pass
+    if daemon.process is None or daemon.process.poll() is not None:
+        daemon.start()
+    daemon.wait_for(lambda: daemon.jobs("done") == len(studies), 300, "all studies done")
+    assert daemon.terminate(timeout=60) == 0
+    assert kills >= 1
+
+    # Exactly one current outcome per study, all processed; nothing running or lost.
+    current = daemon.query(
+        "SELECT s.study_instance_uid, count(*) FROM outcomes o JOIN studies s "
+        "ON s.id = o.study_id WHERE o.is_current GROUP BY s.study_instance_uid"
+    )
+    assert sorted(uid for uid, _ in current) == sorted(s.study_instance_uid for s in studies)
+    assert {n for _, n in current} == {1}
+    assert daemon.query("SELECT DISTINCT status FROM outcomes WHERE is_current") == [
+        ("processed",)
+    ]
+    assert daemon.jobs("running") == 0 and daemon.jobs("queued") == 0
+    assert daemon.query("SELECT count(*) FROM instances") == [(len(studies),)]
+    # One set of outputs per study, no temporaries anywhere, the export folder emptied.
+    study_dirs = [p for p in daemon.out.iterdir() if p.is_dir() and not p.name.startswith("_")]
+    assert len(study_dirs) == len(studies)
+    for folder in study_dirs:
+        names = sorted(p.name for p in folder.iterdir())
+        assert len(names) == 3 and names[0].startswith("result") and names[2] == "sr.dcm", names
+    assert not [p for p in daemon.out.rglob("*") if p.name.endswith(".tmp")]
+    assert not [p for p in daemon.export.rglob("*") if p.is_file()]
+
+
+@pytest.mark.slow
+def test_sigterm_drains_the_study_in_hand_or_releases_it_after_the_grace(
+    tmp_path: Path,
+) -> None:
+    write_studies(tmp_path / "generated", 4, seed=32, size=(768, 768))
+    # Long grace: the study in hand finishes, the rest stay queued, exit code 0.
+    daemon = _Daemon(tmp_path / "long", grace=60.0, workers=1)
+    _export(tmp_path / "generated", daemon.export, random.Random(1))
+    daemon.start()
+    daemon.wait_for(lambda: daemon.jobs("running") == 1, 120, "a running job")
+    assert daemon.terminate(timeout=90) == 0
+    assert daemon.jobs("running") == 0
+    assert daemon.jobs("done") == 1 and daemon.jobs("queued") == 3
+    # No grace: the study in hand is given back at once, its attempt not counted.
+    daemon = _Daemon(tmp_path / "none", grace=0.0, workers=1)
+    _export(tmp_path / "generated", daemon.export, random.Random(2))
+    daemon.start()
+    daemon.wait_for(lambda: daemon.jobs("running") == 1, 120, "a running job")
+    assert daemon.terminate(timeout=60) == 0
+    assert daemon.jobs("running") == 0 and daemon.jobs("queued") == 4 - daemon.jobs("done")
+    assert daemon.query("SELECT max(attempts) FROM jobs WHERE status = 'queued'") == [(0,)]
