@@ -171,6 +171,8 @@ def _serve(settings: Settings, out: Path, workers: int, input_dir: Path | None) 
         raise _fail(f"cannot use the output folder: {exc}") from exc
     service.install_signal_handlers()
     service.run()
+    if service.exit_code:
+        raise typer.Exit(code=service.exit_code)
 
 
 WorkersOption = Annotated[

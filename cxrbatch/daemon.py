@@ -56,6 +56,11 @@ class Service:
         self.sessions = session_factory(self.engine)
         self._context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         self._children: list[BaseProcess] = []
+        self._started_at: dict[int, float] = {}
+        self._quick_deaths = 0
+        self._respawn_after = 0.0
+        # 0, or 2 when the service stopped because its workers cannot start.
+        self.exit_code = 0
 
     # -- signals --------------------------------------------------------------------------
 
@@ -119,16 +124,36 @@ class Service:
         )
         child.start()
         self._children.append(child)
+        self._started_at[id(child)] = time.monotonic()
         log.info("worker process %d started (%d CPU threads)", child.pid, threads)
 
     def _replace_dead_workers(self) -> None:
+        """Replace workers that died; stop the service if they cannot start at all."""
+        from cxrbatch.worker import EXIT_CANNOT_START
+
+        now = time.monotonic()
         for child in list(self._children):
             if child.is_alive():
                 continue
             self._children.remove(child)
+            lived = now - self._started_at.pop(id(child), now)
+            if child.exitcode == EXIT_CANNOT_START:
+                log.error("a worker cannot start (see its error above); the service stops")
+                self.exit_code = 2
+                self.stop_requested.set()
+                return
+            # A worker that keeps dying young is restarted ever more slowly (up to 5 min).
+            self._quick_deaths = self._quick_deaths + 1 if lived < 60 else 0
+            delay = min(300.0, 2.0**self._quick_deaths) if self._quick_deaths else 0.0
+            self._respawn_after = max(self._respawn_after, now + delay)
             log.error(
-                "worker process %d exited (code %s); starting another", child.pid, child.exitcode
+                "worker process %d exited (code %s) after %.0f s; another starts in %.0f s",
+                child.pid,
+                child.exitcode,
+                lived,
+                delay,
             )
+        while len(self._children) < self.workers and now >= self._respawn_after:
             self._spawn_worker()
 
     def _drain(self) -> None:

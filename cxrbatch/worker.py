@@ -459,12 +459,21 @@ class QueueWorker:
         return counted[JobStatus.QUEUED.value] + counted[JobStatus.RUNNING.value] > 0
 
 
+# Exit status of a worker process that cannot start (a model that cannot be loaded, a
+# configuration error): restarting it would fail the same way.
+EXIT_CANNOT_START = 3
+
+
 def worker_process_main(
     settings: Settings, out_dir: Path, url: str, threads: int, parent_pid: int | None
 ) -> None:
     """Entry point of a worker process (spawned by `cxrbatch watch` / `cxrbatch worker`)."""
     logs.configure(settings.logging.level, settings.logging.format)
     torch.set_num_threads(threads)
-    worker = QueueWorker(settings, out_dir, url)
+    try:
+        worker = QueueWorker(settings, out_dir, url)
+    except CxrBatchError as exc:
+        log.error("worker cannot start: %s", exc)
+        raise SystemExit(EXIT_CANNOT_START) from exc
     worker.install_signal_handlers()
     worker.run(parent_pid=parent_pid)

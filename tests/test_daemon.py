@@ -197,3 +197,21 @@ def test_sigterm_drains_the_study_in_hand_or_releases_it_after_the_grace(
     assert daemon.terminate(timeout=60) == 0
     assert daemon.jobs("running") == 0 and daemon.jobs("queued") == 4 - daemon.jobs("done")
     assert daemon.query("SELECT max(attempts) FROM jobs WHERE status = 'queued'") == [(0,)]
+
+
+def test_watch_stops_with_exit_2_when_its_workers_cannot_load_the_model(
+    tmp_path: Path,
+) -> None:
+    daemon = _Daemon(tmp_path, workers=1)
+    daemon.config.write_text(
+        daemon.config.read_text().replace(
+            '[segmentation]\ndevice = "cpu"',
+            '[segmentation]\ndevice = "cpu"\nbackend = "medsam-vitb"\n'
+            f'medsam_checkpoint = "{tmp_path / "missing.pth"}"',
+        )
+    )
+    daemon.start()
+    assert daemon.process is not None
+    assert daemon.process.wait(120) == 2
+    log = daemon.tail()
+    assert "worker cannot start" in log and "missing.pth" in log
