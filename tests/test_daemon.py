@@ -161,9 +161,7 @@ def test_kill_9_at_random_moments_then_restart_gives_exactly_one_outcome_each(
     )
     assert sorted(uid for uid, _ in current) == sorted(s.study_instance_uid for s in studies)
     assert {n for _, n in current} == {1}
-    assert daemon.query("SELECT DISTINCT status FROM outcomes WHERE is_current") == [
-        ("processed",)
-    ]
+    assert daemon.query("SELECT DISTINCT status FROM outcomes WHERE is_current") == [("processed",)]
     assert daemon.jobs("running") == 0 and daemon.jobs("queued") == 0
     assert daemon.query("SELECT count(*) FROM instances") == [(len(studies),)]
     # One set of outputs per study, no temporaries anywhere, the export folder emptied.
