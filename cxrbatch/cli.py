@@ -25,14 +25,14 @@ import json
 import logging
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -54,6 +54,7 @@ app.add_typer(jobs_app, name="jobs")
 console = Console(stderr=True)
 out_console = Console()
 log = logging.getLogger("cxrbatch.cli")
+T = TypeVar("T")
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", help="Site config (TOML).")]
 DbOption = Annotated[
@@ -207,17 +208,32 @@ def worker(
     _serve(settings, out, workers, None)
 
 
-def _open_database(settings: Settings, out: Path | None) -> tuple[Engine, sessionmaker[Session]]:
-    """The results database of --db URL (or the config), or of the output folder --out."""
+def _with_database(
+    config: Path | None,
+    db: str | None,
+    out: Path | None,
+    work: Callable[[sessionmaker[Session]], T],
+) -> T:
+    """Run `work` against the results database of --db URL (or the config), or of the output
+    folder --out; configuration and database errors become a clear message and exit 2."""
     from cxrbatch.db.session import make_engine, session_factory, upgrade
     from cxrbatch.paths import database_url
 
-    if not settings.database.url and out is None:
-        raise _fail("give --out OUT or --db URL")
-    url = database_url(settings, out or Path("."))
-    upgrade(url)
-    engine = make_engine(url)
-    return engine, session_factory(engine)
+    try:
+        settings = _settings(config, db)
+        if not settings.database.url and out is None:
+            raise _fail("give --out OUT or --db URL")
+        url = database_url(settings, out or Path("."))
+        upgrade(url)
+        engine = make_engine(url)
+        try:
+            return work(session_factory(engine))
+        finally:
+            engine.dispose()
+    except CxrBatchError as exc:
+        raise _fail(str(exc)) from exc
+    except SQLAlchemyError as exc:
+        raise _fail(_database_error(exc)) from exc
 
 
 def _utc(value: dt.datetime | None) -> dt.datetime | None:
@@ -281,24 +297,20 @@ def results(
     """List the current outcome of every study (filters combine with AND)."""
     from cxrbatch.db import repository
 
-    try:
-        settings = _settings(config, db)
-        engine, sessions = _open_database(settings, out)
-        where = repository.OutcomeFilter(
-            since=_utc(since),
-            until=_utc(until),
-            status=status.value if status else None,
-            triage=triage.value if triage else None,
-            label=label,
-            min_probability=min_probability if label else None,
-        )
+    where = repository.OutcomeFilter(
+        since=_utc(since),
+        until=_utc(until),
+        status=status.value if status else None,
+        triage=triage.value if triage else None,
+        label=label,
+        min_probability=min_probability if label else None,
+    )
+
+    def query(sessions: sessionmaker[Session]) -> list[dict[str, object]]:
         with sessions() as session:
-            rows = [repository.outcome_row(o) for o in repository.current_outcomes(session, where)]
-        engine.dispose()
-    except CxrBatchError as exc:
-        raise _fail(str(exc)) from exc
-    except SQLAlchemyError as exc:
-        raise _fail(_database_error(exc)) from exc
+            return [repository.outcome_row(o) for o in repository.current_outcomes(session, where)]
+
+    rows = _with_database(config, db, out, query)
     _print_rows(
         rows,
         fmt,
@@ -318,19 +330,14 @@ def worklist(
     """Processed studies in screening order: abnormal first, by No Finding score."""
     from cxrbatch.db import repository
 
-    try:
-        settings = _settings(config, db)
-        engine, sessions = _open_database(settings, out)
+    def query(sessions: sessionmaker[Session]) -> list[dict[str, object]]:
         with sessions() as session:
-            rows = [
+            return [
                 {"rank": rank, **repository.outcome_row(o)}
                 for rank, o in enumerate(repository.worklist(session), start=1)
             ]
-        engine.dispose()
-    except CxrBatchError as exc:
-        raise _fail(str(exc)) from exc
-    except SQLAlchemyError as exc:
-        raise _fail(_database_error(exc)) from exc
+
+    rows = _with_database(config, db, out, query)
     _print_rows(
         rows,
         fmt,
@@ -359,12 +366,10 @@ def status(
     from cxrbatch import queue
     from cxrbatch.db import repository
 
-    try:
-        settings = _settings(config, db)
-        engine, sessions = _open_database(settings, out)
+    def query(sessions: sessionmaker[Session]) -> dict[str, Any]:
         now = dt.datetime.now(dt.UTC)
         with sessions() as session:
-            report = {
+            return {
                 "jobs": queue.counts(session),
                 "finished_last_hour": repository.finished_since(
                     session, now - dt.timedelta(hours=1)
@@ -385,18 +390,15 @@ def status(
                     for j in repository.dead_jobs(session)
                 ],
             }
-        engine.dispose()
-    except CxrBatchError as exc:
-        raise _fail(str(exc)) from exc
-    except SQLAlchemyError as exc:
-        raise _fail(_database_error(exc)) from exc
+
+    report = _with_database(config, db, out, query)
     if fmt == "json":
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
         return
     table = Table(title="queue")
     table.add_column("jobs")
     table.add_column("count", justify="right")
-    for name, count in report["jobs"].items():  # type: ignore[attr-defined]
+    for name, count in report["jobs"].items():
         table.add_row(name, str(count))
     table.add_row("finished in the last hour", str(report["finished_last_hour"]))
     table.add_row("finished in the last 24 h", str(report["finished_last_24h"]))
@@ -405,9 +407,9 @@ def status(
         items = report[key]
         if items:
             detail = Table(title=title)
-            for column in items[0]:  # type: ignore[index]
+            for column in items[0]:
                 detail.add_column(column)
-            for item in items:  # type: ignore[attr-defined]
+            for item in items:
                 detail.add_row(*(_cell(v) for v in item.values()))
             out_console.print(detail)
 
@@ -424,15 +426,9 @@ def jobs_retry(
     """Queue dead jobs again with fresh attempts."""
     from cxrbatch import queue
 
-    try:
-        settings = _settings(config, db)
-        engine, sessions = _open_database(settings, out)
-        count = queue.retry_dead(sessions, study_instance_uids or None)
-        engine.dispose()
-    except CxrBatchError as exc:
-        raise _fail(str(exc)) from exc
-    except SQLAlchemyError as exc:
-        raise _fail(_database_error(exc)) from exc
+    count = _with_database(
+        config, db, out, lambda sessions: queue.retry_dead(sessions, study_instance_uids or None)
+    )
     out_console.print(f"{count} dead job(s) queued again")
 
 

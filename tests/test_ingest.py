@@ -380,40 +380,17 @@ def test_cli_queries_filters_worklist_status_and_retry(
             app, ["results", "--out", str(out), "--format", "json", "--triage", triage]
         )
         assert {r["triage"] for r in json.loads(subset.stdout)} == {triage}
-    none = runner.invoke(
-        app, ["results", "--out", str(out), "--format", "json", "--since", "2999-01-01"]
-    )
-    assert json.loads(none.stdout) == []
-    high = runner.invoke(
-        app,
-        [
-            "results",
-            "--out",
-            str(out),
-            "--format",
-            "json",
-            "--label",
-            "Mass",
-            "--min-probability",
-            "0",
-        ],
-    )
-    assert len(json.loads(high.stdout)) == 3
-    impossible = runner.invoke(
-        app,
-        [
-            "results",
-            "--out",
-            str(out),
-            "--format",
-            "json",
-            "--label",
-            "Mass",
-            "--min-probability",
-            "1",
-        ],
-    )
-    assert json.loads(impossible.stdout) == []
+
+    def results(*filters: str) -> list[dict[str, Any]]:
+        invoked = runner.invoke(app, ["results", "--out", str(out), "--format", "json", *filters])
+        assert invoked.exit_code == 0, invoked.output
+        return list(json.loads(invoked.stdout))
+
+    assert results("--since", "2999-01-01") == []
+    assert len(results("--until", "2999-01-01")) == 3
+    assert len(results("--label", "Mass", "--min-probability", "0")) == 3
+    assert results("--label", "Mass", "--min-probability", "1") == []
+    assert results("--status", "failed") == []
     ranked = json.loads(
         runner.invoke(app, ["worklist", "--out", str(out), "--format", "json"]).stdout
     )
