@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,12 @@ class _Daemon:
             start_new_session=True,  # its own process group: the kill reaches the workers
         )
 
+    def cleanup(self) -> None:
+        """Never leave a daemon behind, whatever the test's outcome."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(30)
+
     def kill9(self) -> None:
         assert self.process is not None
         os.killpg(self.process.pid, signal.SIGKILL)
@@ -112,6 +119,14 @@ class _Daemon:
         return logs[-1].read_text()[-3000:] if logs else ""
 
 
+@pytest.fixture()
+def daemons() -> Iterator[list[_Daemon]]:
+    started: list[_Daemon] = []
+    yield started
+    for daemon in started:
+        daemon.cleanup()
+
+
 def _export(studies_dir: Path, export: Path, rng: random.Random) -> None:
     """Files arrive as a PACS writes them: some renamed into place, some written directly."""
     for index, path in enumerate(sorted(studies_dir.rglob("*.dcm"))):
@@ -127,13 +142,14 @@ def _export(studies_dir: Path, export: Path, rng: random.Random) -> None:
 
 @pytest.mark.slow
 def test_kill_9_at_random_moments_then_restart_gives_exactly_one_outcome_each(
-    tmp_path: Path,
+    tmp_path: Path, daemons: list[_Daemon]
 ) -> None:
     seed = int(os.environ.get("CXRBATCH_KILL_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
     print(f"kill test seed {seed} (CXRBATCH_KILL_SEED to repeat)")
     studies = write_studies(tmp_path / "generated", 52, seed=31, size=(192, 192))
     daemon = _Daemon(tmp_path)
+    daemons.append(daemon)
     daemon.start()
     _export(tmp_path / "generated", daemon.export, rng)
     kills = 0
@@ -146,8 +162,6 @@ def test_kill_9_at_random_moments_then_restart_gives_exactly_one_outcome_each(
         if daemon.jobs("done") == len(studies):
             break
         daemon.start()
-    else:
-        pass
     if daemon.process is None or daemon.process.poll() is not None:
         daemon.start()
     daemon.wait_for(lambda: daemon.jobs("done") == len(studies), 300, "all studies done")
@@ -176,11 +190,12 @@ def test_kill_9_at_random_moments_then_restart_gives_exactly_one_outcome_each(
 
 @pytest.mark.slow
 def test_sigterm_drains_the_study_in_hand_or_releases_it_after_the_grace(
-    tmp_path: Path,
+    tmp_path: Path, daemons: list[_Daemon]
 ) -> None:
     write_studies(tmp_path / "generated", 4, seed=32, size=(768, 768))
     # Long grace: the study in hand finishes, the rest stay queued, exit code 0.
     daemon = _Daemon(tmp_path / "long", grace=60.0, workers=1)
+    daemons.append(daemon)
     _export(tmp_path / "generated", daemon.export, random.Random(1))
     daemon.start()
     daemon.wait_for(lambda: daemon.jobs("running") == 1, 120, "a running job")
@@ -189,6 +204,7 @@ def test_sigterm_drains_the_study_in_hand_or_releases_it_after_the_grace(
     assert daemon.jobs("done") == 1 and daemon.jobs("queued") == 3
     # No grace: the study in hand is given back at once, its attempt not counted.
     daemon = _Daemon(tmp_path / "none", grace=0.0, workers=1)
+    daemons.append(daemon)
     _export(tmp_path / "generated", daemon.export, random.Random(2))
     daemon.start()
     daemon.wait_for(lambda: daemon.jobs("running") == 1, 120, "a running job")
@@ -198,9 +214,10 @@ def test_sigterm_drains_the_study_in_hand_or_releases_it_after_the_grace(
 
 
 def test_watch_stops_with_exit_2_when_its_workers_cannot_load_the_model(
-    tmp_path: Path,
+    tmp_path: Path, daemons: list[_Daemon]
 ) -> None:
     daemon = _Daemon(tmp_path, workers=1)
+    daemons.append(daemon)
     daemon.config.write_text(
         daemon.config.read_text().replace(
             '[segmentation]\ndevice = "cpu"',
