@@ -1,9 +1,9 @@
 """GPU path check: the same studies on CPU and on CUDA, results compared, stages timed.
 
-    python bench/gpu_check.py --studies 16 --size 2048 [--real FILE.dcm] [--report out.json]
+    python -m bench.gpu_check --studies 16 --size 2048 [--real FILE.dcm] [--report out.json]
 
-Builds random-weight bundles (ResNet50 M-15 classifier, DenseNet121 M-50 screening, 512 px)
-so the classifier stage costs what a real one would; their scores mean nothing.
+Builds the harness's random-weight bundles (ResNet50 M-15 classifier, DenseNet121 M-50
+screening, 512 px) so the classifier stage costs what a real one would; their scores mean nothing.
 Prints per-stage seconds per study on each device, mask Dice and probability differences
 between CPU and GPU.
 """
@@ -20,30 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.harness import make_bundles
 from cxrbatch import logs, pipeline
 from cxrbatch.config import load_settings
 from cxrbatch.dicom.discover import discover
-from cxrbatch.models.bundle import BundleSpec, Screening, TrainingData, build_network, save_bundle
 from cxrbatch.synthetic import write_studies
-
-
-def make_bundles(root: Path) -> dict[str, str]:
-    torch.manual_seed(0)
-    paths = {}
-    for role, arch, mode, screening in (
-        ("bundle", "resnet50", "M-15", None),
-        ("screening_bundle", "densenet121", "M-50", 0.5),
-    ):
-        spec = BundleSpec(
-            architecture=arch,
-            input_size=512,
-            mask_mode=mode,
-            screening=Screening(no_finding_threshold=screening) if screening else None,
-            training_data=TrainingData(description="random weights, timing only", synthetic=True),
-        )
-        save_bundle(root / role, build_network(arch, 5), f"timing-{arch}", "0", spec, "timing")
-        paths[role] = str(root / role)
-    return paths
 
 
 def run_all(device: str, folder: Path, out: Path, bundles: dict[str, str]):

@@ -75,11 +75,7 @@ class Service:
     # -- running --------------------------------------------------------------------------
 
     def run(self) -> None:
-        policy = queue.RetryPolicy(
-            self.settings.queue.max_attempts,
-            self.settings.queue.backoff_base_seconds,
-            self.settings.queue.backoff_max_seconds,
-        )
+        policy = queue.RetryPolicy.from_settings(self.settings.queue)
         recovered = queue.recover_stalled(self.sessions, policy)
         if recovered:
             log.warning("%d job(s) of a previous run recovered for retry", recovered)

@@ -29,13 +29,18 @@ def uid_path_component(uid: str) -> str:
     return f"invalid_{cleaned}_{digest}" if cleaned else f"invalid_{digest}"
 
 
-def inside(root: Path, candidate: Path) -> Path:
-    """Return `candidate` resolved, raising ValueError if it escapes `root`."""
+def is_inside(root: Path, candidate: Path) -> bool:
+    """Whether `candidate`, symbolic links resolved, is `root` or below it."""
     root_resolved = root.resolve()
     resolved = candidate.resolve()
-    if resolved != root_resolved and root_resolved not in resolved.parents:
-        raise ValueError(f"Expected a path inside {root_resolved}, found {resolved}.")
-    return resolved
+    return resolved == root_resolved or root_resolved in resolved.parents
+
+
+def inside(root: Path, candidate: Path) -> Path:
+    """Return `candidate` resolved, raising ValueError if it escapes `root`."""
+    if not is_inside(root, candidate):
+        raise ValueError(f"Expected a path inside {root.resolve()}, found {candidate.resolve()}.")
+    return candidate.resolve()
 
 
 # ---- where cxrbatch keeps things under the output folder ---------------------------------

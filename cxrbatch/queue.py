@@ -16,12 +16,16 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from cxrbatch.db.models import Job, utcnow
 from cxrbatch.domain import JobStatus
+
+if TYPE_CHECKING:
+    from cxrbatch.config import QueueSettings
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,12 @@ class RetryPolicy:
     max_attempts: int = 5
     backoff_base_seconds: float = 30.0
     backoff_max_seconds: float = 3600.0
+
+    @classmethod
+    def from_settings(cls, settings: QueueSettings) -> RetryPolicy:
+        return cls(
+            settings.max_attempts, settings.backoff_base_seconds, settings.backoff_max_seconds
+        )
 
     def backoff(self, attempts: int) -> dt.timedelta:
         """Delay before the next attempt after `attempts` failed ones: base * 2^(n-1)."""

@@ -232,14 +232,6 @@ JOB_STATUS_OF_OUTCOME = {
 }
 
 
-def retry_policy(settings: Settings) -> queue.RetryPolicy:
-    return queue.RetryPolicy(
-        settings.queue.max_attempts,
-        settings.queue.backoff_base_seconds,
-        settings.queue.backoff_max_seconds,
-    )
-
-
 def received_study(
     session: Session, study_instance_uid: str
 ) -> tuple[StudyInput, list[RejectedFile]]:
@@ -312,13 +304,12 @@ class QueueWorker:
         out_dir: Path,
         url: str,
         models: pipeline.Models | None = None,
-        handle: Callable[[queue.Claim], None] | None = None,
     ) -> None:
         self.settings = settings
         self.out_dir = out_dir
         self.processor = StudyProcessor(settings, out_dir, url, models)
         self.sessions = self.processor.sessions
-        self.policy = retry_policy(settings)
+        self.policy = queue.RetryPolicy.from_settings(settings.queue)
         self.owner = queue.new_owner()
         self.stopping = threading.Event()
         self.current: queue.Claim | None = None
@@ -326,7 +317,6 @@ class QueueWorker:
         self._paused_for_disk = False
         self._last_recovery = 0.0
         self.processed = 0
-        self._handle = handle or self.process_claim
 
     # -- shutdown ---------------------------------------------------------------------------
 
@@ -390,7 +380,7 @@ class QueueWorker:
                     self.current = claimed
                 try:
                     with _Heartbeat(self.sessions, claimed, self.settings):
-                        self._handle(claimed)
+                        self.process_claim(claimed)
                     self.processed += 1
                 finally:
                     with self._lock:
@@ -402,10 +392,8 @@ class QueueWorker:
     def process_claim(self, claimed: queue.Claim) -> None:
         with self.sessions() as session:
             study, missing = received_study(session, claimed.study_instance_uid)
-        if missing:
-            with self.sessions() as session:
-                record_rejected_files(session, missing, quarantine_dir(self.settings, self.out_dir))
-                session.commit()
+            record_rejected_files(session, missing, quarantine_dir(self.settings, self.out_dir))
+            session.commit()
 
         def close_job(session: Session, outcome: tables.Outcome) -> bool:
             status = JOB_STATUS_OF_OUTCOME[outcome.status]

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy import select
 from watchdog.events import (
     DirMovedEvent,
     FileClosedEvent,
@@ -32,6 +33,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from cxrbatch.config import IngestSettings
+from cxrbatch.db import models as tables
 from cxrbatch.dicom.discover import iter_files
 from cxrbatch.ingest.spool import Spool, Taken
 
@@ -184,10 +186,6 @@ class FolderIngest:
 
     def _known_sources(self) -> dict[str, tuple[int, int]]:
         """Read-only mode after a restart: files already taken are not taken again."""
-        from sqlalchemy import select
-
-        from cxrbatch.db import models as tables
-
         known: dict[str, tuple[int, int]] = {}
         with self.spool.sessions() as session:
             paths = list(session.scalars(select(tables.Instance.source_path)))

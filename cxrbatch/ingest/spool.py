@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 from pathlib import Path
+from typing import IO
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -30,7 +31,8 @@ from cxrbatch import queue
 from cxrbatch.db import models as tables
 from cxrbatch.dicom.discover import iter_files, read_header
 from cxrbatch.domain import InstanceHeader, RejectedFile
-from cxrbatch.paths import uid_path_component
+from cxrbatch.files import atomic_write
+from cxrbatch.paths import is_inside, uid_path_component
 from cxrbatch.quarantine import record_rejected_files
 
 log = logging.getLogger(__name__)
@@ -149,11 +151,11 @@ class Spool:
             self._drop_source(rejected.path)  # its copy is in the quarantine
 
     def _drop_source(self, path: Path) -> None:
-        if self.mode == "move" and not _inside(self.root, path):
+        if self.mode == "move" and not is_inside(self.root, path):
             path.unlink(missing_ok=True)
 
     def _store(self, path: Path, header: InstanceHeader) -> Path | None:
-        if self.mode == "read-only" or _inside(self.root, path):
+        if self.mode == "read-only" or is_inside(self.root, path):
             return path
         target = (
             self.root
@@ -173,34 +175,29 @@ class Spool:
         return target
 
 
-def _inside(root: Path, path: Path) -> bool:
-    try:
-        path.resolve().relative_to(root.resolve())
-    except ValueError:
-        return False
-    return True
+class _SourceChanged(Exception):
+    """The file differs from the one whose header was read: the copy is abandoned."""
 
 
 def _copy_verified(source: Path, target: Path, sha256: str) -> bool:
-    """Copy across file systems: temp file, fsync, hash check, rename. False if the source
-    changed since its header was read (it is then offered again later)."""
-    tmp = target.parent / f".{target.name}.tmp"
-    digest = hashlib.sha256()
-    try:
-        with source.open("rb") as reader, tmp.open("wb") as writer:
+    """Copy across file systems through `atomic_write` (temporary file, fsync, rename),
+    checking the hash before the rename. False if the source changed since its header was
+    read (it is then offered again later)."""
+
+    def copy(writer: IO[bytes]) -> None:
+        digest = hashlib.sha256()
+        with source.open("rb") as reader:
             for block in iter(lambda: reader.read(1 << 20), b""):
                 digest.update(block)
                 writer.write(block)
-            writer.flush()
-            os.fsync(writer.fileno())
         if digest.hexdigest() != sha256:
-            tmp.unlink(missing_ok=True)
-            log.info("file changed while it was copied; it will be offered again")
-            return False
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+            raise _SourceChanged
+
+    try:
+        atomic_write(target, copy)
+    except _SourceChanged:
+        log.info("file changed while it was copied; it will be offered again")
+        return False
     return True
 
 
