@@ -157,6 +157,36 @@ def test_renamed_in_file_is_taken_at_once(tmp_path: Path, phantom_bytes: bytes) 
     assert site.count(tables.Instance) == 1  # long before the hour of quiet time
 
 
+def test_a_file_that_cannot_be_taken_does_not_stop_the_ingest(
+    tmp_path: Path,
+    phantom_bytes: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    site = _Site(tmp_path, _settings(quiet_seconds=0.0, reconcile_interval_seconds=3600.0))
+    blocked = site.input / "PATIENT^NAME.dcm"
+    blocked.write_bytes(phantom_bytes)
+    other = write_study(tmp_path / "gen", 1, seed=24, size=(256, 256)).path
+    shutil.copyfile(other, site.input / "IM2")
+    take = Spool.take
+    failures = iter([True])  # the first take of the blocked file fails, as on EACCES
+
+    def flaky(self: Spool, path: Path) -> Taken:
+        if path == blocked and next(failures, False):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return take(self, path)
+
+    monkeypatch.setattr(Spool, "take", flaky)
+    site.ingest.step()  # raises nothing; the other file is taken
+    assert site.ingest.counts["error"] == 1 and site.ingest.counts["received"] == 1
+    assert blocked.exists() and site.ingest.pending() == 1
+    assert any("Permission denied" in r.getMessage() for r in caplog.records)
+    assert not any("PATIENT" in r.getMessage() for r in caplog.records)
+    site.ingest.step()  # tried again: taken
+    assert site.ingest.counts["received"] == 2 and not blocked.exists()
+
+
 def test_duplicates_are_dropped_and_conflicts_kept_in_quarantine(
     tmp_path: Path, phantom_bytes: bytes
 ) -> None:

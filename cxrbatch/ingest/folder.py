@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 from watchdog.events import (
     DirMovedEvent,
     FileClosedEvent,
@@ -35,6 +36,7 @@ from watchdog.observers.polling import PollingObserver
 from cxrbatch.config import IngestSettings
 from cxrbatch.db import models as tables
 from cxrbatch.dicom.discover import iter_files
+from cxrbatch.errors import CxrBatchError
 from cxrbatch.ingest.spool import Spool, Taken
 
 log = logging.getLogger(__name__)
@@ -90,7 +92,7 @@ class FolderIngest:
         self._candidates: dict[str, _Candidate] = {}
         self._taken: dict[str, tuple[int, int]] = {}  # read-only mode: path -> (size, mtime)
         self._last_scan = float("-inf")
-        self.counts: dict[str, int] = {t.value: 0 for t in Taken}
+        self.counts: dict[str, int] = {t.value: 0 for t in Taken} | {"error": 0}
 
     def start(self) -> None:
         if self.settings.mode == "read-only":
@@ -173,7 +175,16 @@ class FolderIngest:
                 continue
             if not candidate.ready and now - candidate.changed_at < quiet:
                 continue
-            outcome = self.spool.take(path)
+            try:
+                outcome = self.spool.take(path)
+            except (OSError, CxrBatchError, SQLAlchemyError) as exc:
+                # One file must not stop the ingest (a permission, a full disk, the database
+                # briefly away): it stays where it is and is tried again after the quiet time.
+                # The reason is logged without the path, which may carry a patient's name.
+                self.counts["error"] += 1
+                log.error("a file could not be taken in, retried later: %s", _reason(exc))
+                self._candidates[key] = _Candidate(stat.st_size, stat.st_mtime_ns, now)
+                continue
             self.counts[outcome.value] += 1
             if outcome is Taken.CHANGED:
                 self._candidates[key] = _Candidate(stat.st_size, stat.st_mtime_ns, now)
@@ -197,3 +208,11 @@ class FolderIngest:
                 continue
             known[text] = (stat.st_size, stat.st_mtime_ns)
         return known
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    if isinstance(exc, SQLAlchemyError):
+        return f"results database error ({type(exc).__name__})"
+    return str(exc)
