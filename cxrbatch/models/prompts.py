@@ -131,7 +131,24 @@ def _refined_box(
 def segment_lungs(
     segmenter: BoxSegmenter, image: DecodedImage, refine: bool = True, threshold: float = 0.5
 ) -> LungSegmentation:
-    pixels = image.pixels
+    """The patient's lungs in a decoded DICOM image."""
+    return segment_pixels(
+        segmenter, image.pixels, image.image_left_is_patient_right, refine, threshold
+    )
+
+
+def segment_pixels(
+    segmenter: BoxSegmenter,
+    pixels: np.ndarray,
+    image_left_is_patient_right: bool = True,
+    refine: bool = True,
+    threshold: float = 0.5,
+) -> LungSegmentation:
+    """The lungs in a uint8 display-form image (a decoded DICOM or an NIH PNG).
+
+    Without orientation information (PNGs) the radiographic display convention applies:
+    the patient's right is on the image's left.
+    """
     rows, cols = pixels.shape
     scale = WORK_SIZE / max(rows, cols)
     small = cv2.resize(
@@ -187,7 +204,7 @@ def segment_lungs(
             mask = np.asarray(resized) > 0.5
         masks.append(mask)
     image_left_mask, image_right_mask = masks
-    if image.image_left_is_patient_right:
+    if image_left_is_patient_right:
         right, left = image_left_mask, image_right_mask
         right_box, left_box, right_iou, left_iou = boxes[0], boxes[1], iou[0], iou[1]
     else:

@@ -54,6 +54,16 @@ class Embedding:
     valid_logit_size: tuple[int, int]  # rows, columns of the logits that cover the image
 
 
+@dataclass(frozen=True, eq=False)
+class PreparedImage:
+    """An image in a backend's input form (what its encoder takes), with the geometry."""
+
+    batch: torch.Tensor  # (1, 3, S, S) float32 on the backend's device
+    original_size: tuple[int, int]
+    scale_xy: tuple[float, float]
+    valid_logit_size: tuple[int, int]
+
+
 class BoxSegmenter(Protocol):
     model: ModelRef
     device: torch.device
@@ -88,21 +98,48 @@ class _SamLikeBackend:
     def _encode(self, batch: torch.Tensor) -> torch.Tensor:
         return self._net.image_encoder(batch)
 
+    @property
+    def network(self) -> torch.nn.Module:
+        """The SAM-family network (for fine-tuning)."""
+        return self._net
+
+    def prepare(self, image: np.ndarray) -> PreparedImage:
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def embed(self, image: np.ndarray) -> Embedding:
+        prepared = self.prepare(image)
+        return Embedding(
+            features=self._encode(prepared.batch),
+            original_size=prepared.original_size,
+            scale_xy=prepared.scale_xy,
+            valid_logit_size=prepared.valid_logit_size,
+        )
+
+    def decode_logits(
+        self, features: torch.Tensor, boxes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM's low-resolution mask logits (N, 1, 256, 256) and predicted IoUs (N, 1) for
+        boxes (N, 4) in model-input pixels; differentiable (fine-tuning uses it)."""
+        prompt_encoder = self._net.prompt_encoder
+        sparse, dense = prompt_encoder(points=None, boxes=boxes[:, None, :], masks=None)
+        logits, iou = self._net.mask_decoder(
+            image_embeddings=features,
+            image_pe=prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
+        return logits, iou
+
     @torch.inference_mode()
     def predict(
         self, embedding: Embedding, boxes: np.ndarray, output_size: tuple[int, int] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
         scaled = boxes * np.array([*embedding.scale_xy, *embedding.scale_xy], dtype=np.float32)
-        box_t = torch.as_tensor(scaled, device=self.device)[:, None, :]
-        prompt_encoder = self._net.prompt_encoder
-        sparse, dense = prompt_encoder(points=None, boxes=box_t, masks=None)
-        logits, iou = self._net.mask_decoder(
-            image_embeddings=embedding.features,
-            image_pe=prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=False,
+        logits, iou = self.decode_logits(
+            embedding.features, torch.as_tensor(scaled, device=self.device)
         )
         rows, cols = embedding.valid_logit_size
         logits = logits[:, :, :rows, :cols].float()
@@ -152,8 +189,7 @@ class LiteMedSAM(_SamLikeBackend):
         self._net = net.to(self.device).eval()
         self.model = ModelRef(name="LiteMedSAM", version=version, sha256=digest)
 
-    @torch.inference_mode()
-    def embed(self, image: np.ndarray) -> Embedding:
+    def prepare(self, image: np.ndarray) -> PreparedImage:
         rows, cols = image.shape[:2]
         scale = self.input_size / max(rows, cols)
         new_rows, new_cols = max(1, round(rows * scale)), max(1, round(cols * scale))
@@ -161,10 +197,9 @@ class LiteMedSAM(_SamLikeBackend):
         padded = np.zeros((self.input_size, self.input_size), dtype=np.float32)
         padded[:new_rows, :new_cols] = _minmax(small)
         batch = torch.from_numpy(padded)[None, None].expand(1, 3, -1, -1).contiguous()
-        features = self._encode(batch.to(self.device))
         logit_scale = self._logit_size / self.input_size
-        return Embedding(
-            features=features,
+        return PreparedImage(
+            batch=batch.to(self.device),
             original_size=(rows, cols),
             scale_xy=(new_cols / cols, new_rows / rows),
             valid_logit_size=(round(new_rows * logit_scale), round(new_cols * logit_scale)),
@@ -193,15 +228,13 @@ class MedSAMViTB(_SamLikeBackend):
         self._net = net.to(self.device).eval()
         self.model = ModelRef(name="MedSAM ViT-B", version=path.name, sha256=sha256_file(path))
 
-    @torch.inference_mode()
-    def embed(self, image: np.ndarray) -> Embedding:
+    def prepare(self, image: np.ndarray) -> PreparedImage:
         rows, cols = image.shape[:2]
         size = self.input_size
         resized = cv2.resize(image, (size, size), interpolation=cv2.INTER_CUBIC)
         batch = torch.from_numpy(_minmax(resized))[None, None].expand(1, 3, -1, -1).contiguous()
-        features = self._encode(batch.to(self.device))
-        return Embedding(
-            features=features,
+        return PreparedImage(
+            batch=batch.to(self.device),
             original_size=(rows, cols),
             scale_xy=(size / cols, size / rows),
             valid_logit_size=(self._logit_size, self._logit_size),
