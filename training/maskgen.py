@@ -1,0 +1,91 @@
+"""Lung masks for a training dataset, made by the pipeline's own segmenter.
+
+The same code as `cxrbatch process` (cxrbatch.models.prompts.segment_pixels: automatic box
+prompts, MedSAM, refined second pass) runs over every image of a table; the raw lung mask
+(both lungs) is stored at the study's 512 x 512 working resolution as `<stem>.png` in a
+cache folder. The M-15 / M-50 masks are derived from it at training time by the same
+`cxrbatch.models.masks.study_mask` the daemon uses, so training and inference share one
+implementation.
+
+Resumable: masks already in the cache are kept (writes are atomic, so a killed run leaves
+no half file). The cache records which segmenter made it; a cache made by other weights is
+refused rather than mixed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+from rich.progress import Progress
+
+from cxrbatch.config import SegmentationSettings
+from cxrbatch.files import atomic_write
+from cxrbatch.models.masks import WORKING_SIZE, resize_mask
+from cxrbatch.models.prompts import segment_pixels
+from cxrbatch.models.segmenter import BoxSegmenter, load_segmenter
+from training.data import load_gray, save_mask
+
+log = logging.getLogger(__name__)
+MANIFEST = "segmenter.json"
+
+
+def mask_path(cache: Path, image_index: str) -> Path:
+    return cache / f"{Path(image_index).stem}.png"
+
+
+def _check_manifest(cache: Path, segmenter: BoxSegmenter, refine: bool) -> None:
+    manifest = {
+        "segmenter": segmenter.model.name,
+        "version": segmenter.model.version,
+        "sha256": segmenter.model.sha256,
+        "refine": refine,
+        "working_size": WORKING_SIZE,
+    }
+    path = cache / MANIFEST
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+        if recorded != manifest:
+            raise ValueError(
+                f"Mask cache {cache} was made by {recorded}, not by {manifest}; "
+                "use another cache folder."
+            )
+        return
+    text = json.dumps(manifest, indent=2).encode()
+    atomic_write(path, lambda h: h.write(text))
+
+
+def generate_masks(
+    images: Mapping[str, Path],
+    cache: Path,
+    settings: SegmentationSettings,
+    segmenter: BoxSegmenter | None = None,
+    progress: bool = True,
+) -> dict[str, str]:
+    """Segment every image lacking a cached mask; returns failures (image -> reason)."""
+    todo = {name: path for name, path in images.items() if not mask_path(cache, name).is_file()}
+    cache.mkdir(parents=True, exist_ok=True)
+    failures: dict[str, str] = {}
+    if not todo:
+        return failures
+    segmenter = segmenter or load_segmenter(settings)
+    _check_manifest(cache, segmenter, settings.refine)
+    with Progress(disable=not progress) as bar:
+        task = bar.add_task(f"lung masks ({len(images) - len(todo)} cached)", total=len(todo))
+        for name, path in todo.items():
+            try:
+                pixels = load_gray(path)
+                lungs = segment_pixels(
+                    segmenter, pixels, True, settings.refine, settings.threshold
+                ).lungs
+                save_mask(resize_mask(lungs, WORKING_SIZE), mask_path(cache, name))
+            except (ValueError, OSError) as exc:
+                failures[name] = str(exc)
+                log.warning("no lung mask for %s: %s", name, exc)
+            bar.advance(task)
+    if failures:
+        text = json.dumps(failures, indent=2).encode()
+        atomic_write(cache / "failures.json", lambda h: h.write(text))
+    return failures
