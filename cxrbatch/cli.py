@@ -492,6 +492,14 @@ DEMO_REAL_FILES = ("RG1_UNCR.dcm", "RG3_UNCR.dcm", "MR_small.dcm", "CT_small.dcm
 @app.command("demo-data")
 def demo_data(
     out: Annotated[Path, typer.Argument(help="Folder to fill with a demo PACS export.")],
+    bundle: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also train (about a minute on a CPU; reused once built) a small M-50 "
+            "classifier bundle on SYNTHETIC phantoms into this folder, with BUNDLE/demo.toml "
+            "to pass to --config."
+        ),
+    ] = None,
 ) -> None:
     """A demo input folder: synthetic phantoms plus real radiographs from pydicom-data
     (a chest CR, a tibia CR, MR, CT, US) and a non-DICOM file, as a PACS export might hold."""
@@ -518,6 +526,15 @@ def demo_data(
             "(pip install pydicom-data for the real radiographs)[/]"
         )
     out_console.print(f"demo input written to {out} ({copied} real files)")
+    if bundle is not None:
+        from training.demo import build_demo_bundle, write_demo_config
+
+        console.print(f"training the demo classifier on synthetic phantoms into {bundle} ...")
+        build_demo_bundle(bundle, progress=console.is_terminal)
+        config = write_demo_config(bundle)
+        out_console.print(
+            f"demo bundle (SYNTHETIC training data) in {bundle}; use --config {config}"
+        )
 
 
 def main() -> None:
