@@ -33,7 +33,7 @@ from training.data import (
 )
 from training.maskgen import generate_masks, mask_path
 from training.phantoms import IMAGES, TRUTH_MASKS, PhantomRecipe, write_phantom_dataset
-from training.train import DataSpec, TrainConfig, train
+from training.train import SMALL_CPU, DataSpec, TrainConfig, train
 
 # --- metrics -------------------------------------------------------------------------
 
@@ -191,16 +191,8 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Record]
     return records, data
 
 
-TINY = TrainConfig(
-    architecture="resnet50",
-    mask_mode="M-50",
-    input_size=32,
-    batch_size=16,
-    learning_rate=1e-3,
-    max_epochs=3,
-    pretrained=False,
-    cache_inputs=True,
-    device="cpu",
+TINY = SMALL_CPU.model_copy(
+    update={"mask_mode": "M-50", "input_size": 32, "max_epochs": 3, "device": "cpu"}
 )
 
 

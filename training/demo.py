@@ -20,7 +20,7 @@ from training.data import resolve_images, split_records
 from training.evaluate import evaluate_run
 from training.export import export_bundle
 from training.phantoms import IMAGES, TRUTH_MASKS, PhantomRecipe, write_phantom_dataset
-from training.train import DataSpec, TrainConfig, train
+from training.train import SMALL_CPU, DataSpec, train
 
 log = logging.getLogger(__name__)
 
@@ -29,18 +29,8 @@ DEMO_VERSION = "1"
 DEMO_RECIPE = PhantomRecipe(
     seed=2026, counts={"train": 240, "val": 80, "test": 80}, size=256, artefact_splits=()
 )
-DEMO_TRAIN = TrainConfig(
-    architecture="resnet50",
-    mask_mode="M-50",
-    input_size=64,
-    batch_size=16,
-    learning_rate=1e-3,
-    max_epochs=4,
-    patience=4,
-    pretrained=False,
-    cache_inputs=True,
-    recalibrate_batchnorm=True,
-    device="cpu",
+DEMO_TRAIN = SMALL_CPU.model_copy(
+    update={"mask_mode": "M-50", "max_epochs": 4, "patience": 4, "device": "cpu"}
 )
 CONFIG_NAME = "demo.toml"
 

@@ -37,7 +37,7 @@ from cxrbatch.config import SegmentationSettings
 from cxrbatch.files import atomic_write
 from cxrbatch.models.segmenter import load_segmenter
 from training.data import MaskPair
-from training.train import save_checkpoint, versions
+from training.train import open_run_folder, save_checkpoint, versions
 
 log = logging.getLogger(__name__)
 
@@ -121,23 +121,14 @@ def finetune(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Fine-tune (or resume, or return a finished run); returns the summary."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    summary_path = run_dir / "summary.json"
     document = {
         "finetune": config.model_dump(mode="json"),
         "pairs": len(pairs),
         "images": [str(p.image) for p in pairs],
     }
-    config_path = run_dir / "config.json"
-    if config_path.is_file():
-        recorded = json.loads(config_path.read_text())
-        if {k: recorded.get(k) for k in document} != document:
-            raise ValueError(f"{run_dir} holds a run of another config; use another folder.")
-    else:
-        text = json.dumps({**document, "versions": versions()}, indent=2).encode()
-        atomic_write(config_path, lambda h: h.write(text))
-    if summary_path.is_file():
-        return dict(json.loads(summary_path.read_text()))
+    done = open_run_folder(run_dir, document, {"versions": versions()})
+    if done is not None:
+        return done
 
     key = "medsam_checkpoint" if config.backend == "medsam-vitb" else "litemedsam_checkpoint"
     settings = SegmentationSettings.model_validate(
@@ -255,6 +246,6 @@ def finetune(
         "use_with": f"segmentation.{key} = {str(best_path)!r}",
     }
     text = json.dumps(summary, indent=2).encode()
-    atomic_write(summary_path, lambda h: h.write(text))
+    atomic_write(run_dir / "summary.json", lambda h: h.write(text))
     last_path.unlink(missing_ok=True)  # only resuming needs it
     return summary

@@ -33,7 +33,7 @@ from training.evaluate import EVALUATION, PREDICTIONS, evaluate_run
 from training.maskgen import generate_masks
 from training.metrics import paired_tests
 from training.phantoms import IMAGES, TRUTH_MASKS, PhantomRecipe, write_phantom_dataset
-from training.train import DataSpec, TrainConfig, train
+from training.train import SMALL_CPU, DataSpec, TrainConfig, train
 
 log = logging.getLogger(__name__)
 
@@ -83,21 +83,11 @@ def synthetic_small_config(**overrides: Any) -> StudyConfig:
     2 splits, 320 training images, random initialisation (no ImageNet weights offline),
     the phantoms' known lung masks (`masks="segmenter"` runs LiteMedSAM instead).
     """
-    train_config = TrainConfig(
-        input_size=64,
-        batch_size=16,
-        learning_rate=1e-3,
-        max_epochs=5,
-        patience=5,
-        pretrained=False,
-        cache_inputs=True,
-        recalibrate_batchnorm=True,
-    )
     settings: dict[str, Any] = {
         "source": "phantoms",
         "splits": (0, 1),
         "masks": "truth",
-        "train": train_config,
+        "train": SMALL_CPU,
     }
     settings.update(overrides)
     return StudyConfig(**settings)
@@ -295,6 +285,17 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
+def _rows(report: dict[str, Any], keys: tuple[str, ...], tail: Any = None) -> list[str]:
+    """One table row per setting: mean ± SD of `keys`, then tail(row) if given."""
+    return [
+        f"| {r['architecture']} | {r['mask_mode']} | "
+        + " | ".join(_fmt(r[k], r[f"{k}_sd"]) for k in keys)
+        + (tail(r) if tail else "")
+        + " |"
+        for r in report["settings"]
+    ]
+
+
 def markdown_report(report: dict[str, Any], config: StudyConfig) -> str:
     lines = [f"# Study report ({config.source}, splits {list(config.splits)})", ""]
     if config.source == "phantoms":
@@ -316,23 +317,21 @@ def markdown_report(report: dict[str, Any], config: StudyConfig) -> str:
         "| val macro AUROC | val - test | train min | epochs |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in report["settings"]:
-        lines.append(
-            f"| {r['architecture']} | {r['mask_mode']} | "
-            + " | ".join(
-                _fmt(r[k], r[f"{k}_sd"])
-                for k in (
-                    "macro_auroc",
-                    "macro_precision",
-                    "macro_recall",
-                    "macro_f1",
-                    "no_finding_auroc",
-                    "val_macro_auroc",
-                )
-            )
-            + f" | {r['val_macro_auroc'] - r['macro_auroc']:+.3f}"
-            + f" | {r['training_minutes']:.1f} | {r['epochs_run']:.1f} |"
-        )
+    lines += _rows(
+        report,
+        (
+            "macro_auroc",
+            "macro_precision",
+            "macro_recall",
+            "macro_f1",
+            "no_finding_auroc",
+            "val_macro_auroc",
+        ),
+        lambda r: (
+            f" | {r['val_macro_auroc'] - r['macro_auroc']:+.3f}"
+            f" | {r['training_minutes']:.1f} | {r['epochs_run']:.1f}"
+        ),
+    )
     lines += [
         "",
         "## Per-label test AUROC",
@@ -340,12 +339,7 @@ def markdown_report(report: dict[str, Any], config: StudyConfig) -> str:
         "| architecture | mask | " + " | ".join(FINDINGS) + " |",
         "| --- | --- |" + " --- |" * len(FINDINGS),
     ]
-    for r in report["settings"]:
-        lines.append(
-            f"| {r['architecture']} | {r['mask_mode']} | "
-            + " | ".join(_fmt(r[f"auroc_{x}"], r[f"auroc_{x}_sd"]) for x in FINDINGS)
-            + " |"
-        )
+    lines += _rows(report, tuple(f"auroc_{x}" for x in FINDINGS))
     lines += [
         "",
         "## Screening on the No Finding score (thresholds chosen on validation)",
@@ -354,20 +348,15 @@ def markdown_report(report: dict[str, Any], config: StudyConfig) -> str:
         "sens. @0.99 target | normals auto-triaged |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    for r in report["settings"]:
-        lines.append(
-            f"| {r['architecture']} | {r['mask_mode']} | "
-            + " | ".join(
-                _fmt(r[k], r[f"{k}_sd"])
-                for k in (
-                    "screen98_test_sensitivity",
-                    "screen98_test_normals_auto_triaged",
-                    "screen99_test_sensitivity",
-                    "screen99_test_normals_auto_triaged",
-                )
-            )
-            + " |"
-        )
+    lines += _rows(
+        report,
+        (
+            "screen98_test_sensitivity",
+            "screen98_test_normals_auto_triaged",
+            "screen99_test_sensitivity",
+            "screen99_test_normals_auto_triaged",
+        ),
+    )
     lines += [
         "",
         "## Paired tests across splits (mask mode minus original)",

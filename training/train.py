@@ -73,6 +73,20 @@ class TrainConfig(BaseModel):
     device: str = "auto"
 
 
+# The small CPU preset of the synthetic study and the demo bundle (not the paper's): 64 px
+# inputs, batch 16, lr 1e-3 with BatchNorm recalibration, 5 epochs, random initialisation.
+SMALL_CPU = TrainConfig(
+    input_size=64,
+    batch_size=16,
+    learning_rate=1e-3,
+    max_epochs=5,
+    patience=5,
+    pretrained=False,
+    cache_inputs=True,
+    recalibrate_batchnorm=True,
+)
+
+
 @dataclass(frozen=True)
 class DataSpec:
     """Where a run's images and raw lung masks are."""
@@ -228,6 +242,23 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda handle: torch.save(state, handle))
 
 
+def open_run_folder(
+    run_dir: Path, document: dict[str, Any], extra: dict[str, Any]
+) -> dict[str, Any] | None:
+    """Start or reopen a run folder: write `config.json` (document + extra) or check that
+    the one there records the same document; returns the summary of a finished run."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "config.json"
+    if config_path.is_file():
+        recorded = json.loads(config_path.read_text())
+        if {k: recorded.get(k) for k in document} != document:
+            raise ValueError(f"{run_dir} holds a run of another config; use another folder.")
+    else:
+        _write_json(config_path, {**document, **extra})
+    summary = run_dir / "summary.json"
+    return dict(json.loads(summary.read_text())) if summary.is_file() else None
+
+
 def _write_json(path: Path, document: dict[str, Any]) -> None:
     text = json.dumps(document, indent=2, default=str).encode()
     atomic_write(path, lambda h: h.write(text))
@@ -242,8 +273,6 @@ def train(
     progress: bool = True,
 ) -> RunResult:
     """Train (or resume, or return a finished run) in `run_dir`."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    summary_path = run_dir / "summary.json"
     device = resolve_device(config.device)
     pretrained = config.pretrained and imagenet_available(config.architecture)
     if config.pretrained and not pretrained:
@@ -254,15 +283,8 @@ def train(
             Path(torch.hub.get_dir()) / "checkpoints",
         )
     document = _config_document(config, data, pretrained)
-    config_path = run_dir / "config.json"
-    if config_path.is_file():
-        recorded = json.loads(config_path.read_text())
-        if {k: recorded.get(k) for k in document} != document:
-            raise ValueError(f"{run_dir} holds a run of another config; use another folder.")
-    else:
-        _write_json(config_path, {**document, "versions": versions(), "device": str(device)})
-    if summary_path.is_file():
-        done = json.loads(summary_path.read_text())
+    done = open_run_folder(run_dir, document, {"versions": versions(), "device": str(device)})
+    if done is not None:
         return RunResult(
             run_dir,
             done["best_epoch"],
@@ -354,7 +376,7 @@ def train(
         raise ValueError("Validation AUROC was never defined: the val split lacks positives.")
     epochs_run = len(history)
     _write_json(
-        summary_path,
+        run_dir / "summary.json",
         {
             "best_epoch": best_epoch,
             "best_val_macro_auroc": best,
