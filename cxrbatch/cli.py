@@ -183,14 +183,29 @@ WorkersOption = Annotated[
 
 @app.command()
 def watch(
-    input_dir: Annotated[Path, typer.Argument(help="The PACS export folder to watch.")],
-    out: Annotated[Path, typer.Option("--out", help="Output folder: OUT/<StudyInstanceUID>/...")],
+    input_dir: Annotated[
+        Path | None,
+        typer.Argument(help="The PACS export folder to watch (optional with --listen)."),
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", help="Output folder: OUT/<StudyInstanceUID>/...")
+    ] = Path("out"),
     config: ConfigOption = None,
     db: DbOption = None,
     workers: WorkersOption = 1,
+    listen: Annotated[
+        int | None,
+        typer.Option(help="Also receive studies by DICOM C-STORE on this port ([dicom] config)."),
+    ] = None,
 ) -> None:
-    """Watch INPUT_DIR and process every study that lands there, until SIGTERM."""
+    """Watch INPUT_DIR and/or receive studies by DICOM C-STORE, and process every study that
+    arrives, until SIGTERM."""
     settings = _settings(config, db)
+    if listen is not None:
+        dicom = settings.dicom.model_copy(update={"listen": True, "port": listen})
+        settings = settings.model_copy(update={"dicom": dicom})
+    if input_dir is None and not settings.dicom.listen:
+        raise _fail("give an export folder to watch, or --listen PORT (or dicom.listen = true)")
     _serve(settings, out, workers, input_dir)
 
 

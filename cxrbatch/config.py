@@ -92,6 +92,27 @@ class IngestSettings(_Section):
     ignore_patterns: tuple[str, ...] = (".*", "*.tmp", "*.part", "*.partial")
 
 
+class DicomSettings(_Section):
+    """The DICOM C-STORE receiver of `cxrbatch watch` (PACS pushes studies to it)."""
+
+    listen: bool = False
+    ae_title: Annotated[str, Field(min_length=1, max_length=16)] = "CXRBATCH"
+    bind_address: str = "0.0.0.0"
+    port: Annotated[int, Field(ge=1, le=65535)] = 11112
+    # Peers allowed to associate: calling AE titles and hosts (IP addresses or networks,
+    # e.g. "10.1.2.0/24"). Empty = anyone (a warning is logged at start).
+    allowed_calling_ae_titles: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
+    # Reject associations whose called AE title is not `ae_title`.
+    require_called_ae_title: bool = True
+    # TLS: a PEM certificate and key turn it on; a CA file also requires client certificates.
+    tls_certificate: str = ""
+    tls_key: str = ""
+    tls_ca_certificates: str = ""
+    max_associations: Annotated[int, Field(ge=1)] = 10
+    network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+
+
 class QueueSettings(_Section):
     """The job queue and its workers (`cxrbatch watch` and `cxrbatch worker`)."""
 
@@ -127,6 +148,7 @@ class Settings(BaseSettings):
     classifier: ClassifierSettings = ClassifierSettings()
     output: OutputSettings = OutputSettings()
     ingest: IngestSettings = IngestSettings()
+    dicom: DicomSettings = DicomSettings()
     queue: QueueSettings = QueueSettings()
     database: DatabaseSettings = DatabaseSettings()
     logging: LoggingSettings = LoggingSettings()

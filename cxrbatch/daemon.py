@@ -1,12 +1,13 @@
 """`cxrbatch watch` and `cxrbatch worker`: the long-running service, wired in one place.
 
-    watch:  ingest loop (this process)  +  N worker processes (models loaded once each)
+    watch:  ingest loop (this process: export folder and/or DICOM receiver)
+            + N worker processes (models loaded once each)
     worker: N worker processes only (extra hosts sharing one PostgreSQL queue and storage)
 
-SIGTERM or SIGINT drains: ingest stops taking files, every worker finishes the study in
-hand within `queue.drain_grace_seconds` or gives it back to the queue, then exits. A
-worker process that dies (killed, out of memory) is replaced; its job is recovered from
-the queue and counted as a failed attempt.
+SIGTERM or SIGINT drains: ingest stops taking files (the receiver stops listening),
+every worker finishes the study in hand within `queue.drain_grace_seconds` or gives it
+back to the queue, then exits. A worker process that dies (killed, out of memory) is
+replaced; its job is recovered from the queue and counted as a failed attempt.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from cxrbatch import queue
 from cxrbatch.config import Settings
 from cxrbatch.db.session import ensure_local_sqlite, make_engine, session_factory, upgrade
 from cxrbatch.ingest.folder import FolderIngest
+from cxrbatch.ingest.scp import DicomReceiver
 from cxrbatch.ingest.spool import Spool
-from cxrbatch.paths import database_url, quarantine_dir, spool_dir
+from cxrbatch.paths import database_url, incoming_dir, quarantine_dir, spool_dir
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,8 @@ _INGEST_TICK_SECONDS = 0.5
 
 
 class Service:
-    """Worker processes (and optionally the folder ingest) until a stop is requested."""
+    """Worker processes (and the folder ingest and DICOM receiver when configured) until a
+    stop is requested."""
 
     def __init__(
         self,
@@ -80,6 +83,7 @@ class Service:
         if recovered:
             log.warning("%d job(s) of a previous run recovered for retry", recovered)
         ingest = self._start_ingest() if self.input_dir is not None else None
+        receiver = self._start_receiver() if self.settings.dicom.listen else None
         try:
             for _ in range(self.workers):
                 self._spawn_worker()
@@ -89,24 +93,37 @@ class Service:
                 self._replace_dead_workers()
                 self.stop_requested.wait(_INGEST_TICK_SECONDS)
         finally:
+            if receiver is not None:
+                receiver.stop()
             if ingest is not None:
                 ingest.stop()
             self._drain()
             self.engine.dispose()
 
-    def _start_ingest(self) -> FolderIngest:
-        assert self.input_dir is not None
-        spool = Spool(
+    def _spool(self, mode: str) -> Spool:
+        return Spool(
             spool_dir(self.settings, self.out_dir),
             self.sessions,
             quarantine_dir(self.settings, self.out_dir),
-            mode=self.settings.ingest.mode,
+            mode=mode,
             study_stable_seconds=self.settings.ingest.study_stable_seconds,
         )
+
+    def _start_ingest(self) -> FolderIngest:
+        assert self.input_dir is not None
+        spool = self._spool(self.settings.ingest.mode)
         spool.recover()
         ingest = FolderIngest(self.input_dir, spool, self.settings.ingest)
         ingest.start()
         return ingest
+
+    def _start_receiver(self) -> DicomReceiver:
+        # Received instances always move into the spool: _incoming is only a landing place.
+        receiver = DicomReceiver(
+            self.settings.dicom, self._spool("move"), incoming_dir(self.out_dir)
+        )
+        receiver.start()
+        return receiver
 
     def _spawn_worker(self) -> None:
         from cxrbatch.worker import worker_process_main

@@ -61,3 +61,8 @@ def quarantine_dir(settings: Settings, out_dir: Path) -> Path:
 
 def spool_dir(settings: Settings, out_dir: Path) -> Path:
     return Path(settings.ingest.spool_dir) if settings.ingest.spool_dir else out_dir / "_spool"
+
+
+def incoming_dir(out_dir: Path) -> Path:
+    """Where the DICOM receiver writes an instance before it is taken into the spool."""
+    return out_dir / "_incoming"

@@ -52,6 +52,7 @@ class _Daemon:
         self.workers = workers
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self.source: list[str] = [str(self.export)]  # or ["--listen", PORT]
 
     def start(self) -> None:
         self.starts += 1
@@ -60,7 +61,7 @@ class _Daemon:
             [
                 *_cxrbatch(),
                 "watch",
-                str(self.export),
+                *self.source,
                 "--out",
                 str(self.out),
                 "--workers",
@@ -230,3 +231,39 @@ def test_watch_stops_with_exit_2_when_its_workers_cannot_load_the_model(
     assert daemon.process.wait(120) == 2
     log = daemon.tail()
     assert "worker cannot start" in log and "missing.pth" in log
+
+
+def test_a_study_pushed_by_c_store_is_processed_and_the_daemon_drains(
+    tmp_path: Path, daemons: list[_Daemon]
+) -> None:
+    """A PACS pushes a study to `cxrbatch watch --listen` (no export folder): it is
+    acknowledged, queued after the quiet period, processed, and SIGTERM stops the node."""
+    from pydicom import dcmread
+    from pynetdicom import AE
+    from pynetdicom.sop_class import ComputedRadiographyImageStorage  # type: ignore
+
+    from tests.test_scp import _free_port
+
+    (generated,) = write_studies(tmp_path / "generated", 1, seed=33, size=(512, 512))
+    port = _free_port()
+    daemon = _Daemon(tmp_path, workers=1)
+    daemon.source = ["--listen", str(port)]
+    daemons.append(daemon)
+    daemon.config.write_text(daemon.config.read_text() + '[dicom]\nbind_address = "127.0.0.1"\n')
+    daemon.start()
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(ComputedRadiographyImageStorage)
+    deadline = time.monotonic() + 60
+    while True:  # the node is listening once its models are loaded and its server is up
+        assoc = ae.associate("127.0.0.1", port, ae_title="CXRBATCH")
+        if assoc.is_established or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert assoc.is_established, daemon.tail()
+    status = assoc.send_c_store(dcmread(generated.path))
+    assoc.release()
+    assert status.Status == 0x0000
+    daemon.wait_for(lambda: daemon.jobs("done") == 1, 120, "the pushed study done")
+    outputs = list((daemon.out / generated.study_instance_uid).iterdir())
+    assert {p.name.split("_")[0] for p in outputs} >= {"seg", "sr.dcm", "result.json"}
+    assert daemon.terminate(timeout=60) == 0

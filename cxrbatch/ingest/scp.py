@@ -1,0 +1,190 @@
+"""The DICOM C-STORE receiver (pynetdicom): PACS push studies to cxrbatch.
+
+    association request -> allowed calling AE title and host? (else A-ASSOCIATE-RJ)
+    C-ECHO              -> success
+    C-STORE             -> the encoded data set, with its file meta information, written
+                           to OUT/_incoming/ (temporary file, fsync, rename) -> Spool.take
+                           (the folder watcher's way in: dedupe, conflicts, quarantine,
+                           spool, instance row, study queued) -> status
+
+An instance is acknowledged with Success only once it is in the spool and recorded (or was
+already: an identical duplicate). Unusable data sets are quarantined with their reason and
+answered 0xC000 (cannot understand); a conflicting one (same SOP Instance UID, other
+content) is quarantined and answered 0xC001; a local failure (disk full, database away)
+is answered 0xA700 (out of resources), so the sender keeps the instance and retries.
+Files a crash left in OUT/_incoming/ were never acknowledged; `recover` takes them in at
+start (if the sender sends again, the copy is an identical duplicate and is dropped).
+
+Storage SOP classes: every storage SOP class pynetdicom knows, every transfer syntax it
+knows (data sets are stored as received); selection decides later what is processed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import ssl
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from cxrbatch.config import DicomSettings
+from cxrbatch.errors import ConfigError
+from cxrbatch.files import atomic_write
+from cxrbatch.ingest.spool import Spool, Taken
+
+log = logging.getLogger(__name__)
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+CONFLICT = 0xC001  # a failure in the 0xCxxx "cannot understand" range, ours: conflict
+
+_STATUS = {
+    Taken.RECEIVED: SUCCESS,
+    Taken.DUPLICATE: SUCCESS,
+    Taken.REJECTED: CANNOT_UNDERSTAND,
+    Taken.CONFLICT: CONFLICT,
+    Taken.CHANGED: OUT_OF_RESOURCES,
+    Taken.GONE: OUT_OF_RESOURCES,
+}
+
+# A-ASSOCIATE-RJ: rejected-permanent (1), by the service user (1), with the diagnostic
+# "calling AE title not recognised" (3) or "no reason given" (1).
+_REJECT_PERMANENT, _SERVICE_USER, _NO_REASON, _CALLING_AET_UNKNOWN = 0x01, 0x01, 0x01, 0x03
+
+
+def _networks(hosts: tuple[str, ...]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    try:
+        return [ipaddress.ip_network(h, strict=False) for h in hosts]
+    except ValueError as exc:
+        raise ConfigError(f"dicom.allowed_hosts: {exc}") from exc
+
+
+def _ssl_context(settings: DicomSettings) -> ssl.SSLContext | None:
+    if not (settings.tls_certificate or settings.tls_key):
+        return None
+    if not (settings.tls_certificate and settings.tls_key):
+        raise ConfigError("dicom.tls_certificate and dicom.tls_key go together.")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(settings.tls_certificate, settings.tls_key)
+        if settings.tls_ca_certificates:
+            context.load_verify_locations(settings.tls_ca_certificates)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"dicom TLS files cannot be used: {exc}") from exc
+    return context
+
+
+class DicomReceiver:
+    """A Storage and Verification SCP whose every instance goes through `Spool.take`."""
+
+    def __init__(self, settings: DicomSettings, spool: Spool, incoming: Path) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.incoming = incoming
+        self._networks = _networks(settings.allowed_hosts)
+        self._titles = {t.strip() for t in settings.allowed_calling_ae_titles}
+        self._ssl = _ssl_context(settings)
+        self._lock = threading.Lock()  # one take at a time: takes are short, rows consistent
+        self._server: Any = None
+        self.counts: dict[str, int] = {}
+
+    def recover(self) -> int:
+        """Take in files a crash left in the incoming folder (never acknowledged)."""
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        recovered = 0
+        for path in sorted(self.incoming.iterdir()):
+            if path.name.startswith("."):
+                path.unlink(missing_ok=True)  # a half-written temporary: never acknowledged
+            elif path.is_file() and self.spool.take(path) is Taken.RECEIVED:
+                recovered += 1
+        if recovered:
+            log.warning("recovered %d received instance(s) left by a crash", recovered)
+        return recovered
+
+    def start(self) -> None:
+        self.recover()
+        ae = AE(ae_title=self.settings.ae_title)
+        ae.require_called_aet = self.settings.require_called_ae_title
+        ae.maximum_associations = self.settings.max_associations
+        ae.network_timeout = self.settings.network_timeout_seconds
+        ae.acse_timeout = self.settings.network_timeout_seconds
+        ae.dimse_timeout = self.settings.network_timeout_seconds
+        ae.add_supported_context(Verification)
+        for context in AllStoragePresentationContexts:
+            if context.abstract_syntax is not None:
+                ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        if not self._titles and not self._networks:
+            log.warning("the DICOM receiver accepts associations from any AE title and host")
+        handlers: list[Any] = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        address = (self.settings.bind_address, self.settings.port)
+        try:
+            self._server = ae.start_server(
+                address, block=False, evt_handlers=handlers, ssl_context=self._ssl
+            )
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {address[0]}:{address[1]}: {exc}") from exc
+        log.info(
+            "DICOM receiver %s listening on %s:%d%s",
+            self.settings.ae_title,
+            *address,
+            " (TLS)" if self._ssl else "",
+        )
+
+    def stop(self) -> None:
+        """Stop accepting; associations in progress are ended (their last instance is not
+        acknowledged unless it was taken, so the sender keeps it)."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    # -- handlers (pynetdicom's threads) -----------------------------------------------------
+
+    def _allowed_host(self, address: str) -> bool:
+        if not self._networks:
+            return True
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self._networks)
+
+    def _on_requested(self, event: evt.Event) -> None:
+        requestor = event.assoc.requestor
+        # The request primitive: the requestor's own fields are filled only after this.
+        title = str(requestor.primitive.calling_ae_title).strip()
+        if self._titles and title not in self._titles:
+            log.warning("association from an unknown calling AE title rejected")
+            event.assoc.acse.send_reject(_REJECT_PERMANENT, _SERVICE_USER, _CALLING_AET_UNKNOWN)
+        elif not self._allowed_host(requestor.address):
+            log.warning("association from a host not in dicom.allowed_hosts rejected")
+            event.assoc.acse.send_reject(_REJECT_PERMANENT, _SERVICE_USER, _NO_REASON)
+
+    def _on_echo(self, event: evt.Event) -> int:
+        return SUCCESS
+
+    def _on_store(self, event: evt.Event) -> int:
+        path = self.incoming / f"{uuid.uuid4().hex}.dcm"
+        try:
+            data = event.encoded_dataset(include_meta=True)
+            atomic_write(path, lambda handle: handle.write(data))
+            with self._lock:
+                taken = self.spool.take(path)
+        except Exception as exc:  # never let one instance take the receiver down
+            log.error("received instance not taken in: %s", type(exc).__name__)
+            path.unlink(missing_ok=True)
+            return OUT_OF_RESOURCES
+        self.counts[taken.value] = self.counts.get(taken.value, 0) + 1
+        if taken is not Taken.RECEIVED:
+            path.unlink(missing_ok=True)  # duplicate dropped; rejects are in the quarantine
+        return _STATUS[taken]

@@ -1,0 +1,188 @@
+"""The DICOM receiver in process, with pynetdicom as the sending PACS: C-ECHO, C-STORE into
+the spool and queue, duplicates, conflicts, unusable data sets, refused peers, and a local
+failure that must not be acknowledged."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    Verification,
+)
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from cxrbatch.config import DicomSettings
+from cxrbatch.db import models as tables
+from cxrbatch.db.session import make_engine, session_factory, upgrade
+from cxrbatch.errors import ConfigError
+from cxrbatch.ingest import scp
+from cxrbatch.ingest.spool import Spool
+from cxrbatch.synthetic import make_phantom, save, to_dataset
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _Node:
+    def __init__(self, root: Path, **dicom: Any) -> None:
+        self.out = root / "out"
+        self.out.mkdir(parents=True)
+        url = f"sqlite:///{self.out / 'cxrbatch.sqlite'}"
+        upgrade(url)
+        self.engine = make_engine(url)
+        self.sessions: sessionmaker[Session] = session_factory(self.engine)
+        spool = Spool(self.out / "_spool", self.sessions, self.out / "_quarantine", mode="move")
+        self.settings = DicomSettings(
+            listen=True, bind_address="127.0.0.1", port=_free_port(), **dicom
+        )
+        self.receiver = scp.DicomReceiver(self.settings, spool, self.out / "_incoming")
+
+    def rows(self, table: Any) -> list[Any]:
+        with self.sessions() as session:
+            return list(session.scalars(select(table)))
+
+
+@pytest.fixture()
+def node(tmp_path: Path) -> Iterator[_Node]:
+    made = _Node(tmp_path)
+    made.receiver.start()
+    yield made
+    made.receiver.stop()
+    made.engine.dispose()
+
+
+def _dataset(
+    seed: int, modality: str = "CR", compress: bool = False, tmp: Path | None = None
+) -> Dataset:
+    ds = to_dataset(make_phantom(seed, (128, 128)), f"scp/{seed}", modality=modality)
+    if compress and tmp is not None:
+        return dcmread(save(ds, tmp / f"{seed}.dcm", "j2k"))
+    return ds
+
+
+def _send(
+    port: int, datasets: list[Dataset], calling: str = "PACS", called: str = "CXRBATCH"
+) -> list[int] | None:
+    """C-STORE each data set in one association; None when the association is refused."""
+    ae = AE(ae_title=calling)
+    from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
+
+    for sop_class in (ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation):
+        for syntax in (ExplicitVRLittleEndian, JPEG2000Lossless):  # one context each
+            ae.add_requested_context(sop_class, syntax)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    if not assoc.is_established:
+        return None
+    try:
+        assert assoc.send_c_echo().Status == 0x0000
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def test_c_store_feeds_the_spool_and_queue_and_acknowledges_duplicates(
+    node: _Node, tmp_path: Path
+) -> None:
+    first = _dataset(1)
+    second = _dataset(2, modality="DX", compress=True, tmp=tmp_path)
+    assert _send(node.settings.port, [first, second]) == [0x0000, 0x0000]
+    instances = node.rows(tables.Instance)
+    assert {i.sop_instance_uid for i in instances} == {
+        str(first.SOPInstanceUID),
+        str(second.SOPInstanceUID),
+    }
+    for instance in instances:  # in the spool, stored as received (J2K stays J2K)
+        assert Path(instance.path).is_file()
+        assert Path(instance.path).is_relative_to(node.out / "_spool")
+    stored = dcmread(
+        next(Path(i.path) for i in instances if i.sop_instance_uid == str(second.SOPInstanceUID))
+    )
+    assert stored.file_meta.TransferSyntaxUID == second.file_meta.TransferSyntaxUID
+    jobs = node.rows(tables.Job)
+    assert {j.study_instance_uid for j in jobs} == {
+        str(first.StudyInstanceUID),
+        str(second.StudyInstanceUID),
+    }
+    assert all(j.status == "queued" for j in jobs)
+    # The PACS sends again: acknowledged, dropped, counted.
+    assert _send(node.settings.port, [first]) == [0x0000]
+    (again,) = [
+        i for i in node.rows(tables.Instance) if i.sop_instance_uid == str(first.SOPInstanceUID)
+    ]
+    assert again.duplicates == 1
+    assert list((node.out / "_incoming").iterdir()) == []
+
+
+def test_conflicts_and_unusable_data_sets_are_quarantined_and_refused(node: _Node) -> None:
+    original = _dataset(3)
+    assert _send(node.settings.port, [original]) == [0x0000]
+    changed = original.copy()
+    changed.PixelData = bytes(len(original.PixelData))
+    no_study = _dataset(4)
+    del no_study.StudyInstanceUID
+    assert _send(node.settings.port, [changed, no_study]) == [scp.CONFLICT, scp.CANNOT_UNDERSTAND]
+    reasons = [r.reason for r in node.rows(tables.RejectedFile)]
+    assert any("conflict" in r for r in reasons) and len(reasons) == 2
+    assert len(list((node.out / "_quarantine").glob("*.bin"))) == 2
+    assert list((node.out / "_incoming").iterdir()) == []
+
+
+def test_a_local_failure_is_not_acknowledged(node: _Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    def disk_full(path: Path) -> object:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(node.receiver.spool, "take", disk_full)
+    assert _send(node.settings.port, [_dataset(5)]) == [scp.OUT_OF_RESOURCES]
+    assert node.rows(tables.Instance) == []
+    assert list((node.out / "_incoming").iterdir()) == []
+
+
+def test_unknown_peers_are_refused(tmp_path: Path) -> None:
+    titles = _Node(tmp_path / "a", allowed_calling_ae_titles=("PACS",))
+    hosts = _Node(tmp_path / "b", allowed_hosts=("10.0.0.0/8",))
+    for made in (titles, hosts):
+        made.receiver.start()
+    try:
+        assert _send(titles.settings.port, [_dataset(6)], calling="INTRUDER") is None
+        assert _send(titles.settings.port, [_dataset(6)], calling="PACS") == [0x0000]
+        assert _send(titles.settings.port, [_dataset(7)], called="SOMEONE") is None
+        assert _send(hosts.settings.port, [_dataset(8)]) is None  # 127.0.0.1 not allowed
+        assert hosts.rows(tables.Instance) == []
+    finally:
+        for made in (titles, hosts):
+            made.receiver.stop()
+            made.engine.dispose()
+
+
+def test_bad_receiver_settings_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="allowed_hosts"):
+        _Node(tmp_path / "a", allowed_hosts=("not-an-address",))
+    with pytest.raises(ConfigError, match="go together"):
+        _Node(tmp_path / "b", tls_certificate="/nonexistent.pem")
+    with pytest.raises(ConfigError, match="TLS files cannot be used"):
+        _Node(tmp_path / "c", tls_certificate="/nonexistent.pem", tls_key="/nonexistent.key")
+
+
+def test_instances_a_crash_left_in_incoming_are_taken_at_start(tmp_path: Path) -> None:
+    made = _Node(tmp_path)
+    incoming = made.out / "_incoming"
+    save(_dataset(9), incoming / "0123abcd.dcm")
+    (incoming / ".half.dcm.tmp").write_bytes(b"partial")
+    assert made.receiver.recover() == 1
+    assert len(made.rows(tables.Instance)) == 1
+    assert list(incoming.iterdir()) == []
+    made.engine.dispose()
