@@ -162,7 +162,8 @@ class DicomReceiver:
     def _on_requested(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor
         # The request primitive: the requestor's own fields are filled only after this.
-        title = str(requestor.primitive.calling_ae_title).strip()
+        primitive = requestor.primitive
+        title = str(primitive.calling_ae_title if primitive else "").strip()
         if self._titles and title not in self._titles:
             log.warning("association from an unknown calling AE title rejected")
             event.assoc.acse.send_reject(_REJECT_PERMANENT, _SERVICE_USER, _CALLING_AET_UNKNOWN)
