@@ -225,17 +225,28 @@ def write_dicom_outputs(
         return {}, None
     seg_files: dict[str, Path] = {}
     seg_series = hd.UID()
-    sr_items: list[SrImage] = []
-    for item, ds in zip(result.images, datasets, strict=True):
-        seg = build_seg(ds, item.segmentation, models.segmenter.model, seg_series, hd.UID())
-        name = f"seg_{uid_path_component(item.instance.sop_instance_uid)}.dcm"
-        seg_files[item.instance.sop_instance_uid] = export.write_dicom(folder / name, seg)
-        sr_items.append(
+    try:
+        segs = [
+            build_seg(ds, item.segmentation, models.segmenter.model, seg_series, hd.UID())
+            for item, ds in zip(result.images, datasets, strict=True)
+        ]
+        sr_items = [
             SrImage(
                 ds, seg, item.segmentation, models.segmenter.model, item.findings, item.screening
             )
-        )
-    sr = build_sr(sr_items, hd.UID(), hd.UID())
+            for item, ds, seg in zip(result.images, datasets, segs, strict=True)
+        ]
+        sr = build_sr(sr_items, hd.UID(), hd.UID())
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        # highdicom copies the patient, study and series modules from the source: a value
+        # there that is not valid DICOM (a corrupt time, a missing UID) stops the outputs.
+        raise InputError(
+            f"the source header has values that cannot be copied into the SEG/SR: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    for item, seg in zip(result.images, segs, strict=True):
+        name = f"seg_{uid_path_component(item.instance.sop_instance_uid)}.dcm"
+        seg_files[item.instance.sop_instance_uid] = export.write_dicom(folder / name, seg)
     return seg_files, export.write_dicom(folder / "sr.dcm", sr)
 
 

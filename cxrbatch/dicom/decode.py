@@ -99,9 +99,18 @@ def patient_side_mapping(ds: Dataset) -> tuple[bool, str]:
     return True, f"display convention ({view}; PatientOrientation row direction absent)"
 
 
+def _integer(ds: Dataset, keyword: str, default: int) -> int:
+    """An integer attribute of the image pixel module; InputError when it is not one."""
+    value = ds.get(keyword, default)
+    try:
+        return int(value or default)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{keyword} is not a single integer: {str(value)[:40]!r}.") from exc
+
+
 def decode_dataset(ds: Dataset, header: InstanceHeader) -> DecodedImage:
     notes: list[str] = []
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    samples = _integer(ds, "SamplesPerPixel", 1)
     if samples != 1:
         raise InputError(f"Expected a grayscale image (SamplesPerPixel 1), found {samples}.")
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
@@ -109,7 +118,7 @@ def decode_dataset(ds: Dataset, header: InstanceHeader) -> DecodedImage:
         raise InputError(
             f"Expected PhotometricInterpretation MONOCHROME1 or MONOCHROME2, found {photometric!r}."
         )
-    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    rows, columns = _integer(ds, "Rows", 0), _integer(ds, "Columns", 0)
     if rows < 16 or columns < 16 or rows * columns > MAX_PIXELS:
         raise InputError(f"Implausible image size {rows} x {columns}.")
     if "PixelData" not in ds:
@@ -150,10 +159,15 @@ def decode_dataset(ds: Dataset, header: InstanceHeader) -> DecodedImage:
 
 
 def read_dataset(header: InstanceHeader) -> Dataset:
+    """The whole data set, every element converted now: pydicom converts elements lazily,
+    so a corrupt one (an unknown VR, a value that is not of its VR) would otherwise fail
+    wherever it is first touched (selection, decoding, highdicom) as an unexplained error."""
     try:
-        return pydicom.dcmread(header.path)
+        ds = pydicom.dcmread(header.path)
+        ds.walk(lambda _dataset, _element: None)
     except Exception as exc:
         raise InputError(f"DICOM file cannot be read: {type(exc).__name__}: {exc}") from exc
+    return ds
 
 
 def decode(header: InstanceHeader) -> tuple[DecodedImage, Dataset]:

@@ -86,7 +86,11 @@ def read_header(path: Path) -> InstanceHeader | RejectedFile:
         transfer_syntax = _text(getattr(ds.file_meta, "TransferSyntaxUID", None))
     except Exception as exc:
         return RejectedFile(path, f"unreadable DICOM header element: {type(exc).__name__}", sha)
-    missing = [t for t in ("SOPInstanceUID", "StudyInstanceUID", "SOPClassUID") if not values[t]]
+    missing = [
+        t
+        for t in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID")
+        if not values[t]
+    ]
     if missing:
         return RejectedFile(
             path,

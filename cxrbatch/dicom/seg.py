@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
@@ -64,8 +66,14 @@ def build_seg(
         )
     ]
     pixel_array = np.stack([segmentation.right_lung, segmentation.left_lung], axis=-1)[None]
+    # highdicom would copy (and parse) the source's spacing into Pixel Measures, which are
+    # removed below anyway: a corrupt spacing value must not stop the SEG.
+    spacing_free = copy.copy(source)
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing"):
+        if keyword in spacing_free:
+            delattr(spacing_free, keyword)
     seg = hd.seg.Segmentation(
-        source_images=[source],
+        source_images=[spacing_free],
         pixel_array=pixel_array.astype(np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
