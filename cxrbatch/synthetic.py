@@ -19,6 +19,7 @@ MONOCHROME1 or MONOCHROME2, 8-16 bits, in several transfer syntaxes.
 from __future__ import annotations
 
 import datetime as dt
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -297,21 +298,28 @@ def to_dataset(
     return ds
 
 
-def save(ds: Dataset, path: Path, transfer_syntax: str = "explicit") -> Path:
-    """Write a dataset in one of TRANSFER_SYNTAXES (compressing when needed)."""
+def encode(ds: Dataset, transfer_syntax: str = "explicit") -> bytes:
+    """The Part 10 bytes of a dataset in one of TRANSFER_SYNTAXES (compressing if needed)."""
     uid = TRANSFER_SYNTAXES[transfer_syntax]
     ds = ds.copy()
     if uid.is_compressed:
         ds.compress(uid, generate_instance_uid=False)
     else:
         ds.file_meta.TransferSyntaxUID = uid
-    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
     ds.save_as(
-        path,
+        buffer,
         implicit_vr=uid == ImplicitVRLittleEndian,
         little_endian=True,
         enforce_file_format=True,
     )
+    return buffer.getvalue()
+
+
+def save(ds: Dataset, path: Path, transfer_syntax: str = "explicit") -> Path:
+    """Write a dataset in one of TRANSFER_SYNTAXES (compressing when needed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encode(ds, transfer_syntax))
     return path
 
 

@@ -22,7 +22,7 @@ from pydicom.sequence import Sequence
 
 from cxrbatch.dicom.discover import read_header
 from cxrbatch.domain import RejectedFile
-from cxrbatch.synthetic import TRANSFER_SYNTAXES, make_phantom, to_dataset
+from cxrbatch.synthetic import encode, make_phantom, to_dataset
 
 SECRET_NAME = "FUZZ^SECRETNAME"
 SECRET_ID = "SECRETID-4711"
@@ -37,21 +37,6 @@ def _base(index: int, **kwargs: object) -> Dataset:
         patient_id=SECRET_ID,
         **kwargs,  # type: ignore[arg-type]
     )
-
-
-def _bytes(ds: Dataset, syntax: str = "explicit") -> bytes:
-    """The Part 10 bytes of `ds` in one of the phantom generator's transfer syntaxes."""
-    uid = TRANSFER_SYNTAXES[syntax]
-    ds = ds.copy()
-    if uid.is_compressed:
-        ds.compress(uid, generate_instance_uid=False)
-    else:
-        ds.file_meta.TransferSyntaxUID = uid
-    buffer = io.BytesIO()
-    ds.save_as(
-        buffer, implicit_vr=syntax == "implicit", little_endian=True, enforce_file_format=True
-    )
-    return buffer.getvalue()
 
 
 def _nested(depth: int) -> Sequence:
@@ -76,13 +61,13 @@ def _mutants(seed: int) -> dict[str, bytes]:
 
     # Truncation at many offsets: preamble, file meta, data set, pixel data.
     for offset in (0, 1, 64, 128, 131, 132, 140, 200, 300, 500, 800, 1200):
-        cases[f"trunc_{offset}"] = _bytes(fresh())[:offset]
+        cases[f"trunc_{offset}"] = encode(fresh())[:offset]
     for fraction in (0.1, 0.3, 0.5, 0.7, 0.9, 0.99):
-        data = _bytes(fresh(), rng.choice(["explicit", "implicit", "j2k", "rle"]))
+        data = encode(fresh(), rng.choice(["explicit", "implicit", "j2k", "rle"]))
         cases[f"trunc_frac_{fraction}"] = data[: int(len(data) * fraction)]
     # Bit flips in the header (everything before the pixel data).
     for k in range(24):
-        data = bytearray(_bytes(fresh(), rng.choice(["explicit", "implicit"])))
+        data = bytearray(encode(fresh(), rng.choice(["explicit", "implicit"])))
         header_end = data.find(b"\xe0\x7f\x10\x00")
         for _ in range(rng.randint(1, 8)):
             position = rng.randrange(132, max(133, header_end))
@@ -90,11 +75,11 @@ def _mutants(seed: int) -> dict[str, bytes]:
         cases[f"flip_{k}"] = bytes(data)
     # Huge declared lengths: the pixel data element (4-byte length) and, in implicit VR,
     # the patient name.
-    data = bytearray(_bytes(fresh()))
+    data = bytearray(encode(fresh()))
     at = data.find(b"\xe0\x7f\x10\x00OW\x00\x00")
     data[at + 8 : at + 12] = struct.pack("<I", 0xFFFFFFF0)
     cases["huge_pixel_length"] = bytes(data)
-    data = bytearray(_bytes(fresh(), "implicit"))
+    data = bytearray(encode(fresh(), "implicit"))
     at = data.find(b"\x10\x00\x10\x00")
     data[at + 4 : at + 8] = struct.pack("<I", 0x7FFFFFF0)
     cases["huge_name_length"] = bytes(data)
@@ -112,30 +97,30 @@ def _mutants(seed: int) -> dict[str, bytes]:
     # Wrong VRs and values.
     ds = fresh()
     ds.add_new(0x00280010, "LO", "abc")  # Rows as text
-    cases["rows_as_text"] = _bytes(ds)
+    cases["rows_as_text"] = encode(ds)
     ds = fresh()
     ds.add_new(0x00280100, "US", 3)  # BitsAllocated 3
-    cases["bits_allocated_3"] = _bytes(ds)
+    cases["bits_allocated_3"] = encode(ds)
     ds = fresh()
     ds.Rows, ds.Columns = 60000, 60000  # declared huge, pixel data tiny
-    cases["declared_huge_image"] = _bytes(ds)
+    cases["declared_huge_image"] = encode(ds)
     # Pixel data shorter than Rows x Columns.
     for k, fraction in enumerate((0.0, 0.1, 0.5, 0.999)):
         ds = fresh()
         ds.PixelData = ds.PixelData[: int(len(ds.PixelData) * fraction) // 2 * 2]
-        cases[f"short_pixels_{k}"] = _bytes(ds)
+        cases[f"short_pixels_{k}"] = encode(ds)
     # UIDs and values that try to steer paths.
     ds = fresh()
     ds.StudyInstanceUID = "../../escaped_study"
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "../../../escaped_sop"
     ds.SeriesInstanceUID = "/tmp/escaped_series"
-    cases["path_uids"] = _bytes(ds)
+    cases["path_uids"] = encode(ds)
     ds = fresh()
     ds.StudyInstanceUID = "1." * 40  # over 64 characters
-    cases["long_uid"] = _bytes(ds)
+    cases["long_uid"] = encode(ds)
     # Two good controls: the batch must still process them.
-    cases["good_cr"] = _bytes(fresh())
-    cases["good_dx_j2k"] = _bytes(fresh(modality="DX", bits=14), "j2k")
+    cases["good_cr"] = encode(fresh())
+    cases["good_dx_j2k"] = encode(fresh(modality="DX", bits=14), "j2k")
     return cases
 
 
