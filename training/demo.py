@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ CONFIG_NAME = "demo.toml"
 
 def _recipe() -> dict[str, Any]:
     return {
-        "phantoms": json.loads(json.dumps(DEMO_RECIPE.__dict__)),
+        "phantoms": json.loads(json.dumps(asdict(DEMO_RECIPE))),  # tuples as JSON lists
         "train": DEMO_TRAIN.model_dump(mode="json"),
         "version": DEMO_VERSION,
     }
@@ -70,12 +71,7 @@ def build_demo_bundle(bundle: Path, progress: bool = True) -> Path:
     val, test = split_records(records, "val"), split_records(records, "test")
     train(run, DEMO_TRAIN, data, split_records(records, "train"), val, progress)
     evaluate_run(run, data, val, test, DEMO_TRAIN.device)
-    export_bundle(run, bundle, DEMO_NAME, DEMO_VERSION, screening_sensitivity=0.98)
-    metadata_path = bundle / "configs" / "metadata.json"
-    metadata = json.loads(metadata_path.read_text())
-    metadata["demo_recipe"] = _recipe()
-    text = json.dumps(metadata, indent=2).encode()
-    atomic_write(metadata_path, lambda h: h.write(text))
+    export_bundle(run, bundle, DEMO_NAME, DEMO_VERSION, 0.98, {"demo_recipe": _recipe()})
     shutil.rmtree(work, ignore_errors=True)  # the metrics are in the bundle metadata
     return bundle
 

@@ -8,13 +8,13 @@ paired tests) into the run folder.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cxrbatch.dicom.export import write_json
 from cxrbatch.files import atomic_write
 from cxrbatch.models.device import resolve_device
 from training.curate import FINDINGS
@@ -35,13 +35,20 @@ EVALUATION = "evaluation.json"
 PREDICTIONS = "predictions.npz"
 
 
-def _predict_split(
-    run_dir: Path, data: DataSpec, records: list[Record], device: str = "auto"
-) -> tuple[np.ndarray, np.ndarray]:
+def _predict_splits(
+    run_dir: Path, data: DataSpec, splits: list[list[Record]], device: str = "auto"
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Probabilities and labels per split, with the run's best weights loaded once."""
     torch_device = resolve_device(device)
     network, config = load_trained(run_dir, torch_device)
-    loader = make_loader(dataset(records, data, config, cache=False), config, shuffle=False)
-    return predict(network, loader, torch_device)
+    return [
+        predict(
+            network,
+            make_loader(dataset(records, data, config, cache=False), config, shuffle=False),
+            torch_device,
+        )
+        for records in splits
+    ]
 
 
 def summarise(
@@ -97,13 +104,13 @@ def evaluate_run(
     test_records: list[Record],
     device: str = "auto",
 ) -> dict[str, Any]:
-    val_probs, val_labels = _predict_split(run_dir, data, val_records, device)
-    test_probs, test_labels = _predict_split(run_dir, data, test_records, device)
+    (val_probs, val_labels), (test_probs, test_labels) = _predict_splits(
+        run_dir, data, [val_records, test_records], device
+    )
     val_nf = np.array([r.no_finding for r in val_records])
     test_nf = np.array([r.no_finding for r in test_records])
     result = summarise(val_probs, val_labels, val_nf, test_probs, test_labels, test_nf)
-    text = json.dumps(result, indent=2).encode()
-    atomic_write(run_dir / EVALUATION, lambda h: h.write(text))
+    write_json(run_dir / EVALUATION, result)
 
     def write_npz(handle: Any) -> None:
         np.savez(

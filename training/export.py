@@ -25,8 +25,9 @@ def export_bundle(
     name: str,
     version: str = "1",
     screening_sensitivity: float = 0.98,
+    metadata: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the bundle; returns its folder."""
+    """Write the bundle (with `metadata` added to its metadata.json); returns its folder."""
     evaluation_path = run_dir / EVALUATION
     if not evaluation_path.is_file():
         raise FileNotFoundError(
@@ -70,6 +71,7 @@ def export_bundle(
             "screening_point": point,
             "test_images": evaluation["test_images"],
         },
+        **(metadata or {}),
     }
     warning = " TRAINED ON SYNTHETIC PHANTOMS: not clinically meaningful." if synthetic else ""
     description = (

@@ -17,7 +17,6 @@ bare state dict that `segmentation.litemedsam_checkpoint` / `.medsam_checkpoint`
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from rich.progress import Progress
 from scipy import ndimage as ndi
 
 from cxrbatch.config import SegmentationSettings
-from cxrbatch.files import atomic_write
+from cxrbatch.dicom.export import write_json
 from cxrbatch.models.segmenter import load_segmenter
 from training.data import MaskPair
 from training.train import open_run_folder, save_checkpoint, versions
@@ -245,7 +244,6 @@ def finetune(
         "checkpoint": str(best_path),
         "use_with": f"segmentation.{key} = {str(best_path)!r}",
     }
-    text = json.dumps(summary, indent=2).encode()
-    atomic_write(run_dir / "summary.json", lambda h: h.write(text))
+    write_json(run_dir / "summary.json", summary)
     last_path.unlink(missing_ok=True)  # only resuming needs it
     return summary

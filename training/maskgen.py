@@ -22,7 +22,7 @@ from pathlib import Path
 from rich.progress import Progress
 
 from cxrbatch.config import SegmentationSettings
-from cxrbatch.files import atomic_write
+from cxrbatch.dicom.export import write_json
 from cxrbatch.models.masks import WORKING_SIZE, resize_mask
 from cxrbatch.models.prompts import segment_pixels
 from cxrbatch.models.segmenter import BoxSegmenter, load_segmenter
@@ -53,8 +53,7 @@ def _check_manifest(cache: Path, segmenter: BoxSegmenter, refine: bool) -> None:
                 "use another cache folder."
             )
         return
-    text = json.dumps(manifest, indent=2).encode()
-    atomic_write(path, lambda h: h.write(text))
+    write_json(path, manifest)
 
 
 def generate_masks(
@@ -86,6 +85,5 @@ def generate_masks(
                 log.warning("no lung mask for %s: %s", name, exc)
             bar.advance(task)
     if failures:
-        text = json.dumps(failures, indent=2).encode()
-        atomic_write(cache / "failures.json", lambda h: h.write(text))
+        write_json(cache / "failures.json", failures)
     return failures

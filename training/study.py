@@ -25,7 +25,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from cxrbatch.config import SegmentationSettings
-from cxrbatch.files import atomic_write
+from cxrbatch.dicom.export import write_json
 from cxrbatch.models.masks import MASK_MODES, MaskMode
 from training.curate import FINDINGS, curate, write_curated
 from training.data import Record, read_curated, resolve_images, split_records
@@ -113,9 +113,11 @@ def _prepare_split(config: StudyConfig, out: Path, seed: int) -> SplitData:
             f"synthetic chest phantoms (cxrbatch.synthetic), seed {seed}, "
             f"{config.phantom_size} px, label-correlated marker in train/val only"
         )
-        masks: Path | None = root / TRUTH_MASKS if config.masks == "truth" else None
-        if config.masks == "segmenter":
-            masks = config.mask_cache or root / "masks_segmenter"
+        masks = (
+            root / TRUTH_MASKS
+            if config.masks == "truth"
+            else config.mask_cache or root / "masks_segmenter"
+        )
         synthetic = True
     else:
         if config.nih_labels is None or config.nih_images is None:
@@ -154,8 +156,7 @@ def run_dir(out: Path, seed: int, architecture: str, mode: str) -> Path:
 
 def run_study(config: StudyConfig, out: Path, progress: bool = True) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
-    text = config.model_dump_json(indent=2).encode()
-    atomic_write(out / "study_config.json", lambda h: h.write(text))
+    write_json(out / "study_config.json", config.model_dump(mode="json"))
     cells: list[dict[str, Any]] = []
     for seed in config.splits:
         split = _prepare_split(config, out, seed)

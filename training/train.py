@@ -12,9 +12,9 @@ dilation, resizing and normalisation are the inference code itself.
 A run folder holds `config.json` (the resolved config, seed, data files, library
 versions), `best.pt` (the weights of the best validation epoch), while running `last.pt`
 (model, optimiser, epoch, history: what resuming needs; removed at the end) and, when
-finished, `summary.json`. Running
-again on the same folder resumes after the last finished epoch, or returns at once when
-the run is complete; a folder holding a different config is refused.
+finished, `summary.json`. Running again on the same folder resumes after the last
+finished epoch, or returns at once when the run is complete; a folder holding a different
+config is refused.
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from rich.progress import Progress
 
 import cxrbatch
+from cxrbatch.dicom.export import write_json
 from cxrbatch.files import atomic_write
-from cxrbatch.models.bundle import IMAGENET_MEAN, IMAGENET_STD, build_network
+from cxrbatch.models.bundle import IMAGENET_MEAN, IMAGENET_STD, IMAGENET_WEIGHTS, build_network
 from cxrbatch.models.device import resolve_device
 from cxrbatch.models.masks import MaskMode
 from cxrbatch.models.preprocess import classifier_input
@@ -145,11 +146,7 @@ def imagenet_available(architecture: str) -> bool:
     """Whether torchvision's ImageNet weights for `architecture` are in the local cache."""
     from urllib.parse import urlparse
 
-    weights = {
-        "resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V2,
-        "densenet121": torchvision.models.DenseNet121_Weights.IMAGENET1K_V1,
-    }[architecture]
-    name = Path(urlparse(weights.url).path).name
+    name = Path(urlparse(IMAGENET_WEIGHTS[architecture].url).path).name
     return (Path(torch.hub.get_dir()) / "checkpoints" / name).is_file()
 
 
@@ -254,14 +251,9 @@ def open_run_folder(
         if {k: recorded.get(k) for k in document} != document:
             raise ValueError(f"{run_dir} holds a run of another config; use another folder.")
     else:
-        _write_json(config_path, {**document, **extra})
+        write_json(config_path, {**document, **extra})
     summary = run_dir / "summary.json"
     return dict(json.loads(summary.read_text())) if summary.is_file() else None
-
-
-def _write_json(path: Path, document: dict[str, Any]) -> None:
-    text = json.dumps(document, indent=2, default=str).encode()
-    atomic_write(path, lambda h: h.write(text))
 
 
 def train(
@@ -316,7 +308,6 @@ def train(
 
     train_ds = dataset(train_records, data, config)
     val_loader = make_loader(dataset(val_records, data, config), config, shuffle=False)
-    epoch = start_epoch
     with Progress(disable=not progress) as bar:
         task = bar.add_task(
             f"{config.architecture} {config.mask_mode}",
@@ -375,7 +366,7 @@ def train(
     if best_epoch < 0:
         raise ValueError("Validation AUROC was never defined: the val split lacks positives.")
     epochs_run = len(history)
-    _write_json(
+    write_json(
         run_dir / "summary.json",
         {
             "best_epoch": best_epoch,

@@ -93,7 +93,6 @@ class DicomReceiver:
         self._ssl = _ssl_context(settings)
         self._lock = threading.Lock()  # one take at a time: takes are short, rows consistent
         self._server: Any = None
-        self.counts: dict[str, int] = {}
 
     def recover(self) -> int:
         """Take in files a crash left in the incoming folder (never acknowledged)."""
@@ -185,7 +184,6 @@ class DicomReceiver:
             log.error("received instance not taken in: %s", type(exc).__name__)
             path.unlink(missing_ok=True)
             return OUT_OF_RESOURCES
-        self.counts[taken.value] = self.counts.get(taken.value, 0) + 1
         if taken is not Taken.RECEIVED:
             path.unlink(missing_ok=True)  # duplicate dropped; rejects are in the quarantine
         return _STATUS[taken]

@@ -72,15 +72,21 @@ class BundleSpec(BaseModel):
         return self
 
 
+# The torchvision ImageNet weights the paper's networks start from.
+IMAGENET_WEIGHTS: dict[str, torchvision.models.WeightsEnum] = {
+    "resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V2,
+    "densenet121": torchvision.models.DenseNet121_Weights.IMAGENET1K_V1,
+}
+
+
 def build_network(architecture: str, num_labels: int, pretrained: bool = False) -> torch.nn.Module:
     """The torchvision network with a `num_labels`-way head (logits)."""
+    weights = IMAGENET_WEIGHTS.get(architecture) if pretrained else None
     if architecture == "resnet50":
-        weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V2 if pretrained else None
         net = torchvision.models.resnet50(weights=weights)
         net.fc = torch.nn.Linear(net.fc.in_features, num_labels)
         return net
     if architecture == "densenet121":
-        weights = torchvision.models.DenseNet121_Weights.IMAGENET1K_V1 if pretrained else None
         net = torchvision.models.densenet121(weights=weights)
         net.classifier = torch.nn.Linear(net.classifier.in_features, num_labels)
         return net
