@@ -249,6 +249,55 @@ def test_an_interrupted_run_resumes_to_the_same_weights(
         )
 
 
+def test_cli_trains_evaluates_and_exports_a_run(
+    tmp_path: Path, tiny_dataset: tuple[list[Record], DataSpec]
+) -> None:
+    """`python -m training train | evaluate | export` (each with --run) end to end."""
+    from training.__main__ import main
+
+    _, data = tiny_dataset
+    assert data.masks is not None
+    root = data.masks.parent
+    common = [
+        "--table",
+        str(root / "curated.csv"),
+        "--images",
+        str(root / IMAGES),
+        "--masks",
+        str(data.masks),
+        "--synthetic",
+        "--device",
+        "cpu",
+    ]
+    run = str(tmp_path / "run")
+    assert (
+        main(
+            [
+                "train",
+                *common,
+                "--run",
+                run,
+                "--mask-mode",
+                "M-50",
+                "--input-size",
+                "32",
+                "--batch-size",
+                "16",
+                "--epochs",
+                "1",
+                "--no-imagenet",
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
+    assert main(["evaluate", *common, "--run", run]) == 0
+    assert main(["export", "--run", run, "--bundle", str(tmp_path / "b"), "--name", "t"]) == 0
+    bundle = load_bundle(tmp_path / "b", "cpu")
+    assert bundle.spec.mask_mode == "M-50" and bundle.model.synthetic_training_data
+
+
 def test_study_runner_writes_tables_tests_and_plots(tmp_path: Path) -> None:
     from training.study import run_study, synthetic_small_config
 

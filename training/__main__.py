@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +133,7 @@ def _train(args: argparse.Namespace) -> int:
         split_records(records, "train"),
         split_records(records, "val"),
     )
-    _print(result)
+    _print(asdict(result))
     return 0
 
 
@@ -224,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("image", "patient"), default="image")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-class", type=int, default=2000)
-    p.set_defaults(run=_curate)
+    p.set_defaults(handler=_curate)
 
     p = commands.add_parser("phantoms", help="A synthetic dataset in the curated layout.")
     p.add_argument("--out", required=True)
@@ -233,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", type=int, default=80)
     p.add_argument("--test", type=int, default=120)
     p.add_argument("--size", type=int, default=256)
-    p.set_defaults(run=_phantoms)
+    p.set_defaults(handler=_phantoms)
 
     p = commands.add_parser("finetune", help="Fine-tune MedSAM on lung image/mask folders.")
     p.add_argument("--images", required=True, help="image folder (any depth)")
@@ -251,14 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze-image-encoder", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     _add_segmentation(p)
-    p.set_defaults(run=_finetune)
+    p.set_defaults(handler=_finetune)
 
     p = commands.add_parser("masks", help="Lung masks by the pipeline's segmenter, cached.")
     p.add_argument("--table", required=True)
     p.add_argument("--images", required=True)
     p.add_argument("--cache", required=True)
     _add_segmentation(p)
-    p.set_defaults(run=_masks)
+    p.set_defaults(handler=_masks)
 
     p = commands.add_parser("train", help="Train one classifier (paper defaults).")
     _add_data(p)
@@ -273,12 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--no-imagenet", action="store_true", help="random initialisation")
-    p.set_defaults(run=_train)
+    p.set_defaults(handler=_train)
 
     p = commands.add_parser("evaluate", help="Evaluate a run on its test split.")
     _add_data(p)
     p.add_argument("--run", required=True)
-    p.set_defaults(run=_evaluate)
+    p.set_defaults(handler=_evaluate)
 
     p = commands.add_parser("export", help="Export an evaluated run as a cxrbatch bundle.")
     p.add_argument("--run", required=True)
@@ -286,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True)
     p.add_argument("--version", default="1")
     p.add_argument("--screening-sensitivity", type=float, default=0.98)
-    p.set_defaults(run=_export)
+    p.set_defaults(handler=_export)
 
     p = commands.add_parser("study", help="Run the whole grid and write the report.")
     p.add_argument("--preset", choices=("paper", "synthetic-small"), required=True)
@@ -301,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="synthetic-small: LiteMedSAM masks instead of the phantoms' known masks",
     )
     _add_segmentation(p)
-    p.set_defaults(run=_study)
+    p.set_defaults(handler=_study)
     return parser
 
 
@@ -309,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.run(args))
+        return int(args.handler(args))
     except (FileNotFoundError, ValueError, CxrBatchError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
