@@ -6,6 +6,7 @@
     cxrbatch results [--out OUT | --db URL] [--format table|csv|json] [filters]
     cxrbatch worklist [--out OUT | --db URL] [--format table|csv|json]
     cxrbatch status [--out OUT | --db URL]
+    cxrbatch send [--out OUT | --db URL] [--config FILE] [--retry-dead]
     cxrbatch jobs retry [STUDY_UID ...] [--out OUT | --db URL]
     cxrbatch db upgrade [--out OUT | --db URL]
     cxrbatch phantoms OUT [--studies N] [--size PX] [--truth DIR]
@@ -155,6 +156,58 @@ def process(
             "not clinically meaningful.[/]"
         )
     out_console.print(f"outputs: {out.resolve()}  (NOT FOR DIAGNOSTIC USE)")
+    if settings.send.destinations:
+        _print_sent(_send_due(config, db, out, settings, retry_dead=False))
+
+
+def _send_due(
+    config: Path | None, db: str | None, out: Path | None, settings: Settings, retry_dead: bool
+) -> dict[str, int]:
+    """One sender pass over the due deliveries; how many ended in each status."""
+    from cxrbatch.send import deliveries
+    from cxrbatch.send.sender import Sender
+
+    def work(sessions: sessionmaker[Session]) -> dict[str, int]:
+        revived = deliveries.retry_dead(sessions) if retry_dead else 0
+        ended = dict(Sender(settings, sessions).send_due())
+        return {"revived": revived, **ended} if revived else ended
+
+    return _with_database(config, db, out, work)
+
+
+def _print_sent(ended: dict[str, int]) -> None:
+    if not ended:
+        out_console.print("deliveries: nothing due")
+        return
+    out_console.print(
+        "deliveries: " + ", ".join(f"{count} {status}" for status, count in sorted(ended.items()))
+    )
+    if ended.get("failed") or ended.get("dead"):
+        out_console.print("[bold yellow]some deliveries failed: see `cxrbatch status`[/]")
+
+
+@app.command()
+def send(
+    out: OutOption = None,
+    db: DbOption = None,
+    config: ConfigOption = None,
+    retry_dead: Annotated[
+        bool, typer.Option("--retry-dead", help="First give dead deliveries fresh attempts.")
+    ] = False,
+) -> None:
+    """Send the due deliveries (SEG, SR, key images) to the configured destinations once.
+
+    Exit code 1 when a delivery failed (it stays queued with its backoff, or dead)."""
+    try:
+        settings = _settings(config, db)
+    except CxrBatchError as exc:
+        raise _fail(str(exc)) from exc
+    if not settings.send.destinations:
+        raise _fail("no [[send.destinations]] in the configuration")
+    ended = _send_due(config, db, out, settings, retry_dead)
+    _print_sent(ended)
+    if ended.get("failed") or ended.get("dead") or ended.get("lost"):
+        raise typer.Exit(code=1)
 
 
 def _serve(settings: Settings, out: Path, workers: int, input_dir: Path | None) -> None:
@@ -377,9 +430,10 @@ def status(
         StatusFormat, typer.Option("--format", help="Output format.")
     ] = StatusFormat.TABLE,
 ) -> None:
-    """Queue depth by job status, throughput, recent failures and dead jobs."""
+    """Queue depth by job status, throughput, recent failures, dead jobs and deliveries."""
     from cxrbatch import queue
     from cxrbatch.db import repository
+    from cxrbatch.send import deliveries
 
     def query(sessions: sessionmaker[Session]) -> dict[str, Any]:
         now = dt.datetime.now(dt.UTC)
@@ -404,6 +458,17 @@ def status(
                     }
                     for j in repository.dead_jobs(session)
                 ],
+                "deliveries": deliveries.counts(session),
+                "undelivered": [
+                    {
+                        "study_instance_uid": d.study_instance_uid,
+                        "destination": d.destination,
+                        "status": d.status,
+                        "attempts": d.attempts,
+                        "last_error": d.last_error,
+                    }
+                    for d in deliveries.undelivered(session)
+                ],
             }
 
     report = _with_database(config, db, out, query)
@@ -418,7 +483,20 @@ def status(
     table.add_row("finished in the last hour", str(report["finished_last_hour"]))
     table.add_row("finished in the last 24 h", str(report["finished_last_24h"]))
     out_console.print(table)
-    for key, title in (("failed_studies", "failed studies"), ("dead_jobs", "dead jobs")):
+    if report["deliveries"]:
+        sent = Table(title="deliveries")
+        sent.add_column("destination")
+        statuses = list(next(iter(report["deliveries"].values())))
+        for name in statuses:
+            sent.add_column(name, justify="right")
+        for destination, by_status in report["deliveries"].items():
+            sent.add_row(destination, *(str(by_status[name]) for name in statuses))
+        out_console.print(sent)
+    for key, title in (
+        ("failed_studies", "failed studies"),
+        ("dead_jobs", "dead jobs"),
+        ("undelivered", "failed and dead deliveries"),
+    ):
         items = report[key]
         if items:
             detail = Table(title=title)

@@ -10,7 +10,14 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from cxrbatch.errors import ConfigError
@@ -67,6 +74,9 @@ class OutputSettings(_Section):
     # Where unreadable inputs are copied; empty = OUT/_quarantine.
     quarantine_dir: str = ""
     write_json: bool = True
+    # A Secondary Capture per processed image (the radiograph with the lung contours and
+    # the scores burned in, NOT FOR DIAGNOSTIC USE) for viewers without SEG support.
+    key_image: bool = False
 
 
 class IngestSettings(_Section):
@@ -113,6 +123,65 @@ class DicomSettings(_Section):
     network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
 
 
+class Destination(_Section):
+    """A node that receives each processed study's SEG, SR (and key images)."""
+
+    # Shown in `cxrbatch status` and stored with each delivery.
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    transport: Literal["dimse", "stow-rs"] = "dimse"
+    # dimse: C-STORE to ae_title at host:port, calling as calling_ae_title (empty = the
+    # receiver's dicom.ae_title); TLS when tls is true (tls_ca_certificates verifies the peer).
+    ae_title: Annotated[str, Field(max_length=16)] = ""
+    host: str = ""
+    port: Annotated[int, Field(ge=1, le=65535)] = 104
+    calling_ae_title: Annotated[str, Field(max_length=16)] = ""
+    tls: bool = False
+    tls_ca_certificates: str = ""
+    # stow-rs: the DICOMweb base URL (".../dicom-web"); instances are POSTed to URL/studies.
+    # HTTP basic auth with `username` and the password read from the environment variable
+    # named by `password_env` (no secrets in configuration files).
+    url: str = ""
+    username: str = ""
+    password_env: str = ""
+    timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+
+    @model_validator(mode="after")
+    def _complete(self) -> Destination:
+        if self.transport == "dimse" and not (self.ae_title and self.host):
+            raise ValueError(
+                f"destination {self.name!r}: transport 'dimse' needs ae_title and host"
+            )
+        if self.transport == "stow-rs" and not self.url.startswith(("http://", "https://")):
+            raise ValueError(
+                f"destination {self.name!r}: transport 'stow-rs' needs an http(s) url, "
+                f"found {self.url!r}"
+            )
+        return self
+
+
+class SendSettings(_Section):
+    """Sending results back: every processed study's SEG and SR (and key images) to each
+    destination, kept in the `deliveries` table until acknowledged."""
+
+    destinations: tuple[Destination, ...] = ()
+    max_attempts: Annotated[int, Field(ge=1)] = 10
+    # Retry n waits base * 2^(n-1) seconds, at most backoff_max_seconds.
+    backoff_base_seconds: Annotated[float, Field(ge=0)] = 30.0
+    backoff_max_seconds: Annotated[float, Field(ge=0)] = 3600.0
+    poll_interval_seconds: Annotated[float, Field(gt=0)] = 5.0
+    # A sender's claim on a delivery; a delivery held longer (sender killed) is retried.
+    lease_seconds: Annotated[float, Field(gt=0)] = 600.0
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique_names(cls, value: tuple[Destination, ...]) -> tuple[Destination, ...]:
+        names = [d.name for d in value]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"destination names must be unique, found {duplicates} twice")
+        return value
+
+
 class QueueSettings(_Section):
     """The job queue and its workers (`cxrbatch watch` and `cxrbatch worker`)."""
 
@@ -149,6 +218,7 @@ class Settings(BaseSettings):
     output: OutputSettings = OutputSettings()
     ingest: IngestSettings = IngestSettings()
     dicom: DicomSettings = DicomSettings()
+    send: SendSettings = SendSettings()
     queue: QueueSettings = QueueSettings()
     database: DatabaseSettings = DatabaseSettings()
     logging: LoggingSettings = LoggingSettings()

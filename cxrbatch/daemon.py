@@ -1,6 +1,7 @@
 """`cxrbatch watch` and `cxrbatch worker`: the long-running service, wired in one place.
 
     watch:  ingest loop (this process: export folder and/or DICOM receiver)
+            + sender thread (deliveries to [[send.destinations]], when configured)
             + N worker processes (models loaded once each)
     worker: N worker processes only (extra hosts sharing one PostgreSQL queue and storage)
 
@@ -29,6 +30,7 @@ from cxrbatch.ingest.folder import FolderIngest
 from cxrbatch.ingest.scp import DicomReceiver
 from cxrbatch.ingest.spool import Spool
 from cxrbatch.paths import database_url, incoming_dir, quarantine_dir, spool_dir
+from cxrbatch.send.sender import SenderThread
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,10 @@ class Service:
             log.warning("%d job(s) of a previous run recovered for retry", recovered)
         ingest = self._start_ingest() if self.input_dir is not None else None
         receiver = self._start_receiver() if self.settings.dicom.listen else None
+        sender = None
+        if self.settings.send.destinations:
+            sender = SenderThread(self.settings, self.sessions)
+            sender.start()
         try:
             for _ in range(self.workers):
                 self._spawn_worker()
@@ -98,6 +104,8 @@ class Service:
             if ingest is not None:
                 ingest.stop()
             self._drain()
+            if sender is not None:
+                sender.stop()  # unsent deliveries stay queued for the next start
             self.engine.dispose()
 
     def _spool(self, mode: str) -> Spool:

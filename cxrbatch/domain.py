@@ -32,6 +32,17 @@ class JobStatus(enum.StrEnum):
     DEAD = "dead"  # failed max_attempts times; kept with its last error until `jobs retry`
 
 
+class DeliveryStatus(enum.StrEnum):
+    """The state of sending one outcome's objects to one destination (`deliveries.status`)."""
+
+    PENDING = "pending"  # waiting for a sender (at run_after: a retry's backoff)
+    SENDING = "sending"  # claimed by a sender holding a lease
+    SENT = "sent"  # every object acknowledged by the destination
+    FAILED = "failed"  # the last attempt failed; retried at run_after
+    DEAD = "dead"  # failed max_attempts times; kept until `cxrbatch send --retry-dead`
+    SUPERSEDED = "superseded"  # a newer outcome of the study replaced it before it was sent
+
+
 class Triage(enum.StrEnum):
     LIKELY_NORMAL = "likely-normal"
     ABNORMAL = "abnormal"
@@ -174,6 +185,13 @@ class OutputFiles:
     seg_files: dict[str, Path]  # SOPInstanceUID of the source image -> SEG file
     sr_file: Path | None
     json_file: Path | None
+    # SOPInstanceUID of the source image -> Secondary Capture key image (output.key_image)
+    key_image_files: dict[str, Path] = field(default_factory=dict)
+
+    def dicom_files(self) -> list[Path]:
+        """Every DICOM object written for the study (what is sent to destinations)."""
+        files = [*self.seg_files.values(), *self.key_image_files.values()]
+        return files + ([self.sr_file] if self.sr_file else [])
 
 
 @dataclass(frozen=True)

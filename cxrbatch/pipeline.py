@@ -4,7 +4,7 @@
     for each: decode -> segment lungs (auto box prompts) -> classify (bundle's mask mode)
               -> screening (M-50 bundle's No Finding score and threshold)
     study-level triage and No Finding score (worst image)
-    write SEG per image, one SR and result.json, atomically
+    write SEG per image, one SR, key images (optional) and result.json, atomically
 
 Models are loaded once (`load_models`) and passed in; `run` touches no database.
 """
@@ -27,6 +27,7 @@ import cxrbatch
 from cxrbatch.config import Settings
 from cxrbatch.dicom import export
 from cxrbatch.dicom.decode import decode
+from cxrbatch.dicom.keyimage import build_key_image
 from cxrbatch.dicom.seg import build_seg
 from cxrbatch.dicom.select import select
 from cxrbatch.dicom.sr import SrImage, build_sr
@@ -105,6 +106,7 @@ def input_fingerprint(study: StudyInput, models: Models, settings: Settings) -> 
         digest.update(f"model:{ref.name}:{ref.sha256}\n".encode())
     digest.update(settings.selection.model_dump_json().encode())
     digest.update(settings.segmentation.model_dump_json(include={"refine", "threshold"}).encode())
+    digest.update(settings.output.model_dump_json(include={"key_image"}).encode())
     return digest.hexdigest()
 
 
@@ -206,11 +208,11 @@ def run(study: StudyInput, models: Models, settings: Settings, out_dir: Path) ->
     folder = export.study_dir(out_dir, study.study_instance_uid)
     remove_stale_temporaries(folder)
     with timer.stage("write"):
-        seg_files, sr_file = write_dicom_outputs(
-            result, [p.dataset for p in processed], models, folder
+        seg_files, sr_file, key_files = write_dicom_outputs(
+            result, [p.dataset for p in processed], models, folder, settings.output.key_image
         )
     json_file = folder / "result.json" if settings.output.write_json else None
-    outputs = OutputFiles(seg_files, sr_file, json_file)
+    outputs = OutputFiles(seg_files, sr_file, json_file, key_files)
     result = replace(result, outputs=outputs, timings=dict(timer.seconds))
     if json_file is not None:
         export.write_json(json_file, result_document(result, outputs))
@@ -218,14 +220,25 @@ def run(study: StudyInput, models: Models, settings: Settings, out_dir: Path) ->
 
 
 def write_dicom_outputs(
-    result: StudyResult, datasets: list[Dataset], models: Models, folder: Path
-) -> tuple[dict[str, Path], Path | None]:
-    """One SEG per processed image and one SR for the study; nothing for ineligible ones."""
+    result: StudyResult,
+    datasets: list[Dataset],
+    models: Models,
+    folder: Path,
+    key_image: bool = False,
+) -> tuple[dict[str, Path], Path | None, dict[str, Path]]:
+    """One SEG per processed image, one SR for the study and, with `key_image`, one
+    Secondary Capture per processed image; nothing for ineligible studies."""
     if not result.images:
-        return {}, None
+        return {}, None, {}
     seg_files: dict[str, Path] = {}
     seg_series = hd.UID()
+    key_series = hd.UID()
     try:
+        keys = [
+            build_key_image(ds, item, models.refs, key_series, hd.UID(), number)
+            for number, (item, ds) in enumerate(zip(result.images, datasets, strict=True), 1)
+            if key_image
+        ]
         segs = [
             build_seg(ds, item.segmentation, models.segmenter.model, seg_series, hd.UID())
             for item, ds in zip(result.images, datasets, strict=True)
@@ -244,10 +257,17 @@ def write_dicom_outputs(
             f"the source header has values that cannot be copied into the SEG/SR: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
+    key_files: dict[str, Path] = {}
     for item, seg in zip(result.images, segs, strict=True):
-        name = f"seg_{uid_path_component(item.instance.sop_instance_uid)}.dcm"
-        seg_files[item.instance.sop_instance_uid] = export.write_dicom(folder / name, seg)
-    return seg_files, export.write_dicom(folder / "sr.dcm", sr)
+        name = uid_path_component(item.instance.sop_instance_uid)
+        uid = item.instance.sop_instance_uid
+        seg_files[uid] = export.write_dicom(folder / f"seg_{name}.dcm", seg)
+    for item, key in zip(result.images, keys, strict=False):
+        name = uid_path_component(item.instance.sop_instance_uid)
+        key_files[item.instance.sop_instance_uid] = export.write_dicom(
+            folder / f"key_{name}.dcm", key
+        )
+    return seg_files, export.write_dicom(folder / "sr.dcm", sr), key_files
 
 
 def _findings_dict(findings: Findings | None) -> dict[str, object] | None:
@@ -303,6 +323,9 @@ def result_document(result: StudyResult, outputs: OutputFiles) -> dict[str, obje
                 "seg_file": outputs.seg_files[i.instance.sop_instance_uid].name
                 if i.instance.sop_instance_uid in outputs.seg_files
                 else None,
+                "key_image_file": outputs.key_image_files[i.instance.sop_instance_uid].name
+                if i.instance.sop_instance_uid in outputs.key_image_files
+                else None,
             }
             for i in result.images
         ],
@@ -319,6 +342,7 @@ def result_document(result: StudyResult, outputs: OutputFiles) -> dict[str, obje
         "outputs": {
             "seg": [p.name for p in outputs.seg_files.values()],
             "sr": outputs.sr_file.name if outputs.sr_file else None,
+            "key_images": [p.name for p in outputs.key_image_files.values()],
         },
         "cxrbatch_version": cxrbatch.__version__,
     }

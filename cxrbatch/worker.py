@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import torch
 from sqlalchemy import select
@@ -42,6 +43,7 @@ from cxrbatch.domain import (
 from cxrbatch.errors import CxrBatchError
 from cxrbatch.paths import quarantine_dir, spool_dir
 from cxrbatch.quarantine import record_rejected_files
+from cxrbatch.send import deliveries
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +189,9 @@ class StudyProcessor:
                 session, failures, quarantine_dir(self.settings, self.out_dir)
             )
             outcome = repository.record_study(session, result)
+            # Sending is queued with the outcome, in one transaction: nothing recorded is
+            # ever left unsent by a crash.
+            deliveries.enqueue(session, outcome, self.settings.send.destinations)
             if on_record is not None and not on_record(session, outcome):
                 session.rollback()
                 return None
@@ -211,16 +216,11 @@ def _failed_result(
     )
 
 
-def _outputs_exist(outputs: dict[str, object]) -> bool:
-    paths: list[str] = []
-    seg = outputs.get("seg") or {}
-    if isinstance(seg, dict):
-        paths.extend(str(p) for p in seg.values())
-    for key in ("sr", "json"):
-        value = outputs.get(key)
-        if value:
-            paths.append(str(value))
-    return all(Path(p).is_file() for p in paths)
+def _outputs_exist(outputs: dict[str, Any]) -> bool:
+    paths = deliveries.outcome_files(outputs)
+    if outputs.get("json"):
+        paths.append(Path(outputs["json"]))
+    return all(p.is_file() for p in paths)
 
 
 # ---- the daemon's worker ----------------------------------------------------------------

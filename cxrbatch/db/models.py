@@ -7,6 +7,7 @@ findings       one row per (image, model role, label) probability
 rejected_files files that were not usable input, with the reason and quarantine copy
 instances      instances received by the daemon (spool), one per SOPInstanceUID
 jobs           the work queue of the daemon: one job per study
+deliveries     one row per (outcome, destination): sending SEG/SR/key images back
 """
 
 from __future__ import annotations
@@ -190,3 +191,33 @@ class Job(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Delivery(Base):
+    """Sending one outcome's DICOM objects to one destination. Status values:
+    cxrbatch.domain.DeliveryStatus."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        Index("ix_deliveries_claim", "status", "run_after"),
+        Index("ix_deliveries_study", "study_instance_uid"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    outcome_id: Mapped[int | None] = mapped_column(ForeignKey("outcomes.id", ondelete="SET NULL"))
+    # The name of a [[send.destinations]] entry and its transport (dimse | stow-rs).
+    destination: Mapped[str] = mapped_column(String(64))
+    transport: Mapped[str] = mapped_column(String(16))
+    # pending | sending | sent | failed | dead | superseded
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    run_after: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    # Paths of the DICOM files to send (SEG, SR, key images).
+    files: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))

@@ -93,6 +93,7 @@ def outcome_document(result: StudyResult) -> dict[str, Any]:
             "seg": {k: str(v) for k, v in result.outputs.seg_files.items()},
             "sr": str(result.outputs.sr_file) if result.outputs.sr_file else None,
             "json": str(result.outputs.json_file) if result.outputs.json_file else None,
+            "key_images": {k: str(v) for k, v in result.outputs.key_image_files.items()},
         }
     return outputs
 

@@ -1,0 +1,210 @@
+"""Deliveries in SQL: one row per (outcome, destination), kept until acknowledged.
+
+Recording a processed outcome adds a `pending` delivery per configured destination in the
+same transaction, so a study whose outcome is recorded is never forgotten by the sender
+(a crash between processing and sending loses nothing). A sender claims a due delivery
+with a lease (`FOR UPDATE SKIP LOCKED` on PostgreSQL, IMMEDIATE transactions on SQLite),
+sends every file, and finishes it `sent`, or `failed` with a backoff, or `dead` after
+`send.max_attempts`. A delivery whose sender vanished (lease expired) is claimed again.
+A newer outcome of the same study supersedes deliveries not yet sent.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from cxrbatch.config import Destination, SendSettings
+from cxrbatch.db.models import Delivery, Outcome, utcnow
+from cxrbatch.domain import DeliveryStatus, OutcomeStatus
+from cxrbatch.queue import RetryPolicy
+
+UNSENT = (DeliveryStatus.PENDING.value, DeliveryStatus.FAILED.value, DeliveryStatus.DEAD.value)
+DUE = (DeliveryStatus.PENDING.value, DeliveryStatus.FAILED.value)
+
+
+@dataclass(frozen=True)
+class DeliveryClaim:
+    delivery_id: int
+    study_instance_uid: str
+    destination: str
+    files: tuple[Path, ...]
+    attempts: int
+    owner: str
+
+
+def outcome_files(outputs: dict[str, Any]) -> list[Path]:
+    """The DICOM objects of an outcome's `outputs` document: SEGs, key images, the SR."""
+    files = [Path(p) for p in (outputs.get("seg") or {}).values()]
+    files += [Path(p) for p in (outputs.get("key_images") or {}).values()]
+    if outputs.get("sr"):
+        files.append(Path(outputs["sr"]))
+    return files
+
+
+def enqueue(session: Session, outcome: Outcome, destinations: Sequence[Destination]) -> int:
+    """Deliveries of a just-recorded outcome (in the caller's transaction); returns how many.
+
+    Only processed outcomes with DICOM outputs are sent. Unsent deliveries of the study's
+    earlier outcomes are superseded: the newer objects replace them.
+    """
+    files = outcome_files(outcome.outputs or {})
+    if outcome.status != OutcomeStatus.PROCESSED.value or not files or not destinations:
+        return 0
+    study_uid = outcome.study.study_instance_uid
+    now = utcnow()
+    session.execute(
+        update(Delivery)
+        .where(Delivery.study_instance_uid == study_uid, Delivery.status.in_(UNSENT))
+        .values(status=DeliveryStatus.SUPERSEDED.value, updated_at=now)
+    )
+    for destination in destinations:
+        session.add(
+            Delivery(
+                study_instance_uid=study_uid,
+                outcome_id=outcome.id,
+                destination=destination.name,
+                transport=destination.transport,
+                status=DeliveryStatus.PENDING.value,
+                attempts=0,
+                run_after=now,
+                files=[str(f) for f in files],
+                created_at=now,
+                updated_at=now,
+            )
+        )
+    session.flush()
+    return len(destinations)
+
+
+def claim(
+    sessions: sessionmaker[Session],
+    owner: str,
+    lease_seconds: float,
+    due_by: dt.datetime | None = None,
+) -> DeliveryClaim | None:
+    """The next delivery due by `due_by` (default now): pending, failed after its backoff,
+    or a lost sender's; None when there is none. A sender pass passes its start time, so
+    that it tries each delivery at most once."""
+    with sessions.begin() as session:
+        now = utcnow()
+        row = session.scalar(
+            select(Delivery)
+            .where(
+                or_(
+                    and_(Delivery.status.in_(DUE), Delivery.run_after <= (due_by or now)),
+                    and_(
+                        Delivery.status == DeliveryStatus.SENDING.value,
+                        Delivery.lease_expires_at < now,
+                    ),
+                )
+            )
+            .order_by(Delivery.run_after, Delivery.id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        )
+        if row is None:
+            return None
+        row.status = DeliveryStatus.SENDING.value
+        row.attempts += 1
+        row.lease_owner = owner
+        row.lease_expires_at = now + dt.timedelta(seconds=lease_seconds)
+        row.updated_at = now
+        return DeliveryClaim(
+            row.id,
+            row.study_instance_uid,
+            row.destination,
+            tuple(Path(p) for p in row.files),
+            row.attempts,
+            owner,
+        )
+
+
+def finish(
+    sessions: sessionmaker[Session],
+    claimed: DeliveryClaim,
+    policy: RetryPolicy,
+    error: str | None = None,
+) -> DeliveryStatus | None:
+    """Sent (no error), failed with a backoff, or dead; None when the lease was lost."""
+    with sessions.begin() as session:
+        row = session.scalar(
+            select(Delivery).where(Delivery.id == claimed.delivery_id).with_for_update()
+        )
+        if (
+            row is None
+            or row.lease_owner != claimed.owner
+            or row.status != DeliveryStatus.SENDING.value
+        ):
+            return None
+        now = utcnow()
+        row.lease_owner = None
+        row.lease_expires_at = None
+        row.updated_at = now
+        row.last_error = error
+        if error is None:
+            status = DeliveryStatus.SENT
+            row.sent_at = now
+        elif row.attempts >= policy.max_attempts:
+            status = DeliveryStatus.DEAD
+        else:
+            status = DeliveryStatus.FAILED
+            row.run_after = now + policy.backoff(row.attempts)
+        row.status = status.value
+        return status
+
+
+def retry_policy(settings: SendSettings) -> RetryPolicy:
+    return RetryPolicy(
+        settings.max_attempts, settings.backoff_base_seconds, settings.backoff_max_seconds
+    )
+
+
+def retry_dead(sessions: sessionmaker[Session], destination: str | None = None) -> int:
+    """Dead deliveries pending again with fresh attempts (all, or one destination's)."""
+    with sessions.begin() as session:
+        statement = update(Delivery).where(Delivery.status == DeliveryStatus.DEAD.value)
+        if destination:
+            statement = statement.where(Delivery.destination == destination)
+        result = session.execute(
+            statement.values(
+                status=DeliveryStatus.PENDING.value,
+                attempts=0,
+                run_after=utcnow(),
+                updated_at=utcnow(),
+            )
+        )
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def counts(session: Session) -> dict[str, dict[str, int]]:
+    """Deliveries per destination and status."""
+    rows = session.execute(
+        select(Delivery.destination, Delivery.status, func.count()).group_by(
+            Delivery.destination, Delivery.status
+        )
+    ).all()
+    found: dict[str, dict[str, int]] = {}
+    for destination, status, n in rows:
+        found.setdefault(str(destination), {s.value: 0 for s in DeliveryStatus})[str(status)] = int(
+            n
+        )
+    return found
+
+
+def undelivered(session: Session, limit: int = 10) -> list[Delivery]:
+    """The most recent failed or dead deliveries (with their last error)."""
+    return list(
+        session.scalars(
+            select(Delivery)
+            .where(Delivery.status.in_((DeliveryStatus.FAILED.value, DeliveryStatus.DEAD.value)))
+            .order_by(Delivery.updated_at.desc())
+            .limit(limit)
+        )
+    )

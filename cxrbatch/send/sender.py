@@ -1,0 +1,120 @@
+"""The sender: claims due deliveries and sends them, until stopped or none is due.
+
+`cxrbatch watch` runs it in a thread beside ingest; `cxrbatch process` runs one pass
+after its batch; `cxrbatch send` runs one pass on demand (cron, after an outage).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from cxrbatch.config import Destination, Settings
+from cxrbatch.db.models import utcnow
+from cxrbatch.domain import DeliveryStatus
+from cxrbatch.queue import new_owner
+from cxrbatch.send import deliveries
+from cxrbatch.send.transports import SendError, send
+
+log = logging.getLogger(__name__)
+
+
+class Sender:
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.destinations = {d.name: d for d in settings.send.destinations}
+        self.policy = deliveries.retry_policy(settings.send)
+        self.owner = new_owner()
+
+    def send_due(self, stop: threading.Event | None = None) -> Counter[str]:
+        """Send every due delivery once; returns how many ended in each status."""
+        ended: Counter[str] = Counter()
+        started = utcnow()
+        lease = self.settings.send.lease_seconds
+        while stop is None or not stop.is_set():
+            claimed = deliveries.claim(self.sessions, self.owner, lease, due_by=started)
+            if claimed is None:
+                break
+            status = self.deliver(claimed)
+            ended[status.value if status else "lost"] += 1
+        return ended
+
+    def deliver(self, claimed: deliveries.DeliveryClaim) -> DeliveryStatus | None:
+        destination = self.destinations.get(claimed.destination)
+        error: str | None = None
+        if destination is None:
+            error = f"destination {claimed.destination!r} is no longer configured"
+        else:
+            try:
+                send(destination, claimed.files, self._calling_ae_title(destination))
+            except SendError as exc:
+                error = str(exc)
+            except Exception as exc:  # one delivery must never stop the sender
+                log.exception("delivery %d failed", claimed.delivery_id)
+                error = f"internal error: {type(exc).__name__}: {exc}"
+        status = deliveries.finish(self.sessions, claimed, self.policy, error)
+        fields = {
+            "event": "delivery",
+            "delivery_id": claimed.delivery_id,
+            "study_instance_uid": claimed.study_instance_uid,
+            "destination": claimed.destination,
+            "objects": len(claimed.files),
+            "attempt": claimed.attempts,
+            "status": status.value if status else "lost",
+            "error": error,
+        }
+        if error is None:
+            log.info(
+                "study %s: %d object(s) sent to %s",
+                claimed.study_instance_uid,
+                len(claimed.files),
+                claimed.destination,
+                extra={"fields": fields},
+            )
+        else:
+            log.warning(
+                "study %s: delivery to %s %s (attempt %d): %s",
+                claimed.study_instance_uid,
+                claimed.destination,
+                status.value if status else "lost",
+                claimed.attempts,
+                error,
+                extra={"fields": fields},
+            )
+        return status
+
+    def _calling_ae_title(self, destination: Destination) -> str:
+        return destination.calling_ae_title or self.settings.dicom.ae_title
+
+    def run(self, stop: threading.Event) -> None:
+        """Send due deliveries until `stop` is set, polling every send.poll_interval_seconds."""
+        while not stop.is_set():
+            try:
+                self.send_due(stop)
+            except Exception as exc:  # the database may be briefly unreachable
+                log.warning("sender pass failed: %s", exc)
+            stop.wait(self.settings.send.poll_interval_seconds)
+
+
+class SenderThread:
+    """The sender in a thread of `cxrbatch watch`; `stop` lets the delivery in hand finish
+    (unfinished ones are claimed again after their lease)."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+        self._stop = threading.Event()
+        self._sender = Sender(settings, sessions)
+        self._thread = threading.Thread(
+            target=self._sender.run, args=(self._stop,), name="cxrbatch-sender", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info("sender started: %s", ", ".join(self._sender.destinations))
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
