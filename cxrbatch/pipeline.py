@@ -233,6 +233,7 @@ def write_dicom_outputs(
     seg_files: dict[str, Path] = {}
     seg_series = hd.UID()
     key_series = hd.UID()
+    datasets = [export.reference_header(ds) for ds in datasets]
     try:
         keys = [
             build_key_image(ds, item, models.refs, key_series, hd.UID(), number)

@@ -6,6 +6,7 @@ reader (or a crash) never sees a half-written file.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,32 @@ from pydicom.dataset import Dataset
 
 from cxrbatch.files import atomic_write
 from cxrbatch.paths import inside, uid_path_component
+
+
+# Type 2 attributes of the Patient and General Study modules that the SEG, SR and key
+# image copy from their source. Many archives omit them; an output must carry them (empty
+# where unknown), and highdicom reads them without a default.
+_PATIENT_STUDY_TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+
+def reference_header(source: Dataset) -> Dataset:
+    """A copy of a source header to build outputs from: missing Type 2 patient and study
+    attributes present and empty (as the standard has it for unknown values)."""
+    header = copy.copy(source)
+    for keyword in _PATIENT_STUDY_TYPE2:
+        if keyword not in header:
+            setattr(header, keyword, "")
+    return header
 
 
 def study_dir(out_root: Path, study_instance_uid: str) -> Path:

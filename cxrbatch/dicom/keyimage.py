@@ -121,6 +121,10 @@ def build_key_image(
         for m in models
     )
     orientation = source.get("PatientOrientation")
+    known = bool(orientation) and len(orientation) == 2
+    # highdicom wants an orientation for a PATIENT image; without the source's, the one
+    # the sides were drawn by (the display convention) is given and then emptied again.
+    drawn = ("L", "F") if item.image.image_left_is_patient_right else ("R", "F")
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
         pixel_array=render(item, models),
@@ -132,7 +136,7 @@ def build_key_image(
         sop_instance_uid=sop_instance_uid,
         instance_number=instance_number,
         manufacturer=MANUFACTURER,
-        patient_orientation=tuple(orientation) if orientation and len(orientation) == 2 else None,
+        patient_orientation=tuple(orientation) if known else drawn,
         transfer_syntax_uid=ExplicitVRLittleEndian,
         contributing_equipment=[
             hd.ContributingEquipment(
@@ -146,6 +150,8 @@ def build_key_image(
         manufacturer_model_name="cxrbatch key image",
         software_versions=f"cxrbatch {cxrbatch.__version__}",
     )
+    if not known:
+        sc.PatientOrientation = []  # General Image Type 2C: unknown, as in the source
     sc.ImageType = ["DERIVED", "SECONDARY"]
     # What was processed is a chest: an unpaired body part, so no (Type 2C) Laterality.
     sc.BodyPartExamined = "CHEST"
