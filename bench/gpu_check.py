@@ -1,17 +1,21 @@
 """GPU path check: the same studies on CPU and on CUDA, results compared, stages timed.
 
     python -m bench.gpu_check --studies 16 --size 2048 [--real FILE.dcm] [--report out.json]
+                              [--devices cpu cuda] [--profile FILE]
 
 Builds the harness's random-weight bundles (ResNet50 M-15 classifier, DenseNet121 M-50
 screening, 512 px) so the classifier stage costs what a real one would; their scores mean nothing.
 Prints per-stage seconds per study on each device, mask Dice and probability differences
-between CPU and GPU.
+between CPU and GPU. `--profile FILE` writes cProfile statistics of the last device's run
+(the host-side cost of each function: what bounds a GPU run) and prints the top entries.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import statistics
 import tempfile
 import time
@@ -27,7 +31,9 @@ from cxrbatch.dicom.discover import discover
 from cxrbatch.synthetic import write_studies
 
 
-def run_all(device: str, folder: Path, out: Path, bundles: dict[str, str]):
+def run_all(
+    device: str, folder: Path, out: Path, bundles: dict[str, str], profile: Path | None = None
+):
     settings = load_settings(
         None, segmentation={"device": device}, classifier={"device": device, **bundles}
     )
@@ -36,11 +42,21 @@ def run_all(device: str, folder: Path, out: Path, bundles: dict[str, str]):
     pipeline.run(studies[0], models, settings, out / "warmup")  # load kernels, caches
     if device == "cuda":
         torch.cuda.synchronize()
+    profiler = cProfile.Profile() if profile else None
     start = time.perf_counter()
+    if profiler is not None:
+        profiler.enable()
     results = [pipeline.run(s, models, settings, out) for s in studies]
     if device == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
+    if profiler is not None and profile is not None:
+        profiler.disable()
+        with profile.open("w") as handle:
+            stats = pstats.Stats(profiler, stream=handle)
+            stats.sort_stats("tottime").print_stats(60)
+            stats.sort_stats("cumtime").print_stats(60)
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
     return results, wall
 
 
@@ -51,6 +67,7 @@ def main() -> None:
     parser.add_argument("--real", type=Path, default=None)
     parser.add_argument("--report", type=Path, default=None)
     parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"])
+    parser.add_argument("--profile", type=Path, default=None, help="cProfile the last device")
     args = parser.parse_args()
     logs.quiet_third_party()
     report: dict[str, object] = {
@@ -66,7 +83,8 @@ def main() -> None:
         bundles = make_bundles(root / "bundles")
         runs = {}
         for device in args.devices:
-            results, wall = run_all(device, root / "in", root / f"out-{device}", bundles)
+            profile = args.profile if device == args.devices[-1] else None
+            results, wall = run_all(device, root / "in", root / f"out-{device}", bundles, profile)
             runs[device] = {r.study_instance_uid: r for r in results}
             stages = {
                 k: statistics.mean(r.timings.get(k, 0.0) for r in results)

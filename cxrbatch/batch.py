@@ -18,13 +18,12 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from cxrbatch import logs, pipeline
 from cxrbatch.config import Settings
 from cxrbatch.db.session import ensure_local_sqlite, make_engine, session_factory, upgrade
 from cxrbatch.dicom.discover import discover
 from cxrbatch.domain import OutcomeStatus, StudyInput
+from cxrbatch.models.device import limit_cpu_threads
 from cxrbatch.paths import database_url, quarantine_dir
 from cxrbatch.quarantine import record_rejected_files
 from cxrbatch.worker import StudyProcessor, StudyReport
@@ -123,7 +122,7 @@ _WORKER: StudyProcessor | None = None
 def _init_worker(settings: Settings, out_dir: Path, url: str, threads: int) -> None:
     global _WORKER
     logs.configure(settings.logging.level, settings.logging.format)
-    torch.set_num_threads(threads)
+    limit_cpu_threads(threads)
     _WORKER = StudyProcessor(settings, out_dir, url)
 
 

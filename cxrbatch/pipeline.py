@@ -36,7 +36,6 @@ from cxrbatch.domain import (
     Findings,
     ImageFailure,
     ImageResult,
-    LungSegmentation,
     ModelRef,
     OutcomeStatus,
     OutputFiles,
@@ -47,7 +46,7 @@ from cxrbatch.domain import (
 from cxrbatch.errors import InputError, ModelError
 from cxrbatch.files import remove_stale_temporaries
 from cxrbatch.models.bundle import ClassifierBundle, load_bundle
-from cxrbatch.models.preprocess import classifier_input
+from cxrbatch.models.preprocess import ClassifierInputs
 from cxrbatch.models.prompts import segment_lungs
 from cxrbatch.models.segmenter import BoxSegmenter, load_segmenter
 from cxrbatch.paths import uid_path_component
@@ -123,16 +122,12 @@ class _Timer:
             self.seconds[name] += time.perf_counter() - start
 
 
-def classify(
-    bundle: ClassifierBundle | None, image: DecodedImage, segmentation: LungSegmentation
-) -> Findings | None:
+def classify(bundle: ClassifierBundle | None, inputs: ClassifierInputs) -> Findings | None:
     """Run one bundle on one image with exactly the mask mode the bundle declares."""
     if bundle is None:
         return None
     spec = bundle.spec
-    network_input = classifier_input(
-        image.pixels, segmentation.lungs, spec.mask_mode, spec.input_size, spec.mean, spec.std
-    )
+    network_input = inputs.tensor(spec.mask_mode, spec.input_size, spec.mean, spec.std)
     return bundle.findings(bundle.predict(network_input[None])[0])
 
 
@@ -151,8 +146,9 @@ def _process_image(
             models.segmenter, image, settings.segmentation.refine, settings.segmentation.threshold
         )
     with timer.stage("classify"):
-        findings = classify(models.classifier, image, segmentation)
-        screening = classify(models.screening, image, segmentation)
+        inputs = ClassifierInputs(image.pixels, segmentation.lungs)  # shared by both bundles
+        findings = classify(models.classifier, inputs)
+        screening = classify(models.screening, inputs)
     return _Processed(ImageResult(image.instance, image, segmentation, findings, screening), ds)
 
 

@@ -41,6 +41,7 @@ from cxrbatch.domain import (
     StudyResult,
 )
 from cxrbatch.errors import CxrBatchError
+from cxrbatch.models.device import limit_cpu_threads
 from cxrbatch.paths import quarantine_dir, spool_dir
 from cxrbatch.quarantine import record_rejected_files
 from cxrbatch.send import deliveries
@@ -457,7 +458,7 @@ def worker_process_main(
 ) -> None:
     """Entry point of a worker process (spawned by `cxrbatch watch` / `cxrbatch worker`)."""
     logs.configure(settings.logging.level, settings.logging.format)
-    torch.set_num_threads(threads)
+    limit_cpu_threads(threads)
     try:
         worker = QueueWorker(settings, out_dir, url)
     except CxrBatchError as exc:

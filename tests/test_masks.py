@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
 from cxrbatch.models.masks import apply_mask, dilate, erode, resize_mask, study_mask
-from cxrbatch.models.preprocess import classifier_input
+from cxrbatch.models.preprocess import ClassifierInputs, classifier_input, to_uint8
+from cxrbatch.models.prompts import fill_holes
 from cxrbatch.synthetic import make_phantom
 
 
@@ -82,3 +84,44 @@ def test_png_and_dicom_display_forms_give_the_same_input() -> None:
     a = classifier_input(as_png, lungs, *args)  # type: ignore[arg-type]
     b = classifier_input(as_16bit_png, lungs, *args)  # type: ignore[arg-type]
     assert np.abs(a - b).max() < 0.02
+
+
+def test_shared_inputs_equal_one_off_inputs_and_the_reference() -> None:
+    """Both bundles of an image share one resize and one erosion; the tensors they get are
+    exactly those of one-off calls and of the masks spelled out step by step."""
+    phantom = make_phantom(5, (900, 700))
+    lungs = phantom.right_lung | phantom.left_lung
+    image = np.round(phantom.image * 4095).astype(np.uint16)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    shared = ClassifierInputs(image, lungs)
+    for mode, size in [("M-15", 512), ("M-50", 512), ("M-50", 256), ("original", 256)]:
+        got = shared.tensor(mode, size, mean, std)  # type: ignore[arg-type]
+        one_off = classifier_input(image, lungs, mode, size, mean, std)  # type: ignore[arg-type]
+        np.testing.assert_array_equal(got, one_off)
+        mask = study_mask(resize_mask(lungs), mode)  # type: ignore[arg-type]
+        if mask is not None and size != 512:
+            mask = resize_mask(mask, size)
+        small = cv2.resize(to_uint8(image), (size, size), interpolation=cv2.INTER_AREA)
+        expected = apply_mask(small.astype(np.float32) / 255.0, mask)
+        np.testing.assert_allclose(got[1], (expected - mean[1]) / std[1], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="needs a lung mask"):
+        ClassifierInputs(image, None).tensor("M-15", 512, mean, std)
+
+
+def test_fill_holes_equals_scipy() -> None:
+    """The flood-fill hole filling the segmenter uses gives scipy's pixels exactly: holes,
+    holes touching the border (not holes), nested rings, empty and full masks."""
+    rng = np.random.default_rng(7)
+    cases = [np.zeros((40, 50), bool), np.ones((40, 50), bool)]
+    for _ in range(60):
+        noise = rng.random((int(rng.integers(20, 120)), int(rng.integers(20, 120))))
+        cases.append(ndi.uniform_filter(noise, 5) > rng.uniform(0.45, 0.55))
+    ring = np.zeros((64, 64), bool)
+    ring[8:56, 8:56] = True
+    ring[16:48, 16:48] = False
+    ring[24:40, 24:40] = True
+    ring[30:34, 30:34] = False
+    cases.append(ring)
+    for mask in cases:
+        np.testing.assert_array_equal(fill_holes(mask), ndi.binary_fill_holes(mask))
+    assert fill_holes(ring)[30:34, 30:34].all() and not fill_holes(ring)[:8].any()

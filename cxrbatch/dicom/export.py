@@ -16,7 +16,6 @@ from pydicom.dataset import Dataset
 from cxrbatch.files import atomic_write
 from cxrbatch.paths import inside, uid_path_component
 
-
 # Type 2 attributes of the Patient and General Study modules that the SEG, SR and key
 # image copy from their source. Many archives omit them; an output must carry them (empty
 # where unknown), and highdicom reads them without a default.

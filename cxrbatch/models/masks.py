@@ -45,9 +45,15 @@ def study_mask(lungs: np.ndarray, mode: MaskMode) -> np.ndarray | None:
     """The mask of `mode` for a lung mask already at working resolution; None = no mask."""
     if mode == "original":
         return None
+    return grow(erode(lungs.astype(bool), EROSION_RADIUS), mode)
+
+
+def grow(eroded: np.ndarray, mode: MaskMode) -> np.ndarray:
+    """The dilation step of `mode` ("M-15" or "M-50") on an already eroded lung mask: one
+    erosion can serve both loose masks of an image."""
     if mode not in DILATION_RADIUS:
-        raise ValueError(f"Expected mask mode in {MASK_MODES}, found {mode!r}.")
-    return dilate(erode(lungs.astype(bool), EROSION_RADIUS), DILATION_RADIUS[mode])
+        raise ValueError(f"Expected a loose mask mode in {tuple(DILATION_RADIUS)}, found {mode!r}.")
+    return dilate(eroded, DILATION_RADIUS[mode])
 
 
 def apply_mask(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:

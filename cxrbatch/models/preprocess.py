@@ -13,7 +13,15 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from cxrbatch.models.masks import WORKING_SIZE, MaskMode, apply_mask, resize_mask, study_mask
+from cxrbatch.models.masks import (
+    EROSION_RADIUS,
+    WORKING_SIZE,
+    MaskMode,
+    apply_mask,
+    erode,
+    grow,
+    resize_mask,
+)
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -25,6 +33,49 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return np.round(np.clip(image.astype(np.float64), 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
+class ClassifierInputs:
+    """One image's network inputs for any number of bundles.
+
+    The resized image, the lung mask at the 512 x 512 working size and its erosion are
+    computed once and shared: a classifier and a screening bundle at the same input size
+    cost one resize of the full-size image and one erosion, not two. The arithmetic is that
+    of `classifier_input`, which is this class used once.
+    """
+
+    def __init__(self, image: np.ndarray, lungs: np.ndarray | None) -> None:
+        self.gray = to_uint8(image if image.ndim == 2 else image[..., 0])
+        self.lungs = lungs
+        self._resized: dict[int, np.ndarray] = {}
+        self._eroded: np.ndarray | None = None
+
+    def resized(self, size: int) -> np.ndarray:
+        """The image at size x size (area interpolation), float32 in [0, 1]."""
+        if size not in self._resized:
+            small = cv2.resize(self.gray, (size, size), interpolation=cv2.INTER_AREA)
+            self._resized[size] = small.astype(np.float32) / 255.0
+        return self._resized[size]
+
+    def mask(self, mask_mode: MaskMode, size: int) -> np.ndarray | None:
+        """The study mask of `mask_mode` at size x size; None for "original"."""
+        if mask_mode == "original":
+            return None
+        if self.lungs is None:
+            raise ValueError(f"Mask mode {mask_mode} needs a lung mask.")
+        if self._eroded is None:
+            # Radii are defined at the study's 512 x 512 working resolution.
+            self._eroded = erode(resize_mask(self.lungs, WORKING_SIZE), EROSION_RADIUS)
+        mask = grow(self._eroded, mask_mode)
+        return resize_mask(mask, size) if size != WORKING_SIZE else mask
+
+    def tensor(
+        self, mask_mode: MaskMode, size: int, mean: Sequence[float], std: Sequence[float]
+    ) -> np.ndarray:
+        """(3, size, size) float32 network input."""
+        masked = apply_mask(self.resized(size), self.mask(mask_mode, size))
+        channels = [(masked - m) / s for m, s in zip(mean, std, strict=True)]
+        return np.stack(channels).astype(np.float32)
+
+
 def classifier_input(
     image: np.ndarray,
     lungs: np.ndarray | None,
@@ -34,17 +85,4 @@ def classifier_input(
     std: Sequence[float],
 ) -> np.ndarray:
     """(3, size, size) float32 network input from a grayscale image and its lung mask."""
-    gray = to_uint8(image if image.ndim == 2 else image[..., 0])
-    resized = (
-        cv2.resize(gray, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
-    )
-    if mask_mode != "original":
-        if lungs is None:
-            raise ValueError(f"Mask mode {mask_mode} needs a lung mask.")
-        # Radii are defined at the study's 512 x 512 working resolution.
-        mask = study_mask(resize_mask(lungs, WORKING_SIZE), mask_mode)
-        if mask is not None and size != WORKING_SIZE:
-            mask = resize_mask(mask, size)
-        resized = apply_mask(resized, mask)
-    channels = [(resized - m) / s for m, s in zip(mean, std, strict=True)]
-    return np.stack(channels).astype(np.float32)
+    return ClassifierInputs(image, lungs).tensor(mask_mode, size, mean, std)

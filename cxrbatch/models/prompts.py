@@ -43,6 +43,16 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == (int(np.argmax(sizes)) + 1)
 
 
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """`scipy.ndimage.binary_fill_holes` (background 4-connected to the border stays) by
+    one OpenCV flood fill from a one-pixel frame: the same pixels, many times faster."""
+    rows, cols = mask.shape
+    canvas = np.zeros((rows + 2, cols + 2), dtype=np.uint8)
+    canvas[1:-1, 1:-1][mask] = 255
+    cv2.floodFill(canvas, None, (0, 0), 128, flags=4)
+    return np.asarray(canvas[1:-1, 1:-1] != 128)
+
+
 def _bbox(mask: np.ndarray) -> Box | None:
     ys, xs = np.nonzero(mask)
     if len(xs) == 0:
@@ -196,7 +206,7 @@ def segment_pixels(
         own = probs[i] > threshold
         other = probs[1 - i]
         own &= ~((other > threshold) & (other > probs[i]))
-        mask = ndi.binary_fill_holes(_largest_component(own))
+        mask = fill_holes(_largest_component(own))
         if post_shape != (rows, cols):
             resized = cv2.resize(
                 mask.astype(np.float32), (cols, rows), interpolation=cv2.INTER_LINEAR
