@@ -24,7 +24,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
-from cxrbatch.config import Destination
+from cxrbatch.config import Destination, load_settings
 from cxrbatch.send.transports import SendError, c_store
 from cxrbatch.synthetic import write_studies
 from tests.conftest import dciodvfy_errors, real_file
@@ -240,3 +240,13 @@ def test_destinations_are_validated() -> None:
         Destination(name="pacs", transport="dimse", host="10.0.0.1")
     with pytest.raises(ValueError, match="needs an http"):
         Destination(name="web", transport="stow-rs", url="pacs:8042")
+
+
+def test_the_example_site_config_loads_with_its_destinations() -> None:
+    """deploy/site.example.toml is what operators copy: it must stay valid."""
+    settings = load_settings(Path(__file__).parents[1] / "deploy" / "site.example.toml")
+    assert [(d.name, d.transport) for d in settings.send.destinations] == [
+        ("pacs", "dimse"),
+        ("viewer", "stow-rs"),
+    ]
+    assert settings.output.key_image and settings.dicom.listen
