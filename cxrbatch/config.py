@@ -54,6 +54,9 @@ class SegmentationSettings(_Section):
     # MedSAM ViT-B (segment-anything architecture): path to medsam_vit_b.pth, required.
     medsam_checkpoint: str = ""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # On the CPU, run the image encoder as a frozen TorchScript graph (traced at load;
+    # outputs within ~1e-5 of eager, faster; docs/performance.md). False = plain eager.
+    optimize_cpu: bool = True
     # Second prompt pass with boxes refined from the first masks.
     refine: bool = True
     threshold: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
@@ -68,6 +71,8 @@ class ClassifierSettings(_Section):
     # fp32 everywhere by default; "auto" = bf16 autocast on CUDA and fp32 on the CPU
     # (probability differences measured in docs/performance.md).
     precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    # On the CPU, run the networks as frozen TorchScript graphs (as segmentation.optimize_cpu).
+    optimize_cpu: bool = True
 
 
 class OutputSettings(_Section):

@@ -74,14 +74,15 @@ class Models:
 def load_models(settings: Settings) -> Models:
     segmenter = load_segmenter(settings.segmentation)
     device, precision = settings.classifier.device, settings.classifier.precision
+    optimize = settings.classifier.optimize_cpu
     classifier = (
-        load_bundle(settings.classifier.bundle, device, precision)
+        load_bundle(settings.classifier.bundle, device, precision, optimize)
         if settings.classifier.bundle
         else None
     )
     screening = None
     if settings.classifier.screening_bundle:
-        screening = load_bundle(settings.classifier.screening_bundle, device, precision)
+        screening = load_bundle(settings.classifier.screening_bundle, device, precision, optimize)
         if screening.spec.screening is None:
             raise ModelError(
                 f"Screening bundle {screening.path} has no screening.no_finding_threshold "

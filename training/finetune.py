@@ -131,7 +131,13 @@ def finetune(
 
     key = "medsam_checkpoint" if config.backend == "medsam-vitb" else "litemedsam_checkpoint"
     settings = SegmentationSettings.model_validate(
-        {"backend": config.backend, "device": config.device, key: config.checkpoint}
+        # Training updates the eager network: a frozen CPU graph of it would be stale.
+        {
+            "backend": config.backend,
+            "device": config.device,
+            key: config.checkpoint,
+            "optimize_cpu": False,
+        }
     )
     segmenter = load_segmenter(settings)
     net = segmenter.network  # type: ignore[attr-defined]

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from cxrbatch.domain import Findings, ModelRef, Triage
 from cxrbatch.errors import ModelError
 from cxrbatch.files import atomic_write, sha256_file
-from cxrbatch.models.device import resolve_device
+from cxrbatch.models.device import cpu_inference_graph, resolve_device
 from cxrbatch.models.masks import MaskMode
 
 log = logging.getLogger(__name__)
@@ -163,6 +163,8 @@ class ClassifierBundle:
     network: torch.nn.Module
     device: torch.device
     bf16: bool = False
+    # What predict() runs: `network`, or on the CPU its frozen inference graph.
+    graph: torch.nn.Module | None = None
 
     @torch.inference_mode()
     def predict(self, inputs: np.ndarray) -> np.ndarray:
@@ -172,7 +174,7 @@ class ClassifierBundle:
             batch = batch.pin_memory().to(self.device, non_blocking=True)
             batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            logits = self.network(batch)
+            logits = (self.graph or self.network)(batch)
         return torch.sigmoid(logits.float()).cpu().numpy()
 
     def findings(self, probabilities: np.ndarray) -> Findings:
@@ -186,9 +188,10 @@ class ClassifierBundle:
 
 
 def load_bundle(
-    path: str | Path, device: str = "auto", precision: str = "fp32"
+    path: str | Path, device: str = "auto", precision: str = "fp32", optimize_cpu: bool = False
 ) -> ClassifierBundle:
-    """Load and verify a bundle. precision: fp32, bf16, or auto (bf16 on CUDA only)."""
+    """Load and verify a bundle. precision: fp32, bf16, or auto (bf16 on CUDA only);
+    optimize_cpu: on the CPU, predict with a frozen inference graph of the network."""
     root = Path(path)
     meta_path = root / "configs" / "metadata.json"
     model_path = root / "models" / "model.pt"
@@ -230,4 +233,8 @@ def load_bundle(
             "clinically meaningful",
             model.name,
         )
-    return ClassifierBundle(root, spec, model, network, torch_device, bf16)
+    graph = None
+    if optimize_cpu and torch_device.type == "cpu":
+        example = torch.zeros(1, 3, spec.input_size, spec.input_size)
+        graph = cpu_inference_graph(network, example, f"classifier {model.name}")
+    return ClassifierBundle(root, spec, model, network, torch_device, bf16, graph)

