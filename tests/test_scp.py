@@ -4,7 +4,11 @@ failure that must not be acknowledged."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
+import ssl
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,12 +25,13 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from cxrbatch.config import DicomSettings
+from cxrbatch.config import Destination, DicomSettings
 from cxrbatch.db import models as tables
 from cxrbatch.db.session import make_engine, session_factory, upgrade
 from cxrbatch.errors import ConfigError
 from cxrbatch.ingest import scp
 from cxrbatch.ingest.spool import Spool
+from cxrbatch.send.transports import SendError, c_store
 from cxrbatch.synthetic import make_phantom, save, to_dataset
 
 
@@ -186,3 +191,88 @@ def test_instances_a_crash_left_in_incoming_are_taken_at_start(tmp_path: Path) -
     assert len(made.rows(tables.Instance)) == 1
     assert list(incoming.iterdir()) == []
     made.engine.dispose()
+
+
+def _certificates(folder: Path) -> dict[str, Path]:
+    """A throwaway CA, and certificates it signed for the node (127.0.0.1) and a PACS client."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        if os.environ.get("CI"):
+            pytest.fail("openssl is required in CI for the TLS tests")
+        pytest.skip("the openssl command is not installed")
+    folder.mkdir()
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], cwd=folder, check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+        "-days", "1", "-subj", "/CN=cxrbatch test CA")  # fmt: skip
+    (folder / "ext").write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+    for name in ("node", "client"):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+            f"{name}.csr", "-subj", f"/CN={name}")  # fmt: skip
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", f"{name}.pem", "-days", "1", "-extfile", "ext")  # fmt: skip
+    return {p.name: p for p in folder.iterdir()}
+
+
+def test_tls_receive_and_send(tmp_path: Path) -> None:
+    """The receiver over TLS, fed by cxrbatch's own C-STORE SCU with TLS: stored when the
+    SCU trusts the node's CA; refused without TLS or without that CA."""
+    certs = _certificates(tmp_path / "tls")
+    node = _Node(
+        tmp_path / "n", tls_certificate=str(certs["node.pem"]), tls_key=str(certs["node.key"])
+    )
+    node.receiver.start()
+    try:
+        destination = {
+            "name": "node", "ae_title": "CXRBATCH", "host": "127.0.0.1",
+            "port": node.settings.port, "timeout_seconds": 10,
+        }  # fmt: skip
+        ds = _dataset(41)
+        trusted = Destination(**destination, tls=True, tls_ca_certificates=str(certs["ca.pem"]))
+        c_store(trusted, [ds], "PACS")
+        assert [i.sop_instance_uid for i in node.rows(tables.Instance)] == [str(ds.SOPInstanceUID)]
+        for refused in (Destination(**destination), Destination(**destination, tls=True)):
+            with pytest.raises(SendError, match="could not be established"):
+                c_store(refused, [_dataset(42)], "PACS")
+        assert len(node.rows(tables.Instance)) == 1
+    finally:
+        node.receiver.stop()
+        node.engine.dispose()
+
+
+def test_tls_receiver_with_a_ca_requires_client_certificates(tmp_path: Path) -> None:
+    certs = _certificates(tmp_path / "tls")
+    node = _Node(
+        tmp_path / "n",
+        tls_certificate=str(certs["node.pem"]),
+        tls_key=str(certs["node.key"]),
+        tls_ca_certificates=str(certs["ca.pem"]),
+    )
+    node.receiver.start()
+    try:
+
+        def echo(client_certificate: bool) -> bool:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=certs["ca.pem"])
+            if client_certificate:
+                context.load_cert_chain(certs["client.pem"], certs["client.key"])
+            ae = AE(ae_title="PACS")
+            ae.acse_timeout = ae.network_timeout = 10
+            ae.add_requested_context(Verification)
+            assoc = ae.associate(
+                "127.0.0.1", node.settings.port, ae_title="CXRBATCH",
+                tls_args=(context, "127.0.0.1"),
+            )  # fmt: skip
+            if not assoc.is_established:
+                return False
+            try:
+                return bool(assoc.send_c_echo().Status == 0x0000)
+            finally:
+                assoc.release()
+
+        assert echo(client_certificate=True)
+        assert not echo(client_certificate=False)
+    finally:
+        node.receiver.stop()
+        node.engine.dispose()
