@@ -55,7 +55,7 @@ class SegmentationSettings(_Section):
     medsam_checkpoint: str = ""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # On the CPU, run the image encoder as a frozen TorchScript graph (traced at load;
-    # outputs within ~1e-5 of eager, faster; docs/performance.md). False = plain eager.
+    # features within ~1e-5 of eager, faster; docs/performance.md). False = plain eager.
     optimize_cpu: bool = True
     # Second prompt pass with boxes refined from the first masks.
     refine: bool = True

@@ -60,6 +60,6 @@ class _Untraceable(torch.nn.Module):
 def test_a_module_that_cannot_be_traced_stays_eager(caplog: pytest.LogCaptureFixture) -> None:
     module = _Untraceable()
     with caplog.at_level(logging.WARNING, logger="cxrbatch.models.device"):
-        result = cpu_inference_graph(module, torch.ones(1, 3, 8, 8), "test network")
+        result = cpu_inference_graph(module, 8, "test network")
     assert result is module
     assert "test network runs eagerly" in caplog.text

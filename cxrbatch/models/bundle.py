@@ -235,6 +235,5 @@ def load_bundle(
         )
     graph = None
     if optimize_cpu and torch_device.type == "cpu":
-        example = torch.zeros(1, 3, spec.input_size, spec.input_size)
-        graph = cpu_inference_graph(network, example, f"classifier {model.name}")
+        graph = cpu_inference_graph(network, spec.input_size, f"classifier {model.name}")
     return ClassifierBundle(root, spec, model, network, torch_device, bf16, graph)

@@ -29,18 +29,18 @@ def limit_cpu_threads(threads: int) -> None:
     cv2.setNumThreads(threads)
 
 
-def cpu_inference_graph(
-    module: torch.nn.Module, example: torch.Tensor, what: str
-) -> torch.nn.Module:
+def cpu_inference_graph(module: torch.nn.Module, input_size: int, what: str) -> torch.nn.Module:
     """`module` as a frozen TorchScript graph for CPU inference.
 
     `torch.jit.optimize_for_inference` on a trace: batch norms folded into convolutions,
     weights pre-packed for oneDNN, no Python between operators. Outputs equal the eager
-    module's within ~1e-5 (tests/test_inference_graph.py); 1.3-1.4x faster for LiteMedSAM's
-    encoder and ResNet50 on one CPU thread (docs/performance.md). Tracing costs about one
-    forward pass more, once per process. A module that cannot be traced stays eager, with
-    a warning. For inputs of the example's shape (any batch size for the classifiers).
+    module's within a few 1e-5 (tests/test_inference_graph.py); 1.1-1.3x faster for
+    LiteMedSAM's encoder and ResNet50 on this 2-core CPU, varying between runs
+    (bench/cpu_graphs.py). Tracing costs one to two forward passes, once per process. A
+    module that cannot be traced stays eager, with a warning. Traced on one
+    (3, input_size, input_size) image; classifiers also take other batch sizes.
     """
+    example = torch.zeros(1, 3, input_size, input_size)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarnings about Python values in the trace

@@ -101,8 +101,7 @@ class _SamLikeBackend:
         self._net = net.to(self.device).eval()
         self._encoder = self._net.image_encoder
         if optimize_cpu and self.device.type == "cpu":
-            example = torch.zeros(1, 3, self.input_size, self.input_size)
-            self._encoder = cpu_inference_graph(self._encoder, example, "segmenter encoder")
+            self._encoder = cpu_inference_graph(self._encoder, self.input_size, "segmenter encoder")
 
     def _encode(self, batch: torch.Tensor) -> torch.Tensor:
         return self._encoder(batch)
