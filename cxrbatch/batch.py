@@ -1,9 +1,10 @@
 """`cxrbatch process`: one batch over an input folder.
 
 discover files -> quarantine/record rejected ones -> for each study (in this process, or
-spread over worker processes that each load the models once): skip if already processed
-with the same fingerprint, else pipeline.run -> record the outcome. A study that fails for
-any reason is recorded as failed and the batch goes on.
+spread over worker processes that each load the models once; in each process
+`processing.study_threads` studies in flight on threads sharing its models): skip if
+already processed with the same fingerprint, else pipeline.run -> record the outcome. A
+study that fails for any reason is recorded as failed and the batch goes on.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,7 +66,8 @@ def run_batch(
     """Process every study under `input_dir`; raises only when the batch itself cannot run.
 
     `workers` > 1 spreads studies over that many processes, each with its own models and
-    an equal share of the CPU threads; each records its outcomes itself.
+    an equal share of the CPU threads; each records its outcomes itself. Each process has
+    `settings.processing.study_threads` studies in flight. Reports come in completion order.
     """
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -108,10 +110,25 @@ def _run_here(
 ) -> Iterator[StudyReport]:
     worker = StudyProcessor(settings, out_dir, url, models)
     try:
-        for study in studies:
-            yield worker.process(study, force)
+        yield from process_concurrently(worker, studies, force, settings.processing.study_threads)
     finally:
         worker.close()
+
+
+def process_concurrently(
+    worker: StudyProcessor, studies: list[StudyInput], force: bool, threads: int
+) -> Iterator[StudyReport]:
+    """Process `studies` with up to `threads` of them in flight at once, sharing the
+    worker's models; reports in completion order. The networks release the GIL, so one
+    study's decoding and DICOM writing run while another's networks compute."""
+    if threads <= 1 or len(studies) <= 1:
+        for study in studies:
+            yield worker.process(study, force)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="study") as pool:
+        futures = [pool.submit(worker.process, study, force) for study in studies]
+        for future in as_completed(futures):
+            yield future.result()
 
 
 # ---- worker processes -------------------------------------------------------------------
@@ -126,9 +143,10 @@ def _init_worker(settings: Settings, out_dir: Path, url: str, threads: int) -> N
     _WORKER = StudyProcessor(settings, out_dir, url)
 
 
-def _work(study: StudyInput, force: bool) -> StudyReport:
+def _work(studies: list[StudyInput], force: bool) -> list[StudyReport]:
     assert _WORKER is not None, "worker process not initialised"
-    return _WORKER.process(study, force)
+    threads = _WORKER.settings.processing.study_threads
+    return list(process_concurrently(_WORKER, studies, force, threads))
 
 
 def _run_in_pool(
@@ -147,15 +165,18 @@ def _run_in_pool(
         initializer=_init_worker,
         initargs=(settings, out_dir, url, threads),
     ) as pool:
-        futures = {pool.submit(_work, study, force): study for study in studies}
+        # A process takes one task at a time: a task is as many studies as it has in flight.
+        size = settings.processing.study_threads
+        chunks = [studies[i : i + size] for i in range(0, len(studies), size)]
+        futures = {pool.submit(_work, chunk, force): chunk for chunk in chunks}
         for future in as_completed(futures):
-            study = futures[future]
             try:
-                yield future.result()
+                yield from future.result()
             except Exception as exc:  # a worker died (killed, out of memory): record, go on
-                log.error("worker failed on study %s: %s", study.study_instance_uid, exc)
-                yield StudyReport(
-                    study.study_instance_uid,
-                    OutcomeStatus.FAILED.value,
-                    f"worker process failed: {type(exc).__name__}",
-                )
+                for study in futures[future]:
+                    log.error("worker failed on study %s: %s", study.study_instance_uid, exc)
+                    yield StudyReport(
+                        study.study_instance_uid,
+                        OutcomeStatus.FAILED.value,
+                        f"worker process failed: {type(exc).__name__}",
+                    )

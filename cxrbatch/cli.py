@@ -1,6 +1,7 @@
 """The `cxrbatch` command.
 
     cxrbatch process INPUT --out OUT [--config FILE] [--db URL] [--force] [--workers N]
+                     [--study-threads T]
     cxrbatch watch INPUT --out OUT [--config FILE] [--db URL] [--workers N]
     cxrbatch worker --out OUT --db URL [--config FILE] [--workers N]
     cxrbatch results [--out OUT | --db URL] [--format table|csv|json] [filters]
@@ -77,8 +78,9 @@ class StatusFormat(enum.StrEnum):
     JSON = "json"
 
 
-def _settings(config: Path | None, db: str | None) -> Settings:
-    overrides = {"database": {"url": db}} if db else {}
+def _settings(config: Path | None, db: str | None, **overrides: Any) -> Settings:
+    if db:
+        overrides["database"] = {"url": db}
     settings = load_settings(config, **overrides)
     logs.configure(settings.logging.level, settings.logging.format)
     return settings
@@ -103,12 +105,21 @@ def process(
     workers: Annotated[
         int, typer.Option(min=1, help="Worker processes, each with its own models.")
     ] = 1,
+    study_threads: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=64,
+            help="Studies in flight per worker process (default: processing.study_threads).",
+        ),
+    ] = None,
 ) -> None:
     """Process every study in INPUT_DIR: SEG + SR + JSON per study, one DB row per study."""
     from cxrbatch.batch import run_batch
 
     try:
-        settings = _settings(config, db)
+        processing = {"study_threads": study_threads} if study_threads else {}
+        settings = _settings(config, db, processing=processing)
         if not input_dir.exists():
             raise _fail(f"input folder not found: {input_dir}")
         with Progress(

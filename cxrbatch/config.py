@@ -187,6 +187,19 @@ class SendSettings(_Section):
         return value
 
 
+class ProcessingSettings(_Section):
+    """How `cxrbatch process` spreads a batch over the machine (docs/performance.md)."""
+
+    # Studies in flight in each worker process, on threads that share its models: the
+    # host work of one (decoding, prompts, SEG/SR writing, mostly under the GIL) runs
+    # while another's networks compute (outside it). 1 = one study at a time.
+    study_threads: Annotated[int, Field(ge=1, le=64)] = 2
+    # Encoder and classifier passes of the studies in flight run as one batch of up to this
+    # many images (cxrbatch/models/batching.py). 0 = auto: the studies in flight on CUDA,
+    # no batching on the CPU (it was slower per image there); 1 = never.
+    max_batch: Annotated[int, Field(ge=0, le=64)] = 0
+
+
 class QueueSettings(_Section):
     """The job queue and its workers (`cxrbatch watch` and `cxrbatch worker`)."""
 
@@ -221,6 +234,7 @@ class Settings(BaseSettings):
     segmentation: SegmentationSettings = SegmentationSettings()
     classifier: ClassifierSettings = ClassifierSettings()
     output: OutputSettings = OutputSettings()
+    processing: ProcessingSettings = ProcessingSettings()
     ingest: IngestSettings = IngestSettings()
     dicom: DicomSettings = DicomSettings()
     send: SendSettings = SendSettings()

@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, func, select
@@ -182,3 +183,55 @@ def test_cli_process_results_and_exit_codes(
         ["process", str(tmp_path / "in"), "--out", str(tmp_path / "o4"), "--config", str(missing)],
     )
     assert result.exit_code == 2 and "medsam_checkpoint" in result.output
+
+
+def test_studies_in_flight_share_the_models_and_match_one_at_a_time(
+    tmp_path: Path, settings: Settings, models: pipeline.Models
+) -> None:
+    """processing.study_threads: several studies at once in one process give the same
+    outcomes and scores as one study at a time."""
+    write_studies(tmp_path / "in", 3, seed=21, size=(320, 320))
+    results = {}
+    for threads in (1, 3):
+        configured = settings.model_copy(
+            update={"processing": settings.processing.model_copy(update={"study_threads": threads})}
+        )
+        out = tmp_path / f"out{threads}"
+        summary = run_batch(tmp_path / "in", out, configured, models=models)
+        assert summary.studies == {"processed": 3}
+        results[threads] = {
+            p.parent.name: json.loads(p.read_text()) for p in out.glob("*/result.json")
+        }
+        assert _counts(f"sqlite:///{out / 'cxrbatch.sqlite'}")["current"] == 3
+    assert results[1].keys() == results[3].keys() and len(results[1]) == 3
+    for uid, one in results[1].items():
+        many = results[3][uid]
+        assert many["no_finding_score"] == one["no_finding_score"]
+        for a, b in zip(one["images"], many["images"], strict=True):
+            assert a["lungs"] == b["lungs"] and a["findings"] == b["findings"]
+
+
+def test_process_concurrently_keeps_that_many_studies_in_flight() -> None:
+    """Two studies must be in process at the same moment: each waits for the other at a
+    barrier, which one-at-a-time processing would break (timeout)."""
+    import threading
+
+    from cxrbatch.batch import process_concurrently
+    from cxrbatch.domain import StudyInput
+    from cxrbatch.worker import StudyReport
+
+    class Meeting:
+        def __init__(self, timeout: float) -> None:
+            self.barrier = threading.Barrier(2, timeout=timeout)
+
+        def process(self, study: StudyInput, force: bool) -> StudyReport:
+            self.barrier.wait()
+            return StudyReport(study.study_instance_uid, "processed")
+
+    studies = [StudyInput(f"1.2.3.{i}", ()) for i in range(4)]
+    worker: Any = Meeting(timeout=10)
+    reports = list(process_concurrently(worker, studies, False, 2))
+    assert sorted(r.study_instance_uid for r in reports) == [s.study_instance_uid for s in studies]
+    alone: Any = Meeting(timeout=0.5)  # one at a time: nobody to meet
+    with pytest.raises(threading.BrokenBarrierError):
+        list(process_concurrently(alone, studies[:2], False, 1))
