@@ -10,9 +10,11 @@ classifier stage costs what real ones would), then runs in one go, each in a fre
 - naive: one process, one image at a time, each stage in sequence with each library's
   defaults (torch's default threads, eager fp32 modules);
 - tuned: W worker processes (models loaded once per worker, CPU threads split between
-  them), overlapping decode and writing of one study with inference of another; on the
-  CPU the networks run as frozen TorchScript graphs (traced at load, counted in the wall
-  time); on GPU channels_last for the classifiers (and with --bf16 their bf16 autocast).
+  them), each with T studies in flight on threads sharing its models
+  (`processing.study_threads`), so decoding and writing of one study overlap the networks
+  of another; on the CPU the networks run as frozen TorchScript graphs (traced at load,
+  counted in the wall time); on GPU channels_last for the classifiers (and with --bf16
+  their bf16 autocast).
 
 Both write SEG + SR + JSON and record to their own SQLite database. The outputs are
 compared (lung mask Dice, probability differences). Prints studies/s, per-stage shares,
@@ -25,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -106,6 +109,7 @@ def run_mode(
     bundles: dict[str, str],
     device: str,
     workers: int,
+    study_threads: int,
     bf16: bool,
 ) -> dict[str, Any]:
     """Run one configuration in this (fresh) process; returns its measurements."""
@@ -119,14 +123,23 @@ def run_mode(
 
     logs.configure("WARNING")
     precision = "fp32" if mode == "naive" or not bf16 else "auto"
-    graphs = mode != "naive"  # frozen TorchScript graphs on the CPU (tuned only)
+    naive = mode == "naive"
+    if naive:
+        workers, study_threads = 1, 1
     settings = load_settings(
         None,
-        segmentation={"device": device, "optimize_cpu": graphs},
-        classifier={"device": device, "precision": precision, "optimize_cpu": graphs, **bundles},
+        # frozen TorchScript graphs on the CPU: tuned only
+        segmentation={"device": device, "optimize_cpu": not naive},
+        classifier={
+            "device": device,
+            "precision": precision,
+            "optimize_cpu": not naive,
+            **bundles,
+        },
+        processing={"study_threads": study_threads},
     )
     start = time.perf_counter()
-    summary = run_batch(input_dir, out_dir, settings, workers=1 if mode == "naive" else workers)
+    summary = run_batch(input_dir, out_dir, settings, workers=workers)
     wall = time.perf_counter() - start
     reports = summary.reports
     stage_seconds = {s: float(sum(r.timings.get(s, 0.0) for r in reports)) for s in STAGES}
@@ -137,9 +150,10 @@ def run_mode(
         worker_peaks[r.worker_pid] = max(worker_peaks.get(r.worker_pid, 0), r.peak_rss_bytes)
     return {
         "mode": mode,
-        "workers": 1 if mode == "naive" else workers,
+        "workers": workers,
+        "study_threads": study_threads,
         "torch_threads": (
-            torch.get_num_threads() if mode == "naive" else max(1, (os.cpu_count() or 1) // workers)
+            torch.get_num_threads() if naive else max(1, (os.cpu_count() or 1) // workers)
         ),
         "precision": precision,
         "studies": len(reports),
@@ -149,7 +163,7 @@ def run_mode(
         "stage_seconds_per_study": {s: v / max(len(reports), 1) for s, v in stage_seconds.items()},
         "peak_rss_bytes_total": (
             own_rss
-            if mode == "naive"
+            if naive
             else own_rss + sum(p for pid, p in worker_peaks.items() if pid != os.getpid())
         ),
         "peak_rss_bytes_per_worker": sorted(worker_peaks.values()),
@@ -204,7 +218,13 @@ def main() -> None:
         "--workers",
         type=int,
         default=0,
-        help="tuned worker processes (default: the CPU count on CPU, min(CPU count, 16) on GPU)",
+        help="tuned worker processes (default: 1 on CPU, min(CPU count, 16) on GPU)",
+    )
+    parser.add_argument(
+        "--study-threads",
+        type=int,
+        default=2,
+        help="tuned: studies in flight per worker process (processing.study_threads)",
     )
     parser.add_argument("--codec", choices=("uncompressed", "j2k", "mixed"), default="uncompressed")
     parser.add_argument("--min-size", type=int, default=2000)
@@ -213,7 +233,12 @@ def main() -> None:
     parser.add_argument(
         "--bf16", action="store_true", help="tuned run: bf16 autocast for the classifiers on CUDA"
     )
-    parser.add_argument("--workdir", type=Path, default=None, help="keep data here")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="keep data here; its studies are reused by a later run with the same recipe",
+    )
     parser.add_argument("--mode", choices=("naive", "tuned"), help=argparse.SUPPRESS)
     parser.add_argument("--input", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -221,11 +246,18 @@ def main() -> None:
     args = parser.parse_args()
     device = "cuda" if args.gpu else "cpu"
     cpus = os.cpu_count() or 1
-    workers = args.workers or (min(cpus, 16) if args.gpu else cpus)
+    workers = args.workers or (min(cpus, 16) if args.gpu else 1)
 
     if args.mode:  # a child process measuring one configuration
         result = run_mode(
-            args.mode, args.input, args.out, json.loads(args.bundles), device, workers, args.bf16
+            args.mode,
+            args.input,
+            args.out,
+            json.loads(args.bundles),
+            device,
+            workers,
+            args.study_threads,
+            args.bf16,
         )
         print("RESULT " + json.dumps(result))
         return
@@ -233,13 +265,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
         started = time.perf_counter()
-        generate(work / "in", args.studies, args.min_size, args.max_size, args.codec, cpus)
+        marker = work / "generated.json"  # beside the input: discover() would reject it
+        recipe = {
+            "studies": args.studies,
+            "sizes": [args.min_size, args.max_size],
+            "codec": args.codec,
+        }
+        if marker.is_file() and json.loads(marker.read_text()) == recipe:
+            print(f"reusing the {args.studies} studies in {work / 'in'}", flush=True)
+        else:  # a --workdir from an earlier run with the same recipe is reused
+            generate(work / "in", args.studies, args.min_size, args.max_size, args.codec, cpus)
+            marker.write_text(json.dumps(recipe))
+            print(
+                f"generated {args.studies} studies ({args.min_size}-{args.max_size} px, "
+                f"{args.codec}) in {time.perf_counter() - started:.1f}s",
+                flush=True,
+            )
         bundles = make_bundles(work / "bundles")
-        print(
-            f"generated {args.studies} studies ({args.min_size}-{args.max_size} px, "
-            f"{args.codec}) in {time.perf_counter() - started:.1f}s",
-            flush=True,
-        )
+        for mode in ("naive", "tuned"):  # outputs of an earlier run would be skipped
+            shutil.rmtree(work / f"out-{mode}", ignore_errors=True)
         runs = {}
         for mode in ("naive", "tuned"):
             command = [
@@ -256,6 +300,8 @@ def main() -> None:
                 json.dumps(bundles),
                 "--workers",
                 str(workers),
+                "--study-threads",
+                str(args.study_threads),
             ]
             command += ["--gpu"] if args.gpu else []
             command += ["--bf16"] if args.bf16 else []
@@ -270,8 +316,9 @@ def main() -> None:
             total = sum(shares.values()) or 1.0
             print(
                 f"{mode:>5}: {r['studies']} studies in {r['wall_s']:.1f}s = "
-                f"{r['studies_per_s']:.2f} studies/s, workers {r['workers']}, "
-                f"threads/worker {r['torch_threads']}, peak RSS {_gb(r['peak_rss_bytes_total'])}"
+                f"{r['studies_per_s']:.2f} studies/s, workers {r['workers']} x "
+                f"{r['study_threads']} in flight, torch threads/worker {r['torch_threads']}, "
+                f"peak RSS {_gb(r['peak_rss_bytes_total'])}"
                 f", GPU peak/worker {_gb(r['peak_gpu_bytes_per_worker'])}",
                 flush=True,
             )

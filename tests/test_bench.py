@@ -19,12 +19,14 @@ def test_harness_tiny_run(tmp_path: Path) -> None:
             "-m",
             "bench.harness",
             "--studies",
-            "2",
+            "3",
             "--min-size",
             "256",
             "--max-size",
             "320",
             "--workers",
+            "2",
+            "--study-threads",
             "2",
             "--codec",
             "mixed",
@@ -44,13 +46,15 @@ def test_harness_tiny_run(tmp_path: Path) -> None:
     assert float(last.split(": ")[1]) == round(report["speedup_vs_naive"], 2)
     for mode in ("naive", "tuned"):
         run = report["runs"][mode]
-        assert run["statuses"] == {"processed": 2}, run
+        assert run["statuses"] == {"processed": 3}, run
         assert set(run["stage_seconds_per_study"]) == {"decode", "segment", "classify", "write"}
         assert run["peak_rss_bytes_total"] > 0
-    assert report["runs"]["tuned"]["workers"] == 2
-    assert len(report["runs"]["tuned"]["peak_rss_bytes_per_worker"]) == 2
+    tuned = report["runs"]["tuned"]
+    assert tuned["workers"] == 2 and tuned["study_threads"] == 2
+    # Tasks of two studies: one process takes two at once, the other the third.
+    assert len(tuned["peak_rss_bytes_per_worker"]) == 2
     # fp32 on the CPU in both configurations: the same masks and probabilities.
     agreement = report["agreement"]
-    assert agreement["images_compared"] == 2
+    assert agreement["images_compared"] == 3
     assert agreement["mask_dice_min"] >= 0.99
     assert agreement["probability_abs_diff_max"] <= 1e-3
