@@ -45,6 +45,7 @@ from cxrbatch.domain import (
 )
 from cxrbatch.errors import InputError, ModelError
 from cxrbatch.files import remove_stale_temporaries
+from cxrbatch.models.batching import batch_size
 from cxrbatch.models.bundle import ClassifierBundle, load_bundle
 from cxrbatch.models.preprocess import ClassifierInputs
 from cxrbatch.models.prompts import segment_lungs
@@ -94,6 +95,13 @@ def load_models(settings: Settings) -> Models:
                 screening.model.name,
                 screening.spec.mask_mode,
             )
+    # Concurrent studies share batches (CUDA by default; cxrbatch/models/batching.py).
+    processing = settings.processing
+    size = batch_size(processing.max_batch, processing.study_threads, segmenter.device)
+    if size >= 2:
+        segmenter.batch_encoder(size)
+        classifier = classifier.with_batching(size) if classifier else None
+        screening = screening.with_batching(size) if screening else None
     return Models(segmenter, classifier, screening)
 
 

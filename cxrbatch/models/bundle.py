@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from cxrbatch.domain import Findings, ModelRef, Triage
 from cxrbatch.errors import ModelError
 from cxrbatch.files import atomic_write, sha256_file
+from cxrbatch.models.batching import Forward, batched
 from cxrbatch.models.device import cpu_inference_graph, resolve_device
 from cxrbatch.models.masks import MaskMode
 
@@ -163,8 +164,20 @@ class ClassifierBundle:
     network: torch.nn.Module
     device: torch.device
     bf16: bool = False
-    # What predict() runs: `network`, or on the CPU its frozen inference graph.
+    # What forward() runs: `network`, or on the CPU its frozen inference graph.
     graph: torch.nn.Module | None = None
+    # What predict() calls on a device batch: forward(), or a Batcher around it that
+    # joins the passes of concurrent studies (with_batching).
+    run: Forward | None = None
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch on the device (autocast is per thread: it is set here)."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return (self.graph or self.network)(batch)
+
+    def with_batching(self, max_batch: int, max_wait_s: float = 0.005) -> ClassifierBundle:
+        """This bundle with concurrent predict() calls sharing batches of up to max_batch."""
+        return replace(self, run=batched(self.forward, max_batch, max_wait_s))
 
     @torch.inference_mode()
     def predict(self, inputs: np.ndarray) -> np.ndarray:
@@ -173,8 +186,7 @@ class ClassifierBundle:
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
             batch = batch.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            logits = (self.graph or self.network)(batch)
+        logits = (self.run or self.forward)(batch)
         return torch.sigmoid(logits.float()).cpu().numpy()
 
     def findings(self, probabilities: np.ndarray) -> Findings:

@@ -28,6 +28,7 @@ from cxrbatch.config import SegmentationSettings
 from cxrbatch.domain import ModelRef
 from cxrbatch.errors import ConfigError, ModelError
 from cxrbatch.files import sha256_file
+from cxrbatch.models.batching import Forward, batched
 from cxrbatch.models.device import cpu_inference_graph, resolve_device
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,10 @@ class BoxSegmenter(Protocol):
 
     def embed(self, image: np.ndarray) -> Embedding: ...
 
+    def batch_encoder(self, max_batch: int, max_wait_s: float = 0.005) -> None:
+        """Let concurrent embed() calls share encoder batches of up to `max_batch`."""
+        ...
+
     def predict(
         self, embedding: Embedding, boxes: np.ndarray, output_size: tuple[int, int] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -93,7 +98,8 @@ class _SamLikeBackend:
     model: ModelRef
     device: torch.device
     _net: Any  # the SAM-family network (image_encoder, prompt_encoder, mask_decoder)
-    _encoder: torch.nn.Module  # what embed() runs: the image encoder, or its CPU graph
+    _encoder: torch.nn.Module  # the image encoder, or its CPU graph
+    _encode: Forward  # what embed() runs: _encoder, or a Batcher around it
     _logit_size = 256  # SAM's low-resolution mask logits
     input_size: int
 
@@ -102,9 +108,15 @@ class _SamLikeBackend:
         self._encoder = self._net.image_encoder
         if optimize_cpu and self.device.type == "cpu":
             self._encoder = cpu_inference_graph(self._encoder, self.input_size, "segmenter encoder")
+        self._encode = self._encoder
 
-    def _encode(self, batch: torch.Tensor) -> torch.Tensor:
-        return self._encoder(batch)
+    def batch_encoder(self, max_batch: int, max_wait_s: float = 0.005) -> None:
+        if max_batch >= 2 and isinstance(self._encoder, torch.jit.ScriptModule):
+            raise ConfigError(
+                f"processing.max_batch = {max_batch} on the CPU needs segmentation.optimize_cpu"
+                " = false: the encoder's CPU graph is traced for one image at a time."
+            )
+        self._encode = batched(self._encoder, max_batch, max_wait_s)
 
     @property
     def network(self) -> torch.nn.Module:
