@@ -122,8 +122,8 @@ def run_mode(
     from cxrbatch.config import load_settings
 
     logs.configure("WARNING")
-    precision = "fp32" if mode == "naive" or not bf16 else "auto"
     naive = mode == "naive"
+    precision = "fp32" if naive or not bf16 else "auto"
     if naive:
         workers, study_threads = 1, 1
     settings = load_settings(

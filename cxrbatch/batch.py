@@ -108,9 +108,10 @@ def _run_here(
     force: bool,
     models: pipeline.Models | None,
 ) -> Iterator[StudyReport]:
-    worker = StudyProcessor(settings, out_dir, url, models)
+    threads = settings.processing.study_threads
+    worker = StudyProcessor(settings, out_dir, url, models, in_flight=threads)
     try:
-        yield from process_concurrently(worker, studies, force, settings.processing.study_threads)
+        yield from process_concurrently(worker, studies, force, threads)
     finally:
         worker.close()
 
@@ -140,7 +141,7 @@ def _init_worker(settings: Settings, out_dir: Path, url: str, threads: int) -> N
     global _WORKER
     logs.configure(settings.logging.level, settings.logging.format)
     limit_cpu_threads(threads)
-    _WORKER = StudyProcessor(settings, out_dir, url)
+    _WORKER = StudyProcessor(settings, out_dir, url, in_flight=settings.processing.study_threads)
 
 
 def _work(studies: list[StudyInput], force: bool) -> list[StudyReport]:

@@ -72,7 +72,11 @@ class Models:
         return (self.segmenter.model, *bundles)
 
 
-def load_models(settings: Settings) -> Models:
+def load_models(settings: Settings, in_flight: int = 1) -> Models:
+    """The configured models, loaded once. `in_flight`: how many studies the caller runs
+    at once on threads sharing them; their passes are joined into batches when
+    `processing.max_batch` allows (a caller with one study in flight gets no batching, so
+    no pass waits for company that cannot come)."""
     segmenter = load_segmenter(settings.segmentation)
     device, precision = settings.classifier.device, settings.classifier.precision
     optimize = settings.classifier.optimize_cpu
@@ -96,8 +100,7 @@ def load_models(settings: Settings) -> Models:
                 screening.spec.mask_mode,
             )
     # Concurrent studies share batches (CUDA by default; cxrbatch/models/batching.py).
-    processing = settings.processing
-    size = batch_size(processing.max_batch, processing.study_threads, segmenter.device)
+    size = batch_size(settings.processing.max_batch, in_flight, segmenter.device)
     if size >= 2:
         segmenter.batch_encoder(size)
         classifier = classifier.with_batching(size) if classifier else None

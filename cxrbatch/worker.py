@@ -82,13 +82,19 @@ class StudyProcessor:
     """Models loaded once and a database session factory; processes and records studies."""
 
     def __init__(
-        self, settings: Settings, out_dir: Path, url: str, models: pipeline.Models | None = None
+        self,
+        settings: Settings,
+        out_dir: Path,
+        url: str,
+        models: pipeline.Models | None = None,
+        in_flight: int = 1,
     ) -> None:
+        """`in_flight`: studies the caller will process at once on threads (load_models)."""
         self.settings = settings
         self.out_dir = out_dir
         self.engine = make_engine(url)
         self.sessions: sessionmaker[Session] = session_factory(self.engine)
-        self.models = models if models is not None else pipeline.load_models(settings)
+        self.models = models if models is not None else pipeline.load_models(settings, in_flight)
         self.synthetic = any(m.synthetic_training_data for m in self.models.refs)
 
     def close(self) -> None:

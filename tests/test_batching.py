@@ -112,3 +112,18 @@ def test_pipeline_with_batched_networks_matches_unbatched(
             for role in ("findings", "screening"):
                 for label, p in a[role]["probabilities"].items():
                     assert b[role]["probabilities"][label] == pytest.approx(p, abs=1e-4)
+
+
+def test_load_models_batches_only_for_callers_with_studies_in_flight(settings: Settings) -> None:
+    """The daemon's worker runs one study at a time: no pass of it may wait for company."""
+    forced = settings.model_copy(
+        update={
+            "segmentation": settings.segmentation.model_copy(update={"optimize_cpu": False}),
+            "processing": settings.processing.model_copy(update={"max_batch": 3}),
+        }
+    )
+    alone = pipeline.load_models(forced)
+    assert not isinstance(alone.segmenter._encode, Batcher)  # type: ignore[attr-defined]
+    together = pipeline.load_models(forced, in_flight=3)
+    encode = together.segmenter._encode  # type: ignore[attr-defined]
+    assert isinstance(encode, Batcher) and encode.max_batch == 3

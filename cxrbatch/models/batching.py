@@ -14,7 +14,6 @@ so `processing.max_batch = 0` (auto) batches on CUDA only, up to the studies in 
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 import time
@@ -22,8 +21,6 @@ from collections.abc import Callable
 from concurrent.futures import Future
 
 import torch
-
-log = logging.getLogger(__name__)
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -54,11 +51,11 @@ class Batcher:
         deadline = time.monotonic() + self.max_wait_s
         while size < self.max_batch:
             remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
             try:
-                item = self._requests.get(timeout=remaining) if remaining > 0 else None
+                item = self._requests.get(timeout=remaining)
             except queue.Empty:
-                item = None
-            if item is None:
                 break
             taken.append(item)
             size += item[0].shape[0]
@@ -82,12 +79,12 @@ class Batcher:
                         done.set_exception(exc)
 
 
-def batch_size(max_batch: int, study_threads: int, device: torch.device) -> int:
+def batch_size(max_batch: int, in_flight: int, device: torch.device) -> int:
     """`processing.max_batch` resolved: 0 (auto) is the studies in flight on CUDA, 1 on the
     CPU; never more than the studies in flight (no more callers can be waiting)."""
     if max_batch == 0:
-        max_batch = study_threads if device.type == "cuda" else 1
-    return max(1, min(max_batch, study_threads))
+        max_batch = in_flight if device.type == "cuda" else 1
+    return max(1, min(max_batch, in_flight))
 
 
 def batched(forward: Forward, max_batch: int, max_wait_s: float = 0.005) -> Forward:
