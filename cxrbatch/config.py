@@ -188,9 +188,11 @@ class SendSettings(_Section):
 
 
 class ProcessingSettings(_Section):
-    """How `cxrbatch process` spreads a batch over the machine (docs/performance.md)."""
+    """How `cxrbatch process` and the daemon's workers spread studies over the machine
+    (docs/performance.md)."""
 
-    # Studies in flight in each worker process, on threads that share its models: the
+    # Studies in flight in each worker process (`process`, and `watch` / `worker`, whose
+    # workers then hold this many queue claims), on threads that share its models: the
     # host work of one (decoding, prompts, SEG/SR writing, mostly under the GIL) runs
     # while another's networks compute (outside it). 1 = one study at a time.
     study_threads: Annotated[int, Field(ge=1, le=64)] = 2

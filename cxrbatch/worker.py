@@ -3,8 +3,10 @@
 `StudyProcessor` processes one study and records it (used by `cxrbatch process` and by
 the daemon). `QueueWorker` is the daemon's loop around it: claim a job from the SQL
 queue, keep its lease alive with heartbeats, record the outcome and close the job in one
-transaction, stop claiming when the disk runs low, and on SIGTERM finish the study in
-hand within a grace period or give it back to the queue.
+transaction, stop claiming when the disk runs low, and on SIGTERM finish the studies in
+hand within a grace period or give them back to the queue. A worker runs
+`processing.study_threads` such loops on threads sharing its models, as `cxrbatch process`
+does: one study's decoding and writing overlap another's networks.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -314,12 +317,13 @@ class QueueWorker:
     ) -> None:
         self.settings = settings
         self.out_dir = out_dir
-        self.processor = StudyProcessor(settings, out_dir, url, models)
+        self.slots = max(1, settings.processing.study_threads)  # studies in flight
+        self.processor = StudyProcessor(settings, out_dir, url, models, in_flight=self.slots)
         self.sessions = self.processor.sessions
         self.policy = queue.RetryPolicy.from_settings(settings.queue)
         self.owner = queue.new_owner()
         self.stopping = threading.Event()
-        self.current: queue.Claim | None = None
+        self.current: list[queue.Claim] = []  # the claims in hand
         self._lock = threading.Lock()
         self._paused_for_disk = False
         self._last_recovery = 0.0
@@ -335,13 +339,13 @@ class QueueWorker:
         self.request_stop(f"signal {signal.Signals(signum).name}")
 
     def request_stop(self, why: str = "stop requested") -> None:
-        """Finish the study in hand within the drain grace, then give it back and exit."""
+        """Finish the studies in hand within the drain grace, then give them back and exit."""
         if self.stopping.is_set():
             return
         self.stopping.set()
         grace = self.settings.queue.drain_grace_seconds
         log.info(
-            "worker %s stopping (%s): %.0fs grace for the study in hand", self.owner, why, grace
+            "worker %s stopping (%s): %.0fs grace for the studies in hand", self.owner, why, grace
         )
         timer = threading.Timer(grace, self._abandon)
         timer.daemon = True
@@ -349,8 +353,8 @@ class QueueWorker:
 
     def _abandon(self) -> None:
         with self._lock:
-            claimed = self.current
-        if claimed is not None:
+            in_hand = list(self.current)
+        for claimed in in_hand:
             released = queue.release(self.sessions, claimed)
             log.warning(
                 "grace period over: study %s %s for retry",
@@ -363,38 +367,64 @@ class QueueWorker:
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self, *, parent_pid: int | None = None, until_idle: bool = False) -> int:
-        """Claim and process jobs until stopped (or, with until_idle, the queue is empty).
+        """Claim and process jobs until stopped (or, with until_idle, the queue is empty),
+        with `processing.study_threads` studies in flight.
 
         Returns the number of jobs this worker finished.
         """
-        interval = self.settings.queue.poll_interval_seconds
         try:
-            while not self.stopping.is_set():
-                if parent_pid is not None and os.getppid() != parent_pid:
-                    log.warning("parent process %d is gone; worker exits", parent_pid)
-                    break
-                self._recover_if_due()
-                if self._disk_low():
-                    self.stopping.wait(interval)
-                    continue
-                claimed = queue.claim(self.sessions, self.owner, self.settings.queue.lease_seconds)
-                if claimed is None:
-                    if until_idle and not self._work_pending():
-                        break
-                    self.stopping.wait(interval)
-                    continue
-                with self._lock:
-                    self.current = claimed
-                try:
-                    with _Heartbeat(self.sessions, claimed, self.settings):
-                        self.process_claim(claimed)
-                    self.processed += 1
-                finally:
-                    with self._lock:
-                        self.current = None
+            if self.slots == 1:
+                self._claim_loop(parent_pid, until_idle)
+            else:
+                with ThreadPoolExecutor(self.slots, thread_name_prefix="study") as pool:
+                    loops = [
+                        pool.submit(self._claim_loop, parent_pid, until_idle)
+                        for _ in range(self.slots)
+                    ]
+                    for loop in loops:
+                        loop.result()
         finally:
             self.processor.close()
         return self.processed
+
+    def _claim_loop(self, parent_pid: int | None, until_idle: bool) -> None:
+        try:
+            self._claim_until_stopped(parent_pid, until_idle)
+        except BaseException:
+            # An error the loop cannot handle (e.g. the database gone) ends the worker, as
+            # with one loop: the sibling loops finish their studies and stop; the daemon
+            # starts a new worker process.
+            self.stopping.set()
+            raise
+
+    def _claim_until_stopped(self, parent_pid: int | None, until_idle: bool) -> None:
+        """One study at a time: claim, process with heartbeats, close; until stopped."""
+        interval = self.settings.queue.poll_interval_seconds
+        while not self.stopping.is_set():
+            if parent_pid is not None and os.getppid() != parent_pid:
+                log.warning("parent process %d is gone; worker exits", parent_pid)
+                self.stopping.set()
+                break
+            self._recover_if_due()
+            if self._disk_low():
+                self.stopping.wait(interval)
+                continue
+            claimed = queue.claim(self.sessions, self.owner, self.settings.queue.lease_seconds)
+            if claimed is None:
+                if until_idle and not self._work_pending():
+                    break
+                self.stopping.wait(interval)
+                continue
+            with self._lock:
+                self.current.append(claimed)
+            try:
+                with _Heartbeat(self.sessions, claimed, self.settings):
+                    self.process_claim(claimed)
+                with self._lock:
+                    self.processed += 1
+            finally:
+                with self._lock:
+                    self.current.remove(claimed)
 
     def process_claim(self, claimed: queue.Claim) -> None:
         with self.sessions() as session:
@@ -428,9 +458,12 @@ class QueueWorker:
         self.processor.process(study, on_record=close_job)
 
     def _recover_if_due(self) -> None:
-        now = time.monotonic()
-        if now - self._last_recovery >= self.settings.queue.lease_seconds / 2:
-            self._last_recovery = now
+        with self._lock:  # one of the claim loops does it
+            now = time.monotonic()
+            due = now - self._last_recovery >= self.settings.queue.lease_seconds / 2
+            if due:
+                self._last_recovery = now
+        if due:
             queue.recover_stalled(self.sessions, self.policy)
 
     def _disk_low(self) -> bool:

@@ -194,21 +194,24 @@ def test_sigterm_drains_the_study_in_hand_or_releases_it_after_the_grace(
     tmp_path: Path, daemons: list[_Daemon]
 ) -> None:
     write_studies(tmp_path / "generated", 4, seed=32, size=(768, 768))
-    # Long grace: the study in hand finishes, the rest stay queued, exit code 0.
+    # Long grace: the studies in hand (one worker, processing.study_threads = 2 by default:
+    # one or two, as the second claim came before the signal or not) finish, the rest stay
+    # queued, exit code 0.
     daemon = _Daemon(tmp_path / "long", grace=60.0, workers=1)
     daemons.append(daemon)
     _export(tmp_path / "generated", daemon.export, random.Random(1))
     daemon.start()
-    daemon.wait_for(lambda: daemon.jobs("running") == 1, 120, "a running job")
+    daemon.wait_for(lambda: daemon.jobs("running") >= 1, 120, "a running job")
     assert daemon.terminate(timeout=90) == 0
     assert daemon.jobs("running") == 0
-    assert daemon.jobs("done") == 1 and daemon.jobs("queued") == 3
-    # No grace: the study in hand is given back at once, its attempt not counted.
+    done = daemon.jobs("done")
+    assert 1 <= done <= 2 and daemon.jobs("queued") == 4 - done
+    # No grace: the studies in hand are given back at once, their attempts not counted.
     daemon = _Daemon(tmp_path / "none", grace=0.0, workers=1)
     daemons.append(daemon)
     _export(tmp_path / "generated", daemon.export, random.Random(2))
     daemon.start()
-    daemon.wait_for(lambda: daemon.jobs("running") == 1, 120, "a running job")
+    daemon.wait_for(lambda: daemon.jobs("running") >= 1, 120, "a running job")
     assert daemon.terminate(timeout=60) == 0
     assert daemon.jobs("running") == 0 and daemon.jobs("queued") == 4 - daemon.jobs("done")
     assert daemon.query("SELECT max(attempts) FROM jobs WHERE status = 'queued'") == [(0,)]

@@ -312,6 +312,39 @@ def test_late_arrival_requeues_the_study_and_supersedes_its_outcome(
     ]
 
 
+def test_a_worker_keeps_study_threads_studies_in_flight(
+    tmp_path: Path, models: pipeline.Models, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """processing.study_threads = 2: a daemon worker has two claims in hand at once. Each
+    study waits inside processing for another at a barrier, which one claim at a time
+    would break (BrokenBarrierError); all jobs end done with one outcome each."""
+    base = _settings()
+    settings = base.model_copy(
+        update={"processing": base.processing.model_copy(update={"study_threads": 2})}
+    )
+    site = _Site(tmp_path, settings)
+    for index in range(4):
+        study = write_study(tmp_path / "gen", index, seed=24, size=(256, 256))
+        assert site.spool.take(study.path) is Taken.RECEIVED
+    worker = QueueWorker(settings, site.out, site.url, models)
+    barrier = threading.Barrier(2, timeout=60)
+    real = worker.processor.process
+    claims_in_hand: list[int] = []
+
+    def meet_then_process(study: Any, force: bool = False, on_record: Any = None) -> Any:
+        barrier.wait()
+        claims_in_hand.append(len(worker.current))
+        return real(study, force, on_record)
+
+    monkeypatch.setattr(worker.processor, "process", meet_then_process)
+    assert worker.run(until_idle=True) == 4
+    assert claims_in_hand == [2, 2, 2, 2] and worker.current == []
+    with site.sessions() as session:
+        jobs = session.scalars(select(tables.Job)).all()
+        assert sorted(j.status for j in jobs) == ["done"] * 4
+    assert site.count(tables.Outcome) == 4
+
+
 def test_worker_pauses_under_the_disk_watermark_and_resumes(
     tmp_path: Path,
     phantom_bytes: bytes,
