@@ -2,12 +2,13 @@
 
     watch:  ingest loop (this process: export folder and/or DICOM receiver)
             + sender thread (deliveries to [[send.destinations]], when configured)
-            + N worker processes (models loaded once each)
+            + N worker processes (models loaded once each; each with
+              processing.study_threads studies in hand on threads sharing them)
     worker: N worker processes only (extra hosts sharing one PostgreSQL queue and storage)
 
 SIGTERM or SIGINT drains: ingest stops taking files (the receiver stops listening),
-every worker finishes the study in hand within `queue.drain_grace_seconds` or gives it
-back to the queue, then exits. A worker process that dies (killed, out of memory) is
+every worker finishes the studies in hand within `queue.drain_grace_seconds` or gives
+them back to the queue, then exits. A worker process that dies (killed, out of memory) is
 replaced; its job is recovered from the queue and counted as a failed attempt.
 """
 

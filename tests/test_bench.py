@@ -49,6 +49,11 @@ def test_harness_tiny_run(tmp_path: Path) -> None:
         assert run["statuses"] == {"processed": 3}, run
         assert set(run["stage_seconds_per_study"]) == {"decode", "segment", "classify", "write"}
         assert run["peak_rss_bytes_total"] > 0
+    # The naive run loads its models in process: the loading is timed apart, inside the
+    # wall time; the tuned run's two worker processes load their own (not separable).
+    naive = report["runs"]["naive"]
+    assert 0 < naive["load_s"] < naive["wall_s"]
+    assert report["runs"]["tuned"]["load_s"] is None and report["speedup_after_load"] is None
     tuned = report["runs"]["tuned"]
     assert tuned["workers"] == 2 and tuned["study_threads"] == 2
     # Tasks of two studies: one process takes two at once, the other the third.
