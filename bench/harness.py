@@ -180,6 +180,17 @@ def run_mode(
     }
 
 
+def run_child(command: list[str], what: str) -> dict[str, Any]:
+    """Run one measurement in a fresh process; its result is its `RESULT {json}` line."""
+    proc = subprocess.run(command, capture_output=True, text=True, check=False)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise SystemExit(f"{what} failed (exit {proc.returncode})")
+    result: dict[str, Any] = json.loads(line[len("RESULT ") :])
+    return result
+
+
 def compare(naive_out: Path, tuned_out: Path) -> dict[str, float]:
     """Lung mask Dice and probability differences between the two runs' outputs."""
     import highdicom as hd
@@ -314,13 +325,7 @@ def main() -> None:
             ]
             command += ["--gpu"] if args.gpu else []
             command += ["--bf16"] if args.bf16 else []
-            proc = subprocess.run(command, capture_output=True, text=True, check=False)
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if proc.returncode != 0 or line is None:
-                sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-                raise SystemExit(f"{mode} run failed (exit {proc.returncode})")
-            runs[mode] = json.loads(line[len("RESULT ") :])
-            r = runs[mode]
+            runs[mode] = r = run_child(command, f"{mode} run")
             shares = r["stage_seconds_per_study"]
             total = sum(shares.values()) or 1.0
             print(

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from bench.harness import run_child
 
 
 def drain(input_dir: Path, out: Path, bundles: Path | None, threads: int, device: str) -> dict:
@@ -106,12 +107,7 @@ def main() -> None:
             ]
             command += ["--bundles", str(bundles)] if bundles else []
             command += ["--gpu"] if args.gpu else []
-            proc = subprocess.run(command, capture_output=True, text=True, check=False)
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if proc.returncode != 0 or line is None:
-                sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-                raise SystemExit(f"run with {threads} studies in flight failed")
-            runs[threads] = run = json.loads(line[len("RESULT ") :])
+            runs[threads] = run = run_child(command, f"the run with {threads} in flight")
             print(
                 f"study_threads {threads}: {run['studies']} studies in {run['wall_s']:.1f}s "
                 f"= {run['studies_per_s']:.2f} studies/s",
