@@ -468,17 +468,20 @@ class QueueWorker:
 
     def _disk_low(self) -> bool:
         watermark = self.settings.queue.min_free_disk_mb
-        free = free_disk_mb([self.out_dir, spool_dir(self.settings, self.out_dir)])
-        low = free < watermark
-        if low and not self._paused_for_disk:
-            log.warning(
-                "free disk %.0f MiB is under the watermark %.0f MiB: not claiming work",
-                free,
-                watermark,
-            )
-        elif not low and self._paused_for_disk:
-            log.info("free disk %.0f MiB: claiming work again", free)
-        self._paused_for_disk = low
+        # Under the lock: the claim loops see one reading at a time, so the pause and the
+        # resumption are each logged once per worker, not once per loop.
+        with self._lock:
+            free = free_disk_mb([self.out_dir, spool_dir(self.settings, self.out_dir)])
+            low = free < watermark
+            if low and not self._paused_for_disk:
+                log.warning(
+                    "free disk %.0f MiB is under the watermark %.0f MiB: not claiming work",
+                    free,
+                    watermark,
+                )
+            elif not low and self._paused_for_disk:
+                log.info("free disk %.0f MiB: claiming work again", free)
+            self._paused_for_disk = low
         return low
 
     def _work_pending(self) -> bool:
