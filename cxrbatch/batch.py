@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from cxrbatch import logs, pipeline
 from cxrbatch.config import Settings
+from cxrbatch.cpus import threads_per_worker
 from cxrbatch.db.session import ensure_local_sqlite, make_engine, session_factory, upgrade
 from cxrbatch.dicom.discover import discover
 from cxrbatch.domain import OutcomeStatus, StudyInput
@@ -158,7 +158,7 @@ def _run_in_pool(
     force: bool,
     workers: int,
 ) -> Iterator[StudyReport]:
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = threads_per_worker(workers)
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     with ProcessPoolExecutor(
         workers,

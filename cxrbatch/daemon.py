@@ -26,6 +26,7 @@ from types import FrameType
 
 from cxrbatch import queue
 from cxrbatch.config import Settings
+from cxrbatch.cpus import threads_per_worker
 from cxrbatch.db.session import ensure_local_sqlite, make_engine, session_factory, upgrade
 from cxrbatch.ingest.folder import FolderIngest
 from cxrbatch.ingest.scp import DicomReceiver
@@ -137,7 +138,7 @@ class Service:
     def _spawn_worker(self) -> None:
         from cxrbatch.worker import worker_process_main
 
-        threads = max(1, (os.cpu_count() or 1) // self.workers)
+        threads = threads_per_worker(self.workers)
         child = self._context.Process(
             target=worker_process_main,
             args=(self.settings, self.out_dir, self.url, threads, os.getpid()),
