@@ -14,7 +14,7 @@ import time
 import torch
 
 from cxrbatch.models.bundle import build_network
-from cxrbatch.models.device import cpu_inference_graph
+from cxrbatch.models.graphs import cpu_inference_graph
 from cxrbatch.models.segmenter import LiteMedSAM
 
 

@@ -12,9 +12,10 @@ classifier stage costs what real ones would), then runs in one go, each in a fre
 - tuned: W worker processes (models loaded once per worker, CPU threads split between
   them), each with T studies in flight on threads sharing its models
   (`processing.study_threads`), so decoding and writing of one study overlap the networks
-  of another; on the CPU the networks run as frozen TorchScript graphs (traced at load,
-  counted in the wall time); on GPU channels_last for the classifiers (and with --bf16
-  their bf16 autocast).
+  of another; on the CPU the networks run as frozen TorchScript graphs, loaded from the
+  graph cache (processing.graph_cache_dir, filled untimed before the run, as a site's first
+  run leaves it; `--graph-cache cold` times the tracing instead); on GPU channels_last for
+  the classifiers (and with --bf16 their bf16 autocast).
 
 Both write SEG + SR + JSON and record to their own SQLite database. The outputs are
 compared (lung mask Dice, probability differences). Prints studies/s, per-stage shares,
@@ -34,9 +35,12 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from cxrbatch.config import Settings
 
 STAGES = ("decode", "segment", "classify", "write")
 
@@ -102,6 +106,35 @@ def make_bundles(folder: Path) -> dict[str, str]:
     return paths
 
 
+def mode_settings(
+    mode: str,
+    bundles: dict[str, str],
+    device: str,
+    study_threads: int,
+    bf16: bool,
+    graph_cache: Path,
+) -> Settings:
+    """The settings of the naive or the tuned run."""
+    from cxrbatch.config import load_settings
+
+    naive = mode == "naive"
+    return load_settings(
+        None,
+        # frozen TorchScript graphs on the CPU: tuned only
+        segmentation={"device": device, "optimize_cpu": not naive},
+        classifier={
+            "device": device,
+            "precision": "fp32" if naive or not bf16 else "auto",
+            "optimize_cpu": not naive,
+            **bundles,
+        },
+        processing={
+            "study_threads": 1 if naive else study_threads,
+            "graph_cache_dir": str(graph_cache),
+        },
+    )
+
+
 def run_mode(
     mode: str,
     input_dir: Path,
@@ -111,6 +144,7 @@ def run_mode(
     workers: int,
     study_threads: int,
     bf16: bool,
+    graph_cache: Path,
 ) -> dict[str, Any]:
     """Run one configuration in this (fresh) process; returns its measurements."""
     import resource
@@ -119,25 +153,14 @@ def run_mode(
 
     from cxrbatch import logs
     from cxrbatch.batch import run_batch
-    from cxrbatch.config import load_settings
+    from cxrbatch.cpus import threads_per_worker
 
     logs.configure("WARNING")
     naive = mode == "naive"
-    precision = "fp32" if naive or not bf16 else "auto"
+    settings = mode_settings(mode, bundles, device, study_threads, bf16, graph_cache)
+    precision = settings.classifier.precision
     if naive:
         workers, study_threads = 1, 1
-    settings = load_settings(
-        None,
-        # frozen TorchScript graphs on the CPU: tuned only
-        segmentation={"device": device, "optimize_cpu": not naive},
-        classifier={
-            "device": device,
-            "precision": precision,
-            "optimize_cpu": not naive,
-            **bundles,
-        },
-        processing={"study_threads": study_threads},
-    )
     start = time.perf_counter()
     models = None
     if workers <= 1:  # in this process: the model loading (CPU graph tracing) timed apart
@@ -159,7 +182,7 @@ def run_mode(
         "workers": workers,
         "study_threads": study_threads,
         "torch_threads": (
-            torch.get_num_threads() if naive else max(1, (os.cpu_count() or 1) // workers)
+            torch.get_num_threads() if naive else threads_per_worker(workers)
         ),
         "precision": precision,
         "studies": len(reports),
@@ -259,15 +282,33 @@ def main() -> None:
         default=None,
         help="keep data here; its studies are reused by a later run with the same recipe",
     )
-    parser.add_argument("--mode", choices=("naive", "tuned"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--graph-cache",
+        choices=("warm", "cold"),
+        default="warm",
+        help="tuned on the CPU: its graph cache (processing.graph_cache_dir) filled before"
+        " timing, as on a site after its first run (warm, default), or empty (cold: the"
+        " tracing is timed, as on a first run)",
+    )
+    parser.add_argument("--mode", choices=("naive", "tuned", "prepare"), help=argparse.SUPPRESS)
     parser.add_argument("--input", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--bundles", type=str, help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = "cuda" if args.gpu else "cpu"
     cpus = os.cpu_count() or 1
     workers = args.workers or (min(cpus, 16) if args.gpu else 1)
 
+    if args.mode == "prepare":  # a child process filling the tuned run's graph cache
+        from cxrbatch.pipeline import load_models
+
+        settings = mode_settings(
+            "tuned", json.loads(args.bundles), device, args.study_threads, False, args.out
+        )
+        load_models(settings)
+        print("RESULT {}")
+        return
     if args.mode:  # a child process measuring one configuration
         result = run_mode(
             args.mode,
@@ -278,6 +319,7 @@ def main() -> None:
             workers,
             args.study_threads,
             args.bf16,
+            args.work / "graph-cache",
         )
         print("RESULT " + json.dumps(result))
         return
@@ -304,6 +346,14 @@ def main() -> None:
         bundles = make_bundles(work / "bundles")
         for mode in ("naive", "tuned"):  # outputs of an earlier run would be skipped
             shutil.rmtree(work / f"out-{mode}", ignore_errors=True)
+        graph_cache = work / "graph-cache"
+        cache_state = "none (CUDA)" if args.gpu else args.graph_cache
+        if args.graph_cache == "cold":
+            shutil.rmtree(graph_cache, ignore_errors=True)
+        elif not args.gpu:  # untimed: what a site's first run leaves behind
+            prepare = [sys.executable, "-m", "bench.harness", "--mode", "prepare"]
+            prepare += ["--out", str(graph_cache), "--bundles", json.dumps(bundles)]
+            run_child(prepare, "filling the graph cache")
         runs = {}
         for mode in ("naive", "tuned"):
             command = [
@@ -322,6 +372,8 @@ def main() -> None:
                 str(workers),
                 "--study-threads",
                 str(args.study_threads),
+                "--work",
+                str(work),
             ]
             command += ["--gpu"] if args.gpu else []
             command += ["--bf16"] if args.bf16 else []
@@ -332,6 +384,7 @@ def main() -> None:
                 f"{mode:>5}: {r['studies']} studies in {r['wall_s']:.1f}s = "
                 f"{r['studies_per_s']:.2f} studies/s"
                 + (f" (models loaded in {r['load_s']:.1f}s)" if r["load_s"] is not None else "")
+                + (f", graph cache {cache_state}" if mode == "tuned" else "")
                 + f", workers {r['workers']} x "
                 f"{r['study_threads']} in flight, torch threads/worker {r['torch_threads']}, "
                 f"peak RSS {_gb(r['peak_rss_bytes_total'])}"
@@ -363,6 +416,7 @@ def main() -> None:
             "agreement": agreement,
             "speedup_vs_naive": speedup,
             "speedup_after_load": after_load,
+            "graph_cache": cache_state,
         }
         try:
             import torch

@@ -46,7 +46,8 @@ def drain(input_dir: Path, out: Path, bundles: Path | None, threads: int, device
         classifier=classifier,
         ingest={"mode": "read-only", "study_stable_seconds": 0.0},
         queue={"poll_interval_seconds": 0.2, "min_free_disk_mb": 0.0},
-        processing={"study_threads": threads},
+        # Both runs trace their CPU graphs: a cache filled by the first would favour the second.
+        processing={"study_threads": threads, "cache_cpu_graphs": False},
     )
     out.mkdir(parents=True)
     url = f"sqlite:///{out / 'cxrbatch.sqlite'}"

@@ -6,6 +6,7 @@ Environment variables use `__` between section and key, e.g.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -200,6 +201,21 @@ class ProcessingSettings(_Section):
     # many images (cxrbatch/models/batching.py). 0 = auto: the studies in flight on CUDA,
     # no batching on the CPU (it was slower per image there); 1 = never.
     max_batch: Annotated[int, Field(ge=0, le=64)] = 0
+    # The frozen CPU graphs (segmentation / classifier optimize_cpu) are kept between
+    # processes in graph_cache_dir, so a new worker loads them instead of tracing
+    # (cxrbatch/models/graphs.py). Empty = $XDG_CACHE_HOME/cxrbatch/cpu-graphs, or
+    # ~/.cache/cxrbatch/cpu-graphs.
+    cache_cpu_graphs: bool = True
+    graph_cache_dir: str = ""
+
+    def graph_cache(self) -> Path | None:
+        """The CPU graph cache folder, or None when caching is off."""
+        if not self.cache_cpu_graphs:
+            return None
+        if self.graph_cache_dir:
+            return Path(self.graph_cache_dir).expanduser()
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        return Path(base) / "cxrbatch" / "cpu-graphs"
 
 
 class QueueSettings(_Section):

@@ -77,17 +77,20 @@ def load_models(settings: Settings, in_flight: int = 1) -> Models:
     at once on threads sharing them; their passes are joined into batches when
     `processing.max_batch` allows (a caller with one study in flight gets no batching, so
     no pass waits for company that cannot come)."""
-    segmenter = load_segmenter(settings.segmentation)
+    cache = settings.processing.graph_cache()
+    segmenter = load_segmenter(settings.segmentation, cache)
     device, precision = settings.classifier.device, settings.classifier.precision
     optimize = settings.classifier.optimize_cpu
     classifier = (
-        load_bundle(settings.classifier.bundle, device, precision, optimize)
+        load_bundle(settings.classifier.bundle, device, precision, optimize, cache)
         if settings.classifier.bundle
         else None
     )
     screening = None
     if settings.classifier.screening_bundle:
-        screening = load_bundle(settings.classifier.screening_bundle, device, precision, optimize)
+        screening = load_bundle(
+            settings.classifier.screening_bundle, device, precision, optimize, cache
+        )
         if screening.spec.screening is None:
             raise ModelError(
                 f"Screening bundle {screening.path} has no screening.no_finding_threshold "

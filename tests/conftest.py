@@ -25,6 +25,21 @@ POSTGRES_ADMIN_URL = os.environ.get(
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The CPU graph cache (processing.graph_cache_dir's default under XDG_CACHE_HOME) of
+    this test session, and of the processes it starts, is its own, not the user's."""
+    home = tmp_path_factory.mktemp("xdg-cache")
+    home.chmod(0o700)
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(home)
+    yield home
+    if previous is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous
+
+
 @pytest.fixture(scope="session")
 def settings() -> Settings:
     return load_settings(None, segmentation={"device": "cpu"}, classifier={"device": "cpu"})

@@ -56,6 +56,9 @@ def test_harness_tiny_run(tmp_path: Path) -> None:
     assert report["runs"]["tuned"]["load_s"] is None and report["speedup_after_load"] is None
     tuned = report["runs"]["tuned"]
     assert tuned["workers"] == 2 and tuned["study_threads"] == 2
+    # The tuned workers load the CPU graphs that an untimed first run cached.
+    assert report["graph_cache"] == "warm"
+    assert "graph cache warm" in proc.stdout
     # Tasks of two studies: one process takes two at once, the other the third.
     assert len(tuned["peak_rss_bytes_per_worker"]) == 2
     # fp32 on the CPU in both configurations: the same masks and probabilities.

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from cxrbatch import pipeline
+from cxrbatch.config import Settings
+from cxrbatch.models import graphs
 from cxrbatch.models.bundle import load_bundle
-from cxrbatch.models.device import cpu_inference_graph
+from cxrbatch.models.graphs import cpu_inference_graph
 from cxrbatch.models.prompts import segment_pixels
 from cxrbatch.models.segmenter import LiteMedSAM
 from cxrbatch.synthetic import make_phantom
@@ -63,3 +65,132 @@ def test_a_module_that_cannot_be_traced_stays_eager(caplog: pytest.LogCaptureFix
         result = cpu_inference_graph(module, 8, "test network")
     assert result is module
     assert "test network runs eagerly" in caplog.text
+
+
+class _Small(torch.nn.Module):
+    """Convolution + batch norm (folded in the graph) + linear head: a classifier in small."""
+
+    def __init__(self, width: int = 4) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, width, 3)
+        self.norm = torch.nn.BatchNorm2d(width)
+        self.head = torch.nn.Linear(width, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.norm(self.conv(x))).mean(dim=(2, 3)))
+
+
+def _small(seed: int, width: int = 4) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    module = _Small(width)
+    module.norm.running_mean.uniform_(-1, 1)  # not the identity, so folding matters
+    return module.eval()
+
+
+def _no_tracing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tracing fails from here on: a graph that comes back is the cached one (a failed
+    trace leaves the module eager, which the tests tell apart)."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("traced although a cached graph was there")
+
+    monkeypatch.setattr(torch.jit, "trace", refuse)
+
+
+def test_a_cached_graph_is_loaded_instead_of_traced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module, example = _small(0), torch.rand(2, 3, 16, 16)
+    first = cpu_inference_graph(module, 16, "small", tmp_path, "digest-a")
+    assert [p.suffix for p in tmp_path.iterdir()] == [".pt"]
+    with monkeypatch.context() as patched:
+        _no_tracing(patched)
+        again = cpu_inference_graph(module, 16, "small", tmp_path, "digest-a")
+    assert isinstance(again, torch.jit.ScriptModule)
+    with torch.inference_mode():
+        expected = module(example)
+        torch.testing.assert_close(first(example), expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(again(example), expected, rtol=0, atol=1e-5)
+    # Other weights, or another architecture, never get this graph.
+    cpu_inference_graph(module, 16, "small", tmp_path, "digest-b")
+    cpu_inference_graph(_small(0, width=5), 16, "small", tmp_path, "digest-a")
+    cpu_inference_graph(module, 20, "small", tmp_path, "digest-a")
+    assert len(list(tmp_path.glob("*.pt"))) == 4
+    # Without a weights digest nothing is cached.
+    cpu_inference_graph(module, 16, "small", tmp_path / "none", "")
+    assert not (tmp_path / "none").exists()
+
+
+def test_a_damaged_cache_file_is_traced_again_and_replaced(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module, example = _small(1), torch.rand(1, 3, 16, 16)
+    cpu_inference_graph(module, 16, "small", tmp_path, "digest")
+    (cached,) = tmp_path.glob("*.pt")
+    cached.write_bytes(cached.read_bytes()[:500])  # a crash of an old version, a bad disk
+    with caplog.at_level(logging.WARNING, logger="cxrbatch.models.graphs"):
+        graph = cpu_inference_graph(module, 16, "small", tmp_path, "digest")
+    assert "unusable" in caplog.text and "tracing again" in caplog.text
+    with torch.inference_mode():
+        torch.testing.assert_close(graph(example), module(example), rtol=0, atol=1e-5)
+    _no_tracing(monkeypatch)  # the replacement is whole: loaded without tracing
+    reloaded = cpu_inference_graph(module, 16, "small", tmp_path, "digest")
+    assert isinstance(reloaded, torch.jit.ScriptModule)
+
+
+def test_a_cache_that_cannot_be_used_only_costs_the_tracing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module, example = _small(2), torch.rand(1, 3, 16, 16)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # others could plant code there: not used
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the folder should be")
+    full = tmp_path / "full"
+
+    def disk_full(path: Path, write: object) -> Path:
+        raise graphs.OutputError(f"Cannot write {path.name}: No space left on device")
+
+    with caplog.at_level(logging.WARNING, logger="cxrbatch.models.graphs"):
+        results = [cpu_inference_graph(module, 16, "small", shared, "d")]
+        results.append(cpu_inference_graph(module, 16, "small", blocked / "cache", "d"))
+        with monkeypatch.context() as patched:
+            patched.setattr(graphs, "atomic_write", disk_full)
+            results.append(cpu_inference_graph(module, 16, "small", full, "d"))
+    assert "not private to this user; not used" in caplog.text
+    assert "CPU graph cache" in caplog.text and "unusable" in caplog.text
+    assert "not cached (Cannot write" in caplog.text
+    assert not list(shared.iterdir()) and not list(full.iterdir())
+    with torch.inference_mode():
+        for graph in results:
+            assert isinstance(graph, torch.jit.ScriptModule)
+            torch.testing.assert_close(graph(example), module(example), rtol=0, atol=1e-5)
+
+
+def test_the_segmenter_encoder_round_trips_through_the_cache(
+    models: pipeline.Models, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The session's models (default settings) traced the encoder into the session's cache.
+    cache = settings.processing.graph_cache()
+    assert cache is not None and any(cache.glob("*.pt"))
+    _no_tracing(monkeypatch)
+    cached = LiteMedSAM(device="cpu", optimize_cpu=True, graph_cache=cache)
+    assert isinstance(cached._encoder, torch.jit.ScriptModule)
+    eager = LiteMedSAM(device="cpu", optimize_cpu=False)
+    pixels = np.round(make_phantom(13, (1200, 1000)).image * 255).astype(np.uint8)
+    a, b = eager.embed(pixels), cached.embed(pixels)
+    scale = float(a.features.abs().max())
+    assert float((a.features - b.features).abs().max()) <= 1e-4 * scale
+
+
+def test_bundles_load_their_graphs_from_the_cache(
+    tiny_bundles: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    eager = load_bundle(tiny_bundles["screening"], "cpu", optimize_cpu=False)
+    load_bundle(tiny_bundles["screening"], "cpu", optimize_cpu=True, graph_cache=tmp_path)
+    _no_tracing(monkeypatch)
+    cached = load_bundle(tiny_bundles["screening"], "cpu", optimize_cpu=True, graph_cache=tmp_path)
+    assert isinstance(cached.graph, torch.jit.ScriptModule)  # not eager: tracing refused
+    inputs = np.random.default_rng(4).normal(size=(2, 3, 64, 64)).astype(np.float32)
+    np.testing.assert_allclose(cached.predict(inputs), eager.predict(inputs), rtol=0, atol=1e-5)

@@ -28,7 +28,8 @@ from cxrbatch.domain import Findings, ModelRef, Triage
 from cxrbatch.errors import ModelError
 from cxrbatch.files import atomic_write, sha256_file
 from cxrbatch.models.batching import Forward, batched
-from cxrbatch.models.device import cpu_inference_graph, resolve_device
+from cxrbatch.models.device import resolve_device
+from cxrbatch.models.graphs import cpu_inference_graph
 from cxrbatch.models.masks import MaskMode
 
 log = logging.getLogger(__name__)
@@ -200,10 +201,15 @@ class ClassifierBundle:
 
 
 def load_bundle(
-    path: str | Path, device: str = "auto", precision: str = "fp32", optimize_cpu: bool = False
+    path: str | Path,
+    device: str = "auto",
+    precision: str = "fp32",
+    optimize_cpu: bool = False,
+    graph_cache: Path | None = None,
 ) -> ClassifierBundle:
     """Load and verify a bundle. precision: fp32, bf16, or auto (bf16 on CUDA only);
-    optimize_cpu: on the CPU, predict with a frozen inference graph of the network."""
+    optimize_cpu: on the CPU, predict with a frozen inference graph of the network, kept
+    in `graph_cache` between processes when given (cxrbatch/models/graphs.py)."""
     root = Path(path)
     meta_path = root / "configs" / "metadata.json"
     model_path = root / "models" / "model.pt"
@@ -247,5 +253,7 @@ def load_bundle(
         )
     graph = None
     if optimize_cpu and torch_device.type == "cpu":
-        graph = cpu_inference_graph(network, spec.input_size, f"classifier {model.name}")
+        graph = cpu_inference_graph(
+            network, spec.input_size, f"classifier {model.name}", graph_cache, digest
+        )
     return ClassifierBundle(root, spec, model, network, torch_device, bf16, graph)

