@@ -1,7 +1,7 @@
 """Throughput harness: the full pipeline as `cxrbatch process` runs it, naive vs tuned.
 
     bench/run --studies N [--gpu] [--workers W] [--codec uncompressed|j2k|mixed]
-              [--min-size 2000 --max-size 3000] [--report FILE]
+              [--min-size 2000 --max-size 3000] [--rounds R] [--report FILE]
 
 Generates N synthetic chest studies (12-16 bit, 2000-3000 px by default), two random-weight
 classifier bundles at 512 px (ResNet50 M-15 classifier, DenseNet121 M-50 screening, so the
@@ -19,7 +19,9 @@ classifier stage costs what real ones would), then runs in one go, each in a fre
 
 Both write SEG + SR + JSON and record to their own SQLite database. The outputs are
 compared (lung mask Dice, probability differences). Prints studies/s, per-stage shares,
-peak memory (RSS and GPU), and last `speedup_vs_naive: X.XX`; writes a JSON report.
+peak memory (RSS and GPU), and last `speedup_vs_naive: X.XX`; writes a JSON report. With
+`--rounds R` both run R times in alternating order and the ratio is the median of the
+rounds' ratios: on a shared machine one pair of runs can be off by 20 % or more.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -181,9 +184,7 @@ def run_mode(
         "mode": mode,
         "workers": workers,
         "study_threads": study_threads,
-        "torch_threads": (
-            torch.get_num_threads() if naive else threads_per_worker(workers)
-        ),
+        "torch_threads": (torch.get_num_threads() if naive else threads_per_worker(workers)),
         "precision": precision,
         "studies": len(reports),
         "statuses": dict(summary.studies),
@@ -251,6 +252,37 @@ def _gb(value: float) -> str:
     return f"{value / 2**30:.2f} GiB"
 
 
+def print_run(label: str, r: dict[str, Any], cache_state: str | None) -> None:
+    shares = r["stage_seconds_per_study"]
+    total = sum(shares.values()) or 1.0
+    print(
+        f"{label}: {r['studies']} studies in {r['wall_s']:.1f}s = "
+        f"{r['studies_per_s']:.2f} studies/s"
+        + (f" (models loaded in {r['load_s']:.1f}s)" if r["load_s"] is not None else "")
+        + (f", graph cache {cache_state}" if cache_state else "")
+        + f", workers {r['workers']} x "
+        f"{r['study_threads']} in flight, torch threads/worker {r['torch_threads']}, "
+        f"peak RSS {_gb(r['peak_rss_bytes_total'])}"
+        f", GPU peak/worker {_gb(r['peak_gpu_bytes_per_worker'])}",
+        flush=True,
+    )
+    print(
+        "       per study: "
+        + ", ".join(f"{s} {v:.3f}s ({100 * v / total:.0f}%)" for s, v in shares.items()),
+        flush=True,
+    )
+
+
+def ratios(runs: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """Naive wall time over tuned, end to end and without each run's model loading
+    (known where both loaded in process)."""
+    naive, tuned = runs["naive"], runs["tuned"]
+    after_load = None
+    if naive["load_s"] is not None and tuned["load_s"] is not None:
+        after_load = (naive["wall_s"] - naive["load_s"]) / (tuned["wall_s"] - tuned["load_s"])
+    return {"speedup_vs_naive": naive["wall_s"] / tuned["wall_s"], "speedup_after_load": after_load}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -273,6 +305,13 @@ def main() -> None:
     parser.add_argument("--min-size", type=int, default=2000)
     parser.add_argument("--max-size", type=int, default=3000)
     parser.add_argument("--report", type=Path, default=None, help="JSON report path")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="naive and tuned this many times, alternating their order; the ratio printed"
+        " last is the median of the rounds' ratios (shared machines are noisy)",
+    )
     parser.add_argument(
         "--bf16", action="store_true", help="tuned run: bf16 autocast for the classifiers on CUDA"
     )
@@ -344,8 +383,6 @@ def main() -> None:
                 flush=True,
             )
         bundles = make_bundles(work / "bundles")
-        for mode in ("naive", "tuned"):  # outputs of an earlier run would be skipped
-            shutil.rmtree(work / f"out-{mode}", ignore_errors=True)
         graph_cache = work / "graph-cache"
         cache_state = "none (CUDA)" if args.gpu else args.graph_cache
         if args.graph_cache == "cold":
@@ -354,57 +391,56 @@ def main() -> None:
             prepare = [sys.executable, "-m", "bench.harness", "--mode", "prepare"]
             prepare += ["--out", str(graph_cache), "--bundles", json.dumps(bundles)]
             run_child(prepare, "filling the graph cache")
-        runs = {}
-        for mode in ("naive", "tuned"):
-            command = [
-                sys.executable,
-                "-m",
-                "bench.harness",
-                "--mode",
-                mode,
-                "--input",
-                str(work / "in"),
-                "--out",
-                str(work / f"out-{mode}"),
-                "--bundles",
-                json.dumps(bundles),
-                "--workers",
-                str(workers),
-                "--study-threads",
-                str(args.study_threads),
-                "--work",
-                str(work),
-            ]
-            command += ["--gpu"] if args.gpu else []
-            command += ["--bf16"] if args.bf16 else []
-            runs[mode] = r = run_child(command, f"{mode} run")
-            shares = r["stage_seconds_per_study"]
-            total = sum(shares.values()) or 1.0
-            print(
-                f"{mode:>5}: {r['studies']} studies in {r['wall_s']:.1f}s = "
-                f"{r['studies_per_s']:.2f} studies/s"
-                + (f" (models loaded in {r['load_s']:.1f}s)" if r["load_s"] is not None else "")
-                + (f", graph cache {cache_state}" if mode == "tuned" else "")
-                + f", workers {r['workers']} x "
-                f"{r['study_threads']} in flight, torch threads/worker {r['torch_threads']}, "
-                f"peak RSS {_gb(r['peak_rss_bytes_total'])}"
-                f", GPU peak/worker {_gb(r['peak_gpu_bytes_per_worker'])}",
-                flush=True,
-            )
-            print(
-                "       per study: "
-                + ", ".join(f"{s} {v:.3f}s ({100 * v / total:.0f}%)" for s, v in shares.items()),
-                flush=True,
-            )
+        rounds = []
+        for k in range(args.rounds):
+            # Alternating the order spreads a noisy neighbour's bursts over both modes.
+            order = ("naive", "tuned") if k % 2 == 0 else ("tuned", "naive")
+            runs = {}
+            for mode in order:
+                shutil.rmtree(work / f"out-{mode}", ignore_errors=True)  # else skipped
+                command = [
+                    sys.executable,
+                    "-m",
+                    "bench.harness",
+                    "--mode",
+                    mode,
+                    "--input",
+                    str(work / "in"),
+                    "--out",
+                    str(work / f"out-{mode}"),
+                    "--bundles",
+                    json.dumps(bundles),
+                    "--workers",
+                    str(workers),
+                    "--study-threads",
+                    str(args.study_threads),
+                    "--work",
+                    str(work),
+                ]
+                command += ["--gpu"] if args.gpu else []
+                command += ["--bf16"] if args.bf16 else []
+                runs[mode] = run_child(command, f"{mode} run")
+                label = f"{mode:>5}" + (
+                    f" (round {k + 1}/{args.rounds})" if args.rounds > 1 else ""
+                )
+                print_run(label, runs[mode], cache_state if mode == "tuned" else None)
+            rounds.append({**ratios(runs), "runs": runs})
+            if args.rounds > 1:
+                print(f"round {k + 1}: speedup {rounds[-1]['speedup_vs_naive']:.2f}", flush=True)
         agreement = compare(work / "out-naive", work / "out-tuned")
         print(f"agreement: {json.dumps(agreement)}")
-        speedup = runs["naive"]["wall_s"] / runs["tuned"]["wall_s"]
-        after_load = None  # the same ratio without the model loading of either run
-        if runs["naive"]["load_s"] is not None and runs["tuned"]["load_s"] is not None:
-            after_load = (runs["naive"]["wall_s"] - runs["naive"]["load_s"]) / (
-                runs["tuned"]["wall_s"] - runs["tuned"]["load_s"]
-            )
+        speedups = [r["speedup_vs_naive"] for r in rounds]
+        median = sorted(rounds, key=lambda r: r["speedup_vs_naive"])[(len(rounds) - 1) // 2]
+        speedup = statistics.median(speedups)
+        after_loads = [r["speedup_after_load"] for r in rounds]
+        after_load = None if None in after_loads else statistics.median(after_loads)
+        if after_load is not None:
             print(f"speedup after model loading: {after_load:.2f}")
+        if args.rounds > 1:
+            print(
+                f"speedup over {args.rounds} rounds: median {speedup:.2f}, "
+                f"range {min(speedups):.2f}-{max(speedups):.2f}"
+            )
         report = {
             "studies": args.studies,
             "device": device,
@@ -412,7 +448,9 @@ def main() -> None:
             "sizes": [args.min_size, args.max_size],
             "cpu_count": cpus,
             "platform": platform.platform(),
-            "runs": runs,
+            # The runs of the median round (the lower middle one for an even count).
+            "runs": median["runs"],
+            "rounds": rounds,
             "agreement": agreement,
             "speedup_vs_naive": speedup,
             "speedup_after_load": after_load,

@@ -30,6 +30,8 @@ def test_harness_tiny_run(tmp_path: Path) -> None:
             "2",
             "--codec",
             "mixed",
+            "--rounds",
+            "2",
             "--report",
             str(report_path),
         ],
@@ -44,6 +46,12 @@ def test_harness_tiny_run(tmp_path: Path) -> None:
     assert last.startswith("speedup_vs_naive: ")
     report = json.loads(report_path.read_text())
     assert float(last.split(": ")[1]) == round(report["speedup_vs_naive"], 2)
+    # Two rounds (naive first, then tuned first): the ratio is the median of theirs.
+    ratios = [r["speedup_vs_naive"] for r in report["rounds"]]
+    assert len(ratios) == 2 and report["speedup_vs_naive"] == sum(ratios) / 2
+    for r in report["rounds"]:
+        assert r["speedup_vs_naive"] == r["runs"]["naive"]["wall_s"] / r["runs"]["tuned"]["wall_s"]
+    assert report["runs"] == min(report["rounds"], key=lambda r: r["speedup_vs_naive"])["runs"]
     for mode in ("naive", "tuned"):
         run = report["runs"][mode]
         assert run["statuses"] == {"processed": 3}, run
