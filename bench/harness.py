@@ -385,9 +385,7 @@ def main() -> None:
         bundles = make_bundles(work / "bundles")
         graph_cache = work / "graph-cache"
         cache_state = "none (CUDA)" if args.gpu else args.graph_cache
-        if args.graph_cache == "cold":
-            shutil.rmtree(graph_cache, ignore_errors=True)
-        elif not args.gpu:  # untimed: what a site's first run leaves behind
+        if args.graph_cache == "warm" and not args.gpu:  # untimed: as a first run leaves it
             prepare = [sys.executable, "-m", "bench.harness", "--mode", "prepare"]
             prepare += ["--out", str(graph_cache), "--bundles", json.dumps(bundles)]
             run_child(prepare, "filling the graph cache")
@@ -398,6 +396,8 @@ def main() -> None:
             runs = {}
             for mode in order:
                 shutil.rmtree(work / f"out-{mode}", ignore_errors=True)  # else skipped
+                if mode == "tuned" and args.graph_cache == "cold":  # every round traces
+                    shutil.rmtree(graph_cache, ignore_errors=True)
                 command = [
                     sys.executable,
                     "-m",
