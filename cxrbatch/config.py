@@ -214,7 +214,12 @@ class ProcessingSettings(_Section):
             return None
         if self.graph_cache_dir:
             return Path(self.graph_cache_dir).expanduser()
-        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        base = os.environ.get("XDG_CACHE_HOME")
+        if not base:
+            try:
+                base = str(Path.home() / ".cache")
+            except RuntimeError:  # no home (a container's arbitrary UID): trace every time
+                return None
         return Path(base) / "cxrbatch" / "cpu-graphs"
 
 

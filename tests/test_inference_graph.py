@@ -194,3 +194,24 @@ def test_bundles_load_their_graphs_from_the_cache(
     assert isinstance(cached.graph, torch.jit.ScriptModule)  # not eager: tracing refused
     inputs = np.random.default_rng(4).normal(size=(2, 3, 64, 64)).astype(np.float32)
     np.testing.assert_allclose(cached.predict(inputs), eager.predict(inputs), rtol=0, atol=1e-5)
+
+
+def test_where_the_graph_cache_lives(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from cxrbatch.config import load_settings
+
+    def cache(**processing: object) -> Path | None:
+        return load_settings(None, processing=processing).processing.graph_cache()
+
+    assert cache(graph_cache_dir=str(tmp_path / "g")) == tmp_path / "g"
+    assert cache(cache_cpu_graphs=False, graph_cache_dir=str(tmp_path)) is None
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache() == tmp_path / "xdg" / "cxrbatch" / "cpu-graphs"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache() == tmp_path / "home" / ".cache" / "cxrbatch" / "cpu-graphs"
+
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    assert cache() is None  # a container's arbitrary UID: no cache, tracing as before
