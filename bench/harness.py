@@ -248,6 +248,20 @@ def compare(naive_out: Path, tuned_out: Path) -> dict[str, float]:
     }
 
 
+def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of the rounds' ratios (end to end and after loading), their range, and
+    the runs of the median round (the lower middle one for an even count)."""
+    speedups = [r["speedup_vs_naive"] for r in rounds]
+    after_loads = [r["speedup_after_load"] for r in rounds]
+    median_round = sorted(rounds, key=lambda r: r["speedup_vs_naive"])[(len(rounds) - 1) // 2]
+    return {
+        "speedup_vs_naive": statistics.median(speedups),
+        "speedup_after_load": None if None in after_loads else statistics.median(after_loads),
+        "speedup_range": [min(speedups), max(speedups)],
+        "runs": median_round["runs"],
+    }
+
+
 def _gb(value: float) -> str:
     return f"{value / 2**30:.2f} GiB"
 
@@ -429,17 +443,15 @@ def main() -> None:
                 print(f"round {k + 1}: speedup {rounds[-1]['speedup_vs_naive']:.2f}", flush=True)
         agreement = compare(work / "out-naive", work / "out-tuned")
         print(f"agreement: {json.dumps(agreement)}")
-        speedups = [r["speedup_vs_naive"] for r in rounds]
-        median = sorted(rounds, key=lambda r: r["speedup_vs_naive"])[(len(rounds) - 1) // 2]
-        speedup = statistics.median(speedups)
-        after_loads = [r["speedup_after_load"] for r in rounds]
-        after_load = None if None in after_loads else statistics.median(after_loads)
+        summary = summarise(rounds)
+        speedup, after_load = summary["speedup_vs_naive"], summary["speedup_after_load"]
         if after_load is not None:
             print(f"speedup after model loading: {after_load:.2f}")
         if args.rounds > 1:
+            low, high = summary["speedup_range"]
             print(
                 f"speedup over {args.rounds} rounds: median {speedup:.2f}, "
-                f"range {min(speedups):.2f}-{max(speedups):.2f}"
+                f"range {low:.2f}-{high:.2f}"
             )
         report = {
             "studies": args.studies,
@@ -448,9 +460,9 @@ def main() -> None:
             "sizes": [args.min_size, args.max_size],
             "cpu_count": cpus,
             "platform": platform.platform(),
-            # The runs of the median round (the lower middle one for an even count).
-            "runs": median["runs"],
+            "runs": summary["runs"],
             "rounds": rounds,
+            "speedup_range": summary["speedup_range"],
             "agreement": agreement,
             "speedup_vs_naive": speedup,
             "speedup_after_load": after_load,

@@ -7,6 +7,9 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+from bench.harness import ratios, summarise
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,8 +33,6 @@ def test_harness_tiny_run(tmp_path: Path) -> None:
             "2",
             "--codec",
             "mixed",
-            "--rounds",
-            "2",
             "--report",
             str(report_path),
         ],
@@ -46,12 +47,12 @@ def test_harness_tiny_run(tmp_path: Path) -> None:
     assert last.startswith("speedup_vs_naive: ")
     report = json.loads(report_path.read_text())
     assert float(last.split(": ")[1]) == round(report["speedup_vs_naive"], 2)
-    # Two rounds (naive first, then tuned first): the ratio is the median of theirs.
-    ratios = [r["speedup_vs_naive"] for r in report["rounds"]]
-    assert len(ratios) == 2 and report["speedup_vs_naive"] == sum(ratios) / 2
-    for r in report["rounds"]:
-        assert r["speedup_vs_naive"] == r["runs"]["naive"]["wall_s"] / r["runs"]["tuned"]["wall_s"]
-    assert report["runs"] == min(report["rounds"], key=lambda r: r["speedup_vs_naive"])["runs"]
+    (only,) = report["rounds"]
+    assert only["runs"] == report["runs"]
+    assert (
+        report["speedup_vs_naive"]
+        == report["runs"]["naive"]["wall_s"] / report["runs"]["tuned"]["wall_s"]
+    )
     for mode in ("naive", "tuned"):
         run = report["runs"][mode]
         assert run["statuses"] == {"processed": 3}, run
@@ -74,3 +75,25 @@ def test_harness_tiny_run(tmp_path: Path) -> None:
     assert agreement["images_compared"] == 3
     assert agreement["mask_dice_min"] >= 0.99
     assert agreement["probability_abs_diff_max"] <= 1e-3
+
+
+def _round(naive_s: float, tuned_s: float, load_s: float | None) -> dict[str, Any]:
+    runs = {
+        "naive": {"wall_s": naive_s, "load_s": load_s},
+        "tuned": {"wall_s": tuned_s, "load_s": load_s},
+    }
+    return {**ratios(runs), "runs": runs}
+
+
+def test_rounds_are_summarised_by_their_median() -> None:
+    rounds = [_round(100, 50, 2), _round(90, 60, 2), _round(100, 80, 2)]
+    summary = summarise(rounds)
+    assert summary["speedup_vs_naive"] == 1.5  # 2.0, 1.5, 1.25
+    assert summary["speedup_range"] == [1.25, 2.0]
+    assert summary["runs"] is rounds[1]["runs"]
+    assert summary["speedup_after_load"] == 88 / 58
+    # An even count: the mean of the middle two, the runs of the lower one.
+    two = summarise(rounds[1:])
+    assert two["speedup_vs_naive"] == (1.5 + 1.25) / 2 and two["runs"] is rounds[2]["runs"]
+    # Worker processes load their own models: no ratio after loading.
+    assert summarise([_round(100, 50, None)])["speedup_after_load"] is None
