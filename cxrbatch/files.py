@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -43,11 +44,18 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
     return path
 
 
-def remove_stale_temporaries(folder: Path) -> int:
-    """Delete temporary files a killed writer left in `folder` (never finished outputs)."""
+def remove_stale_temporaries(folder: Path, min_age_s: float = 0.0) -> int:
+    """Delete temporary files a killed writer left in `folder` (never finished outputs);
+    with `min_age_s`, only those untouched that long (where a live writer may share it)."""
     removed = 0
     if folder.is_dir():
+        now = time.time()
         for stale in folder.glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
+            try:
+                if min_age_s and now - stale.stat().st_mtime < min_age_s:
+                    continue
+                stale.unlink()
+            except FileNotFoundError:  # its writer finished or removed it meanwhile
+                continue
             removed += 1
     return removed

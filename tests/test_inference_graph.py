@@ -4,6 +4,8 @@ the eager networks' outputs: encoder features, lung masks, probabilities."""
 from __future__ import annotations
 
 import logging
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -133,9 +135,16 @@ def test_a_damaged_cache_file_is_traced_again_and_replaced(
     assert "unusable" in caplog.text and "tracing again" in caplog.text
     with torch.inference_mode():
         torch.testing.assert_close(graph(example), module(example), rtol=0, atol=1e-5)
+    # A process killed while writing left a temporary long ago; another is writing now.
+    killed, live = tmp_path / ".abc.pt.x1.tmp", tmp_path / ".abc.pt.x2.tmp"
+    killed.write_bytes(b"half a graph")
+    live.write_bytes(b"being written")
+    old = time.time() - 2 * graphs.STALE_TEMPORARY_S
+    os.utime(killed, (old, old))
     _no_tracing(monkeypatch)  # the replacement is whole: loaded without tracing
     reloaded = cpu_inference_graph(module, 16, "small", tmp_path, "digest")
     assert isinstance(reloaded, torch.jit.ScriptModule)
+    assert not killed.exists() and live.exists()
 
 
 def test_a_cache_that_cannot_be_used_only_costs_the_tracing(

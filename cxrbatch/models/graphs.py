@@ -36,9 +36,11 @@ from pathlib import Path
 import torch
 
 from cxrbatch.errors import OutputError
-from cxrbatch.files import atomic_write
+from cxrbatch.files import atomic_write, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
+
+STALE_TEMPORARY_S = 600.0  # a graph is written in about a second
 
 
 def cpu_inference_graph(
@@ -135,6 +137,8 @@ def _cache_file(
             cache_dir,
         )
         return None
+    # A process killed while writing leaves a temporary; another may be writing now.
+    remove_stale_temporaries(cache_dir, min_age_s=STALE_TEMPORARY_S)
     return cache_dir / f"{graph_key(module, input_size, weights_sha256)}.pt"
 
 
