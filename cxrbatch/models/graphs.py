@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import io
 import logging
 import os
 import warnings
@@ -143,10 +142,8 @@ def _cache_file(
 
 
 def _store(frozen: torch.jit.ScriptModule, path: Path, what: str) -> None:
-    buffer = io.BytesIO()
-    try:
-        torch.jit.save(frozen, buffer)
-        atomic_write(path, lambda handle: handle.write(buffer.getbuffer()))
+    try:  # straight into the temporary file: no second in-memory copy of the weights
+        atomic_write(path, lambda handle: torch.jit.save(frozen, handle))
     except (OutputError, RuntimeError) as exc:  # the graph still serves this process
         log.warning("%s: CPU graph not cached (%s)", what, exc)
         return
