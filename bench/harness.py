@@ -42,6 +42,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cxrbatch.cpus import usable_cpus
+
 if TYPE_CHECKING:
     from cxrbatch.config import Settings
 
@@ -347,17 +349,22 @@ def main() -> None:
     parser.add_argument("--input", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--bundles", type=str, help=argparse.SUPPRESS)
-    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--graph-cache-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = "cuda" if args.gpu else "cpu"
-    cpus = os.cpu_count() or 1
+    cpus = usable_cpus()  # the CPUs this process may use (affinity), as the workers count them
     workers = args.workers or (min(cpus, 16) if args.gpu else 1)
 
     if args.mode == "prepare":  # a child process filling the tuned run's graph cache
         from cxrbatch.pipeline import load_models
 
         settings = mode_settings(
-            "tuned", json.loads(args.bundles), device, args.study_threads, False, args.out
+            "tuned",
+            json.loads(args.bundles),
+            device,
+            args.study_threads,
+            False,
+            args.graph_cache_dir,
         )
         load_models(settings)
         print("RESULT {}")
@@ -372,7 +379,7 @@ def main() -> None:
             workers,
             args.study_threads,
             args.bf16,
-            args.work / "graph-cache",
+            args.graph_cache_dir,
         )
         print("RESULT " + json.dumps(result))
         return
@@ -401,7 +408,7 @@ def main() -> None:
         cache_state = "none (CUDA)" if args.gpu else args.graph_cache
         if args.graph_cache == "warm" and not args.gpu:  # untimed: as a first run leaves it
             prepare = [sys.executable, "-m", "bench.harness", "--mode", "prepare"]
-            prepare += ["--out", str(graph_cache), "--bundles", json.dumps(bundles)]
+            prepare += ["--graph-cache-dir", str(graph_cache), "--bundles", json.dumps(bundles)]
             run_child(prepare, "filling the graph cache")
         rounds = []
         for k in range(args.rounds):
@@ -428,8 +435,8 @@ def main() -> None:
                     str(workers),
                     "--study-threads",
                     str(args.study_threads),
-                    "--work",
-                    str(work),
+                    "--graph-cache-dir",
+                    str(graph_cache),
                 ]
                 command += ["--gpu"] if args.gpu else []
                 command += ["--bf16"] if args.bf16 else []
