@@ -4,7 +4,8 @@ discover files -> quarantine/record rejected ones -> for each study (in this pro
 spread over worker processes that each load the models once; in each process
 `processing.study_threads` studies in flight on threads sharing its models): skip if
 already processed with the same fingerprint, else pipeline.run -> record the outcome. A
-study that fails for any reason is recorded as failed and the batch goes on.
+study that fails for any reason is recorded as failed and the batch goes on, also when it
+kills its worker process (see "worker processes" below).
 """
 
 from __future__ import annotations
@@ -13,9 +14,17 @@ import logging
 import multiprocessing
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from collections.abc import Callable, Generator, Iterator
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    as_completed,
+    wait,
+)
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from multiprocessing.queues import SimpleQueue
 from pathlib import Path
 
 from cxrbatch import logs, pipeline
@@ -23,11 +32,12 @@ from cxrbatch.config import Settings
 from cxrbatch.cpus import threads_per_worker
 from cxrbatch.db.session import ensure_local_sqlite, make_engine, session_factory, upgrade
 from cxrbatch.dicom.discover import discover
-from cxrbatch.domain import OutcomeStatus, StudyInput
+from cxrbatch.domain import ModelRef, OutcomeStatus, StudyInput
+from cxrbatch.errors import CxrBatchError
 from cxrbatch.models.device import limit_cpu_threads
 from cxrbatch.paths import database_url, quarantine_dir
 from cxrbatch.quarantine import record_rejected_files
-from cxrbatch.worker import StudyProcessor, StudyReport
+from cxrbatch.worker import StudyProcessor, StudyReport, failed_result, record_result
 
 log = logging.getLogger(__name__)
 
@@ -111,43 +121,82 @@ def _run_here(
     threads = settings.processing.study_threads
     worker = StudyProcessor(settings, out_dir, url, models, in_flight=threads)
     try:
-        yield from process_concurrently(worker, studies, force, threads)
+        yield from process_concurrently(worker.process, studies, force, threads)
     finally:
         worker.close()
 
 
 def process_concurrently(
-    worker: StudyProcessor, studies: list[StudyInput], force: bool, threads: int
+    process: Callable[[StudyInput, bool], StudyReport],
+    studies: list[StudyInput],
+    force: bool,
+    threads: int,
 ) -> Iterator[StudyReport]:
-    """Process `studies` with up to `threads` of them in flight at once, sharing the
-    worker's models; reports in completion order. The networks release the GIL, so one
-    study's decoding and DICOM writing run while another's networks compute."""
+    """Process `studies` with up to `threads` of them in flight at once (`process` is a
+    worker's, sharing its models); reports in completion order. The networks release the
+    GIL, so one study's decoding and DICOM writing run while another's networks compute."""
     if threads <= 1 or len(studies) <= 1:
         for study in studies:
-            yield worker.process(study, force)
+            yield process(study, force)
         return
     with ThreadPoolExecutor(threads, thread_name_prefix="study") as pool:
-        futures = [pool.submit(worker.process, study, force) for study in studies]
+        futures = [pool.submit(process, study, force) for study in studies]
         for future in as_completed(futures):
             yield future.result()
 
 
 # ---- worker processes -------------------------------------------------------------------
+#
+# Each worker process tells the parent on an events pipe when it starts a study (`_Started`)
+# and when it has recorded one (its `StudyReport`); a message is in the pipe once `put`
+# returns, so it outlives the worker. When a worker dies (killed, out of memory, a crash in
+# native code) the pool breaks and takes every worker with it: the studies that had not
+# started go on in a new pool, and those in flight in any worker are suspects, run
+# afterwards one at a time in a single worker process. A study that kills that worker is
+# the cause: it is recorded as failed with the reason, and no other study loses its outcome.
 
 _WORKER: StudyProcessor | None = None
+_EVENTS: SimpleQueue[_Started | StudyReport] | None = None
 
 
-def _init_worker(settings: Settings, out_dir: Path, url: str, threads: int) -> None:
-    global _WORKER
+@dataclass(frozen=True)
+class _Started:
+    """Small (below PIPE_BUF), so that a worker killed while telling cannot leave half a
+    message in the pipe."""
+
+    study_instance_uid: str
+    fingerprint: str
+    models: tuple[ModelRef, ...]
+
+
+def _init_worker(
+    settings: Settings,
+    out_dir: Path,
+    url: str,
+    threads: int,
+    events: SimpleQueue[_Started | StudyReport],
+) -> None:
+    global _WORKER, _EVENTS
     logs.configure(settings.logging.level, settings.logging.format)
     limit_cpu_threads(threads)
+    _EVENTS = events
     _WORKER = StudyProcessor(settings, out_dir, url, in_flight=settings.processing.study_threads)
 
 
-def _work(studies: list[StudyInput], force: bool) -> list[StudyReport]:
+def _process_and_tell(study: StudyInput, force: bool) -> StudyReport:
+    assert _WORKER is not None and _EVENTS is not None, "worker process not initialised"
+    uid = study.study_instance_uid
+    _EVENTS.put(_Started(uid, _WORKER.fingerprint(study), _WORKER.models.refs))
+    report = _WORKER.process(study, force)
+    _EVENTS.put(report)
+    return report
+
+
+def _work(studies: list[StudyInput], force: bool) -> None:
     assert _WORKER is not None, "worker process not initialised"
     threads = _WORKER.settings.processing.study_threads
-    return list(process_concurrently(_WORKER, studies, force, threads))
+    for _ in process_concurrently(_process_and_tell, studies, force, threads):
+        pass
 
 
 def _run_in_pool(
@@ -158,26 +207,112 @@ def _run_in_pool(
     force: bool,
     workers: int,
 ) -> Iterator[StudyReport]:
-    threads = threads_per_worker(workers)
+    pending, suspects = studies, []
+    while pending:
+        in_flight, pending = yield from _pool_round(pending, settings, out_dir, url, force, workers)
+        suspects += [study for study in studies if study.study_instance_uid in in_flight]
+    alone = settings.model_copy(
+        update={"processing": settings.processing.model_copy(update={"study_threads": 1})}
+    )
+    while suspects:
+        in_flight, suspects = yield from _pool_round(suspects, alone, out_dir, url, force, 1)
+        for started in in_flight.values():  # one study in one worker: it killed it
+            yield _record_worker_death(started, settings, out_dir, url)
+
+
+def _pool_round(
+    studies: list[StudyInput],
+    settings: Settings,
+    out_dir: Path,
+    url: str,
+    force: bool,
+    workers: int,
+) -> Generator[StudyReport, None, tuple[dict[str, _Started], list[StudyInput]]]:
+    """Run `studies` in one pool of `workers` processes, yielding reports as the workers
+    record studies. Returns, if a worker died, the studies in flight then and those not
+    started; ({}, []) when none did. Raises if the workers died before starting any study
+    (they could not load the models: their log says why)."""
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    events: SimpleQueue[_Started | StudyReport] = context.SimpleQueue()
+    started: dict[str, _Started] = {}
+    reported: set[str] = set()
+
+    def drain() -> Iterator[StudyReport]:
+        while not events.empty():
+            event = events.get()
+            if isinstance(event, _Started):
+                started[event.study_instance_uid] = event
+            else:
+                reported.add(event.study_instance_uid)
+                yield event
+
+    broken = False
     with ProcessPoolExecutor(
         workers,
         mp_context=context,
         initializer=_init_worker,
-        initargs=(settings, out_dir, url, threads),
+        initargs=(settings, out_dir, url, threads_per_worker(workers), events),
     ) as pool:
         # A process takes one task at a time: a task is as many studies as it has in flight.
         size = settings.processing.study_threads
         chunks = [studies[i : i + size] for i in range(0, len(studies), size)]
         futures = {pool.submit(_work, chunk, force): chunk for chunk in chunks}
-        for future in as_completed(futures):
-            try:
-                yield from future.result()
-            except Exception as exc:  # a worker died (killed, out of memory): record, go on
-                for study in futures[future]:
-                    log.error("worker failed on study %s: %s", study.study_instance_uid, exc)
-                    yield StudyReport(
-                        study.study_instance_uid,
-                        OutcomeStatus.FAILED.value,
-                        f"worker process failed: {type(exc).__name__}",
-                    )
+        waiting = set(futures)
+        while waiting:
+            done, waiting = wait(waiting, timeout=0.5, return_when=FIRST_COMPLETED)
+            yield from drain()
+            for future in done:
+                error = future.exception()
+                if isinstance(error, BrokenProcessPool):
+                    broken = True
+                elif error is not None:  # not a death: the task itself could not run
+                    for study in futures[future]:
+                        if study.study_instance_uid not in reported:
+                            reported.add(study.study_instance_uid)
+                            log.error("study %s not processed: %s", study.study_instance_uid, error)
+                            yield StudyReport(
+                                study.study_instance_uid,
+                                OutcomeStatus.FAILED.value,
+                                f"worker task failed: {type(error).__name__}",
+                            )
+    yield from drain()  # the workers are gone: everything they told is in the pipe
+    if not broken:
+        return {}, []
+    if not started:
+        raise CxrBatchError(
+            "the worker processes stopped before processing any study (see the log above "
+            "for why: e.g. the models could not be loaded)"
+        )
+    in_flight = {uid: s for uid, s in started.items() if uid not in reported}
+    not_started = [s for s in studies if s.study_instance_uid not in started]
+    log.warning(
+        "a worker process died: %d study(ies) in flight will be retried one at a time, "
+        "%d not started go on in new worker processes",
+        len(in_flight),
+        len(not_started),
+    )
+    return in_flight, not_started
+
+
+def _record_worker_death(
+    started: _Started, settings: Settings, out_dir: Path, url: str
+) -> StudyReport:
+    uid = started.study_instance_uid
+    reason = (
+        "the worker process died while processing this study alone (killed: out of "
+        "memory, or a crash in native code); the study is retried at the next run"
+    )
+    log.error("study %s failed: %s", uid, reason)
+    engine = make_engine(url)
+    try:
+        result = failed_result(uid, reason, started.fingerprint, started.models)
+        record_result(session_factory(engine), settings, out_dir, result)
+    finally:
+        engine.dispose()
+    return StudyReport(
+        uid,
+        OutcomeStatus.FAILED.value,
+        reason,
+        image_reasons=(reason,),
+        synthetic_model=any(m.synthetic_training_data for m in started.models),
+    )

@@ -38,6 +38,7 @@ from cxrbatch.dicom.discover import read_header
 from cxrbatch.domain import (
     InstanceHeader,
     JobStatus,
+    ModelRef,
     OutcomeStatus,
     RejectedFile,
     StudyInput,
@@ -103,12 +104,15 @@ class StudyProcessor:
     def close(self) -> None:
         self.engine.dispose()
 
+    def fingerprint(self, study: StudyInput) -> str:
+        return pipeline.input_fingerprint(study, self.models, self.settings)
+
     def process(
         self, study: StudyInput, force: bool = False, on_record: OnRecord | None = None
     ) -> StudyReport:
         settings, models = self.settings, self.models
         uid = study.study_instance_uid
-        fingerprint = pipeline.input_fingerprint(study, models, settings)
+        fingerprint = self.fingerprint(study)
         with self.sessions() as session:
             current = repository.current_outcome(session, uid)
             # Unchanged input, same models, outputs in place: nothing to do. Failed studies
@@ -130,13 +134,13 @@ class StudyProcessor:
             result = pipeline.run(study, models, settings, self.out_dir)
         except CxrBatchError as exc:  # e.g. an output that cannot be written (disk full)
             log.error("study %s failed: %s", uid, exc)
-            result = _failed_result(study, str(exc), fingerprint, models)
+            result = failed_result(uid, str(exc), fingerprint, models.refs)
         except Exception as exc:  # one study must never stop the batch
             log.exception("study %s failed", uid)
-            result = _failed_result(
-                study, f"internal error: {type(exc).__name__}: {exc}", fingerprint, models
+            result = failed_result(
+                uid, f"internal error: {type(exc).__name__}: {exc}", fingerprint, models.refs
             )
-        quarantined = self._record(study, result, on_record)
+        quarantined = record_result(self.sessions, settings, self.out_dir, result, on_record)
         if quarantined is None:
             log.warning("study %s: the job was taken over while it ran; not recorded", uid)
             return StudyReport(uid, "lost", synthetic_model=self.synthetic)
@@ -181,39 +185,46 @@ class StudyProcessor:
             worker_pid=os.getpid(),
         )
 
-    def _record(
-        self, study: StudyInput, result: StudyResult, on_record: OnRecord | None
-    ) -> int | None:
-        failures = [
-            RejectedFile(
-                f.instance.path,
-                f.reason,
-                f.instance.sha256,
-                study_instance_uid=study.study_instance_uid,
-                sop_instance_uid=f.instance.sop_instance_uid,
-            )
-            for f in result.failures
-        ]
-        with self.sessions() as session:
-            _, quarantined = record_rejected_files(
-                session, failures, quarantine_dir(self.settings, self.out_dir)
-            )
-            outcome = repository.record_study(session, result)
-            # Sending is queued with the outcome, in one transaction: nothing recorded is
-            # ever left unsent by a crash.
-            deliveries.enqueue(session, outcome, self.settings.send.destinations)
-            if on_record is not None and not on_record(session, outcome):
-                session.rollback()
-                return None
-            session.commit()
-        return quarantined
+
+def record_result(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    out_dir: Path,
+    result: StudyResult,
+    on_record: OnRecord | None = None,
+) -> int | None:
+    """Record a study's outcome, quarantine the files of its failed images and queue its
+    sending, in one transaction. Returns the files quarantined, or None when `on_record`
+    refused (the record is rolled back)."""
+    failures = [
+        RejectedFile(
+            f.instance.path,
+            f.reason,
+            f.instance.sha256,
+            study_instance_uid=result.study_instance_uid,
+            sop_instance_uid=f.instance.sop_instance_uid,
+        )
+        for f in result.failures
+    ]
+    with sessions() as session:
+        _, quarantined = record_rejected_files(session, failures, quarantine_dir(settings, out_dir))
+        outcome = repository.record_study(session, result)
+        # Sending is queued with the outcome, in one transaction: nothing recorded is
+        # ever left unsent by a crash.
+        deliveries.enqueue(session, outcome, settings.send.destinations)
+        if on_record is not None and not on_record(session, outcome):
+            session.rollback()
+            return None
+        session.commit()
+    return quarantined
 
 
-def _failed_result(
-    study: StudyInput, reason: str, fingerprint: str, models: pipeline.Models
+def failed_result(
+    study_instance_uid: str, reason: str, fingerprint: str, models: tuple[ModelRef, ...]
 ) -> StudyResult:
+    """The outcome of a study that failed as a whole."""
     return StudyResult(
-        study_instance_uid=study.study_instance_uid,
+        study_instance_uid=study_instance_uid,
         status=OutcomeStatus.FAILED,
         reason=reason,
         images=(),
@@ -221,7 +232,7 @@ def _failed_result(
         failures=(),
         triage=None,
         no_finding_score=None,
-        models=models.refs,
+        models=models,
         input_fingerprint=fingerprint,
     )
 

@@ -230,8 +230,8 @@ def test_process_concurrently_keeps_that_many_studies_in_flight() -> None:
 
     studies = [StudyInput(f"1.2.3.{i}", ()) for i in range(4)]
     worker: Any = Meeting(timeout=10)
-    reports = list(process_concurrently(worker, studies, False, 2))
+    reports = list(process_concurrently(worker.process, studies, False, 2))
     assert sorted(r.study_instance_uid for r in reports) == [s.study_instance_uid for s in studies]
     alone: Any = Meeting(timeout=0.5)  # one at a time: nobody to meet
     with pytest.raises(threading.BrokenBarrierError):
-        list(process_concurrently(alone, studies[:2], False, 1))
+        list(process_concurrently(alone.process, studies[:2], False, 1))

@@ -1,0 +1,109 @@
+"""`cxrbatch process --workers N`: a study that kills its worker process (out of memory, a
+crash in native code) is found, recorded as failed with the reason, and costs no other
+study its outcome; workers that cannot start stop the batch with a clear error."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from cxrbatch import pipeline
+from cxrbatch.batch import run_batch
+from cxrbatch.config import Settings
+from cxrbatch.db import models as tables
+from cxrbatch.db.session import make_engine, session_factory
+from cxrbatch.errors import CxrBatchError
+from cxrbatch.synthetic import write_studies
+
+# Imported by every Python process started while it is on PYTHONPATH: the spawned worker
+# processes kill themselves (SIGKILL, as the kernel's OOM killer does) on one study.
+KILLER = """
+import os
+import signal
+
+if os.environ.get("CXRBATCH_TEST_KILL_STUDY"):
+    from cxrbatch import pipeline
+
+    _run = pipeline.run
+
+    def run(study, *args, **kwargs):
+        if study.study_instance_uid == os.environ["CXRBATCH_TEST_KILL_STUDY"]:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return _run(study, *args, **kwargs)
+
+    pipeline.run = run
+"""
+
+
+def _current_outcomes(out: Path) -> dict[str, tables.Outcome]:
+    engine = make_engine(f"sqlite:///{out / 'cxrbatch.sqlite'}")
+    with session_factory(engine)() as session:
+        rows = session.execute(
+            select(tables.Study.study_instance_uid, tables.Outcome)
+            .join(tables.Outcome, tables.Outcome.study_id == tables.Study.id)
+            .where(tables.Outcome.is_current)
+        ).all()
+        session.expunge_all()
+    engine.dispose()
+    return {uid: outcome for uid, outcome in rows}
+
+
+def test_a_study_that_kills_its_worker_costs_no_other_study(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    settings: Settings,
+    models: pipeline.Models,
+) -> None:
+    studies = write_studies(tmp_path / "in", 4, seed=31, size=(256, 256))
+    poison = studies[1].study_instance_uid
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(KILLER)
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")]))
+    )
+    monkeypatch.setenv("CXRBATCH_TEST_KILL_STUDY", poison)
+    out = tmp_path / "out"
+
+    # 2 workers x 2 studies in flight: the poisoned study's worker dies, and the pool with
+    # it; whatever was in flight is retried alone, so the poisoned study is found.
+    summary = run_batch(tmp_path / "in", out, settings, workers=2)
+
+    assert summary.studies == {"processed": 3, "failed": 1}
+    (failed,) = [r for r in summary.reports if r.status == "failed"]
+    assert failed.study_instance_uid == poison
+    assert failed.reason is not None and "worker process died" in failed.reason
+    outcomes = _current_outcomes(out)
+    assert set(outcomes) == {s.study_instance_uid for s in studies}
+    assert outcomes[poison].status == "failed"
+    assert "worker process died" in (outcomes[poison].reason or "")
+    assert outcomes[poison].models and outcomes[poison].input_fingerprint
+    for uid, outcome in outcomes.items():
+        if uid != poison:
+            assert outcome.status == "processed", (uid, outcome.reason)
+            assert (out / uid / "result.json").is_file()
+
+    # Recorded as failed, so the next run retries it (here in this process, unpoisoned)
+    # and leaves the others alone.
+    monkeypatch.delenv("CXRBATCH_TEST_KILL_STUDY")
+    again = run_batch(tmp_path / "in", out, settings, models=models)
+    assert again.studies == {"processed": 1, "unchanged": 3}
+    assert _current_outcomes(out)[poison].status == "processed"
+
+
+def test_workers_that_cannot_load_their_models_stop_the_batch(
+    tmp_path: Path, settings: Settings
+) -> None:
+    write_studies(tmp_path / "in", 2, seed=32, size=(256, 256))
+    broken = settings.model_copy(
+        update={
+            "segmentation": settings.segmentation.model_copy(
+                update={"backend": "medsam-vitb", "medsam_checkpoint": str(tmp_path / "none.pth")}
+            )
+        }
+    )
+    with pytest.raises(CxrBatchError, match="before processing any study"):
+        run_batch(tmp_path / "in", tmp_path / "out", broken, workers=2)
