@@ -147,6 +147,25 @@ def test_a_damaged_cache_file_is_traced_again_and_replaced(
     assert not killed.exists() and live.exists()
 
 
+def test_graphs_unused_for_a_month_go_when_a_new_one_is_stored(tmp_path: Path) -> None:
+    """The cache does not grow with every upgrade: a graph loaded stays, one that nothing
+    loaded for UNUSED_GRAPH_DAYS is removed once a new graph is stored."""
+    module = _small(2)
+    paths = {}
+    for digest in ("old-weights", "used-weights"):
+        cpu_inference_graph(module, 16, "small", tmp_path, digest)
+        paths[digest] = tmp_path / f"{graphs.graph_key(module, 16, digest)}.pt"
+    long_ago = time.time() - (graphs.UNUSED_GRAPH_DAYS + 1) * 86400
+    for path in paths.values():
+        os.utime(path, (long_ago, long_ago))
+    cpu_inference_graph(module, 16, "small", tmp_path, "used-weights")  # loaded: used now
+    assert paths["used-weights"].stat().st_mtime > time.time() - 3600
+    assert paths["old-weights"].exists()  # loading alone removes nothing
+    cpu_inference_graph(module, 16, "small", tmp_path, "new-weights")  # stored
+    assert not paths["old-weights"].exists()
+    assert paths["used-weights"].exists() and len(list(tmp_path.glob("*.pt"))) == 2
+
+
 def test_a_cache_that_cannot_be_used_only_costs_the_tracing(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

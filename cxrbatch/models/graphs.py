@@ -18,17 +18,21 @@ is found by a key over everything its computation depends on:
 - torch's version and the traced input size.
 
 A cache file that cannot be read is traced again and replaced; a cache that cannot be
-written (full disk, read-only folder) only costs the tracing. TorchScript files hold
-code, so the folder is created private (0700), and a folder that others can write to, or
-that another user owns, is not used.
+written (full disk, read-only folder) only costs the tracing. Loading a graph marks it used
+(its modification time); storing a new one, which happens when weights, network code or
+torch change, removes the graphs unused for `UNUSED_GRAPH_DAYS` (each is 20-100 MB).
+TorchScript files hold code, so the folder is created private (0700), and a folder that
+others can write to, or that another user owns, is not used.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import logging
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -40,6 +44,7 @@ from cxrbatch.files import atomic_write, remove_stale_temporaries
 log = logging.getLogger(__name__)
 
 STALE_TEMPORARY_S = 600.0  # a graph is written in about a second
+UNUSED_GRAPH_DAYS = 30.0
 
 
 def cpu_inference_graph(
@@ -72,6 +77,7 @@ def _graph(
             cached = torch.jit.load(str(path), map_location="cpu")
             graph = torch.jit.optimize_for_inference(cached)
             log.info("%s: CPU graph loaded from the cache (%s)", what, path.name)
+            _mark_used(path)
             return graph
         except Exception as exc:  # a damaged or foreign file: trace again, replace it
             log.warning(
@@ -148,3 +154,27 @@ def _store(frozen: torch.jit.ScriptModule, path: Path, what: str) -> None:
         log.warning("%s: CPU graph not cached (%s)", what, exc)
         return
     log.info("%s: CPU graph traced and cached (%s)", what, path.name)
+    removed = remove_unused_graphs(path.parent, UNUSED_GRAPH_DAYS * 86400)
+    if removed:
+        log.info(
+            "CPU graph cache: %d graph(s) unused for %g days removed", removed, UNUSED_GRAPH_DAYS
+        )
+
+
+def _mark_used(path: Path) -> None:
+    with contextlib.suppress(OSError):  # a read-only cache is only never pruned
+        os.utime(path)
+
+
+def remove_unused_graphs(folder: Path, unused_s: float) -> int:
+    """Delete the cached graphs of `folder` not loaded or stored for `unused_s` seconds."""
+    removed = 0
+    oldest = time.time() - unused_s
+    for graph in folder.glob("*.pt"):
+        try:
+            if graph.stat().st_mtime < oldest:
+                graph.unlink()
+                removed += 1
+        except FileNotFoundError:  # another process removed it meanwhile
+            continue
+    return removed
