@@ -3,7 +3,10 @@ output difference, for LiteMedSAM's encoder and the harness's two classifier net
 
     python -m bench.cpu_graphs [--threads 1] [--repeats 4]
 
-Random-weight classifiers (ResNet50, DenseNet121 at 512 px) cost what trained ones do.
+"plain" is one frozen, optimize_for_inference graph; "fused" is what the pipeline runs:
+oneDNN Graph fusion where its check passes (the classifiers whole; LiteMedSAM's encoder
+as its fused convolutional head + its plain attention stages). Random-weight classifiers
+(ResNet50, DenseNet121 at 512 px) cost what trained ones do.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import time
 import torch
 
 from cxrbatch.models.bundle import build_network
-from cxrbatch.models.graphs import cpu_inference_graph
+from cxrbatch.models.graphs import cpu_inference_graph, image_shape
 from cxrbatch.models.segmenter import LiteMedSAM
 
 
@@ -35,29 +38,48 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    segmenter = LiteMedSAM(device="cpu")
+    shape = image_shape(LiteMedSAM.input_size)
     networks = [
         (
             "LiteMedSAM encoder",
-            LiteMedSAM(device="cpu").network.image_encoder,
-            LiteMedSAM.input_size,
+            segmenter.network.image_encoder,
+            shape,
+            lambda: segmenter._cpu_encoder(None, ""),
         ),
-        ("ResNet50", build_network("resnet50", 5), 512),
-        ("DenseNet121", build_network("densenet121", 5), 512),
     ]
+    for name, architecture in (("ResNet50", "resnet50"), ("DenseNet121", "densenet121")):
+        network = build_network(architecture, 5).eval()
+        networks.append(
+            (
+                name,
+                network,
+                image_shape(512),
+                lambda n=network, w=name: cpu_inference_graph(n, image_shape(512), w, fuse=True),
+            )
+        )
     print(f"torch {torch.__version__}, {args.threads} thread(s)")
-    for name, module, size in networks:
+    for name, module, input_shape, build_fused in networks:
         module.eval()
-        example = torch.rand(1, 3, size, size)
+        example = torch.rand(input_shape)
         start = time.perf_counter()
-        graph = cpu_inference_graph(module, size, name)
-        trace_s = time.perf_counter() - start
+        plain = cpu_inference_graph(module, input_shape, name)
+        plain_build_s = time.perf_counter() - start
+        start = time.perf_counter()
+        fused = build_fused()
+        fused_build_s = time.perf_counter() - start
         eager_s = seconds_per_call(module, example, args.repeats)
-        graph_s = seconds_per_call(graph, example, args.repeats)
+        plain_s = seconds_per_call(plain, example, args.repeats)
+        fused_s = seconds_per_call(fused, example, args.repeats)
         with torch.inference_mode():
-            diff = float((graph(example) - module(example)).abs().max())
+            expected = module(example)
+            diffs = [float((g(example) - expected).abs().max()) for g in (plain, fused)]
         print(
-            f"{name}: eager {eager_s:.3f} s, graph {graph_s:.3f} s "
-            f"({eager_s / graph_s:.2f}x), tracing {trace_s:.1f} s, max |diff| {diff:.1e}"
+            f"{name}: eager {eager_s:.3f} s, plain graph {plain_s:.3f} s "
+            f"({eager_s / plain_s:.2f}x), fused {fused_s:.3f} s ({eager_s / fused_s:.2f}x, "
+            f"{plain_s / fused_s:.2f}x plain); building (tracing, no cache) plain "
+            f"{plain_build_s:.1f} s, fused {fused_build_s:.1f} s; max |diff| plain "
+            f"{diffs[0]:.1e}, fused {diffs[1]:.1e}"
         )
 
 

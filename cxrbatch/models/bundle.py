@@ -29,7 +29,7 @@ from cxrbatch.errors import ModelError
 from cxrbatch.files import atomic_write, sha256_file
 from cxrbatch.models.batching import Forward, batched
 from cxrbatch.models.device import resolve_device
-from cxrbatch.models.graphs import cpu_inference_graph
+from cxrbatch.models.graphs import cpu_inference_graph, image_shape
 from cxrbatch.models.masks import MaskMode
 
 log = logging.getLogger(__name__)
@@ -254,6 +254,11 @@ def load_bundle(
     graph = None
     if optimize_cpu and torch_device.type == "cpu":
         graph = cpu_inference_graph(
-            network, spec.input_size, f"classifier {model.name}", graph_cache, digest
+            network,
+            image_shape(spec.input_size),
+            f"classifier {model.name}",
+            graph_cache,
+            digest,
+            fuse=True,
         )
     return ClassifierBundle(root, spec, model, network, torch_device, bf16, graph)

