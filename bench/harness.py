@@ -14,8 +14,9 @@ classifier stage costs what real ones would), then runs in one go, each in a fre
   (`processing.study_threads`), so decoding and writing of one study overlap the networks
   of another; on the CPU the networks run as frozen TorchScript graphs, loaded from the
   graph cache (processing.graph_cache_dir, filled untimed before the run, as a site's first
-  run leaves it; `--graph-cache cold` times the tracing instead); on GPU channels_last for
-  the classifiers (and with --bf16 their bf16 autocast).
+  run leaves it; `--graph-cache cold` times the tracing instead); malloc keeping freed
+  memory for reuse (`processing.keep_freed_memory`); on GPU channels_last for the
+  classifiers (and with --bf16 their bf16 autocast).
 
 Both write SEG + SR + JSON and record to their own SQLite database. The outputs are
 compared (lung mask Dice, probability differences). Prints studies/s, per-stage shares,
@@ -136,6 +137,7 @@ def mode_settings(
         processing={
             "study_threads": 1 if naive else study_threads,
             "graph_cache_dir": str(graph_cache),
+            "keep_freed_memory": not naive,  # malloc's defaults in the naive run
         },
     )
 
@@ -157,6 +159,7 @@ def run_mode(
     import torch
 
     from cxrbatch import logs
+    from cxrbatch.allocator import keep_freed_memory
     from cxrbatch.batch import run_batch
     from cxrbatch.cpus import threads_per_worker
 
@@ -166,6 +169,8 @@ def run_mode(
     precision = settings.classifier.precision
     if naive:
         workers, study_threads = 1, 1
+    if settings.processing.keep_freed_memory:  # as StudyProcessor does, before any threads
+        keep_freed_memory()
     start = time.perf_counter()
     models = None
     if workers <= 1:  # in this process: the model loading (CPU graph tracing) timed apart

@@ -207,6 +207,10 @@ class ProcessingSettings(_Section):
     # ~/.cache/cxrbatch/cpu-graphs.
     cache_cpu_graphs: bool = True
     graph_cache_dir: str = ""
+    # Processing processes have malloc keep freed memory for reuse instead of handing
+    # large blocks back to the kernel after every image (glibc; cxrbatch/allocator.py):
+    # half the page faults and system CPU time, for ~0.15 GiB more peak RSS per worker.
+    keep_freed_memory: bool = True
 
     def graph_cache(self) -> Path | None:
         """The CPU graph cache folder, or None when caching is off."""

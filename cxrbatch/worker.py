@@ -30,6 +30,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from cxrbatch import logs, pipeline, queue
+from cxrbatch.allocator import keep_freed_memory
 from cxrbatch.config import Settings
 from cxrbatch.db import models as tables
 from cxrbatch.db import repository
@@ -96,6 +97,8 @@ class StudyProcessor:
         """`in_flight`: studies the caller will process at once on threads (load_models)."""
         self.settings = settings
         self.out_dir = out_dir
+        if settings.processing.keep_freed_memory:  # every processing process passes here
+            keep_freed_memory()
         self.engine = make_engine(url)
         self.sessions: sessionmaker[Session] = session_factory(self.engine)
         self.models = models if models is not None else pipeline.load_models(settings, in_flight)
