@@ -5,8 +5,8 @@ at most 32 MiB as such blocks are freed) with pages of its own from the kernel a
 returns them on free. A study allocates many blocks above that: the float64 copies of a
 3000 x 3000 image while decoding (72 MB each), full-size masks, network activations.
 Every time, the kernel maps, faults in and zeroes those pages again: in the harness's
-tuned run on a 2-core host, 3.0-3.5 million page faults and 15-18 s of system CPU time
-in a run of about 70 s.
+tuned run on a 2-core host, 3.7 million page faults and 18-19 s of system CPU time in a
+run of about 80 s.
 
 `keep_freed_memory` has malloc serve every request from its heaps (M_MMAP_MAX = 0),
 keep up to `TRIM_THRESHOLD_BYTES` free at a heap's top instead of returning it
@@ -14,11 +14,11 @@ keep up to `TRIM_THRESHOLD_BYTES` free at a heap's top instead of returning it
 (M_ARENA_MAX = 1: a thread's own arena is made of 64 MiB heaps that are unmapped
 whenever one empties, so the studies in flight on threads would fault their buffers in
 afresh all the same). The next study reuses the pages already faulted in: 0.4 million
-faults and 5 s of system time in that run, which is ~10 % faster, at a lower peak RSS
+faults and 5 s of system time in that run, 0-10 % faster, peak RSS 0.1 GiB lower
 (docs/performance.md). PyTorch's CPU tuning guide gets the same by preloading jemalloc
 or tcmalloc; this needs no second allocator. Free memory beyond the threshold is still
-returned, and freed blocks serve the next study, so a worker's RSS levels off at its
-high-water mark.
+returned; below it, a worker holds on to its high-water mark of memory between studies
+instead of handing it back after each.
 
 glibc only (Linux); elsewhere nothing changes.
 """
