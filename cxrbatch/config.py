@@ -61,6 +61,9 @@ class SegmentationSettings(_Section):
     # Second prompt pass with boxes refined from the first masks.
     refine: bool = True
     threshold: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
+    # Seeded Gaussian dither (grey levels of 255) added at the segmenter's input; unset =
+    # the backend's own default (LiteMedSAM 2, MedSAM ViT-B 0; docs/segmentation.md).
+    input_dither: Annotated[float, Field(ge=0.0, le=20.0)] | None = None
 
 
 class ClassifierSettings(_Section):
