@@ -61,6 +61,9 @@ class Phantom:
     flipped: bool = False  # True: patient's right is on the image's RIGHT
     artefact: bool = False
     lesion_mask: np.ndarray | None = field(default=None)
+    view_position: str = "PA"
+    # What a hard phantom carries (make_hard_phantom), e.g. "breast shadows", "effusion right".
+    features: tuple[str, ...] = ()
 
 
 def _ellipse(
@@ -407,3 +410,291 @@ def write_studies(
 def read_truth(path: Path) -> tuple[np.ndarray, np.ndarray]:
     with np.load(path) as data:
         return data["right_lung"], data["left_lung"]
+
+
+# ---------------------------------------------------------------------------------------
+# Hard phantoms: what makes real films hard for lung segmentation.
+
+
+def _chaikin(points: np.ndarray, iterations: int = 3) -> np.ndarray:
+    """Corner-cutting smoothing of a closed polygon (N, 2)."""
+    for _ in range(iterations):
+        following = np.roll(points, -1, axis=0)
+        points = np.stack([0.75 * points + 0.25 * following, 0.25 * points + 0.75 * following], 1)
+        points = points.reshape(-1, 2)
+    return points
+
+
+def _fill(shape: tuple[int, int], points_uv: np.ndarray) -> np.ndarray:
+    rows, cols = shape
+    pts = np.round(points_uv * np.array([cols, rows]) * 8).astype(np.int32)
+    canvas = np.zeros(shape, np.uint8)
+    cv2.fillPoly(canvas, [pts], 1, lineType=cv2.LINE_8, shift=3)
+    return canvas.astype(bool)
+
+
+def _lung_outline(
+    rng: np.random.Generator, mid: float, side: int, dome: float, cp_drop: float
+) -> np.ndarray:
+    """A lung field outline (u, v) on one side of `mid` (side -1 = image left), as in the
+    SCR convention: apex, costal margin down to the costophrenic angle, diaphragm dome,
+    medial (mediastinal) border. The heart is cut out afterwards."""
+    j = lambda s: float(rng.uniform(-s, s))  # noqa: E731
+    med = 0.045 + j(0.015)  # half-width of the mediastinum
+    lat = 0.38 + j(0.04)  # costal margin, from the midline
+    top = 0.11 + j(0.04)
+    cp = dome + cp_drop
+    offsets = [
+        (med + 0.07, top),  # apex
+        (med + 0.01, top + 0.05),
+        (med, top + 0.15),
+        (med + j(0.01), dome - 0.08),
+        (med + 0.02, dome + 0.01),  # cardiophrenic angle
+        (med + 0.10, dome - 0.01 + j(0.01)),  # dome
+        (lat - 0.10, dome + 0.3 * cp_drop),
+        (lat - 0.01, cp),  # costophrenic angle
+        (lat - 0.005, cp - 0.01),
+        (lat + j(0.01), dome - 0.12),
+        (lat - 0.01 + j(0.01), 0.42),
+        (lat - 0.05, 0.26 + j(0.02)),
+        (med + 0.17, top + 0.02),
+    ]
+    uv = np.array([(mid + side * du, v) for du, v in offsets])
+    return _chaikin(uv, 2)
+
+
+def _draw_curve(
+    canvas: np.ndarray, points_uv: np.ndarray, value: float, thickness: int
+) -> None:
+    rows, cols = canvas.shape
+    pts = np.round(points_uv * np.array([cols, rows])).astype(np.int32)
+    cv2.polylines(canvas, [pts], False, value, max(1, thickness), lineType=cv2.LINE_AA)
+
+
+def make_hard_phantom(seed: int, size: tuple[int, int] = (1024, 1024)) -> Phantom:
+    """A phantom made hard on purpose for lung segmentation, with the lung field as ground
+    truth in the JSRT/SCR convention (heart and mediastinum excluded, costophrenic angles
+    and apices included; an effusion's fluid is not aerated lung and is excluded).
+
+    Each draws at random: PA or AP (a larger heart, scapulae over the lungs); heart size and
+    position; hemidiaphragms at different heights; sharp or blunted costophrenic angles
+    (effusion); hila and vessels; posterior ribs, clavicles and scapulae over the lung
+    fields; breast shadows over the lower zones; a gastric air bubble under the left dome
+    (a dark field that is not lung); masses and consolidation inside the lungs; devices
+    (ECG electrodes and leads, a central line, an endotracheal tube, a pacemaker and its
+    lead); a side marker; collimation borders; patient rotation; under- or over-exposure;
+    noise; and the patient's right on either side of the image. `features` lists them.
+    """
+    rng = np.random.default_rng(seed)
+    rows, cols = size
+    shape = size
+    j = lambda s: float(rng.uniform(-s, s))  # noqa: E731
+    features: list[str] = []
+    view = "AP" if rng.random() < 0.35 else "PA"
+    features.append(view)
+    mid = 0.5 + j(0.03)
+    right_dome = 0.64 + j(0.05)  # the patient's right (image left) usually sits higher
+    left_dome = right_dome + 0.02 + j(0.05)
+    if abs(left_dome - right_dome) > 0.04:
+        features.append("hemidiaphragms at different heights")
+    outlines = {
+        "image_left": _lung_outline(rng, mid, -1, right_dome, 0.07 + j(0.03)),
+        "image_right": _lung_outline(rng, mid, 1, left_dome, 0.07 + j(0.03)),
+    }
+    lungs = {k: _fill(shape, v) for k, v in outlines.items()}
+    yy, xx = np.mgrid[0:rows, 0:cols].astype(np.float32)
+    u, v = xx / cols, yy / rows
+    # Heart: cardiothoracic ratio 0.40-0.60 (AP magnifies it), mostly to the patient's left.
+    ctr = float(rng.uniform(0.40, 0.56)) + (0.05 if view == "AP" else 0.0)
+    if ctr > 0.55:
+        features.append("cardiomegaly")
+    heart_w = ctr * 0.76
+    heart_cx = mid + heart_w / 6 + j(0.02)  # a third of it right of the midline
+    heart = _ellipse(
+        shape, heart_cx, left_dome - 0.03, heart_w / 2, 0.11 + j(0.02), j(0.15)
+    ) & (v < max(right_dome, left_dome) + 0.05)
+    for key in lungs:
+        lungs[key] &= ~heart
+    # Effusion: fluid with a meniscus fills one (or both) costophrenic angle(s).
+    fluid = np.zeros(shape, bool)
+    for key, dome, name in (
+        ("image_left", right_dome, "right"),
+        ("image_right", left_dome, "left"),
+    ):
+        if rng.random() < 0.25:
+            level = dome + float(rng.uniform(-0.06, 0.03))
+            lateral = np.abs(u - mid)
+            meniscus = level - 0.25 * (lateral - 0.25).clip(0, None)
+            fluid |= lungs[key] & (v > meniscus)
+            features.append(f"effusion {name}")
+    for key in lungs:
+        lungs[key] &= ~fluid
+    either = lungs["image_left"] | lungs["image_right"]
+
+    # Body, soft tissue, abdomen.
+    body = _ellipse(shape, mid, 0.56, 0.47 + j(0.02), 0.60, 0.0, 2.6)
+    body |= _ellipse(shape, mid, 0.22, 0.52, 0.15)  # shoulders
+    tissue = 0.55 + j(0.05)
+    image = np.where(body, tissue, 0.05 + j(0.03)).astype(np.float32)
+    image += 0.04 * _smooth_noise(rng, shape, rows / 25) * body
+    # Below the domes: liver and abdomen, clearly denser than lung (as on films), and the
+    # heart a little denser than the chest wall.
+    dome_line = np.where(u < mid, right_dome, left_dome) + 0.02
+    below = cv2.GaussianBlur(((v > dome_line) & body).astype(np.float32), (0, 0), rows / 200)
+    image += float(rng.uniform(0.12, 0.2)) * np.asarray(below)
+    image[heart] += float(rng.uniform(0.1, 0.18))
+    # Lungs: a base density that rises towards the bases (soft tissue in front of them).
+    lung_base = float(rng.uniform(0.18, 0.40))
+    gradient = float(rng.uniform(0.04, 0.16)) * np.clip((v - 0.3) / 0.4, 0, 1)
+    hila_map = np.zeros(shape, np.float32)
+    for side in (-1, 1):
+        hila_map += np.exp(-(((u - mid - side * 0.11) / 0.05) ** 2 + ((v - 0.44) / 0.07) ** 2))
+    lung_value = lung_base + gradient + 0.16 * hila_map
+    lung_value += 0.03 * _smooth_noise(rng, shape, rows / 150)
+    image = np.where(either, lung_value, image)
+    # Vessels: branching from the hila, thinner and fainter outwards.
+    vessels = np.zeros(shape, np.float32)
+    for side in (-1, 1):
+        for _ in range(int(rng.integers(8, 14))):
+            angle = float(rng.uniform(-2.6, 0.6)) if side > 0 else float(rng.uniform(2.5, 5.7))
+            x0, y0 = mid + side * 0.10, 0.44 + j(0.03)
+            pts = [(x0, y0)]
+            for step in range(6):
+                angle += j(0.3)
+                length = 0.035 * (1.0 - step * 0.08)
+                x0, y0 = x0 + length * np.cos(angle), y0 + length * np.sin(angle)
+                pts.append((x0, y0))
+            _draw_curve(vessels, np.array(pts), 0.10, max(1, round(cols / 300)))
+    vessels = np.asarray(cv2.GaussianBlur(vessels, (0, 0), cols / 700), np.float32)
+    image += vessels * either
+    # Lesions inside the lungs: masses (as RG1's) and consolidation.
+    points = np.argwhere(either)
+    if rng.random() < 0.5:
+        count = int(rng.integers(1, 6))
+        for _ in range(count):
+            y, x = points[rng.integers(len(points))]
+            r = float(rng.uniform(0.02, 0.05))
+            blob = _ellipse(shape, x / cols, y / rows, r, r * cols / rows)
+            image[blob & either] += float(rng.uniform(0.15, 0.35))
+        features.append(f"{count} mass(es)")
+    if rng.random() < 0.25:
+        key = "image_left" if rng.random() < 0.5 else "image_right"
+        patches = _smooth_noise(rng, shape, rows / 40) > 0.0
+        weight = np.clip((v - 0.45 - 0.05 * _smooth_noise(rng, shape, rows / 20)) / 0.1, 0, 1)
+        image += float(rng.uniform(0.1, 0.22)) * weight * (lungs[key] & patches)
+        features.append("lower-zone consolidation")
+    image[fluid] = tissue + 0.06
+    # Bones: spine, posterior ribs with a bright cortex, clavicles, scapulae.
+    spine = (np.abs(u - mid) < 0.04) & body
+    image[spine] = np.maximum(image[spine], 0.74 + j(0.04))
+    ribs = np.zeros(shape, np.float32)
+    rib_value = float(rng.uniform(0.08, 0.18))
+    for k in range(10):
+        y0 = 0.15 + 0.062 * k + j(0.005)
+        for side in (-1, 1):
+            t = np.linspace(0.03, 0.42, 40)
+            arc = np.stack([mid + side * t, y0 - 0.05 + 0.55 * (t - 0.12) ** 2 + 0.02 * k * t], 1)
+            _draw_curve(ribs, arc, rib_value, max(2, round(rows * 0.018)))
+            _draw_curve(ribs, arc, rib_value * 0.6, max(1, round(rows * 0.004)))
+    ribs = np.asarray(cv2.GaussianBlur(ribs, (0, 0), rows / 500), np.float32)
+    image += ribs * body
+    clavicle_v = 0.15 + (-0.03 if view == "AP" else 0.0) + j(0.02)
+    for side in (-1, 1):
+        clav = _ellipse(shape, mid + side * 0.17, clavicle_v, 0.17, 0.013, side * -0.2 + j(0.1))
+        image[clav] = np.maximum(image[clav], image[clav] + 0.2)
+    if view == "AP" or rng.random() < 0.3:
+        for side in (-1, 1):
+            scap = _ellipse(shape, mid + side * 0.36, 0.32, 0.07, 0.13, side * 0.3, 2.0)
+            image[scap & body] += 0.1
+        features.append("scapulae over the lungs")
+    # Breast shadows over the lower zones.
+    if rng.random() < 0.45:
+        density = float(rng.uniform(0.08, 0.25))
+        for side, dome in ((-1, right_dome), (1, left_dome)):
+            breast = _ellipse(shape, mid + side * 0.27, dome + 0.02, 0.2, 0.16, 0.0, 2.2)
+            soft = cv2.GaussianBlur(breast.astype(np.float32), (0, 0), cols / 80)
+            image += density * np.asarray(soft) * body
+        features.append("breast shadows")
+    # Gastric bubble under the patient's left dome: dark, not lung.
+    if rng.random() < 0.5:
+        bubble = _ellipse(shape, mid + 0.17 + j(0.04), left_dome + 0.07, 0.06, 0.04)
+        bubble &= ~either
+        image[bubble] = lung_base + 0.02
+        features.append("gastric bubble")
+    # Devices.
+    hardware = np.zeros(shape, np.float32)
+    if rng.random() < 0.5:
+        for _ in range(int(rng.integers(3, 6))):
+            cx, cy = mid + j(0.35), float(rng.uniform(0.15, 0.75))
+            cv2.circle(hardware, (round(cx * cols), round(cy * rows)), round(0.012 * cols), 0.6, -1)
+            lead = np.array([(cx, cy), (cx + j(0.2), cy + 0.15), (cx + j(0.3), 1.0)])
+            _draw_curve(hardware, _chaikin(lead, 0)[:3], 0.5, max(1, round(cols / 350)))
+        features.append("ECG electrodes and leads")
+    if rng.random() < 0.3:
+        line = np.array(
+            [(mid + 0.3, 0.12), (mid + 0.12, 0.17), (mid + 0.04, 0.25), (mid + 0.03, 0.4)]
+        )
+        _draw_curve(hardware, line, 0.5, max(1, round(cols / 300)))
+        features.append("central line")
+    if rng.random() < 0.2:
+        _draw_curve(hardware, np.array([(mid, 0.0), (mid + 0.005, 0.27)]), 0.35, round(cols / 80))
+        features.append("endotracheal tube")
+    if rng.random() < 0.2:
+        px, py = mid + 0.25 + j(0.04), 0.2 + j(0.03)
+        x0, y0 = round((px - 0.04) * cols), round((py - 0.03) * rows)
+        x1, y1 = x0 + round(0.08 * cols), y0 + round(0.06 * rows)
+        cv2.rectangle(hardware, (x0, y0), (x1, y1), 0.9, -1)
+        lead = np.array([(px, py), (mid + 0.1, 0.3), (heart_cx, left_dome - 0.05)])
+        _draw_curve(hardware, lead, 0.7, max(1, round(cols / 250)))
+        features.append("pacemaker")
+    image = np.maximum(image, hardware) if hardware.any() else image
+    # Patient rotation (the whole film, truth along).
+    right_key, left_key = "image_left", "image_right"
+    truth = {k: lungs[k] for k in (right_key, left_key)}
+    if rng.random() < 0.5:
+        degrees = float(rng.uniform(-10, 10))
+        matrix = cv2.getRotationMatrix2D((cols / 2, rows / 2), degrees, 1.0)
+        image = cv2.warpAffine(image, matrix, (cols, rows), flags=cv2.INTER_LINEAR,
+                               borderMode=cv2.BORDER_REPLICATE)
+        for k in truth:
+            warped = cv2.warpAffine(truth[k].astype(np.uint8), matrix, (cols, rows),
+                                    flags=cv2.INTER_NEAREST)
+            truth[k] = warped.astype(bool)
+        features.append(f"rotated {degrees:+.0f} deg")
+    # Side marker, collimation (unexposed = bright), exposure, noise.
+    flipped = bool(rng.random() < 0.3)
+    if rng.random() < 0.5:
+        edges = rng.uniform(0.0, 0.08, 4)
+        t, b = round(edges[0] * rows), round(edges[1] * rows)
+        lft, rgt = round(edges[2] * cols), round(edges[3] * cols)
+        image[:t] = 0.97
+        image[rows - b :] = 0.97
+        image[:, :lft] = 0.97
+        image[:, cols - rgt :] = 0.97
+        for k in truth:
+            truth[k][:t] = truth[k][rows - b :] = False
+            truth[k][:, :lft] = truth[k][:, cols - rgt :] = False
+        features.append("collimation borders")
+    image = np.clip(image, 0.0, 1.0)
+    gamma = float(np.exp(rng.uniform(np.log(0.55), np.log(1.8))))
+    if abs(np.log(gamma)) > 0.3:
+        features.append("under-exposed" if gamma > 1 else "over-exposed")
+    image = image**gamma
+    sigma = float(rng.uniform(0.005, 0.04))
+    image = image + sigma * rng.standard_normal(shape).astype(np.float32)
+    image = np.clip(image, 0.0, 1.0).astype(np.float32)
+    right, left = truth[right_key], truth[left_key]
+    if flipped:
+        image, right, left = image[:, ::-1].copy(), right[:, ::-1].copy(), left[:, ::-1].copy()
+        features.append("patient's right on the image's right")
+    # A side marker reads the right way round: drawn after any flip, on the side it names.
+    marker_x = 0.06 if rng.random() < 0.5 else 0.88
+    letter = "R" if (marker_x < 0.5) != flipped else "L"
+    scale = cols / 400
+    marker = np.zeros(shape, np.uint8)  # OpenCV draws text on 8-bit images only
+    cv2.putText(marker, letter, (round(marker_x * cols), round(0.1 * rows)),
+                cv2.FONT_HERSHEY_SIMPLEX, scale, 255, max(1, round(scale * 2)))
+    image = np.where(marker > 0, 0.95, image).astype(np.float32)
+    features.append("side marker")
+    labels = dict.fromkeys(LABELS, 0)
+    return Phantom(image, right, left, labels, flipped, False, None, view, tuple(features))
