@@ -1,20 +1,27 @@
 """Automatic box prompts for MedSAM on a frontal chest radiograph.
 
-MedSAM segments what a box encloses; users give no boxes. The strategy:
+MedSAM segments what a box encloses; users give no boxes. The strategy does not depend on
+the lungs being the darkest region (on real films they often are not: breast shadows,
+masses and a low-contrast window make the lower zones as bright as the chest wall):
 
-1. Dark-field boxes. On a 256-px copy, lungs are the large dark regions enclosed by the
-   body. Smooth, Otsu-threshold, open, drop dark regions touching the image border (air
-   outside the patient), split at the mediastinum (the brightest column of the central
-   band) and take the largest dark region on each side. Its bounding box is the first
-   prompt. A side with no plausible region falls back to an anatomical prior box.
-2. First pass: MedSAM on both boxes against one image embedding.
-3. Refinement (optional): the box of the union of the first mask's largest component and
-   the dark region, padded by 2 %, is prompted again; the refined mask is kept when it is
-   plausible (1-40 % of the image), else the first one.
-4. Clean-up: largest connected component per lung, holes filled, pixels claimed by both
+1. Thorax. On a 256-px copy: collimation borders (bright, flat rows and columns at the
+   edges) are trimmed, air outside the patient (dark regions touching the border) is
+   removed, and the box of the rest is the patient. The mediastinum is the brightest
+   column of its central band.
+2. Lung boxes. Each side's box spans the hemithorax (5 % in from the body's edge to 3 %
+   off the midline, from 6 % of the body's height), and ends at the diaphragm: the first
+   row below mid-thorax where the lateral half's row profile climbs 70 % of the way from
+   lung to abdomen density, plus 7 % of the body's height (the costophrenic angle).
+3. First pass: MedSAM on both boxes against one image embedding.
+4. Refinement (optional): the box of the first mask's largest component, padded by 2 %,
+   is prompted again.
+5. Clean-up: largest connected component per lung, holes filled, pixels claimed by both
    prompts go to the more confident one.
-5. Sides: the box in the image's left half is the patient's right lung when column 0 is
+6. Sides: the box in the image's left half is the patient's right lung when column 0 is
    the patient's right (from PatientOrientation or the display convention), else the left.
+
+Measured on the real film RG1 with a traced reference and nine transformed copies, and on
+hard phantoms (`python -m bench.seg_quality`, docs/segmentation.md).
 """
 
 from __future__ import annotations
@@ -28,10 +35,10 @@ from cxrbatch.models.segmenter import BoxSegmenter
 
 WORK_SIZE = 256
 POST_SIZE = 1024
-# Prior boxes (x0, y0, x1, y1) as fractions of the image: the image-left and image-right lung.
-PRIOR_BOXES = {"image_left": (0.10, 0.12, 0.48, 0.82), "image_right": (0.52, 0.12, 0.90, 0.84)}
-PLAUSIBLE_AREA = (0.01, 0.40)
-
+# The lung boxes as fractions of the body box (see the module docstring).
+LATERAL_MARGIN, MEDIAL_MARGIN, TOP_MARGIN = 0.05, 0.03, 0.06
+DIAPHRAGM_LEVEL, DIAPHRAGM_PAD = 0.70, 0.07
+REFINE_PAD = 0.02
 Box = tuple[float, float, float, float]
 
 
@@ -70,71 +77,99 @@ def _pad_box(box: Box, pad_x: float, pad_y: float, cols: int, rows: int) -> Box:
     )
 
 
-def dark_field_regions(image: np.ndarray) -> dict[str, np.ndarray | None]:
-    """The largest enclosed dark region on each side of the mediastinum, at `image` size."""
+def body_box(image: np.ndarray) -> Box:
+    """The patient in a small display image: collimation borders trimmed, the air outside
+    the patient (dark regions touching the border) removed; (x0, y0, x1, y1), exclusive."""
     rows, cols = image.shape
     smooth = cv2.GaussianBlur(image.astype(np.float32), (0, 0), max(rows, cols) / 128.0)
-    smooth_u8 = np.clip(smooth, 0, 255).astype(np.uint8)
-    threshold, _ = cv2.threshold(smooth_u8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    dark = smooth_u8 < threshold
-    dark = ndi.binary_opening(dark, iterations=2)
-    labels, count = ndi.label(dark)
-    border = set(np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])))
-    band = smooth[int(0.2 * rows) : int(0.7 * rows), int(0.3 * cols) : int(0.7 * cols)]
-    midline = int(0.3 * cols) + int(np.argmax(band.mean(axis=0)))
-    result: dict[str, np.ndarray | None] = {"image_left": None, "image_right": None}
-    best_size = {"image_left": 0.0, "image_right": 0.0}
-    if count == 0:
-        return result
-    sizes = ndi.sum(dark, labels, range(1, count + 1))
-    centres = ndi.center_of_mass(dark, labels, range(1, count + 1))
-    for index, (size, (_, cx)) in enumerate(zip(sizes, centres, strict=True), start=1):
-        if index in border or size < 0.02 * rows * cols:
-            continue
-        side = "image_left" if cx < midline else "image_right"
-        if size > best_size[side]:
-            best_size[side] = float(size)
-            result[side] = labels == index
-    return result
+    bright = float(np.percentile(smooth, 99))
+
+    def collimated(line: np.ndarray) -> bool:
+        return float(line.mean()) > 0.92 * bright and float(line.std()) < 0.04 * bright
+
+    top, bottom, left, right = 0, rows, 0, cols
+    while top < rows // 4 and collimated(smooth[top, left:right]):
+        top += 1
+    while bottom > 3 * rows // 4 and collimated(smooth[bottom - 1, left:right]):
+        bottom -= 1
+    while left < cols // 4 and collimated(smooth[top:bottom, left]):
+        left += 1
+    while right > 3 * cols // 4 and collimated(smooth[top:bottom, right - 1]):
+        right -= 1
+    inner = np.clip(smooth[top:bottom, left:right], 0, 255).astype(np.uint8)
+    threshold, _ = cv2.threshold(inner, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    labels, _ = ndi.label(inner < 0.6 * threshold)
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    body = ~np.isin(labels, border[border > 0])
+    xs = np.nonzero(body.mean(axis=0) > 0.3)[0]
+    ys = np.nonzero(body.mean(axis=1) > 0.3)[0]
+    if len(xs) == 0 or len(ys) == 0:
+        return (float(left), float(top), float(right), float(bottom))
+    return (
+        float(left + xs[0]),
+        float(top + ys[0]),
+        float(left + xs[-1] + 1),
+        float(top + ys[-1] + 1),
+    )
 
 
-def initial_boxes(
-    image: np.ndarray,
-) -> tuple[dict[str, Box], dict[str, np.ndarray | None], list[str]]:
+def midline(image: np.ndarray, body: Box) -> float:
+    """The mediastinum: the brightest column of the body's central band."""
+    x0, y0, x1, y1 = body
+    width, height = x1 - x0, y1 - y0
+    smooth = cv2.GaussianBlur(image.astype(np.float32), (0, 0), max(image.shape) / 85.0)
+    c0, r0 = int(x0 + 0.3 * width), int(y0 + 0.2 * height)
+    band = smooth[r0 : int(y0 + 0.7 * height), c0 : max(c0 + 1, int(x0 + 0.7 * width))]
+    return float(c0 + int(np.argmax(band.mean(axis=0))))
+
+
+def _diaphragm_row(smooth: np.ndarray, columns: tuple[float, float], body: Box) -> float | None:
+    """The first row below mid-thorax where the mean of `columns` climbs DIAPHRAGM_LEVEL of
+    the way from lung to abdomen density; None when it never does."""
+    _, y0, _, y1 = body
+    height = y1 - y0
+    profile = smooth[:, int(columns[0]) : int(columns[1]) + 1].mean(axis=1)
+    top, low = int(y0 + 0.2 * height), int(y0 + 0.45 * height)
+    bottom = int(min(len(profile) - 1, y0 + 0.97 * height))
+    if low >= bottom or top >= low:
+        return None
+    lung = float(np.percentile(profile[top:low], 30))
+    abdomen = float(np.percentile(profile[low : bottom + 1], 90))
+    above = np.nonzero(profile[low : bottom + 1] > lung + DIAPHRAGM_LEVEL * (abdomen - lung))[0]
+    return None if len(above) == 0 else float(low + above[0])
+
+
+def lung_boxes(image: np.ndarray) -> dict[str, Box]:
     """Boxes in `image` pixel coordinates for the image-left and image-right lung."""
-    rows, cols = image.shape
-    regions = dark_field_regions(image)
+    rows = image.shape[0]
+    body = body_box(image)
+    x0, y0, x1, y1 = body
+    width, height = x1 - x0, y1 - y0
+    middle = midline(image, body)
+    smooth = cv2.GaussianBlur(image.astype(np.float32), (0, 0), max(image.shape) / 128.0)
     boxes: dict[str, Box] = {}
-    notes: list[str] = []
-    for side, region in regions.items():
-        box = _bbox(region) if region is not None else None
-        if box is not None and (box[3] - box[1]) >= 0.2 * rows and (box[2] - box[0]) >= 0.1 * cols:
-            boxes[side] = box
-        else:
-            fx0, fy0, fx1, fy1 = PRIOR_BOXES[side]
-            boxes[side] = (fx0 * cols, fy0 * rows, fx1 * cols, fy1 * rows)
-            regions[side] = None
-            notes.append(f"{side.replace('_', '-')} lung: no dark field found, prior box used")
-    return boxes, regions, notes
+    for side, (bx0, bx1) in {
+        "image_left": (x0 + LATERAL_MARGIN * width, middle - MEDIAL_MARGIN * width),
+        "image_right": (middle + MEDIAL_MARGIN * width, x1 - LATERAL_MARGIN * width),
+    }.items():
+        top = y0 + TOP_MARGIN * height
+        half = (bx1 - bx0) / 2
+        lateral = (bx0, bx0 + half) if side == "image_left" else (bx0 + half, bx1)
+        row = _diaphragm_row(smooth, lateral, body)
+        bottom = y0 + 0.83 * height if row is None else row + DIAPHRAGM_PAD * height
+        bottom = min(rows - 1.0, max(bottom, top + 0.5 * height))
+        boxes[side] = (bx0, top, max(bx1, bx0 + 1.0), bottom)
+    return boxes
 
 
-def _refined_box(
-    first: np.ndarray,
-    region: np.ndarray | None,
-    box: np.ndarray,
-    shape: tuple[int, int],
-    scale: float,
-) -> np.ndarray:
-    """The box of the first mask's largest component united with the dark region, padded
-    by 2 %, in original pixels; the first box when the first mask is empty."""
-    union = _largest_component(first)
-    if region is not None:
-        union = union | region
-    found = _bbox(union)
+def _refined_box(first: np.ndarray, box: np.ndarray, scale: float) -> np.ndarray:
+    """The box of the first mask's largest component, padded by REFINE_PAD, in original
+    pixels; the first box when the first mask is empty."""
+    found = _bbox(_largest_component(first))
     if found is None:
         return box
-    rows, cols = shape
-    padded = _pad_box(found, 0.02 * cols, 0.02 * rows, cols, rows)
+    rows, cols = first.shape
+    padded = _pad_box(found, REFINE_PAD * cols, REFINE_PAD * rows, cols, rows)
     return np.array(padded, dtype=np.float32) / scale
 
 
@@ -166,7 +201,8 @@ def segment_pixels(
         (max(1, round(cols * scale)), max(1, round(rows * scale))),
         interpolation=cv2.INTER_AREA,
     )
-    small_boxes, regions, notes = initial_boxes(small)
+    small_boxes = lung_boxes(small)
+    notes: list[str] = []
     sides = ("image_left", "image_right")
     boxes = np.array([[v / scale for v in small_boxes[s]] for s in sides], dtype=np.float32)
 
@@ -176,30 +212,11 @@ def segment_pixels(
     post_scale = min(1.0, POST_SIZE / max(rows, cols))
     post_shape = (max(1, round(rows * post_scale)), max(1, round(cols * post_scale)))
     embedding = segmenter.embed(pixels)
-    if not refine:
-        probs, iou = segmenter.predict(embedding, boxes, output_size=post_shape)
-    else:
+    if refine:
         # The first pass only steers the second: decode it at the 256-px working size.
-        first, iou = segmenter.predict(embedding, boxes, output_size=small.shape[:2])
-        refined = np.stack(
-            [
-                _refined_box(first[i] > threshold, regions[side], boxes[i], small.shape[:2], scale)
-                for i, side in enumerate(sides)
-            ]
-        )
-        probs, iou2 = segmenter.predict(embedding, refined, output_size=post_shape)
-        fallback = None
-        for i, side in enumerate(sides):
-            fraction = float((probs[i] > threshold).mean())
-            if PLAUSIBLE_AREA[0] <= fraction <= PLAUSIBLE_AREA[1]:
-                iou[i], boxes[i] = iou2[i], refined[i]
-                continue
-            if fallback is None:
-                fallback = segmenter.predict(embedding, boxes, output_size=post_shape)[0]
-            probs[i] = fallback[i]
-            notes.append(
-                f"{side.replace('_', '-')} lung: refined mask implausible, first pass kept"
-            )
+        first, _ = segmenter.predict(embedding, boxes, output_size=small.shape[:2])
+        boxes = np.stack([_refined_box(first[i] > threshold, boxes[i], scale) for i in range(2)])
+    probs, iou = segmenter.predict(embedding, boxes, output_size=post_shape)
 
     masks = []
     for i in range(2):
