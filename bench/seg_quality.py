@@ -1,9 +1,13 @@
-"""Measure the automatic lung prompting: Dice on synthetic phantoms with known masks
-(per side, first pass vs refined), and plausibility on the real chest CR from pydicom-data.
+"""Measure lung segmentation on the two evaluation sets of bench/seg_sets.py: the real film
+RG1 (pydicom-data) with its traced reference and nine transformed copies, and hard
+phantoms. Any configured segmenter and checkpoint (LiteMedSAM, a fine-tuned LiteMedSAM
+from `python -m training finetune`, MedSAM ViT-B) can be measured.
 
-    python bench/seg_quality.py --phantoms 24 [--size 1024] [--device cpu]
+    python -m bench.seg_quality --phantoms 48 [--seed 0] [--size 1024] [--device cpu]
+        [--backend litemedsam|medsam-vitb] [--checkpoint PATH] [--no-refine] [--report F]
 
-Prints a table and writes a JSON report (--report).
+Prints Dice per lung (mean and min) per set, side swaps and seconds per image, one line
+per film with --verbose, and writes a JSON report (--report).
 """
 
 from __future__ import annotations
@@ -12,115 +16,82 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
-
+from bench.seg_sets import Case, dice, hard_phantom_cases, rg1_cases
 from cxrbatch import logs
 from cxrbatch.config import SegmentationSettings
-from cxrbatch.dicom.decode import decode
-from cxrbatch.dicom.discover import read_header
-from cxrbatch.domain import DecodedImage, InstanceHeader
 from cxrbatch.models.prompts import segment_lungs
-from cxrbatch.models.segmenter import load_segmenter
-from cxrbatch.synthetic import VARIANTS, make_phantom
+from cxrbatch.models.segmenter import BoxSegmenter, load_segmenter
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else float(2.0 * (a & b).sum() / total)
+def measure(
+    segmenter: BoxSegmenter, cases: Iterable[Case], refine: bool, verbose: bool
+) -> dict[str, object]:
+    films: list[dict[str, object]] = []
+    seconds = 0.0
+    for case in cases:
+        start = time.perf_counter()
+        seg = segment_lungs(segmenter, case.image, refine=refine)
+        seconds += time.perf_counter() - start
+        right, left = dice(seg.right_lung, case.right_lung), dice(seg.left_lung, case.left_lung)
+        swapped = dice(seg.right_lung, case.left_lung) > right
+        films.append({"name": case.name, "right": right, "left": left, "side_swap": swapped})
+        if verbose:
+            print(f"  {case.name:12s} right {right:.3f} left {left:.3f} swap {swapped}")
+    summary: dict[str, object] = {"films": len(films)}
+    for side in ("right", "left"):
+        values = [float(f[side]) for f in films]  # type: ignore[arg-type]
+        summary[side] = {"mean": statistics.mean(values), "min": min(values)}
+    summary["side_swaps"] = sum(bool(f["side_swap"]) for f in films)
+    summary["seconds_per_image"] = seconds / max(1, len(films))
+    summary["per_film"] = films
+    return summary
 
 
-def phantom_image(index: int, size: int) -> tuple[DecodedImage, np.ndarray, np.ndarray]:
-    flipped = bool(VARIANTS[index % len(VARIANTS)].get("flipped", False))
-    phantom = make_phantom(10_000 + index, (size, size), flipped=flipped)
-    header = InstanceHeader(
-        Path(f"phantom{index}"), "", str(index), "", "", "", "CR", "CHEST", "PA", ""
+def _line(name: str, s: dict[str, object]) -> str:
+    r, lt = s["right"], s["left"]
+    assert isinstance(r, dict) and isinstance(lt, dict)
+    return (
+        f"{name:>22}: {s['films']} films, Dice right mean {r['mean']:.3f} (min {r['min']:.3f}), "
+        f"left mean {lt['mean']:.3f} (min {lt['min']:.3f}), side swaps {s['side_swaps']}, "
+        f"{s['seconds_per_image']:.2f} s/image"
     )
-    image = DecodedImage(
-        header,
-        np.round(phantom.image * 255).astype(np.uint8),
-        image_left_is_patient_right=not flipped,
-        side_source="PatientOrientation",
-    )
-    return image, phantom.right_lung, phantom.left_lung
-
-
-def default_real_files() -> list[Path]:
-    """The RG1 chest CR (uncompressed and lossy JPEG 2000) installed by pydicom-data."""
-    try:
-        import data_store  # the import name of the pydicom-data package
-    except ImportError:
-        print("pydicom-data not installed: real radiograph check skipped")
-        return []
-    folder = Path(data_store.__file__).parent / "data"
-    return [folder / "RG1_UNCR.dcm", folder / "RG1_J2KI.dcm"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--phantoms", type=int, default=24)
+    parser.add_argument("--phantoms", type=int, default=48)
+    parser.add_argument("--seed", type=int, default=0, help="hard-phantom seed (0 = tuning set)")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backend", default="litemedsam")
-    parser.add_argument("--checkpoint", default="")
+    parser.add_argument("--checkpoint", default="", help="fine-tuned or ViT-B weights")
+    parser.add_argument("--no-refine", action="store_true")
+    parser.add_argument("--skip-rg1", action="store_true")
+    parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--report", type=Path, default=None)
-    parser.add_argument(
-        "--real",
-        type=Path,
-        nargs="*",
-        default=None,
-        help="real frontal chest radiographs (default: pydicom-data's RG1)",
-    )
     args = parser.parse_args()
     logs.quiet_third_party()
-    settings = SegmentationSettings(
-        backend=args.backend, device=args.device, medsam_checkpoint=args.checkpoint
+    checkpoint = {"litemedsam": "litemedsam_checkpoint", "medsam-vitb": "medsam_checkpoint"}
+    settings = SegmentationSettings.model_validate(
+        {"backend": args.backend, "device": args.device, checkpoint[args.backend]: args.checkpoint}
     )
     segmenter = load_segmenter(settings)
-    report: dict[str, object] = {"backend": segmenter.model.name, "device": str(segmenter.device)}
-    for refine in (False, True):
-        scores: dict[str, list[float]] = {"right": [], "left": []}
-        swapped = 0
-        start = time.perf_counter()
-        for i in range(args.phantoms):
-            image, right, left = phantom_image(i, args.size)
-            seg = segment_lungs(segmenter, image, refine=refine)
-            scores["right"].append(dice(seg.right_lung, right))
-            scores["left"].append(dice(seg.left_lung, left))
-            swapped += dice(seg.right_lung, left) > dice(seg.right_lung, right)
-        seconds = (time.perf_counter() - start) / args.phantoms
-        key = "refined" if refine else "first_pass"
-        report[key] = {
-            side: {"mean": statistics.mean(v), "min": min(v), "median": statistics.median(v)}
-            for side, v in scores.items()
-        } | {"side_swaps": swapped, "seconds_per_image": seconds}
-        print(
-            f"{key:>10}: Dice right mean {statistics.mean(scores['right']):.3f} "
-            f"(min {min(scores['right']):.3f}), left mean {statistics.mean(scores['left']):.3f} "
-            f"(min {min(scores['left']):.3f}), side swaps {swapped}/{args.phantoms}, "
-            f"{seconds:.2f} s/image"
-        )
-    real = {}
-    for path in args.real or default_real_files():
-        header = read_header(path)
-        assert isinstance(header, InstanceHeader), header
-        image, _ = decode(header)
-        seg = segment_lungs(segmenter, image, refine=True)
-        cols = image.pixels.shape[1]
-        cx = {
-            s: float(np.nonzero(m)[1].mean()) / cols if m.any() else None
-            for s, m in (("right", seg.right_lung), ("left", seg.left_lung))
-        }
-        real[path.name] = {
-            "area_fraction": {s: seg.area_fraction(s) for s in ("right", "left")},
-            "centroid_x_fraction": cx,
-            "two_lungs": bool(seg.right_lung.any() and seg.left_lung.any()),
-            "right_on_image_left": cx["right"] is not None and cx["right"] < 0.5,
-            "rl_overlap_pixels": int((seg.right_lung & seg.left_lung).sum()),
-        }
-        print(f"{path.name}: {json.dumps(real[path.name])}")
-    report["real"] = real
+    refine = not args.no_refine
+    report: dict[str, object] = {"model": segmenter.model.as_dict(), "refine": refine}
+    sets: list[tuple[str, Iterable[Case]]] = []
+    if not args.skip_rg1:
+        sets.append(("rg1", rg1_cases()))
+    if args.phantoms:
+        label = f"hard phantoms seed {args.seed}"
+        sets.append((label, hard_phantom_cases(args.phantoms, args.size, args.seed)))
+    for name, cases in sets:
+        if args.verbose:
+            print(name)
+        report[name] = summary = measure(segmenter, cases, refine, args.verbose)
+        print(_line(name, summary), flush=True)
     if args.report:
         args.report.write_text(json.dumps(report, indent=2))
 
