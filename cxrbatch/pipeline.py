@@ -119,7 +119,8 @@ def input_fingerprint(study: StudyInput, models: Models, settings: Settings) -> 
     for ref in models.refs:
         digest.update(f"model:{ref.name}:{ref.sha256}\n".encode())
     digest.update(settings.selection.model_dump_json().encode())
-    digest.update(settings.segmentation.model_dump_json(include={"refine", "threshold", "input_dither"}).encode())
+    segmentation = {"refine", "threshold", "input_dither"}
+    digest.update(settings.segmentation.model_dump_json(include=segmentation).encode())
     digest.update(settings.output.model_dump_json(include={"key_image"}).encode())
     return digest.hexdigest()
 

@@ -589,11 +589,11 @@ def make_hard_phantom(seed: int, size: tuple[int, int] = (1024, 1024)) -> Phanto
     image[spine] = np.maximum(image[spine], 0.74 + j(0.04))
     ribs = np.zeros(shape, np.float32)
     rib_value = float(rng.uniform(0.08, 0.18))
-    for k in range(10):
-        y0 = 0.15 + 0.062 * k + j(0.005)
+    for rib in range(10):
+        y0 = 0.15 + 0.062 * rib + j(0.005)
         for side in (-1, 1):
             t = np.linspace(0.03, 0.42, 40)
-            arc = np.stack([mid + side * t, y0 - 0.05 + 0.55 * (t - 0.12) ** 2 + 0.02 * k * t], 1)
+            arc = np.stack([mid + side * t, y0 - 0.05 + 0.55 * (t - 0.12) ** 2 + 0.02 * rib * t], 1)
             _draw_curve(ribs, arc, rib_value, max(2, round(rows * 0.018)))
             _draw_curve(ribs, arc, rib_value * 0.6, max(1, round(rows * 0.004)))
     ribs = np.asarray(cv2.GaussianBlur(ribs, (0, 0), rows / 500), np.float32)
@@ -654,8 +654,8 @@ def make_hard_phantom(seed: int, size: tuple[int, int] = (1024, 1024)) -> Phanto
     if rng.random() < 0.5:
         degrees = float(rng.uniform(-10, 10))
         matrix = cv2.getRotationMatrix2D((cols / 2, rows / 2), degrees, 1.0)
-        image = cv2.warpAffine(image, matrix, (cols, rows), flags=cv2.INTER_LINEAR,
-                               borderMode=cv2.BORDER_REPLICATE)
+        image = np.asarray(cv2.warpAffine(image, matrix, (cols, rows), flags=cv2.INTER_LINEAR,
+                               borderMode=cv2.BORDER_REPLICATE), np.float32)
         for k in truth:
             warped = cv2.warpAffine(truth[k].astype(np.uint8), matrix, (cols, rows),
                                     flags=cv2.INTER_NEAREST)
@@ -679,7 +679,7 @@ def make_hard_phantom(seed: int, size: tuple[int, int] = (1024, 1024)) -> Phanto
     gamma = float(np.exp(rng.uniform(np.log(0.55), np.log(1.8))))
     if abs(np.log(gamma)) > 0.3:
         features.append("under-exposed" if gamma > 1 else "over-exposed")
-    image = image**gamma
+    image = np.asarray(image**gamma, np.float32)
     sigma = float(rng.uniform(0.005, 0.04))
     image = image + sigma * rng.standard_normal(shape).astype(np.float32)
     image = np.clip(image, 0.0, 1.0).astype(np.float32)

@@ -43,7 +43,8 @@ def test_rg1_and_transformed_copies_against_the_reference(segmenter: LiteMedSAM)
     scores: dict[str, tuple[float, float]] = {}
     for case in rg1_cases():
         seg = segment_lungs(segmenter, case.image)
-        scores[case.name] = (dice(seg.right_lung, case.right_lung), dice(seg.left_lung, case.left_lung))
+        right, left = dice(seg.right_lung, case.right_lung), dice(seg.left_lung, case.left_lung)
+        scores[case.name] = (right, left)
         # Never the other lung: a side swap scores the wrong lung higher.
         assert dice(seg.right_lung, case.left_lung) < scores[case.name][0], case.name
     print({k: tuple(round(v, 3) for v in s) for k, s in scores.items()})
