@@ -77,11 +77,17 @@ def _pad_box(box: Box, pad_x: float, pad_y: float, cols: int, rows: int) -> Box:
     )
 
 
-def body_box(image: np.ndarray) -> Box:
-    """The patient in a small display image: collimation borders trimmed, the air outside
-    the patient (dark regions touching the border) removed; (x0, y0, x1, y1), exclusive."""
-    rows, cols = image.shape
-    smooth = cv2.GaussianBlur(image.astype(np.float32), (0, 0), max(rows, cols) / 128.0)
+def _smoothed(image: np.ndarray) -> np.ndarray:
+    return np.asarray(
+        cv2.GaussianBlur(image.astype(np.float32), (0, 0), max(image.shape) / 128.0)
+    )
+
+
+def body_box(smooth: np.ndarray) -> Box:
+    """The patient in a small display image smoothed by `_smoothed`: collimation borders
+    trimmed, the air outside the patient (dark regions touching the border) removed;
+    (x0, y0, x1, y1), exclusive."""
+    rows, cols = smooth.shape
     bright = float(np.percentile(smooth, 99))
 
     def collimated(line: np.ndarray) -> bool:
@@ -142,11 +148,11 @@ def _diaphragm_row(smooth: np.ndarray, columns: tuple[float, float], body: Box) 
 def lung_boxes(image: np.ndarray) -> dict[str, Box]:
     """Boxes in `image` pixel coordinates for the image-left and image-right lung."""
     rows = image.shape[0]
-    body = body_box(image)
+    smooth = _smoothed(image)
+    body = body_box(smooth)
     x0, y0, x1, y1 = body
     width, height = x1 - x0, y1 - y0
     middle = midline(image, body)
-    smooth = cv2.GaussianBlur(image.astype(np.float32), (0, 0), max(image.shape) / 128.0)
     boxes: dict[str, Box] = {}
     for side, (bx0, bx1) in {
         "image_left": (x0 + LATERAL_MARGIN * width, middle - MEDIAL_MARGIN * width),
@@ -202,7 +208,6 @@ def segment_pixels(
         interpolation=cv2.INTER_AREA,
     )
     small_boxes = lung_boxes(small)
-    notes: list[str] = []
     sides = ("image_left", "image_right")
     boxes = np.array([[v / scale for v in small_boxes[s]] for s in sides], dtype=np.float32)
 
@@ -245,5 +250,4 @@ def segment_pixels(
             "left": tuple(float(v) for v in left_box),  # type: ignore[dict-item]
         },
         predicted_iou={"right": float(right_iou), "left": float(left_iou)},
-        notes=tuple(notes),
     )
