@@ -44,8 +44,11 @@ class DeliveryStatus(enum.StrEnum):
 
 
 class Triage(enum.StrEnum):
-    LIKELY_NORMAL = "likely-normal"
-    ABNORMAL = "abnormal"
+    """A study's (or image's) screening category, least to most urgent."""
+
+    LIKELY_NORMAL = "likely-normal"  # the screening model's No Finding score >= its threshold
+    NEEDS_REVIEW = "needs-review"  # no trustworthy answer: the lung masks failed QC
+    ABNORMAL = "abnormal"  # the screening model's No Finding score < its threshold
 
 
 @dataclass(frozen=True)
@@ -115,15 +118,68 @@ class DecodedImage:
     notes: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class LungQC:
+    """The quality verdict on one lung's mask: its plausibility measures (names and
+    meanings in cxrbatch/models/qc.py) and the checks it failed, in words."""
+
+    side: str  # the patient's "right" or "left"
+    measures: dict[str, float]
+    failures: tuple[str, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+@dataclass(frozen=True)
+class SegmentationQC:
+    """The quality verdict on one image's lung masks: per lung, and for the pair."""
+
+    right: LungQC
+    left: LungQC
+    pair_measures: dict[str, float] = field(default_factory=dict)
+    pair_failures: tuple[str, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        return self.right.passed and self.left.passed and not self.pair_failures
+
+    @property
+    def failures(self) -> tuple[str, ...]:
+        lungs = [f"{q.side} lung {f}" for q in (self.right, self.left) for f in q.failures]
+        return (*lungs, *self.pair_failures)
+
+    @property
+    def reason(self) -> str | None:
+        """`segmentation failed QC: <what>`, None when every check passed."""
+        return "segmentation failed QC: " + "; ".join(self.failures) if self.failures else None
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "passed": self.passed,
+            "reason": self.reason,
+            "right": {"measures": self.right.measures, "failures": list(self.right.failures)},
+            "left": {"measures": self.left.measures, "failures": list(self.left.failures)},
+            "pair": {"measures": self.pair_measures, "failures": list(self.pair_failures)},
+        }
+
+
 @dataclass(frozen=True, eq=False)
 class LungSegmentation:
-    """Right and left lung of the PATIENT, boolean masks at the image's full resolution."""
+    """Right and left lung of the PATIENT, boolean masks at the image's full resolution,
+    with the QC verdict on them (None only where a caller asked for none)."""
 
     right_lung: np.ndarray
     left_lung: np.ndarray
     prompt_boxes: dict[str, tuple[float, float, float, float]]
     predicted_iou: dict[str, float]
     notes: tuple[str, ...] = ()
+    qc: SegmentationQC | None = None
+
+    @property
+    def qc_passed(self) -> bool:
+        return self.qc is None or self.qc.passed
 
     @property
     def lungs(self) -> np.ndarray:
@@ -170,8 +226,22 @@ class ImageResult:
     instance: InstanceHeader
     image: DecodedImage
     segmentation: LungSegmentation
-    findings: Findings | None
+    findings: Findings | None  # None: no classifier, or a masked one and the masks failed QC
     screening: Findings | None
+
+    @property
+    def qc_reason(self) -> str | None:
+        """`segmentation failed QC: ...` when the masks failed the quality gate."""
+        return self.segmentation.qc.reason if self.segmentation.qc else None
+
+    @property
+    def triage(self) -> Triage | None:
+        """The screening triage; needs-review when the masks failed QC and no screening
+        model ran, or when it ran but did not find the image abnormal."""
+        screened = self.screening.triage if self.screening else None
+        if self.qc_reason is None or screened is Triage.ABNORMAL:
+            return screened
+        return Triage.NEEDS_REVIEW
 
 
 @dataclass(frozen=True)
@@ -208,3 +278,13 @@ class StudyResult:
     timings: dict[str, float] = field(default_factory=dict)
     outputs: OutputFiles | None = None
     input_fingerprint: str = ""
+
+    @property
+    def segmentation_only(self) -> bool:
+        """Images were segmented and no classifier bundle was configured (bundles carry
+        their mask mode in their ModelRef; the segmenter does not)."""
+        return bool(self.images) and all(m.mask_mode is None for m in self.models)
+
+    @property
+    def needs_review(self) -> bool:
+        return any(i.qc_reason is not None for i in self.images)

@@ -17,7 +17,9 @@ masses and a low-contrast window make the lower zones as bright as the chest wal
    is prompted again.
 5. Clean-up: largest connected component per lung, holes filled, pixels claimed by both
    prompts go to the more confident one.
-6. Sides: the box in the image's left half is the patient's right lung when column 0 is
+6. Quality gate: cxrbatch/models/qc.py judges each mask in the thorax found in step 1
+   and against its first pass; the verdict travels with the masks.
+7. Sides: the box in the image's left half is the patient's right lung when column 0 is
    the patient's right (from PatientOrientation or the display convention), else the left.
 
 Measured on the real film RG1 with a traced reference and nine transformed copies, and on
@@ -26,11 +28,14 @@ hard phantoms (`python -m bench.seg_quality`, docs/segmentation.md).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
 from cxrbatch.domain import DecodedImage, LungSegmentation
+from cxrbatch.models import qc
 from cxrbatch.models.segmenter import BoxSegmenter
 
 WORK_SIZE = 256
@@ -78,9 +83,7 @@ def _pad_box(box: Box, pad_x: float, pad_y: float, cols: int, rows: int) -> Box:
 
 
 def _smoothed(image: np.ndarray) -> np.ndarray:
-    return np.asarray(
-        cv2.GaussianBlur(image.astype(np.float32), (0, 0), max(image.shape) / 128.0)
-    )
+    return np.asarray(cv2.GaussianBlur(image.astype(np.float32), (0, 0), max(image.shape) / 128.0))
 
 
 def body_box(smooth: np.ndarray) -> Box:
@@ -145,8 +148,19 @@ def _diaphragm_row(smooth: np.ndarray, columns: tuple[float, float], body: Box) 
     return None if len(above) == 0 else float(low + above[0])
 
 
-def lung_boxes(image: np.ndarray) -> dict[str, Box]:
-    """Boxes in `image` pixel coordinates for the image-left and image-right lung."""
+@dataclass(frozen=True)
+class Thorax:
+    """What the prompts found in a working-size image: the patient's body box, the
+    mediastinum's column and one box per lung ("image_left", "image_right")."""
+
+    body: Box
+    midline: float
+    boxes: dict[str, Box]
+
+
+def lung_boxes(image: np.ndarray) -> Thorax:
+    """The thorax and the boxes, in `image` pixel coordinates, of the image-left and
+    image-right lung."""
     rows = image.shape[0]
     smooth = _smoothed(image)
     body = body_box(smooth)
@@ -165,13 +179,13 @@ def lung_boxes(image: np.ndarray) -> dict[str, Box]:
         bottom = y0 + 0.83 * height if row is None else row + DIAPHRAGM_PAD * height
         bottom = min(rows - 1.0, max(bottom, top + 0.5 * height))
         boxes[side] = (bx0, top, max(bx1, bx0 + 1.0), bottom)
-    return boxes
+    return Thorax(body, middle, boxes)
 
 
 def _refined_box(first: np.ndarray, box: np.ndarray, scale: float) -> np.ndarray:
-    """The box of the first mask's largest component, padded by REFINE_PAD, in original
-    pixels; the first box when the first mask is empty."""
-    found = _bbox(_largest_component(first))
+    """The box of the first mask (its largest component), padded by REFINE_PAD, in
+    original pixels; the first box when the first mask is empty."""
+    found = _bbox(first)
     if found is None:
         return box
     rows, cols = first.shape
@@ -188,28 +202,34 @@ def segment_lungs(
     )
 
 
+def working_copy(pixels: np.ndarray) -> np.ndarray:
+    """The WORK_SIZE-px copy (long side) in which the prompts are found."""
+    rows, cols = pixels.shape
+    scale = WORK_SIZE / max(rows, cols)
+    size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
+    return np.asarray(cv2.resize(pixels, size, interpolation=cv2.INTER_AREA))
+
+
 def segment_pixels(
     segmenter: BoxSegmenter,
     pixels: np.ndarray,
     image_left_is_patient_right: bool = True,
     refine: bool = True,
     threshold: float = 0.5,
+    thorax: Thorax | None = None,
 ) -> LungSegmentation:
     """The lungs in a uint8 display-form image (a decoded DICOM or an NIH PNG).
 
     Without orientation information (PNGs) the radiographic display convention applies:
-    the patient's right is on the image's left.
+    the patient's right is on the image's left. `thorax` (in `working_copy` pixels)
+    replaces the prompts found automatically; the QC bench uses it for bad prompts.
     """
     rows, cols = pixels.shape
     scale = WORK_SIZE / max(rows, cols)
-    small = cv2.resize(
-        pixels,
-        (max(1, round(cols * scale)), max(1, round(rows * scale))),
-        interpolation=cv2.INTER_AREA,
-    )
-    small_boxes = lung_boxes(small)
+    small = working_copy(pixels)
+    thorax = thorax or lung_boxes(small)
     sides = ("image_left", "image_right")
-    boxes = np.array([[v / scale for v in small_boxes[s]] for s in sides], dtype=np.float32)
+    boxes = np.array([[v / scale for v in thorax.boxes[s]] for s in sides], dtype=np.float32)
 
     # Masks are decoded and cleaned up at most POST_SIZE px on the long side (SAM's logits
     # are 256 px anyway), then resized to the image: scipy's labelling and hole filling on
@@ -217,24 +237,34 @@ def segment_pixels(
     post_scale = min(1.0, POST_SIZE / max(rows, cols))
     post_shape = (max(1, round(rows * post_scale)), max(1, round(cols * post_scale)))
     embedding = segmenter.embed(pixels)
+    first_pass = None
     if refine:
-        # The first pass only steers the second: decode it at the 256-px working size.
+        # The first pass steers the second (and is compared with it by QC): decode it at
+        # the 256-px working size.
         first, _ = segmenter.predict(embedding, boxes, output_size=small.shape[:2])
-        boxes = np.stack([_refined_box(first[i] > threshold, boxes[i], scale) for i in range(2)])
+        first_pass = tuple(fill_holes(_largest_component(first[i] > threshold)) for i in range(2))
+        boxes = np.stack([_refined_box(first_pass[i], boxes[i], scale) for i in range(2)])
     probs, iou = segmenter.predict(embedding, boxes, output_size=post_shape)
 
-    masks = []
+    masks, small_masks = [], []
     for i in range(2):
         own = probs[i] > threshold
         other = probs[1 - i]
         own &= ~((other > threshold) & (other > probs[i]))
         mask = fill_holes(_largest_component(own))
+        small_masks.append(_resized(mask, small.shape[:2]))
         if post_shape != (rows, cols):
-            resized = cv2.resize(
-                mask.astype(np.float32), (cols, rows), interpolation=cv2.INTER_LINEAR
-            )
-            mask = np.asarray(resized) > 0.5
+            mask = _resized(mask, (rows, cols))
         masks.append(mask)
+    verdict = qc.assess(
+        small,
+        (small_masks[0], small_masks[1]),
+        thorax.body,
+        thorax.midline,
+        None if first_pass is None else (first_pass[0], first_pass[1]),
+        (float(iou[0]), float(iou[1])),
+        image_left_is_patient_right,
+    )
     image_left_mask, image_right_mask = masks
     if image_left_is_patient_right:
         right, left = image_left_mask, image_right_mask
@@ -250,4 +280,12 @@ def segment_pixels(
             "left": tuple(float(v) for v in left_box),  # type: ignore[dict-item]
         },
         predicted_iou={"right": float(right_iou), "left": float(left_iou)},
+        qc=verdict,
     )
+
+
+def _resized(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    if mask.shape == shape:
+        return mask
+    resized = cv2.resize(mask.astype(np.float32), shape[::-1], interpolation=cv2.INTER_LINEAR)
+    return np.asarray(resized) > 0.5
