@@ -45,6 +45,7 @@ from cxrbatch.domain import (
 )
 from cxrbatch.errors import InputError, ModelError
 from cxrbatch.files import remove_stale_temporaries
+from cxrbatch.models import prompts, qc
 from cxrbatch.models.batching import batch_size
 from cxrbatch.models.bundle import ClassifierBundle, load_bundle
 from cxrbatch.models.preprocess import ClassifierInputs
@@ -54,9 +55,17 @@ from cxrbatch.paths import uid_path_component
 
 log = logging.getLogger(__name__)
 
+SEGMENTATION_CODE_SHA256 = hashlib.sha256(
+    b"".join(Path(m.__file__).read_bytes() for m in (prompts, qc) if m.__file__)
+).hexdigest()
+
 DISCLAIMER = "Algorithm output for research and triage support. NOT FOR DIAGNOSTIC USE."
 SYNTHETIC_WARNING = (
     "A model used here was trained on SYNTHETIC data: its scores are not clinically meaningful."
+)
+NEEDS_REVIEW_NOTE = (
+    "NEEDS REVIEW: the lung masks of an image failed the segmentation quality check; "
+    "masked classifiers were not run on it and its result is not a normal call."
 )
 
 
@@ -121,6 +130,9 @@ def input_fingerprint(study: StudyInput, models: Models, settings: Settings) -> 
     digest.update(settings.selection.model_dump_json().encode())
     segmentation = {"refine", "threshold", "input_dither"}
     digest.update(settings.segmentation.model_dump_json(include=segmentation).encode())
+    # The prompt, clean-up and QC code decide the masks and the verdict as much as the
+    # weights do: a new version of them makes a new outcome.
+    digest.update(f"segmentation-code:{SEGMENTATION_CODE_SHA256}\n".encode())
     digest.update(settings.output.model_dump_json(include={"key_image"}).encode())
     return digest.hexdigest()
 
@@ -138,13 +150,22 @@ class _Timer:
             self.seconds[name] += time.perf_counter() - start
 
 
-def classify(bundle: ClassifierBundle | None, inputs: ClassifierInputs) -> Findings | None:
-    """Run one bundle on one image with exactly the mask mode the bundle declares."""
+def classify(
+    bundle: ClassifierBundle | None, inputs: ClassifierInputs, masks_passed_qc: bool = True
+) -> Findings | None:
+    """Run one bundle on one image with exactly the mask mode the bundle declares. A
+    masked bundle (M-15, M-50) is not run on masks that failed QC: None."""
     if bundle is None:
         return None
     spec = bundle.spec
+    if spec.mask_mode != "original" and not masks_passed_qc:
+        return None
     network_input = inputs.tensor(spec.mask_mode, spec.input_size, spec.mean, spec.std)
-    return bundle.findings(bundle.predict(network_input[None])[0])
+    findings = bundle.findings(bundle.predict(network_input[None])[0])
+    if not masks_passed_qc and findings.triage is Triage.LIKELY_NORMAL:
+        # An unmasked screening model still ran; its "normal" is not trusted either.
+        findings = replace(findings, triage=Triage.NEEDS_REVIEW)
+    return findings
 
 
 @dataclass(frozen=True, eq=False)
@@ -161,21 +182,38 @@ def _process_image(
         segmentation = segment_lungs(
             models.segmenter, image, settings.segmentation.refine, settings.segmentation.threshold
         )
+    if segmentation.qc is not None and not segmentation.qc.passed:
+        log.warning("image %s: %s", image.instance.sop_instance_uid, segmentation.qc.reason)
     with timer.stage("classify"):
         inputs = ClassifierInputs(image.pixels, segmentation.lungs)  # shared by both bundles
-        findings = classify(models.classifier, inputs)
-        screening = classify(models.screening, inputs)
+        passed = segmentation.qc_passed
+        findings = classify(models.classifier, inputs, passed)
+        screening = classify(models.screening, inputs, passed)
     return _Processed(ImageResult(image.instance, image, segmentation, findings, screening), ds)
 
 
+TRIAGE_ORDER = (Triage.LIKELY_NORMAL, Triage.NEEDS_REVIEW, Triage.ABNORMAL)
+
+
 def _study_scores(images: list[ImageResult]) -> tuple[Triage | None, float | None]:
-    """Study level = worst image: abnormal if any image is, lowest No Finding score."""
-    triages = [i.screening.triage for i in images if i.screening and i.screening.triage]
-    triage = None
-    if triages:
-        triage = Triage.ABNORMAL if Triage.ABNORMAL in triages else Triage.LIKELY_NORMAL
+    """Study level = worst image: abnormal if any image is, else needs-review if any image
+    is (its masks failed QC), else likely-normal; the lowest No Finding score."""
+    triages = [i.triage for i in images if i.triage is not None]
+    triage = max(triages, key=TRIAGE_ORDER.index) if triages else None
     scores = [i.findings.no_finding_score for i in images if i.findings]
     return triage, (min(scores) if scores else None)
+
+
+def _study_reason(images: list[ImageResult], failures: list[ImageFailure]) -> str | None:
+    parts = []
+    if failures:
+        parts.append(f"{len(failures)} eligible image(s) failed")
+    failed_qc = [i.qc_reason for i in images if i.qc_reason]
+    if len(failed_qc) == 1 and len(images) == 1:
+        parts.append(failed_qc[0])
+    elif failed_qc:
+        parts.append(f"{len(failed_qc)} of {len(images)} images: {failed_qc[0]}")
+    return "; ".join(parts) or None
 
 
 def run(study: StudyInput, models: Models, settings: Settings, out_dir: Path) -> StudyResult:
@@ -194,9 +232,7 @@ def run(study: StudyInput, models: Models, settings: Settings, out_dir: Path) ->
             failures.append(ImageFailure(header, str(exc)))
     images = [p.result for p in processed]
     if images:
-        status, reason = OutcomeStatus.PROCESSED, None
-        if failures:
-            reason = f"{len(failures)} eligible image(s) failed"
+        status, reason = OutcomeStatus.PROCESSED, _study_reason(images, failures)
     elif failures:
         status, reason = OutcomeStatus.FAILED, failures[0].reason
     else:
@@ -297,12 +333,13 @@ def _findings_dict(findings: Findings | None) -> dict[str, object] | None:
 
 def result_document(result: StudyResult, outputs: OutputFiles) -> dict[str, object]:
     synthetic = any(m.synthetic_training_data for m in result.models)
-    classified = any(i.findings is not None for i in result.images)
     notes = [DISCLAIMER]
     if synthetic:
         notes.append(SYNTHETIC_WARNING)
-    if result.images and not classified:
+    if result.segmentation_only:
         notes.append("Segmentation-only outcome: no classifier bundle was configured.")
+    if result.needs_review:
+        notes.append(NEEDS_REVIEW_NOTE)
     return {
         "study_instance_uid": result.study_instance_uid,
         "status": result.status.value,
@@ -311,7 +348,8 @@ def result_document(result: StudyResult, outputs: OutputFiles) -> dict[str, obje
         "no_finding_score": None
         if result.no_finding_score is None
         else round(result.no_finding_score, 6),
-        "segmentation_only": bool(result.images) and not classified,
+        "segmentation_only": result.segmentation_only,
+        "needs_review": result.needs_review,
         "synthetic_model": synthetic,
         "notes": notes,
         "images": [
@@ -331,6 +369,8 @@ def result_document(result: StudyResult, outputs: OutputFiles) -> dict[str, obje
                     for side in ("right", "left")
                 },
                 "segmentation_notes": list(i.segmentation.notes),
+                "segmentation_qc": i.segmentation.qc.as_dict() if i.segmentation.qc else None,
+                "triage": i.triage.value if i.triage else None,
                 "findings": _findings_dict(i.findings),
                 "screening": _findings_dict(i.screening),
                 "seg_file": outputs.seg_files[i.instance.sop_instance_uid].name

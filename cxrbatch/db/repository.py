@@ -11,7 +11,14 @@ from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from cxrbatch.db import models
-from cxrbatch.domain import InstanceHeader, OutcomeStatus, RejectedFile, StudyResult
+from cxrbatch.domain import (
+    ImageResult,
+    InstanceHeader,
+    OutcomeStatus,
+    RejectedFile,
+    StudyResult,
+    Triage,
+)
 
 
 def current_outcome(session: Session, study_instance_uid: str) -> models.Outcome | None:
@@ -46,6 +53,13 @@ def _unprocessed_row(header: InstanceHeader, status: OutcomeStatus, reason: str)
     )
 
 
+def _image_reason(item: ImageResult) -> str | None:
+    reasons = [item.qc_reason] if item.qc_reason else []
+    if item.instance.view_position is None:
+        reasons.append("view position unknown")
+    return "; ".join(reasons) or None
+
+
 def _image_rows(result: StudyResult) -> list[models.Image]:
     rows: list[models.Image] = []
     seg_files = result.outputs.seg_files if result.outputs else {}
@@ -66,13 +80,13 @@ def _image_rows(result: StudyResult) -> list[models.Image]:
                 modality=header.modality,
                 view_position=header.view_position,
                 status=OutcomeStatus.PROCESSED.value,
-                reason="view position unknown" if header.view_position is None else None,
+                reason=_image_reason(item),
                 side_source=item.image.side_source,
                 right_lung_fraction=item.segmentation.area_fraction("right"),
                 left_lung_fraction=item.segmentation.area_fraction("left"),
                 no_finding_score=item.findings.no_finding_score if item.findings else None,
                 screening_no_finding_score=screening.no_finding_score if screening else None,
-                triage=screening.triage.value if screening and screening.triage else None,
+                triage=item.triage.value if item.triage else None,
                 seg_path=str(seg_files[header.sop_instance_uid])
                 if header.sop_instance_uid in seg_files
                 else None,
@@ -118,7 +132,6 @@ def record_study(session: Session, result: StudyResult) -> models.Outcome:
             .values(is_current=False, superseded_at=models.utcnow())
         )
         session.flush()
-    classified = [i for i in result.images if i.findings is not None]
     screened = [i.screening for i in result.images if i.screening is not None]
     outcome = models.Outcome(
         study_id=study.id,
@@ -128,7 +141,7 @@ def record_study(session: Session, result: StudyResult) -> models.Outcome:
         triage=result.triage.value if result.triage else None,
         no_finding_score=result.no_finding_score,
         screening_no_finding_score=min((s.no_finding_score for s in screened), default=None),
-        segmentation_only=bool(result.images) and not classified,
+        segmentation_only=result.segmentation_only,
         synthetic_model=any(m.synthetic_training_data for m in result.models),
         input_fingerprint=result.input_fingerprint,
         models=[m.as_dict() for m in result.models],
@@ -212,13 +225,14 @@ def current_outcomes(session: Session, where: OutcomeFilter | None = None) -> li
 
 
 def worklist(session: Session) -> list[models.Outcome]:
-    """Processed studies in screening order: abnormal first, then unscreened, then
-    likely-normal; within each, the least normal (lowest No Finding score) first."""
+    """Processed studies in screening order: abnormal and needs-review first, then
+    unscreened, then likely-normal; within each, the least normal (lowest No Finding
+    score) first, and needs-review studies without a score after those with one."""
     score = func.coalesce(
         models.Outcome.screening_no_finding_score, models.Outcome.no_finding_score
     )
     triage_rank = case(
-        (models.Outcome.triage == "abnormal", 0),
+        (models.Outcome.triage.in_([Triage.ABNORMAL, Triage.NEEDS_REVIEW]), 0),
         (models.Outcome.triage.is_(None), 1),
         else_=2,
     )

@@ -35,7 +35,16 @@ TRIAGE_CATEGORY = Code("TRIAGE", PRIVATE_SCHEME, "Screening triage category")
 TRIAGE_VALUES: dict[str, Code] = {
     "likely-normal": Code("LIKELYNORMAL", PRIVATE_SCHEME, "Likely normal"),
     "abnormal": Code("ABNORMAL", PRIVATE_SCHEME, "Abnormal"),
+    "needs-review": Code("NEEDSREVIEW", PRIVATE_SCHEME, "Needs review"),
 }
+# The segmentation quality gate (cxrbatch/models/qc.py): a TID 1501 group per image with
+# the verdict, and the reasons as TEXT in TID 1500's Qualitative Evaluations container.
+SEGMENTATION_QC = Code("LUNGSEGQC", PRIVATE_SCHEME, "Lung segmentation quality control")
+QC_VALUES: dict[bool, Code] = {
+    True: Code("QCPASSED", PRIVATE_SCHEME, "Passed quality control"),
+    False: Code("QCFAILED", PRIVATE_SCHEME, "Failed quality control"),
+}
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 CLASSIFICATION = Code("CXRCLASS", PRIVATE_SCHEME, "Chest radiograph classification")
 
 UNIT_PROBABILITY = Code("{probability}", "UCUM", "probability")

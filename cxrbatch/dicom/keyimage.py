@@ -51,9 +51,15 @@ def text_lines(item: ImageResult, models: tuple[ModelRef, ...]) -> list[tuple[st
                 TEXT_COLOUR,
             )
         )
+    qc = item.segmentation.qc
+    if qc is not None and not qc.passed:
+        lines.append(
+            ("NEEDS REVIEW: segmentation failed QC (masked models not run):", WARNING_COLOUR)
+        )
+        lines.extend(("  " + failure, WARNING_COLOUR) for failure in qc.failures)
     if item.findings is not None:
         lines.append((_scores_line("Findings", item.findings), TEXT_COLOUR))
-    if item.findings is None and screening is None:
+    if item.findings is None and screening is None and item.qc_reason is None:
         lines.append(("Segmentation only: no classifier configured", TEXT_COLOUR))
     lines.append(("Contours: patient's right lung (orange), left lung (blue)", TEXT_COLOUR))
     return lines

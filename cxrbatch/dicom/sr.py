@@ -4,7 +4,11 @@ Per processed image:
 - one measurement group (TID 1501) referencing the source image, with each label's
   probability, the No Finding score (1 - max p) and, in screening mode, the triage category;
 - one planar ROI group (TID 1410) per lung referencing its SEG segment, with the lung's
-  area in mm2 when the source has a valid pixel spacing.
+  area in mm2 when the source has a valid pixel spacing;
+- one group (TID 1501) with the segmentation quality gate's verdict and, when the masks
+  failed it, the triage category needs-review.
+The reasons of failed verdicts ("segmentation failed QC: ...") are TEXT items in TID 1500's
+Qualitative Evaluations container (row 12), which highdicom does not build.
 Every group carries the algorithm's name, version and weight hash.
 """
 
@@ -130,9 +134,55 @@ def _lung_groups(
     return groups
 
 
-def series_description(models: list[ModelRef], classified: bool) -> str:
+def _qc_group(item: SrImage, index: int) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    qc = item.segmentation.qc
+    assert qc is not None
+    evaluations = [
+        hd.sr.QualitativeEvaluation(name=codes.SEGMENTATION_QC, value=codes.QC_VALUES[qc.passed])
+    ]
+    if not qc.passed:
+        evaluations.append(
+            hd.sr.QualitativeEvaluation(
+                name=codes.TRIAGE_CATEGORY, value=codes.TRIAGE_VALUES["needs-review"]
+            )
+        )
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=hd.UID(), identifier=f"segmentation QC image {index}"
+        ),
+        finding_type=codes.SEGMENTATION_QC,
+        algorithm_id=_algorithm(item.segmenter),
+        finding_sites=[hd.sr.FindingSite(codes.CHEST)],
+        qualitative_evaluations=evaluations,
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(item.source)],
+    )
+
+
+def _qc_reasons(items: list[SrImage]) -> hd.sr.ContainerContentItem | None:
+    texts = [
+        hd.sr.TextContentItem(
+            name=codes.SEGMENTATION_QC,
+            value=f"image {index} ({item.source.SOPInstanceUID}): {item.segmentation.qc.reason}",
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+        for index, item in enumerate(items, start=1)
+        if item.segmentation.qc is not None and item.segmentation.qc.reason
+    ]
+    if not texts:
+        return None
+    container = hd.sr.ContainerContentItem(
+        name=codes.QUALITATIVE_EVALUATIONS,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    container.ContentSequence = hd.sr.ContentSequence(texts)
+    return container
+
+
+def series_description(models: list[ModelRef], classified: bool, needs_review: bool = False) -> str:
     synthetic = any(m.synthetic_training_data for m in models)
     kind = "findings" if classified else "SEGMENTATION ONLY"
+    if needs_review:
+        kind = "NEEDS REVIEW"
     tag = "SYNTHETIC-TRAINED " if synthetic else ""
     return f"cxrbatch {kind} {tag}- {NOT_FOR_DIAGNOSIS}"[:64]
 
@@ -147,6 +197,8 @@ def build_sr(items: list[SrImage], series_instance_uid: str, sop_instance_uid: s
                 models.append(findings.model)
                 groups.append(_finding_group(item, findings, role, index))
         groups.extend(_lung_groups(item, index))
+        if item.segmentation.qc is not None:
+            groups.append(_qc_group(item, index))
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=hd.UID(),
         name="cxrbatch",
@@ -164,6 +216,9 @@ def build_sr(items: list[SrImage], series_instance_uid: str, sop_instance_uid: s
         procedure_reported=codes.PROCEDURE_CHEST_RADIOGRAPH,
         imaging_measurements=groups,  # type: ignore[arg-type]
     )
+    reasons = _qc_reasons(items)
+    if reasons is not None:
+        report[0].ContentSequence.append(reasons)
     evidence = [item.source for item in items] + [item.seg for item in items]
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
@@ -178,5 +233,6 @@ def build_sr(items: list[SrImage], series_instance_uid: str, sop_instance_uid: s
         is_verified=False,
     )
     classified = any(item.findings is not None or item.screening is not None for item in items)
-    sr.SeriesDescription = series_description(models, classified)
+    needs_review = reasons is not None
+    sr.SeriesDescription = series_description(models, classified, needs_review)
     return sr
