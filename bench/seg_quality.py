@@ -1,13 +1,19 @@
-"""Measure lung segmentation on the two evaluation sets of bench/seg_sets.py: the real film
-RG1 (pydicom-data) with its traced reference and nine transformed copies, and hard
-phantoms. Any configured segmenter and checkpoint (LiteMedSAM, a fine-tuned LiteMedSAM
-from `python -m training finetune`, MedSAM ViT-B) can be measured.
+"""Measure lung segmentation and its quality gate on the evaluation sets of
+bench/seg_sets.py: the real film RG1 (pydicom-data) with its traced reference and nine
+transformed copies; hard phantoms; films whose lung cannot be found (a whited-out
+hemithorax, a lung cut off the film); and hard phantoms prompted with deliberately bad
+boxes. Any configured segmenter and checkpoint (LiteMedSAM, a fine-tuned LiteMedSAM from
+`python -m training finetune`, MedSAM ViT-B) can be measured.
 
-    python -m bench.seg_quality --phantoms 48 [--seed 0] [--size 1024] [--device cpu]
-        [--backend litemedsam|medsam-vitb] [--checkpoint PATH] [--no-refine] [--report F]
+    python -m bench.seg_quality --phantoms 48 [--lost 16] [--bad-prompts 16] [--seed 0]
+        [--size 1024] [--device cpu] [--backend litemedsam|medsam-vitb]
+        [--checkpoint PATH] [--no-refine] [--skip-rg1] [--verbose] [--report F]
 
-Prints Dice per lung (mean and min) per set, side swaps and seconds per image, one line
-per film with --verbose, and writes a JSON report (--report).
+Prints, per set, Dice per lung (mean and min), side swaps, the share of films the QC gate
+flags, and seconds per image; then the gate's two rates over every film: flagged among
+those it must flag (a lung's Dice < 0.75, or a lung that is not on the film) and flagged
+among good films (both lungs' Dice >= 0.90). --report writes every film's Dice, verdict
+and QC measures as JSON (what the thresholds in cxrbatch/models/qc.py were chosen on).
 """
 
 from __future__ import annotations
@@ -19,35 +25,108 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from bench.seg_sets import Case, dice, hard_phantom_cases, rg1_cases
+from bench.seg_sets import Case, dice, hard_phantom_cases, lung_lost_cases, rg1_cases
 from cxrbatch import logs
 from cxrbatch.config import SegmentationSettings
-from cxrbatch.models.prompts import segment_lungs
+from cxrbatch.models.prompts import Thorax, lung_boxes, segment_pixels, working_copy
 from cxrbatch.models.segmenter import BoxSegmenter, load_segmenter
+
+MUST_FLAG_BELOW, GOOD_FROM = 0.75, 0.90
+Box = tuple[float, float, float, float]
+
+
+def _bad(box: Box, body: Box, how: str) -> Box:
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    bh = body[3] - body[1]
+    if how == "shifted down":  # into the abdomen
+        return (x0, y0 + 0.45 * bh, x1, y1 + 0.45 * bh)
+    if how == "upper third":  # the apex only
+        return (x0, y0, x1, y0 + h / 3)
+    if how == "shifted medially":  # over the mediastinum and heart
+        shift = 0.6 * w if x0 < (body[0] + body[2]) / 2 else -0.6 * w
+        return (x0 + shift, y0, x1 + shift, y1)
+    if how == "whole body":  # one box over the whole patient
+        return body
+    raise ValueError(how)
+
+
+BAD_PROMPTS = ("shifted down", "upper third", "shifted medially", "whole body")
+
+
+def bad_prompts(pixels: object, index: int) -> Thorax:
+    """The automatic prompts of a film with one lung's box spoiled (BAD_PROMPTS, in turn)."""
+    found = lung_boxes(working_copy(pixels))  # type: ignore[arg-type]
+    side = ("image_left", "image_right")[index % 2]
+    how = BAD_PROMPTS[(index // 2) % len(BAD_PROMPTS)]
+    boxes = dict(found.boxes)
+    boxes[side] = _bad(boxes[side], found.body, how)
+    return Thorax(found.body, found.midline, boxes)
 
 
 def measure(
-    segmenter: BoxSegmenter, cases: Iterable[Case], refine: bool, verbose: bool
+    segmenter: BoxSegmenter,
+    cases: Iterable[Case],
+    refine: bool,
+    verbose: bool,
+    spoil: bool = False,
 ) -> dict[str, object]:
     films: list[dict[str, object]] = []
     seconds = 0.0
-    for case in cases:
+    for index, case in enumerate(cases):
+        image = case.image
+        thorax = bad_prompts(image.pixels, index) if spoil else None
         start = time.perf_counter()
-        seg = segment_lungs(segmenter, case.image, refine=refine)
+        seg = segment_pixels(
+            segmenter, image.pixels, image.image_left_is_patient_right, refine, thorax=thorax
+        )
         seconds += time.perf_counter() - start
         right, left = dice(seg.right_lung, case.right_lung), dice(seg.left_lung, case.left_lung)
         swapped = dice(seg.right_lung, case.left_lung) > right
-        films.append({"name": case.name, "right": right, "left": left, "side_swap": swapped})
+        lost = not case.right_lung.any() or not case.left_lung.any()
+        assert seg.qc is not None
+        film = {
+            "name": case.name,
+            "right": right,
+            "left": left,
+            "side_swap": swapped,
+            "must_flag": lost or min(right, left) < MUST_FLAG_BELOW,
+            "good": not lost and min(right, left) >= GOOD_FROM,
+            "qc": seg.qc.as_dict(),
+        }
+        films.append(film)
         if verbose:
-            print(f"  {case.name:12s} right {right:.3f} left {left:.3f} swap {swapped}")
+            verdict = "pass" if seg.qc.passed else seg.qc.reason
+            print(f"  {case.name:18s} right {right:.3f} left {left:.3f} swap {swapped}  {verdict}")
     summary: dict[str, object] = {"films": len(films)}
     for side in ("right", "left"):
         values = [float(f[side]) for f in films]  # type: ignore[arg-type]
         summary[side] = {"mean": statistics.mean(values), "min": min(values)}
     summary["side_swaps"] = sum(bool(f["side_swap"]) for f in films)
+    summary["flagged"] = sum(not _passed(f) for f in films)
     summary["seconds_per_image"] = seconds / max(1, len(films))
     summary["per_film"] = films
     return summary
+
+
+def _passed(film: dict[str, object]) -> bool:
+    verdict = film["qc"]
+    assert isinstance(verdict, dict)
+    return bool(verdict["passed"])
+
+
+def qc_rates(films: list[dict[str, object]]) -> dict[str, object]:
+    """Flagged among the films the gate must flag, and among the good films."""
+    must = [f for f in films if f["must_flag"]]
+    good = [f for f in films if f["good"]]
+    return {
+        "must_flag": len(must),
+        "must_flag_flagged": sum(not _passed(f) for f in must),
+        "missed": [f["name"] for f in must if _passed(f)],
+        "good": len(good),
+        "good_flagged": sum(not _passed(f) for f in good),
+        "good_flagged_names": [f["name"] for f in good if not _passed(f)],
+    }
 
 
 def _line(name: str, s: dict[str, object]) -> str:
@@ -56,14 +135,16 @@ def _line(name: str, s: dict[str, object]) -> str:
     return (
         f"{name:>22}: {s['films']} films, Dice right mean {r['mean']:.3f} (min {r['min']:.3f}), "
         f"left mean {lt['mean']:.3f} (min {lt['min']:.3f}), side swaps {s['side_swaps']}, "
-        f"{s['seconds_per_image']:.2f} s/image"
+        f"QC flagged {s['flagged']}, {s['seconds_per_image']:.2f} s/image"
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--phantoms", type=int, default=48)
-    parser.add_argument("--seed", type=int, default=0, help="hard-phantom seed (0 = tuning set)")
+    parser.add_argument("--lost", type=int, default=16, help="films with a lung not to be found")
+    parser.add_argument("--bad-prompts", type=int, default=16, help="hard phantoms, bad boxes")
+    parser.add_argument("--seed", type=int, default=0, help="phantom seed (0 = tuning set)")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backend", default="litemedsam")
@@ -81,17 +162,36 @@ def main() -> None:
     segmenter = load_segmenter(settings)
     refine = not args.no_refine
     report: dict[str, object] = {"model": segmenter.model.as_dict(), "refine": refine}
-    sets: list[tuple[str, Iterable[Case]]] = []
+    sets: list[tuple[str, Iterable[Case], bool]] = []
     if not args.skip_rg1:
-        sets.append(("rg1", rg1_cases()))
+        sets.append(("rg1", rg1_cases(), False))
+    seed, size = args.seed, args.size
     if args.phantoms:
-        label = f"hard phantoms seed {args.seed}"
-        sets.append((label, hard_phantom_cases(args.phantoms, args.size, args.seed)))
-    for name, cases in sets:
+        sets.append(
+            (f"hard phantoms seed {seed}", hard_phantom_cases(args.phantoms, size, seed), False)
+        )
+    if args.lost:
+        sets.append((f"lung lost seed {seed}", lung_lost_cases(args.lost, size, seed), False))
+    if args.bad_prompts:
+        # Other films than the hard-phantom set's: the seed after it.
+        spoiled = hard_phantom_cases(args.bad_prompts, size, seed + 1000)
+        sets.append((f"bad prompts seed {seed}", spoiled, True))
+    films: list[dict[str, object]] = []
+    for name, cases, spoil in sets:
         if args.verbose:
             print(name)
-        report[name] = summary = measure(segmenter, cases, refine, args.verbose)
+        report[name] = summary = measure(segmenter, cases, refine, args.verbose, spoil)
+        films.extend(summary["per_film"])  # type: ignore[arg-type]
         print(_line(name, summary), flush=True)
+    report["qc"] = rates = qc_rates(films)
+    missed, false_flags = rates["missed"], rates["good_flagged_names"]
+    assert isinstance(missed, list) and isinstance(false_flags, list)
+    print(
+        f"QC: flagged {rates['must_flag_flagged']} of {rates['must_flag']} films with a lung "
+        f"Dice < {MUST_FLAG_BELOW} or lost (missed: {', '.join(missed) or 'none'}); "
+        f"flagged {rates['good_flagged']} of {rates['good']} films with both Dice >= "
+        f"{GOOD_FROM} ({', '.join(false_flags) or 'none'})"
+    )
     if args.report:
         args.report.write_text(json.dumps(report, indent=2))
 

@@ -29,7 +29,10 @@ import numpy as np
 from cxrbatch.dicom.decode import decode
 from cxrbatch.dicom.discover import read_header
 from cxrbatch.domain import DecodedImage, InstanceHeader
-from cxrbatch.synthetic import make_hard_phantom
+from cxrbatch.models.qc import dice
+from cxrbatch.synthetic import Phantom, make_hard_phantom
+
+__all__ = ["Case", "dice", "hard_phantom_cases", "lung_lost_cases", "reference_masks", "rg1_cases"]
 
 REFERENCE = Path(__file__).resolve().parent.parent / "tests" / "data" / "rg1_lung_fields.json"
 
@@ -132,22 +135,50 @@ def rg1_cases(folder: Path | None = None) -> list[Case]:
     ]
 
 
+def _phantom_case(name: str, phantom: Phantom) -> Case:
+    header = InstanceHeader(Path(name), "", name, "", "", "", "CR", "CHEST", "PA", "")
+    image = DecodedImage(
+        header,
+        np.round(phantom.image * 255).astype(np.uint8),
+        image_left_is_patient_right=not phantom.flipped,
+        side_source="PatientOrientation",
+    )
+    return Case(name, image, phantom.right_lung, phantom.left_lung)
+
+
 def hard_phantom_cases(count: int, size: int = 1024, seed: int = 0) -> Iterator[Case]:
     """`count` hard phantoms (cxrbatch.synthetic.make_hard_phantom), generated lazily."""
     for index in range(count):
         phantom = make_hard_phantom(seed * 1_000_003 + index, (size, size))
-        header = InstanceHeader(
-            Path(f"hard-phantom-{index}"), "", str(index), "", "", "", "CR", "CHEST", "PA", ""
-        )
-        image = DecodedImage(
-            header,
-            np.round(phantom.image * 255).astype(np.uint8),
-            image_left_is_patient_right=not phantom.flipped,
-            side_source="PatientOrientation",
-        )
-        yield Case(f"hard-{index:03d}", image, phantom.right_lung, phantom.left_lung)
+        yield _phantom_case(f"hard-{index:03d}", phantom)
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else float(2.0 * np.logical_and(a, b).sum() / total)
+def lung_lost_cases(count: int, size: int = 1024, seed: int = 0) -> Iterator[Case]:
+    """Films on which one lung field cannot be found, which the QC gate must flag: a
+    whited-out hemithorax (massive effusion; `make_hard_phantom(white_out=...)`) and a film
+    cut off beside the mediastinum (a lung outside the field), alternating sides. Their
+    seeds are offset from `hard_phantom_cases`' so the films differ from that set's."""
+    for index in range(count):
+        side = ("right", "left")[index % 2]
+        number = seed * 1_000_003 + 500_000 + index
+        if index % 4 < 2:
+            phantom = make_hard_phantom(number, (size, size), white_out=side)
+            yield _phantom_case(f"whiteout-{side}-{index:03d}", phantom)
+            continue
+        phantom = make_hard_phantom(number, (size, size))
+        lost = phantom.right_lung if side == "right" else phantom.left_lung
+        kept = phantom.left_lung if side == "right" else phantom.right_lung
+        # Cut off the lost lung's side 5 % of the width beyond the kept lung's medial edge.
+        columns = np.nonzero(kept.any(axis=0))[0]
+        lost_cols = np.nonzero(lost.any(axis=0))[0]
+        if lost_cols.mean() < columns.mean():
+            start, stop = max(0, int(columns.min()) - size // 20), size
+        else:
+            start, stop = 0, min(size, int(columns.max()) + size // 20 + 1)
+        cut = replace(
+            phantom,
+            image=np.ascontiguousarray(phantom.image[:, start:stop]),
+            right_lung=np.ascontiguousarray(phantom.right_lung[:, start:stop]),
+            left_lung=np.ascontiguousarray(phantom.left_lung[:, start:stop]),
+        )
+        yield _phantom_case(f"cutoff-{side}-{index:03d}", cut)

@@ -463,15 +463,15 @@ def _lung_outline(
     return _chaikin(uv, 2)
 
 
-def _draw_curve(
-    canvas: np.ndarray, points_uv: np.ndarray, value: float, thickness: int
-) -> None:
+def _draw_curve(canvas: np.ndarray, points_uv: np.ndarray, value: float, thickness: int) -> None:
     rows, cols = canvas.shape
     pts = np.round(points_uv * np.array([cols, rows])).astype(np.int32)
     cv2.polylines(canvas, [pts], False, value, max(1, thickness), lineType=cv2.LINE_AA)
 
 
-def make_hard_phantom(seed: int, size: tuple[int, int] = (1024, 1024)) -> Phantom:
+def make_hard_phantom(
+    seed: int, size: tuple[int, int] = (1024, 1024), white_out: str | None = None
+) -> Phantom:
     """A phantom made hard on purpose for lung segmentation, with the lung field as ground
     truth in the JSRT/SCR convention (heart and mediastinum excluded, costophrenic angles
     and apices included; an effusion's fluid is not aerated lung and is excluded).
@@ -484,7 +484,13 @@ def make_hard_phantom(seed: int, size: tuple[int, int] = (1024, 1024)) -> Phanto
     (ECG electrodes and leads, a central line, an endotracheal tube, a pacemaker and its
     lead); a side marker; collimation borders; patient rotation; under- or over-exposure;
     noise; and the patient's right on either side of the image. `features` lists them.
+
+    `white_out` ("right" or "left", the patient's side) fills that whole hemithorax with
+    fluid (a massive effusion, or the opaque hemithorax after a pneumonectomy): no lung
+    field is left there to find, and its ground truth is empty.
     """
+    if white_out not in (None, "right", "left"):
+        raise ValueError(f"white_out must be 'right', 'left' or None, not {white_out!r}")
     rng = np.random.default_rng(seed)
     rows, cols = size
     shape = size
@@ -510,9 +516,9 @@ def make_hard_phantom(seed: int, size: tuple[int, int] = (1024, 1024)) -> Phanto
         features.append("cardiomegaly")
     heart_w = ctr * 0.76
     heart_cx = mid + heart_w / 6 + j(0.02)  # a third of it right of the midline
-    heart = _ellipse(
-        shape, heart_cx, left_dome - 0.03, heart_w / 2, 0.11 + j(0.02), j(0.15)
-    ) & (v < max(right_dome, left_dome) + 0.05)
+    heart = _ellipse(shape, heart_cx, left_dome - 0.03, heart_w / 2, 0.11 + j(0.02), j(0.15)) & (
+        v < max(right_dome, left_dome) + 0.05
+    )
     for key in lungs:
         lungs[key] &= ~heart
     # Effusion: fluid with a meniscus fills one (or both) costophrenic angle(s).
@@ -527,6 +533,9 @@ def make_hard_phantom(seed: int, size: tuple[int, int] = (1024, 1024)) -> Phanto
             meniscus = level - 0.25 * (lateral - 0.25).clip(0, None)
             fluid |= lungs[key] & (v > meniscus)
             features.append(f"effusion {name}")
+        if white_out == name:
+            fluid |= lungs[key]
+            features.append(f"{name} hemithorax whited out")
     for key in lungs:
         lungs[key] &= ~fluid
     either = lungs["image_left"] | lungs["image_right"]
@@ -654,11 +663,16 @@ def make_hard_phantom(seed: int, size: tuple[int, int] = (1024, 1024)) -> Phanto
     if rng.random() < 0.5:
         degrees = float(rng.uniform(-10, 10))
         matrix = cv2.getRotationMatrix2D((cols / 2, rows / 2), degrees, 1.0)
-        image = np.asarray(cv2.warpAffine(image, matrix, (cols, rows), flags=cv2.INTER_LINEAR,
-                               borderMode=cv2.BORDER_REPLICATE), np.float32)
+        image = np.asarray(
+            cv2.warpAffine(
+                image, matrix, (cols, rows), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+            ),
+            np.float32,
+        )
         for k in truth:
-            warped = cv2.warpAffine(truth[k].astype(np.uint8), matrix, (cols, rows),
-                                    flags=cv2.INTER_NEAREST)
+            warped = cv2.warpAffine(
+                truth[k].astype(np.uint8), matrix, (cols, rows), flags=cv2.INTER_NEAREST
+            )
             truth[k] = warped.astype(bool)
         features.append(f"rotated {degrees:+.0f} deg")
     # Side marker, collimation (unexposed = bright), exposure, noise.
@@ -692,8 +706,15 @@ def make_hard_phantom(seed: int, size: tuple[int, int] = (1024, 1024)) -> Phanto
     letter = "R" if (marker_x < 0.5) != flipped else "L"
     scale = cols / 400
     marker = np.zeros(shape, np.uint8)  # OpenCV draws text on 8-bit images only
-    cv2.putText(marker, letter, (round(marker_x * cols), round(0.1 * rows)),
-                cv2.FONT_HERSHEY_SIMPLEX, scale, 255, max(1, round(scale * 2)))
+    cv2.putText(
+        marker,
+        letter,
+        (round(marker_x * cols), round(0.1 * rows)),
+        cv2.FONT_HERSHEY_SIMPLEX,
+        scale,
+        255,
+        max(1, round(scale * 2)),
+    )
     image = np.where(marker > 0, 0.95, image).astype(np.float32)
     features.append("side marker")
     labels = dict.fromkeys(LABELS, 0)

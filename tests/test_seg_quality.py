@@ -33,8 +33,10 @@ def test_reference_is_two_separate_plausible_lung_fields() -> None:
         assert 0.08 < mask.mean() < 0.25
     columns = np.arange(1841)
     # RG1 is L\F: the patient's right lung lies on the image's left.
-    assert (right.sum(0) * columns).sum() / right.sum() < 900 < (left.sum(0) * columns).sum() / (
-        left.sum()
+    assert (
+        (right.sum(0) * columns).sum() / right.sum()
+        < 900
+        < (left.sum(0) * columns).sum() / (left.sum())
     )
 
 
