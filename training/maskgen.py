@@ -7,6 +7,9 @@ cache folder. The M-15 / M-50 masks are derived from it at training time by the 
 `cxrbatch.models.masks.study_mask` the daemon uses, so training and inference share one
 implementation.
 
+Masks that fail the segmentation quality gate (cxrbatch/models/qc.py) are kept, as the
+study trains on every mask, and listed with their reasons in `failed_qc.json`.
+
 Resumable: masks already in the cache are kept (writes are atomic, so a killed run leaves
 no half file). The cache records which segmenter made it; a cache made by other weights is
 refused rather than mixed.
@@ -67,6 +70,7 @@ def generate_masks(
     todo = {name: path for name, path in images.items() if not mask_path(cache, name).is_file()}
     cache.mkdir(parents=True, exist_ok=True)
     failures: dict[str, str] = {}
+    failed_qc: dict[str, str] = {}
     if not todo:
         return failures
     segmenter = segmenter or load_segmenter(settings)
@@ -76,14 +80,27 @@ def generate_masks(
         for name, path in todo.items():
             try:
                 pixels = load_gray(path)
-                lungs = segment_pixels(
+                segmentation = segment_pixels(
                     segmenter, pixels, True, settings.refine, settings.threshold
-                ).lungs
-                save_mask(resize_mask(lungs, WORKING_SIZE), mask_path(cache, name))
+                )
+                # The study trains on every mask; the QC verdict is kept beside them.
+                if segmentation.qc is not None and segmentation.qc.reason:
+                    failed_qc[name] = segmentation.qc.reason
+                save_mask(resize_mask(segmentation.lungs, WORKING_SIZE), mask_path(cache, name))
             except (ValueError, OSError) as exc:
                 failures[name] = str(exc)
                 log.warning("no lung mask for %s: %s", name, exc)
             bar.advance(task)
     if failures:
         write_json(cache / "failures.json", failures)
+    if failed_qc:
+        previous = cache / "failed_qc.json"
+        known = json.loads(previous.read_text()) if previous.is_file() else {}
+        write_json(previous, {**known, **failed_qc})
+        log.warning(
+            "%d of %d new lung masks failed segmentation QC (kept; listed in %s)",
+            len(failed_qc),
+            len(todo),
+            previous,
+        )
     return failures
