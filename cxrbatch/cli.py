@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import enum
+import functools
 import io
 import json
 import logging
@@ -31,10 +32,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -43,18 +46,54 @@ from cxrbatch.config import Settings, load_settings
 from cxrbatch.domain import OutcomeStatus, Triage
 from cxrbatch.errors import CxrBatchError
 
-app = typer.Typer(
+
+class _App(typer.Typer):
+    """Every command's operator errors (configuration, database, files, ports, missing
+    drivers) become one line and exit 2 (`_operator_errors`), never a traceback."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Any]:
+        register = super().command(*args, **kwargs)
+        return lambda function: register(_operator_errors(function))
+
+
+def _operator_errors(function: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(function)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except (typer.Exit, typer.Abort, click.ClickException, KeyboardInterrupt):
+            raise
+        except CxrBatchError as exc:
+            raise _fail(str(exc)) from exc
+        except SQLAlchemyError as exc:
+            raise _fail(_database_error(exc)) from exc
+        except ModuleNotFoundError as exc:
+            log.debug("missing module", exc_info=True)
+            raise _fail(
+                f"a module this configuration needs is not installed: {exc.name} "
+                "(for a database URL: its driver, e.g. psycopg for postgresql://)"
+            ) from exc
+        except OSError as exc:
+            log.debug("operating system error", exc_info=True)
+            raise _fail(f"{type(exc).__name__}: {exc}") from exc
+
+    return run
+
+
+app = _App(
     add_completion=False,
     no_args_is_help=True,
     help="Chest X-ray batch processor: MedSAM lung masks, masked classifiers, "
     "DICOM SEG + SR + JSON, SQL results. Outputs are NOT FOR DIAGNOSTIC USE.",
 )
-db_app = typer.Typer(no_args_is_help=True, help="Results database schema (alembic).")
+db_app = _App(no_args_is_help=True, help="Results database schema (alembic).")
 app.add_typer(db_app, name="db")
-jobs_app = typer.Typer(no_args_is_help=True, help="The daemon's job queue.")
+jobs_app = _App(no_args_is_help=True, help="The daemon's job queue.")
 app.add_typer(jobs_app, name="jobs")
-console = Console(stderr=True)
-out_console = Console()
+# Markup off: what is printed carries header values, paths, reasons and exception texts,
+# and a value such as "[/y]" must print as itself (styles are given with style=).
+console = Console(stderr=True, markup=False)
+out_console = Console(markup=False)
 log = logging.getLogger("cxrbatch.cli")
 T = TypeVar("T")
 
@@ -87,7 +126,7 @@ def _settings(config: Path | None, db: str | None, **overrides: Any) -> Settings
 
 
 def _fail(message: str) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
     return typer.Exit(code=2)
 
 
@@ -163,8 +202,9 @@ def process(
         out_console.print(reasons)
     if summary.synthetic_model:
         out_console.print(
-            "[bold yellow]A model trained on SYNTHETIC data produced these scores: "
-            "not clinically meaningful.[/]"
+            "A model trained on SYNTHETIC data produced these scores: "
+            "not clinically meaningful.",
+            style="bold yellow",
         )
     out_console.print(f"outputs: {out.resolve()}  (NOT FOR DIAGNOSTIC USE)")
     if settings.send.destinations:
@@ -194,7 +234,7 @@ def _print_sent(ended: dict[str, int]) -> None:
         "deliveries: " + ", ".join(f"{count} {status}" for status, count in sorted(ended.items()))
     )
     if ended.get("failed") or ended.get("dead"):
-        out_console.print("[bold yellow]some deliveries failed: see `cxrbatch status`[/]")
+        out_console.print("some deliveries failed: see `cxrbatch status`", style="bold yellow")
 
 
 @app.command()
@@ -539,8 +579,9 @@ def jobs_retry(
 def _warn_synthetic(rows: list[dict[str, object]]) -> None:
     if any(row.get("synthetic_model") for row in rows):
         console.print(
-            "[bold yellow]Scores marked synthetic_model come from a model trained on "
-            "SYNTHETIC data: not clinically meaningful.[/]"
+            "Scores marked synthetic_model come from a model trained on "
+            "SYNTHETIC data: not clinically meaningful.",
+            style="bold yellow",
         )
 
 
@@ -626,8 +667,9 @@ def demo_data(
     (out / "README.txt").write_text("A text file in the export folder: not DICOM, quarantined.\n")
     if copied < 2:
         console.print(
-            "[yellow]pydicom-data is not installed: only synthetic studies written "
-            "(pip install pydicom-data for the real radiographs)[/]"
+            "pydicom-data is not installed: only synthetic studies written "
+            "(pip install pydicom-data for the real radiographs)",
+            style="yellow",
         )
     out_console.print(f"demo input written to {out} ({copied} real files)")
     if bundle is not None:

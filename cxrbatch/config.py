@@ -330,4 +330,18 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     try:
         return Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(f"Invalid configuration: {exc}") from exc
+        source = f" ({config_file} and the defaults)" if config_file else ""
+        raise ConfigError(f"invalid configuration{source}: {validation_summary(exc)}") from exc
+
+
+def validation_summary(exc: ValidationError) -> str:
+    """pydantic's errors on one line: `where: what [type=..., input_value=...]; ...`
+    (the environment's CXRBATCH_* names map to the same dotted places)."""
+    parts = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        given = repr(error.get("input"))
+        if len(given) > 80:
+            given = given[:77] + "..."
+        parts.append(f"{where}: {error['msg']} [type={error['type']}, input_value={given}]")
+    return "; ".join(parts)

@@ -1,0 +1,137 @@
+"""What an operator sees: values from data, paths and exceptions print as plain text (a
+"[/y]" is not rich markup), and every operator mistake is one line on stderr with exit 2,
+for every command, never a traceback."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cxrbatch.cli import app
+from cxrbatch.db import repository
+from cxrbatch.db.session import make_engine, session_factory
+from cxrbatch.domain import OutcomeStatus, StudyResult
+from cxrbatch.synthetic import make_phantom, save, to_dataset
+
+MARKUP = "[/Y]"  # upper case: discovery normalises ViewPosition (CS)
+RUNNER = CliRunner()
+
+
+def _one_error_line(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert "Traceback" not in output, output
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1, output
+    return errors[0]
+
+
+def test_markup_in_header_values_reasons_and_paths_prints_as_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CXRBATCH_SEGMENTATION__DEVICE", "cpu")
+    ds = to_dataset(make_phantom(1, (96, 96)), "markup", view_position=MARKUP)
+    save(ds, tmp_path / "in" / f"a{MARKUP}b" / "IM1")
+    (tmp_path / "in" / "junk[bold].bin").write_bytes(b"\x00" * 10)
+    out = tmp_path / "out"
+    result = RUNNER.invoke(app, ["process", str(tmp_path / "in"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"view '{MARKUP}' is not a frontal view" in result.output
+    # A failed study whose reason carries markup (status lists failed studies).
+    engine = make_engine(f"sqlite:///{out / 'cxrbatch.sqlite'}")
+    with session_factory(engine)() as session:
+        failed = StudyResult(
+            "1.2.3.999",
+            OutcomeStatus.FAILED,
+            f"decode failed: {MARKUP}",
+            (),
+            (),
+            (),
+            None,
+            None,
+            (),
+        )
+        repository.record_study(session, failed)
+        session.commit()
+    engine.dispose()
+    # The same text stays printable on every later call that shows it.
+    for command in (["results", "--out", str(out)], ["status", "--out", str(out)]):
+        listed = RUNNER.invoke(app, command)
+        assert listed.exit_code == 0, listed.output
+        assert MARKUP in listed.output, listed.output
+
+    missing = RUNNER.invoke(app, ["process", f"/x/nope{MARKUP}", "--out", str(out)])
+    assert missing.exit_code == 2
+    assert _one_error_line(missing.output) == f"error: input folder not found: /x/nope{MARKUP}"
+
+
+def test_config_errors_keep_pydantic_detail_on_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "site.toml"
+    config.write_text("[processing]\nstudy_threads = 'many'\n")
+    result = RUNNER.invoke(
+        app, ["process", str(tmp_path), "--out", str(tmp_path / "o"), "--config", str(config)]
+    )
+    assert result.exit_code == 2
+    line = _one_error_line(result.output)
+    assert "processing.study_threads" in line and "[type=int_parsing" in line, line
+    assert "input_value='many'" in line and str(config) in line
+
+
+@pytest.fixture()
+def busy_port() -> Iterator[int]:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield taken.getsockname()[1]
+
+
+def test_watch_and_worker_operator_mistakes_are_one_line_and_exit_2(
+    tmp_path: Path, busy_port: int
+) -> None:
+    (tmp_path / "in").mkdir()
+    configs = {
+        "typo": "[processing]\nstudy_threadz = 2\n",
+        "type": "[dicom]\nport = 'eleven'\n",
+        "hosts": "[dicom]\nlisten = true\nallowed_hosts = ['not-an-ip/99']\n",
+        "tls": "[dicom]\nlisten = true\ntls_certificate = '/nope/c.pem'\ntls_key = '/nope/k.pem'\n",
+        "port": f"[dicom]\nlisten = true\nbind_address = '127.0.0.1'\nport = {busy_port}\n"
+        "allowed_hosts = ['127.0.0.1']\n",
+    }
+    expected = {
+        "typo": "processing.study_threadz: Extra inputs are not permitted",
+        "type": "dicom.port: Input should be a valid integer",
+        "hosts": "dicom.allowed_hosts",
+        "tls": "No such file or directory",
+        "port": "Address already in use",
+    }
+    for name, text in configs.items():
+        config = tmp_path / f"{name}.toml"
+        config.write_text(text)
+        for command in (
+            ["watch", str(tmp_path / "in"), "--out", str(tmp_path / "out")],
+            ["worker", "--out", str(tmp_path / "out")],
+        ):
+            if name in {"hosts", "tls", "port"} and command[0] == "worker":
+                continue  # the receiver belongs to `watch`
+            result = RUNNER.invoke(app, [*command, "--config", str(config)])
+            assert result.exit_code == 2, (name, command[0], result.output)
+            assert expected[name] in _one_error_line(result.output), (name, result.output)
+
+
+def test_a_database_driver_that_is_not_installed_is_one_line_for_every_command(
+    tmp_path: Path,
+) -> None:
+    url = "mysql://user@127.0.0.1/results"
+    for command in (
+        ["worker", "--out", str(tmp_path / "out"), "--db", url],
+        ["results", "--db", url],
+        ["status", "--db", url],
+        ["db", "upgrade", "--db", url],
+        ["process", str(tmp_path), "--out", str(tmp_path / "o"), "--db", url],
+    ):
+        result = RUNNER.invoke(app, command)
+        assert result.exit_code == 2, (command, result.output)
+        assert "not installed: MySQLdb" in _one_error_line(result.output), result.output
