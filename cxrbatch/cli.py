@@ -202,8 +202,7 @@ def process(
         out_console.print(reasons)
     if summary.synthetic_model:
         out_console.print(
-            "A model trained on SYNTHETIC data produced these scores: "
-            "not clinically meaningful.",
+            "A model trained on SYNTHETIC data produced these scores: not clinically meaningful.",
             style="bold yellow",
         )
     out_console.print(f"outputs: {out.resolve()}  (NOT FOR DIAGNOSTIC USE)")
