@@ -34,6 +34,7 @@ from cxrbatch.db.session import ensure_local_sqlite, make_engine, session_factor
 from cxrbatch.dicom.discover import discover
 from cxrbatch.domain import ModelRef, OutcomeStatus, StudyInput
 from cxrbatch.errors import CxrBatchError
+from cxrbatch.files import output_lock
 from cxrbatch.models.device import limit_cpu_threads
 from cxrbatch.paths import database_url, quarantine_dir
 from cxrbatch.quarantine import record_rejected_files
@@ -78,9 +79,23 @@ def run_batch(
     `workers` > 1 spreads studies over that many processes, each with its own models and
     an equal share of the CPU threads; each records its outcomes itself. Each process has
     `settings.processing.study_threads` studies in flight. Reports come in completion order.
+    The output folder is locked for the run (`files.output_lock`): a second run on it
+    stops with an OutputError at once.
     """
+    with output_lock(out_dir):
+        return _run_batch(input_dir, out_dir, settings, force, workers, models, on_study)
+
+
+def _run_batch(
+    input_dir: Path,
+    out_dir: Path,
+    settings: Settings,
+    force: bool,
+    workers: int,
+    models: pipeline.Models | None,
+    on_study: Callable[[StudyReport, int, int], None] | None,
+) -> BatchSummary:
     started = time.perf_counter()
-    out_dir.mkdir(parents=True, exist_ok=True)
     url = database_url(settings, out_dir)
     ensure_local_sqlite(url)
     upgrade(url)

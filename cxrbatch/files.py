@@ -1,12 +1,15 @@
-"""File primitives used everywhere: content hashes, atomic writes, stale temporaries."""
+"""File primitives used everywhere: content hashes, atomic writes, stale temporaries, the
+output folder's lock."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -59,3 +62,36 @@ def remove_stale_temporaries(folder: Path, min_age_s: float = 0.0) -> int:
                 continue
             removed += 1
     return removed
+
+
+LOCK_NAME = ".cxrbatch-process.lock"
+
+
+@contextmanager
+def output_lock(folder: Path) -> Iterator[None]:
+    """Hold the output folder for one `cxrbatch process` run: an exclusive `flock` on
+    FOLDER/.cxrbatch-process.lock, released when the run ends or its process dies (the
+    kernel drops the lock; a stale file never blocks). Another run holding it is an
+    OutputError naming its pid and start time, instead of both doing every study twice."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(handle, 200, 0).decode(errors="replace").strip() or "unknown"
+            raise OutputError(
+                f"another `cxrbatch process` run is using the output folder {folder} "
+                f"({holder}); wait for it to finish, or use another --out"
+            ) from None
+        os.ftruncate(handle, 0)
+        started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        os.pwrite(handle, f"pid {os.getpid()} since {started}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(handle, 0)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    finally:
+        os.close(handle)

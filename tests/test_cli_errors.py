@@ -135,3 +135,42 @@ def test_a_database_driver_that_is_not_installed_is_one_line_for_every_command(
         result = RUNNER.invoke(app, command)
         assert result.exit_code == 2, (command, result.output)
         assert "not installed: MySQLdb" in _one_error_line(result.output), result.output
+
+
+def test_a_second_process_run_on_the_same_output_is_refused_until_the_first_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("CXRBATCH_SEGMENTATION__DEVICE", "cpu")
+    (tmp_path / "in").mkdir()
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from pathlib import Path\n"
+            "from cxrbatch.files import output_lock\n"
+            "with output_lock(Path(sys.argv[1])):\n"
+            "    print('held', flush=True)\n"
+            "    time.sleep(120)\n",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        refused = RUNNER.invoke(app, ["process", str(tmp_path / "in"), "--out", str(out)])
+        assert refused.exit_code == 2, refused.output
+        line = _one_error_line(refused.output)
+        assert "another `cxrbatch process` run is using the output folder" in line
+        assert f"pid {holder.pid}" in line
+    finally:
+        holder.send_signal(signal.SIGKILL)  # a crashed run: its lock goes with it
+        holder.wait()
+    result = RUNNER.invoke(app, ["process", str(tmp_path / "in"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
