@@ -74,6 +74,24 @@ def test_duplicates_dropped_and_conflicts_recorded(tmp_path: Path) -> None:
     assert "conflict" in by_name["zz_conflict.dcm"].reason and by_name["zz_conflict.dcm"].quarantine
 
 
+def test_the_same_data_set_in_other_syntaxes_is_a_duplicate_not_a_conflict(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(_phantom_file(tmp_path / "gen" / "one.dcm"))
+    for syntax in ("implicit", "rle", "jpegls"):
+        save(
+            pydicom.dcmread(tmp_path / "gen" / "one.dcm"), tmp_path / "in" / f"{syntax}.dcm", syntax
+        )
+    lossy = pydicom.dcmread(tmp_path / "gen" / "one.dcm")
+    lossy.PixelData = bytes(len(ds.PixelData))  # other pixels: a real conflict
+    save(lossy, tmp_path / "in" / "zz_pixels.dcm", "explicit")
+    studies, rejected = discover(tmp_path / "in")
+    assert len(studies) == 1 and len(studies[0].instances) == 1
+    by_name = {r.path.name: r for r in rejected}
+    assert len(by_name) == 3
+    duplicates = [r for r in by_name.values() if r.reason.startswith("duplicate")]
+    assert len(duplicates) == 2 and not any(r.quarantine for r in duplicates)
+    assert by_name["zz_pixels.dcm"].reason.startswith("conflict")
+
+
 def _header(**overrides: object) -> InstanceHeader:
     values: dict[str, object] = dict(
         path=Path("x"),

@@ -50,6 +50,7 @@ class _Node:
         self.engine = make_engine(url)
         self.sessions: sessionmaker[Session] = session_factory(self.engine)
         spool = Spool(self.out / "_spool", self.sessions, self.out / "_quarantine", mode="move")
+        self.spool = spool
         self.settings = DicomSettings(
             listen=True, bind_address="127.0.0.1", port=_free_port(), **dicom
         )
@@ -130,6 +131,37 @@ def test_c_store_feeds_the_spool_and_queue_and_acknowledges_duplicates(
     ]
     assert again.duplicates == 1
     assert list((node.out / "_incoming").iterdir()) == []
+
+
+def test_the_same_data_set_from_another_writer_or_in_another_syntax_is_a_duplicate(
+    node: _Node, tmp_path: Path
+) -> None:
+    """Identity is the data set's content, not the file's bytes (cxrbatch/dicom/identity.py):
+    first exported to the folder by another application in Implicit VR, then sent by
+    C-STORE in JPEG 2000 lossless and in Explicit VR, it is one instance received once."""
+    from copy import deepcopy
+
+    from cxrbatch.ingest.spool import Taken
+
+    ds = _dataset(5)  # `save` compresses in place: each encoding gets its own copy
+    exported = deepcopy(ds)
+    exported.file_meta.ImplementationClassUID = "1.2.826.0.1.3680043.9.9999.1"
+    exported.file_meta.ImplementationVersionName = "OTHER_PACS_1"
+    export = save(exported, tmp_path / "export" / "IM1", "implicit")
+    assert node.spool.take(export) is Taken.RECEIVED
+    j2k = dcmread(save(deepcopy(ds), tmp_path / "j2k.dcm", "j2k"))
+    assert _send(node.settings.port, [j2k, ds]) == [0x0000, 0x0000]
+    (instance,) = node.rows(tables.Instance)
+    assert instance.duplicates == 2
+    assert node.rows(tables.RejectedFile) == []
+    # A different pixel, or a different header value, is still a conflict in any syntax.
+    pixels = deepcopy(ds)
+    pixels.PixelData = bytes(len(ds.PixelData))
+    header = deepcopy(ds)
+    header.PatientName = "OTHER^PATIENT"
+    other = dcmread(save(header, tmp_path / "other.dcm", "j2k"))
+    assert _send(node.settings.port, [pixels, other]) == [scp.CONFLICT, scp.CONFLICT]
+    assert len(node.rows(tables.RejectedFile)) == 2
 
 
 def test_conflicts_and_unusable_data_sets_are_quarantined_and_refused(node: _Node) -> None:

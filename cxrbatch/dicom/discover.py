@@ -16,6 +16,7 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from cxrbatch.dicom.identity import same_instance
 from cxrbatch.domain import InstanceHeader, RejectedFile, StudyInput
 from cxrbatch.files import sha256_file
 
@@ -127,9 +128,11 @@ def group_by_study(
 ) -> tuple[list[StudyInput], list[RejectedFile]]:
     """Group instances by StudyInstanceUID.
 
-    The same SOPInstanceUID twice in one batch: an identical copy is dropped silently
-    (recorded as a duplicate, not quarantined); different content under the same UID is a
-    conflict, recorded and quarantined, and the first file seen is kept.
+    The same SOPInstanceUID twice in one batch: a copy of the same data set (the same file,
+    or the same content in another transfer syntax or from another writer:
+    cxrbatch/dicom/identity.py) is dropped silently (recorded as a duplicate, not
+    quarantined); different content under the same UID is a conflict, recorded and
+    quarantined, and the first file seen is kept.
     """
     by_study: dict[str, dict[str, InstanceHeader]] = defaultdict(dict)
     duplicates: list[RejectedFile] = []
@@ -138,7 +141,7 @@ def group_by_study(
         if seen is None:
             by_study[header.study_instance_uid][header.sop_instance_uid] = header
             continue
-        same = seen.sha256 == header.sha256
+        same = seen.sha256 == header.sha256 or same_instance(seen.path, header.path)
         duplicates.append(
             RejectedFile(
                 header.path,

@@ -3,7 +3,9 @@
 Every way in (the folder watcher now, a C-STORE receiver later) ends in `Spool.take`:
 
     read the header (unreadable -> quarantine copy + rejected_files row)
-    same SOPInstanceUID and SHA-256 as a received instance -> duplicate, dropped, counted
+    same SOPInstanceUID and the same data set as a received instance (the file's SHA-256,
+    or cxrbatch/dicom/identity.py: another transfer syntax or writer) -> duplicate,
+                                                              dropped, counted
     same SOPInstanceUID, other content                     -> conflict, quarantined, recorded
     else: into the spool (rename, or copy + fsync + rename across file systems), or left in
           place in read-only mode; then one transaction records the instance and (re)queues
@@ -23,13 +25,14 @@ import os
 from pathlib import Path
 from typing import IO
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cxrbatch import queue
 from cxrbatch.db import models as tables
 from cxrbatch.dicom.discover import iter_files, read_header
+from cxrbatch.dicom.identity import same_instance
 from cxrbatch.domain import InstanceHeader, RejectedFile
 from cxrbatch.files import atomic_write
 from cxrbatch.paths import is_inside, uid_path_component
@@ -74,22 +77,32 @@ class Spool:
         if isinstance(header, RejectedFile):
             self._reject(header)
             return Taken.REJECTED
-        with self.sessions.begin() as session:
+        with self.sessions() as session:
             known = session.scalar(
                 select(tables.Instance).where(
                     tables.Instance.sop_instance_uid == header.sop_instance_uid
                 )
             )
-            if known is not None and known.path == str(path):
-                return Taken.DUPLICATE  # the spool file itself (recovery after a crash)
-            duplicate = known is not None and known.sha256 == header.sha256
-            if duplicate and known is not None:
-                known.duplicates += 1
+            known_path = None if known is None else Path(known.path)
+            known_sha256 = None if known is None else known.sha256
+        if known_path is not None and known_path == path:
+            return Taken.DUPLICATE  # the spool file itself (recovery after a crash)
+        # The same content is the same instance, whatever the transfer syntax or writer
+        # (cxrbatch/dicom/identity.py); the file hash is only the quick path.
+        duplicate = known_path is not None and (
+            known_sha256 == header.sha256 or same_instance(known_path, path)
+        )
         if duplicate:
+            with self.sessions.begin() as session:
+                session.execute(
+                    update(tables.Instance)
+                    .where(tables.Instance.sop_instance_uid == header.sop_instance_uid)
+                    .values(duplicates=tables.Instance.duplicates + 1)
+                )
             self._drop_source(path)
             log.info("duplicate instance %s dropped", header.sop_instance_uid)
             return Taken.DUPLICATE
-        if known is not None:
+        if known_path is not None:
             self._reject(
                 RejectedFile(
                     path,
