@@ -33,7 +33,7 @@ from cxrbatch.cpus import threads_per_worker
 from cxrbatch.db.session import ensure_local_sqlite, make_engine, session_factory, upgrade
 from cxrbatch.dicom.discover import discover
 from cxrbatch.domain import ModelRef, OutcomeStatus, StudyInput
-from cxrbatch.errors import CxrBatchError
+from cxrbatch.errors import CxrBatchError, RecordingError, one_line
 from cxrbatch.files import output_lock
 from cxrbatch.models.device import limit_cpu_threads
 from cxrbatch.paths import database_url, quarantine_dir
@@ -154,10 +154,31 @@ def process_concurrently(
         for study in studies:
             yield process(study, force)
         return
+    # An error `process` lets out means outcomes cannot be recorded (it records every
+    # study's own failure): from then on no study starts, and the first error is raised.
+    errors: list[BaseException] = []
+
+    def guarded(study: StudyInput, force: bool) -> StudyReport | None:
+        if errors:
+            return None
+        try:
+            return process(study, force)
+        except BaseException as exc:
+            errors.append(exc)
+            raise
+
     with ThreadPoolExecutor(threads, thread_name_prefix="study") as pool:
-        futures = [pool.submit(process, study, force) for study in studies]
-        for future in as_completed(futures):
-            yield future.result()
+        futures = [pool.submit(guarded, study, force) for study in studies]
+        try:
+            for future in as_completed(futures):
+                report = future.result()
+                if report is not None:
+                    yield report
+        except BaseException as exc:
+            pool.shutdown(wait=True, cancel_futures=True)
+            if errors and not isinstance(exc, GeneratorExit):
+                raise errors[0] from None
+            raise
 
 
 # ---- worker processes -------------------------------------------------------------------
@@ -280,16 +301,14 @@ def _pool_round(
                 error = future.exception()
                 if isinstance(error, BrokenProcessPool):
                     broken = True
-                elif error is not None:  # not a death: the task itself could not run
-                    for study in futures[future]:
-                        if study.study_instance_uid not in reported:
-                            reported.add(study.study_instance_uid)
-                            log.error("study %s not processed: %s", study.study_instance_uid, error)
-                            yield StudyReport(
-                                study.study_instance_uid,
-                                OutcomeStatus.FAILED.value,
-                                f"worker task failed: {type(error).__name__}",
-                            )
+                elif error is not None:
+                    # Not a death: the worker could not record outcomes (the database is
+                    # full or gone), or the task could not run. No new study is started.
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    yield from drain()
+                    if isinstance(error, CxrBatchError):
+                        raise error
+                    raise RecordingError(f"a worker task failed: {one_line(error)}") from error
     yield from drain()  # the workers are gone: everything they told is in the pipe
     if not broken:
         return {}, []

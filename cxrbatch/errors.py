@@ -30,3 +30,17 @@ class ModelError(CxrBatchError):
 
 class OutputError(CxrBatchError):
     """An output object could not be built or written."""
+
+
+class RecordingError(CxrBatchError):
+    """A study's outcome could not be recorded (the results database is full, gone or
+    read-only): the batch stops instead of processing studies it cannot record."""
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """`Type: first line of the message`, at most `limit` characters: what is stored as a
+    reason (the whole text and the traceback go to the log at debug level)."""
+    text = str(exc).strip().splitlines()
+    message = text[0].strip() if text else ""
+    line = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -43,7 +43,7 @@ from cxrbatch.domain import (
     StudyResult,
     Triage,
 )
-from cxrbatch.errors import InputError, ModelError
+from cxrbatch.errors import InputError, ModelError, one_line
 from cxrbatch.files import remove_stale_temporaries
 from cxrbatch.models import prompts, qc
 from cxrbatch.models.batching import batch_size
@@ -304,7 +304,7 @@ def write_dicom_outputs(
         # there that is not valid DICOM (a corrupt time, a missing UID) stops the outputs.
         raise InputError(
             f"the source header has values that cannot be copied into the SEG/SR: "
-            f"{type(exc).__name__}: {exc}"
+            f"{one_line(exc)}"
         ) from exc
     key_files: dict[str, Path] = {}
     for item, seg in zip(result.images, segs, strict=True):

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cxrbatch import logs, pipeline, queue
@@ -45,7 +46,7 @@ from cxrbatch.domain import (
     StudyInput,
     StudyResult,
 )
-from cxrbatch.errors import CxrBatchError
+from cxrbatch.errors import CxrBatchError, RecordingError, one_line
 from cxrbatch.models.device import limit_cpu_threads
 from cxrbatch.paths import quarantine_dir, spool_dir
 from cxrbatch.quarantine import record_rejected_files
@@ -136,14 +137,24 @@ class StudyProcessor:
         try:
             result = pipeline.run(study, models, settings, self.out_dir)
         except CxrBatchError as exc:  # e.g. an output that cannot be written (disk full)
-            log.error("study %s failed: %s", uid, exc)
-            result = failed_result(uid, str(exc), fingerprint, models.refs)
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else one_line(exc)
+            log.error("study %s failed: %s", uid, reason)
+            log.debug("study %s failed", uid, exc_info=True)
+            result = failed_result(uid, reason, fingerprint, models.refs)
         except Exception as exc:  # one study must never stop the batch
-            log.exception("study %s failed", uid)
+            log.error("study %s failed: internal error: %s", uid, one_line(exc))
+            log.debug("study %s failed", uid, exc_info=True)
             result = failed_result(
-                uid, f"internal error: {type(exc).__name__}: {exc}", fingerprint, models.refs
+                uid, f"internal error: {one_line(exc)}", fingerprint, models.refs
             )
-        quarantined = record_result(self.sessions, settings, self.out_dir, result, on_record)
+        try:
+            quarantined = record_result(self.sessions, settings, self.out_dir, result, on_record)
+        except SQLAlchemyError as exc:
+            log.debug("recording study %s failed", uid, exc_info=True)
+            raise RecordingError(
+                f"the outcome of study {uid} cannot be recorded in the results database: "
+                f"{one_line(getattr(exc, 'orig', None) or exc)}"
+            ) from exc
         if quarantined is None:
             log.warning("study %s: the job was taken over while it ran; not recorded", uid)
             return StudyReport(uid, "lost", synthetic_model=self.synthetic)

@@ -178,12 +178,17 @@ def test_conflicts_and_unusable_data_sets_are_quarantined_and_refused(node: _Nod
     assert list((node.out / "_incoming").iterdir()) == []
 
 
-def test_a_local_failure_is_not_acknowledged(node: _Node, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_local_failure_is_not_acknowledged(
+    node: _Node, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     def disk_full(path: Path) -> object:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(node.receiver.spool, "take", disk_full)
     assert _send(node.settings.port, [_dataset(5)]) == [scp.OUT_OF_RESOURCES]
+    # The log says why, in one line.
+    (line,) = [r.getMessage() for r in caplog.records if "answered 0xA700" in r.getMessage()]
+    assert line.endswith("OSError: [Errno 28] No space left on device"), line
     assert node.rows(tables.Instance) == []
     assert list((node.out / "_incoming").iterdir()) == []
 

@@ -33,7 +33,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from cxrbatch.config import DicomSettings
-from cxrbatch.errors import ConfigError
+from cxrbatch.errors import ConfigError, one_line
 from cxrbatch.files import atomic_write
 from cxrbatch.ingest.spool import Spool, Taken
 
@@ -181,7 +181,8 @@ class DicomReceiver:
             with self._lock:
                 taken = self.spool.take(path)
         except Exception as exc:  # never let one instance take the receiver down
-            log.error("received instance not taken in: %s", type(exc).__name__)
+            log.error("received instance not taken in (answered 0xA700): %s", one_line(exc))
+            log.debug("received instance not taken in", exc_info=True)
             path.unlink(missing_ok=True)
             return OUT_OF_RESOURCES
         if taken is not Taken.RECEIVED:

@@ -1,0 +1,98 @@
+"""A full disk, or a results database that can take no more: one-line reasons, and a batch
+that stops at once when outcomes cannot be recorded (instead of processing studies it
+cannot record)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy.exc import OperationalError
+from typer.testing import CliRunner
+
+from cxrbatch import pipeline, worker
+from cxrbatch.batch import process_concurrently, run_batch
+from cxrbatch.cli import app
+from cxrbatch.config import Settings
+from cxrbatch.db import models as tables
+from cxrbatch.db.session import make_engine, session_factory
+from cxrbatch.domain import StudyInput
+from cxrbatch.errors import RecordingError, one_line
+from cxrbatch.synthetic import write_studies
+
+
+def test_one_line_keeps_the_type_and_the_first_line_only() -> None:
+    text = "disk full\nTraceback (most recent call last):\n  File 'x.py', line 1"
+    assert one_line(RuntimeError(text)) == "RuntimeError: disk full"
+    assert one_line(OSError(28, "No space left on device")).endswith("No space left on device")
+    assert len(one_line(ValueError("x" * 1000))) == 300
+    assert one_line(KeyError()) == "KeyError"
+
+
+def test_a_failure_with_a_long_message_is_stored_as_one_line(
+    tmp_path: Path, settings: Settings, models: pipeline.Models, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_studies(tmp_path / "in", 1, seed=31, size=(128, 128))
+
+    def crash(*args: object, **kwargs: object) -> object:
+        raise RuntimeError(
+            "could not write\nTraceback (most recent call last):\n  File 'pipeline.py'\n"
+        )
+
+    monkeypatch.setattr(pipeline, "run", crash)
+    summary = run_batch(tmp_path / "in", tmp_path / "out", settings, models=models)
+    assert summary.studies["failed"] == 1
+    engine = make_engine(f"sqlite:///{tmp_path / 'out' / 'cxrbatch.sqlite'}")
+    with session_factory(engine)() as session:
+        (outcome,) = session.query(tables.Outcome).all()
+    engine.dispose()
+    assert outcome.reason == "internal error: RuntimeError: could not write"
+
+
+def test_no_new_study_starts_once_outcomes_cannot_be_recorded() -> None:
+    started: list[str] = []
+    lock = threading.Lock()
+
+    def process(study: StudyInput, force: bool) -> object:
+        with lock:
+            started.append(study.study_instance_uid)
+        time.sleep(0.2)
+        raise RecordingError("the outcome cannot be recorded: database or disk is full")
+
+    studies = [StudyInput(f"1.2.{i}", ()) for i in range(8)]
+    with pytest.raises(RecordingError):
+        list(process_concurrently(process, studies, False, 2))  # type: ignore[arg-type]
+    assert len(started) == 2, started  # the two in flight; the other six never started
+
+
+def test_process_stops_with_one_line_and_exit_2_when_the_database_is_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CXRBATCH_SEGMENTATION__DEVICE", "cpu")
+    write_studies(tmp_path / "in", 3, seed=32, size=(128, 128))
+    ran: list[str] = []
+    real_run = pipeline.run
+
+    def counted(study: StudyInput, *args: object, **kwargs: object) -> object:
+        ran.append(study.study_instance_uid)
+        return real_run(study, *args, **kwargs)  # type: ignore[arg-type]
+
+    def full(*args: object, **kwargs: object) -> object:
+        raise OperationalError(
+            "INSERT INTO outcomes ...", {}, Exception("database or disk is full")
+        )
+
+    monkeypatch.setattr(pipeline, "run", counted)
+    monkeypatch.setattr(worker, "record_result", full)
+    result = CliRunner().invoke(
+        app,
+        ["process", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--study-threads", "1"],
+    )
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert "cannot be recorded in the results database" in errors[0]
+    assert errors[0].endswith("Exception: database or disk is full"), errors[0]
+    assert len(ran) == 1  # the first study; the batch stopped there
