@@ -116,12 +116,15 @@ class DicomSettings(_Section):
 
     listen: bool = False
     ae_title: Annotated[str, Field(min_length=1, max_length=16)] = "CXRBATCH"
-    bind_address: str = "0.0.0.0"
+    # Loopback by default. Any other address needs allowed_hosts, or allow_any = true.
+    bind_address: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 11112
     # Peers allowed to associate: calling AE titles and hosts (IP addresses or networks,
     # e.g. "10.1.2.0/24"). Empty = anyone (a warning is logged at start).
     allowed_calling_ae_titles: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()
+    # Listen on a non-loopback address with no allowed_hosts (any host may send).
+    allow_any: bool = False
     # Reject associations whose called AE title is not `ae_title`.
     require_called_ae_title: bool = True
     # TLS: a PEM certificate and key turn it on; a CA file also requires client certificates.

@@ -219,6 +219,25 @@ def test_bad_receiver_settings_are_clear_errors(tmp_path: Path) -> None:
         _Node(tmp_path / "c", tls_certificate="/nonexistent.pem", tls_key="/nonexistent.key")
 
 
+def test_the_receiver_listens_beyond_loopback_only_with_an_allow_list(tmp_path: Path) -> None:
+    assert DicomSettings().bind_address == "127.0.0.1"  # the default is loopback
+    node = _Node(tmp_path / "node")
+    everywhere = DicomSettings(listen=True, bind_address="0.0.0.0", port=_free_port())
+    with pytest.raises(ConfigError, match="allowed_hosts is empty"):
+        scp.DicomReceiver(everywhere, node.spool, tmp_path / "incoming")
+    for allowed in (
+        everywhere.model_copy(update={"allowed_hosts": ("127.0.0.1",)}),
+        everywhere.model_copy(update={"allow_any": True}),
+    ):
+        receiver = scp.DicomReceiver(allowed, node.spool, tmp_path / "incoming")
+        receiver.start()
+        try:
+            assert _send(allowed.port, []) == []  # an association and an echo
+        finally:
+            receiver.stop()
+    node.engine.dispose()
+
+
 def test_instances_a_crash_left_in_incoming_are_taken_at_start(tmp_path: Path) -> None:
     made = _Node(tmp_path)
     incoming = made.out / "_incoming"

@@ -81,6 +81,15 @@ def _ssl_context(settings: DicomSettings) -> ssl.SSLContext | None:
     return context
 
 
+def _loopback(address: str) -> bool:
+    if address.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip()).is_loopback
+    except ValueError:
+        return False  # a host name: reachable from elsewhere for all we know
+
+
 class DicomReceiver:
     """A Storage and Verification SCP whose every instance goes through `Spool.take`."""
 
@@ -91,6 +100,12 @@ class DicomReceiver:
         self._networks = _networks(settings.allowed_hosts)
         self._titles = {t.strip() for t in settings.allowed_calling_ae_titles}
         self._ssl = _ssl_context(settings)
+        if not _loopback(settings.bind_address) and not self._networks and not settings.allow_any:
+            raise ConfigError(
+                f"dicom.bind_address {settings.bind_address} is reachable from other hosts and "
+                "dicom.allowed_hosts is empty: list the hosts allowed to send (e.g. "
+                "['10.1.2.0/24']), or set dicom.allow_any = true to accept any host"
+            )
         self._lock = threading.Lock()  # one take at a time: takes are short, rows consistent
         self._server: Any = None
 
