@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -318,6 +319,45 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"Config file {path} is not valid TOML: {exc}") from exc
 
 
+ENV_PREFIX = "CXRBATCH_"
+
+
+def _setting_exists(parts: list[str]) -> bool:
+    model: Any = Settings
+    for part in parts:
+        fields = getattr(model, "model_fields", None) if isinstance(model, type) else None
+        if not fields or part not in fields:
+            return False
+        model = fields[part].annotation
+    return True
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    """A CXRBATCH_ variable shaped like a setting (SECTION__FIELD) must name one: a typo
+    such as CXRBATCH_DICOMM__PORT or CXRBATCH_DICOM_PORT is an error, not silently
+    ignored. Other CXRBATCH_ names (e.g. a password variable named by `password_env`)
+    are left alone."""
+    sections = set(Settings.model_fields)
+    for name in sorted(environ):
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX) :].lower()
+        if "__" in rest:
+            if not _setting_exists(rest.split("__")):
+                raise ConfigError(
+                    f"environment variable {name} names no setting (CXRBATCH_<SECTION>__<FIELD>, "
+                    f"sections: {', '.join(sorted(sections))})"
+                )
+            continue
+        for section in sections:
+            field = rest.removeprefix(section + "_")
+            if field != rest and _setting_exists([section, field]):
+                raise ConfigError(
+                    f"environment variable {name} names no setting: did you mean "
+                    f"{ENV_PREFIX}{section.upper()}__{field.upper()} (two underscores)?"
+                )
+
+
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Load the bundled defaults, then `config_file`, then CXRBATCH_* variables.
 
@@ -330,6 +370,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     if config_file is not None:
         data = _deep_merge(data, _read_toml(Path(config_file)))
     data = _deep_merge(data, {k: v for k, v in overrides.items() if v})
+    check_environment(os.environ)
     try:
         return Settings(**data)
     except ValidationError as exc:

@@ -303,8 +303,7 @@ def write_dicom_outputs(
         # highdicom copies the patient, study and series modules from the source: a value
         # there that is not valid DICOM (a corrupt time, a missing UID) stops the outputs.
         raise InputError(
-            f"the source header has values that cannot be copied into the SEG/SR: "
-            f"{one_line(exc)}"
+            f"the source header has values that cannot be copied into the SEG/SR: {one_line(exc)}"
         ) from exc
     key_files: dict[str, Path] = {}
     for item, seg in zip(result.images, segs, strict=True):

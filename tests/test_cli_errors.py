@@ -174,3 +174,23 @@ def test_a_second_process_run_on_the_same_output_is_refused_until_the_first_ends
         holder.wait()
     result = RUNNER.invoke(app, ["process", str(tmp_path / "in"), "--out", str(out)])
     assert result.exit_code == 0, result.output
+
+
+def test_misspelled_environment_settings_are_errors_not_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cxrbatch.config import load_settings
+
+    monkeypatch.setenv("CXRBATCH_VIEWER_PASSWORD", "secret")  # not a setting's shape: left
+    monkeypatch.setenv("CXRBATCH_DICOM__PORT", "11113")
+    assert load_settings().dicom.port == 11113
+    for name, expected in (
+        ("CXRBATCH_DICOMM__PORT", "CXRBATCH_DICOMM__PORT names no setting"),
+        ("CXRBATCH_DICOM__PROT", "CXRBATCH_DICOM__PROT names no setting"),
+        ("CXRBATCH_DICOM_PORT", "did you mean CXRBATCH_DICOM__PORT"),
+    ):
+        monkeypatch.setenv(name, "11114")
+        result = RUNNER.invoke(app, ["results", "--out", str(tmp_path)])
+        assert result.exit_code == 2, result.output
+        assert expected in _one_error_line(result.output), result.output
+        monkeypatch.delenv(name)
