@@ -28,7 +28,10 @@ def test_walks_any_depth_and_naming_and_groups_by_study(tmp_path: Path) -> None:
     studies, rejected = discover(tmp_path)
     assert len(studies) == 1
     assert len(studies[0].instances) == 2
-    assert rejected == []  # DICOMDIR is skipped, not rejected
+    # A DICOMDIR is recorded as skipped with its reason, never quarantined.
+    (dicomdir,) = rejected
+    assert dicomdir.path.name == "DICOMDIR" and not dicomdir.quarantine
+    assert dicomdir.reason.startswith("skipped: a DICOMDIR")
 
 
 def test_bad_files_are_rejected_with_reasons(tmp_path: Path) -> None:
@@ -166,3 +169,11 @@ def test_select_splits_eligible_and_skipped(tmp_path: Path) -> None:
     selection = select(studies[0], SelectionSettings())
     assert len(selection.eligible) == 1 and selection.eligible[0].view_position == "PA"
     assert len(selection.skipped) == 1 and "lateral" in selection.skipped[0].reason
+
+
+def test_a_real_dicomdir_under_any_name_is_recorded_as_skipped(tmp_path: Path) -> None:
+    shutil.copyfile(real_file("DICOMDIR"), tmp_path / "index.dcm")
+    studies, rejected = discover(tmp_path)
+    assert studies == []
+    (skipped,) = rejected
+    assert skipped.reason.startswith("skipped: a DICOMDIR") and not skipped.quarantine

@@ -483,3 +483,22 @@ def test_cli_queries_filters_worklist_status_and_retry(
             == "queued"
         )
     shutil.rmtree(tmp_path / "gen")
+
+
+def test_a_dicomdir_in_the_export_folder_is_recorded_once_and_left_in_place(
+    tmp_path: Path,
+) -> None:
+    from tests.conftest import real_file
+
+    site = _Site(tmp_path, _settings(quiet_seconds=0.0, reconcile_interval_seconds=0.5))
+    dicomdir = site.input / "DICOMDIR"
+    shutil.copyfile(real_file("DICOMDIR"), dicomdir)
+    now = time.monotonic()
+    for tick in range(3):  # three full scans of the export folder
+        site.ingest.step(now + tick)
+    assert dicomdir.exists()  # not the product's to delete (move mode moves instances only)
+    with site.sessions() as session:
+        (row,) = session.scalars(select(tables.RejectedFile)).all()
+    assert row.reason.startswith("skipped: a DICOMDIR") and row.quarantine_path is None
+    assert site.ingest.counts["rejected"] == 1  # taken once, not at every scan
+    assert not (site.out / "_quarantine").exists() or not any((site.out / "_quarantine").iterdir())

@@ -37,8 +37,16 @@ _HEADER_TAGS = [
 ]
 
 
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+DICOMDIR_REASON = (
+    "skipped: a DICOMDIR (media directory), not an instance; the files it lists are taken "
+    "on their own"
+)
+
+
 def iter_files(root: Path) -> Iterator[Path]:
-    """Every regular file under `root` at any depth, in a stable order, DICOMDIR excluded.
+    """Every regular file under `root` at any depth, in a stable order (a DICOMDIR too:
+    `read_header` records it as skipped).
 
     Symbolic links are not followed (a link could point outside the export folder).
     """
@@ -50,9 +58,6 @@ def iter_files(root: Path) -> Iterator[Path]:
         for name in sorted(filenames):
             path = Path(dirpath) / name
             if path.is_symlink() or not path.is_file():
-                continue
-            if name.upper() == "DICOMDIR":
-                # A media directory, not an instance; the instances it lists are walked anyway.
                 continue
             yield path
 
@@ -76,12 +81,17 @@ def read_header(path: Path) -> InstanceHeader | RejectedFile:
         sha = sha256_file(path)
     except OSError as exc:
         return RejectedFile(path, f"cannot read file: {exc.strerror}")
+    if path.name.upper() == "DICOMDIR":
+        return RejectedFile(path, DICOMDIR_REASON, sha, quarantine=False)
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=None)
     except InvalidDicomError:
         return RejectedFile(path, "not a DICOM file (no DICM preamble or readable data set)", sha)
     except Exception as exc:  # pydicom raises many types on corrupt headers
         return RejectedFile(path, f"unreadable DICOM header: {type(exc).__name__}: {exc}", sha)
+    media_class = getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
+    if media_class == MEDIA_STORAGE_DIRECTORY:
+        return RejectedFile(path, DICOMDIR_REASON, sha, quarantine=False)
     try:
         values = {tag: _text(ds.get(tag)) for tag in _HEADER_TAGS}
         transfer_syntax = _text(getattr(ds.file_meta, "TransferSyntaxUID", None))

@@ -191,7 +191,9 @@ class FolderIngest:
                 continue
             del self._candidates[key]
             taken += 1
-            if self.settings.mode == "read-only":
+            if self.settings.mode == "read-only" or (outcome is Taken.REJECTED and path.exists()):
+                # Left in place (read-only mode, or recorded as skipped: a DICOMDIR): not
+                # taken again in this form.
                 self._taken[key] = (stat.st_size, stat.st_mtime_ns)
         return taken
 
