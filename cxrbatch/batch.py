@@ -105,7 +105,10 @@ def _run_batch(
     try:
         with session_factory(engine)() as session:
             recorded, quarantined = record_rejected_files(
-                session, rejected, quarantine_dir(settings, out_dir)
+                session,
+                rejected,
+                quarantine_dir(settings, out_dir),
+                settings.output.quarantine_original_paths,
             )
             session.commit()
     finally:

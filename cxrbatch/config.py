@@ -83,6 +83,10 @@ class ClassifierSettings(_Section):
 class OutputSettings(_Section):
     # Where unreadable inputs are copied; empty = OUT/_quarantine.
     quarantine_dir: str = ""
+    # Write each quarantined file's original path into its .json sidecar. Off by default:
+    # export folder and file names often carry patient names (docs/schema.md says where
+    # paths are kept).
+    quarantine_original_paths: bool = False
     write_json: bool = True
     # A Secondary Capture per processed image (the radiograph with the lung contours and
     # the scores burned in, NOT FOR DIAGNOSTIC USE) for viewers without SEG support.

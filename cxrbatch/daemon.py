@@ -117,6 +117,7 @@ class Service:
             quarantine_dir(self.settings, self.out_dir),
             mode=mode,
             study_stable_seconds=self.settings.ingest.study_stable_seconds,
+            keep_paths=self.settings.output.quarantine_original_paths,
         )
 
     def _start_ingest(self) -> FolderIngest:

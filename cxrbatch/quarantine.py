@@ -14,12 +14,18 @@ from cxrbatch.files import atomic_write, sha256_file
 
 
 def quarantine(
-    path: Path, reason: str, quarantine_dir: Path, sha256: str | None = None
+    path: Path,
+    reason: str,
+    quarantine_dir: Path,
+    sha256: str | None = None,
+    keep_path: bool = False,
 ) -> Path | None:
     """Copy `path` to quarantine_dir/<sha256>.bin with a <sha256>.json reason file.
 
-    The copy is named by content hash (file names from a PACS export may carry patient
-    names). Returns the copy's path, or None if the source is gone or unreadable.
+    The copy is named by content hash and the sidecar holds the original path only with
+    `keep_path` (output.quarantine_original_paths): file and folder names from a PACS
+    export may carry patient names. Returns the copy's path, or None if the source is
+    gone or unreadable.
     """
     try:
         digest = sha256 or sha256_file(path)
@@ -35,7 +41,9 @@ def quarantine(
         except OSError:
             tmp.unlink(missing_ok=True)
             return None
-    record = {"original_path": str(path), "reason": reason, "sha256": digest}
+    record = {"reason": reason, "sha256": digest}
+    if keep_path:
+        record["original_path"] = str(path)
     atomic_write(
         quarantine_dir / f"{digest}.json",
         lambda handle: handle.write(json.dumps(record, indent=2).encode()),
@@ -44,7 +52,7 @@ def quarantine(
 
 
 def record_rejected_files(
-    session: Session, rejected: list[RejectedFile], quarantine_dir: Path
+    session: Session, rejected: list[RejectedFile], quarantine_dir: Path, keep_paths: bool = False
 ) -> tuple[int, int]:
     """Quarantine (copy) bad input and record every rejected file with its reason.
 
@@ -53,7 +61,7 @@ def record_rejected_files(
     quarantined = 0
     for item in rejected:
         copy = (
-            quarantine(item.path, item.reason, quarantine_dir, item.sha256)
+            quarantine(item.path, item.reason, quarantine_dir, item.sha256, keep_paths)
             if item.quarantine
             else None
         )

@@ -221,7 +221,12 @@ def record_result(
         for f in result.failures
     ]
     with sessions() as session:
-        _, quarantined = record_rejected_files(session, failures, quarantine_dir(settings, out_dir))
+        _, quarantined = record_rejected_files(
+            session,
+            failures,
+            quarantine_dir(settings, out_dir),
+            settings.output.quarantine_original_paths,
+        )
         outcome = repository.record_study(session, result)
         # Sending is queued with the outcome, in one transaction: nothing recorded is
         # ever left unsent by a crash.
@@ -454,7 +459,12 @@ class QueueWorker:
     def process_claim(self, claimed: queue.Claim) -> None:
         with self.sessions() as session:
             study, missing = received_study(session, claimed.study_instance_uid)
-            record_rejected_files(session, missing, quarantine_dir(self.settings, self.out_dir))
+            record_rejected_files(
+                session,
+                missing,
+                quarantine_dir(self.settings, self.out_dir),
+                self.settings.output.quarantine_original_paths,
+            )
             session.commit()
 
         def close_job(session: Session, outcome: tables.Outcome) -> bool:

@@ -194,3 +194,26 @@ def test_misspelled_environment_settings_are_errors_not_ignored(
         assert result.exit_code == 2, result.output
         assert expected in _one_error_line(result.output), result.output
         monkeypatch.delenv(name)
+
+
+def test_quarantine_sidecars_keep_no_original_path_unless_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    monkeypatch.setenv("CXRBATCH_SEGMENTATION__DEVICE", "cpu")
+    folder = tmp_path / "in" / "DOE^JOHN"  # export folders carry patient names
+    folder.mkdir(parents=True)
+    (folder / "notes.txt").write_text("not DICOM")
+    for keep, out in ((None, tmp_path / "a"), ("true", tmp_path / "b")):
+        if keep:
+            monkeypatch.setenv("CXRBATCH_OUTPUT__QUARANTINE_ORIGINAL_PATHS", keep)
+        result = RUNNER.invoke(app, ["process", str(tmp_path / "in"), "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        (sidecar,) = (out / "_quarantine").glob("*.json")
+        record = json.loads(sidecar.read_text())
+        assert record["reason"].startswith("not a DICOM file")
+        if keep:
+            assert record["original_path"] == str(folder / "notes.txt")
+        else:
+            assert "original_path" not in record and "DOE" not in sidecar.read_text()

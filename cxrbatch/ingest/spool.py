@@ -61,12 +61,14 @@ class Spool:
         *,
         mode: str = "move",
         study_stable_seconds: float = 60.0,
+        keep_paths: bool = False,
     ) -> None:
         self.root = root
         self.sessions = sessions
         self.quarantine_dir = quarantine_dir
         self.mode = mode
         self.study_stable_seconds = study_stable_seconds
+        self.keep_paths = keep_paths  # original paths in quarantine sidecars
         root.mkdir(parents=True, exist_ok=True)
 
     def take(self, path: Path) -> Taken:
@@ -157,7 +159,9 @@ class Spool:
 
     def _reject(self, rejected: RejectedFile) -> None:
         with self.sessions() as session:
-            _, quarantined = record_rejected_files(session, [rejected], self.quarantine_dir)
+            _, quarantined = record_rejected_files(
+                session, [rejected], self.quarantine_dir, self.keep_paths
+            )
             session.commit()
         log.info("rejected input file: %s", rejected.reason)
         if quarantined:
