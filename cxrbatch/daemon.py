@@ -31,6 +31,7 @@ from cxrbatch.db.session import ensure_local_sqlite, make_engine, session_factor
 from cxrbatch.ingest.folder import FolderIngest
 from cxrbatch.ingest.scp import DicomReceiver
 from cxrbatch.ingest.spool import Spool
+from cxrbatch.models.preflight import check_model_files
 from cxrbatch.paths import database_url, incoming_dir, quarantine_dir, spool_dir
 from cxrbatch.send.sender import SenderThread
 
@@ -55,6 +56,9 @@ class Service:
         self.workers = workers
         self.input_dir = input_dir
         self.stop_requested = threading.Event()
+        # The models' files first: nothing is received or taken for workers that cannot
+        # start (a missing checkpoint or bundle is one line and exit 2).
+        check_model_files(settings)
         out_dir.mkdir(parents=True, exist_ok=True)
         self.url = database_url(settings, out_dir)
         ensure_local_sqlite(self.url)

@@ -217,3 +217,41 @@ def test_quarantine_sidecars_keep_no_original_path_unless_asked(
             assert record["original_path"] == str(folder / "notes.txt")
         else:
             assert "original_path" not in record and "DOE" not in sidecar.read_text()
+
+
+def test_watch_checks_the_model_files_before_it_listens_or_takes_files(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    for name, text, expected in (
+        (
+            "vitb",
+            "[segmentation]\nbackend = 'medsam-vitb'\nmedsam_checkpoint = '/nope/medsam_vit_b.pth'\n",
+            "MedSAM ViT-B checkpoint not found: /nope/medsam_vit_b.pth",
+        ),
+        (
+            "bundle",
+            f"[classifier]\nscreening_bundle = '{tmp_path / 'no-bundle'}'\n",
+            "lacks configs/metadata.json",
+        ),
+    ):
+        config = tmp_path / f"{name}.toml"
+        config.write_text(text)
+        out = tmp_path / f"out-{name}"
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        result = RUNNER.invoke(
+            app,
+            [
+                "watch",
+                str(tmp_path / "in"),
+                "--out",
+                str(out),
+                "--listen",
+                str(port),
+                "--config",
+                str(config),
+            ],
+        )
+        assert result.exit_code == 2, result.output
+        assert expected in _one_error_line(result.output)
+        assert not out.exists()  # no receiver, no spool, no database: nothing taken in

