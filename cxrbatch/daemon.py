@@ -34,6 +34,7 @@ from cxrbatch.ingest.spool import Spool
 from cxrbatch.models.preflight import check_model_files
 from cxrbatch.paths import database_url, incoming_dir, quarantine_dir, spool_dir
 from cxrbatch.send.sender import SenderThread
+from cxrbatch.worker_entry import EXIT_CANNOT_START, worker_process_main
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +142,6 @@ class Service:
         return receiver
 
     def _spawn_worker(self) -> None:
-        from cxrbatch.worker import worker_process_main
-
         threads = threads_per_worker(self.workers)
         child = self._context.Process(
             target=worker_process_main,
@@ -157,8 +156,6 @@ class Service:
 
     def _replace_dead_workers(self) -> None:
         """Replace workers that died; stop the service if they cannot start at all."""
-        from cxrbatch.worker import EXIT_CANNOT_START
-
         now = time.monotonic()
         for child in list(self._children):
             if child.is_alive():

@@ -51,6 +51,7 @@ from cxrbatch.models.device import limit_cpu_threads
 from cxrbatch.paths import quarantine_dir, spool_dir
 from cxrbatch.quarantine import record_rejected_files
 from cxrbatch.send import deliveries
+from cxrbatch.worker_entry import EXIT_CANNOT_START
 
 log = logging.getLogger(__name__)
 
@@ -527,7 +528,6 @@ class QueueWorker:
 
 # Exit status of a worker process that cannot start (a model that cannot be loaded, a
 # configuration error): restarting it would fail the same way.
-EXIT_CANNOT_START = 3
 
 
 def worker_process_main(

@@ -224,7 +224,8 @@ def test_watch_checks_the_model_files_before_it_listens_or_takes_files(tmp_path:
     for name, text, expected in (
         (
             "vitb",
-            "[segmentation]\nbackend = 'medsam-vitb'\nmedsam_checkpoint = '/nope/medsam_vit_b.pth'\n",
+            "[segmentation]\nbackend = 'medsam-vitb'\n"
+            "medsam_checkpoint = '/nope/medsam_vit_b.pth'\n",
             "MedSAM ViT-B checkpoint not found: /nope/medsam_vit_b.pth",
         ),
         (

@@ -270,3 +270,35 @@ def test_a_study_pushed_by_c_store_is_processed_and_the_daemon_drains(
     outputs = list((daemon.out / generated.study_instance_uid).iterdir())
     assert {p.name.split("_")[0] for p in outputs} >= {"seg", "sr.dcm", "result.json"}
     assert daemon.terminate(timeout=60) == 0
+
+
+LIGHT_PARENT = """
+import sys, time
+from pathlib import Path
+from cxrbatch.config import load_settings
+from cxrbatch.daemon import Service
+settings = load_settings(None, segmentation={"device": "cpu"})
+service = Service(settings, Path(sys.argv[1]), 1, None)
+service._spawn_worker()
+heavy = [m for m in ("torch", "highdicom", "cxrbatch.pipeline", "cxrbatch.worker")
+         if m in sys.modules]
+service._replace_dead_workers()
+heavy += [m for m in ("torch", "cxrbatch.worker") if m in sys.modules and m not in heavy]
+(child,) = service._children
+child.terminate()
+child.join(30)
+print("heavy:", ",".join(heavy) or "none")
+"""
+
+
+def test_the_daemon_parent_does_not_import_torch_when_it_spawns_workers(tmp_path: Path) -> None:
+    """The ingest process (watcher, receiver, sender) stays light: the worker's imports
+    (torch, highdicom, the pipeline) happen in the spawned child only."""
+    proc = subprocess.run(
+        [sys.executable, "-c", LIGHT_PARENT, str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "heavy: none" in proc.stdout, proc.stdout + proc.stderr[-2000:]
