@@ -228,7 +228,11 @@ def test_a_refused_object_fails_the_delivery_with_its_status(tmp_path: Path) -> 
     source = write_studies(tmp_path, 1, seed=44, size=(256, 256))[0].path
     try:
         destination = Destination(name="x", ae_title="DOWNSTREAM", host="127.0.0.1", port=port)
-        with pytest.raises(SendError, match=r"stored 0 of 1 objects.*0xA700"):
+        with pytest.raises(
+            SendError,
+            match=r"stored 0 of 1 objects.*0xA700 Refused: Out of Resources "
+            r"\(Failure; PS3.4 B.2.3\)",
+        ):
             c_store(destination, [dcmread(source)], "CXRBATCH")
     finally:
         scp.stop()

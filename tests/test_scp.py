@@ -332,3 +332,13 @@ def test_tls_receiver_with_a_ca_requires_client_certificates(tmp_path: Path) -> 
     finally:
         node.receiver.stop()
         node.engine.dispose()
+
+
+def test_one_status_table_describes_every_code_for_receiver_and_senders() -> None:
+    from cxrbatch.dicom import status
+
+    assert status.describe(0xA700) == "0xA700 Refused: Out of Resources (Failure; PS3.4 B.2.3)"
+    assert status.describe(0x0122) == "0x0122 Refused: SOP Class Not Supported (Failure; PS3.7 C)"
+    assert "other content" in status.describe(scp.CONFLICT, ours=True)
+    assert status.stored(0x0000) and status.stored(0xB000) and not status.stored(0xA700)
+    assert scp.OUT_OF_RESOURCES == status.OUT_OF_RESOURCES == 0xA700

@@ -33,16 +33,16 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from cxrbatch.config import DicomSettings
+from cxrbatch.dicom import status
 from cxrbatch.errors import ConfigError, one_line
 from cxrbatch.files import atomic_write
 from cxrbatch.ingest.spool import Spool, Taken
 
 log = logging.getLogger(__name__)
 
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-CANNOT_UNDERSTAND = 0xC000
-CONFLICT = 0xC001  # a failure in the 0xCxxx "cannot understand" range, ours: conflict
+# The statuses answered (cxrbatch/dicom/status.py describes them, for senders too).
+SUCCESS, OUT_OF_RESOURCES = status.SUCCESS, status.OUT_OF_RESOURCES
+CANNOT_UNDERSTAND, CONFLICT = status.CANNOT_UNDERSTAND, status.CONFLICT
 
 _STATUS = {
     Taken.RECEIVED: SUCCESS,
@@ -202,4 +202,7 @@ class DicomReceiver:
             return OUT_OF_RESOURCES
         if taken is not Taken.RECEIVED:
             path.unlink(missing_ok=True)  # duplicate dropped; rejects are in the quarantine
-        return _STATUS[taken]
+        answer = _STATUS[taken]
+        if answer != SUCCESS:
+            log.info("instance answered %s", status.describe(answer, ours=True))
+        return answer

@@ -25,13 +25,11 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from cxrbatch.config import Destination
+from cxrbatch.dicom import status as dimse_status
 from cxrbatch.errors import CxrBatchError
 
 log = logging.getLogger(__name__)
 
-# C-STORE statuses that mean "stored" (PS3.4 B.2.3): success and the storage warnings
-# (coercion of data elements, elements discarded, data set does not match SOP class).
-_STORED = {0x0000, 0xB000, 0xB006, 0xB007}
 # STOW-RS (PS3.18 10.5.3): FailedSOPSequence in the response lists what was not stored.
 _FAILED_SOP_SEQUENCE = "00081198"
 
@@ -95,8 +93,8 @@ def c_store(destination: Destination, datasets: Sequence[Dataset], calling_ae_ti
             if code is None:
                 refused.append(f"{ds.Modality} {ds.SOPInstanceUID}: no response")
                 break  # the association is gone
-            if code not in _STORED:
-                refused.append(f"{ds.Modality} {ds.SOPInstanceUID}: status 0x{code:04X}")
+            if not dimse_status.stored(code):
+                refused.append(f"{ds.Modality} {ds.SOPInstanceUID}: {dimse_status.describe(code)}")
     finally:
         if assoc.is_established:
             assoc.release()
