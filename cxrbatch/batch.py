@@ -32,7 +32,7 @@ from cxrbatch.config import Settings
 from cxrbatch.cpus import threads_per_worker
 from cxrbatch.db.session import ensure_local_sqlite, make_engine, session_factory, upgrade
 from cxrbatch.dicom.discover import discover
-from cxrbatch.domain import ModelRef, OutcomeStatus, StudyInput
+from cxrbatch.domain import ModelRef, StudyInput, StudyRunStatus
 from cxrbatch.errors import CxrBatchError, RecordingError, one_line
 from cxrbatch.files import output_lock
 from cxrbatch.models.device import limit_cpu_threads
@@ -348,7 +348,7 @@ def _record_worker_death(
         engine.dispose()
     return StudyReport(
         uid,
-        OutcomeStatus.FAILED.value,
+        StudyRunStatus.FAILED,
         reason,
         image_reasons=(reason,),
         synthetic_model=any(m.synthetic_training_data for m in started.models),

@@ -43,7 +43,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from cxrbatch import logs
 from cxrbatch.config import Settings, load_settings
-from cxrbatch.domain import OutcomeStatus, Triage
+from cxrbatch.domain import OutcomeStatus, StudyRunStatus, Triage
 from cxrbatch.errors import CxrBatchError
 
 
@@ -188,7 +188,7 @@ def process(
     )
     table.add_column("outcome")
     table.add_column("count", justify="right")
-    for status in ("processed", "ineligible", "failed", "unchanged"):
+    for status in StudyRunStatus:
         table.add_row(status, str(summary.studies.get(status, 0)))
     table.add_row("rejected files", str(summary.rejected_files))
     table.add_row("quarantined files", str(summary.quarantined_files))

@@ -21,6 +21,17 @@ class OutcomeStatus(enum.StrEnum):
     FAILED = "failed"  # eligible input, but an error of ours or of the input stopped it
 
 
+class StudyRunStatus(enum.StrEnum):
+    """What one run did with a study (`StudyReport.status`; the `process` summary counts
+    them): an OutcomeStatus recorded, or one of the two ways nothing was recorded."""
+
+    PROCESSED = OutcomeStatus.PROCESSED.value
+    INELIGIBLE = OutcomeStatus.INELIGIBLE.value
+    FAILED = OutcomeStatus.FAILED.value
+    UNCHANGED = "unchanged"  # same input, models and settings as its current outcome: skipped
+    LOST = "lost"  # its job's lease was taken over while it ran: not recorded by this run
+
+
 class JobStatus(enum.StrEnum):
     """The state of a study's job in the SQL queue (`jobs.status`)."""
 

@@ -45,6 +45,7 @@ from cxrbatch.domain import (
     RejectedFile,
     StudyInput,
     StudyResult,
+    StudyRunStatus,
 )
 from cxrbatch.errors import CxrBatchError, RecordingError, one_line
 from cxrbatch.models.device import limit_cpu_threads
@@ -65,7 +66,7 @@ class StudyReport:
     """What processing one study reports back (small enough to cross processes)."""
 
     study_instance_uid: str
-    status: str  # an OutcomeStatus value, "unchanged", or "lost" (lease lost, not recorded)
+    status: StudyRunStatus
     reason: str | None = None
     image_reasons: tuple[str, ...] = ()
     quarantined: int = 0
@@ -131,10 +132,10 @@ class StudyProcessor:
             ):
                 if on_record is not None and not on_record(session, current):
                     session.rollback()
-                    return StudyReport(uid, "lost", synthetic_model=self.synthetic)
+                    return StudyReport(uid, StudyRunStatus.LOST, synthetic_model=self.synthetic)
                 session.commit()
                 log.info("study %s unchanged since its last outcome; skipped", uid)
-                return StudyReport(uid, "unchanged", synthetic_model=self.synthetic)
+                return StudyReport(uid, StudyRunStatus.UNCHANGED, synthetic_model=self.synthetic)
         try:
             result = pipeline.run(study, models, settings, self.out_dir)
         except CxrBatchError as exc:  # e.g. an output that cannot be written (disk full)
@@ -158,7 +159,7 @@ class StudyProcessor:
             ) from exc
         if quarantined is None:
             log.warning("study %s: the job was taken over while it ran; not recorded", uid)
-            return StudyReport(uid, "lost", synthetic_model=self.synthetic)
+            return StudyReport(uid, StudyRunStatus.LOST, synthetic_model=self.synthetic)
         total = sum(result.timings.values())
         log.info(
             "study %s %s in %.2fs (%d image(s) processed, %d skipped, %d failed)",
@@ -188,7 +189,7 @@ class StudyProcessor:
             reasons.append(result.reason)  # a failure of the study as a whole
         return StudyReport(
             study_instance_uid=uid,
-            status=result.status.value,
+            status=StudyRunStatus(result.status.value),
             reason=result.reason,
             image_reasons=tuple(reasons),
             quarantined=quarantined,

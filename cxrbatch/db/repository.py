@@ -14,6 +14,7 @@ from cxrbatch.db import models
 from cxrbatch.domain import (
     ImageResult,
     InstanceHeader,
+    JobStatus,
     OutcomeStatus,
     RejectedFile,
     StudyResult,
@@ -239,7 +240,7 @@ def worklist(session: Session) -> list[models.Outcome]:
     return list(
         session.scalars(
             select(models.Outcome)
-            .where(models.Outcome.is_current, models.Outcome.status == "processed")
+            .where(models.Outcome.is_current, models.Outcome.status == OutcomeStatus.PROCESSED)
             .options(selectinload(models.Outcome.study))
             .order_by(
                 triage_rank,
@@ -270,7 +271,7 @@ def recent_failures(session: Session, limit: int = 10) -> list[models.Outcome]:
     return list(
         session.scalars(
             select(models.Outcome)
-            .where(models.Outcome.is_current, models.Outcome.status == "failed")
+            .where(models.Outcome.is_current, models.Outcome.status == OutcomeStatus.FAILED)
             .options(selectinload(models.Outcome.study))
             .order_by(models.Outcome.created_at.desc())
             .limit(limit)
@@ -293,6 +294,8 @@ def finished_since(session: Session, since: dt.datetime) -> int:
 def dead_jobs(session: Session) -> list[models.Job]:
     return list(
         session.scalars(
-            select(models.Job).where(models.Job.status == "dead").order_by(models.Job.updated_at)
+            select(models.Job)
+            .where(models.Job.status == JobStatus.DEAD)
+            .order_by(models.Job.updated_at)
         )
     )
