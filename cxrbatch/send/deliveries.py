@@ -7,6 +7,8 @@ with a lease (`FOR UPDATE SKIP LOCKED` on PostgreSQL, IMMEDIATE transactions on 
 sends every file, and finishes it `sent`, or `failed` with a backoff, or `dead` after
 `send.max_attempts`. A delivery whose sender vanished (lease expired) is claimed again.
 A newer outcome of the same study supersedes deliveries not yet sent.
+
+The leasing, retries and dead letters are `cxrbatch.db.leased`'s, shared with the jobs.
 """
 
 from __future__ import annotations
@@ -17,16 +19,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from cxrbatch.config import Destination, SendSettings
+from cxrbatch.db.leased import LeasedWork, RetryPolicy
 from cxrbatch.db.models import Delivery, Outcome, utcnow
 from cxrbatch.domain import DeliveryStatus, OutcomeStatus
-from cxrbatch.queue import RetryPolicy
 
-UNSENT = (DeliveryStatus.PENDING.value, DeliveryStatus.FAILED.value, DeliveryStatus.DEAD.value)
-DUE = (DeliveryStatus.PENDING.value, DeliveryStatus.FAILED.value)
+UNSENT = (DeliveryStatus.PENDING, DeliveryStatus.FAILED, DeliveryStatus.DEAD)
+DELIVERIES = LeasedWork(
+    Delivery,
+    due=(DeliveryStatus.PENDING, DeliveryStatus.FAILED),
+    leased=DeliveryStatus.SENDING,
+    failed=DeliveryStatus.FAILED,
+    dead=DeliveryStatus.DEAD,
+    revived=DeliveryStatus.PENDING,
+    claim_expired=True,  # a sender that vanished: its delivery is claimed again
+)
 
 
 @dataclass(frozen=True)
@@ -55,14 +65,14 @@ def enqueue(session: Session, outcome: Outcome, destinations: Sequence[Destinati
     earlier outcomes are superseded: the newer objects replace them.
     """
     files = outcome_files(outcome.outputs or {})
-    if outcome.status != OutcomeStatus.PROCESSED.value or not files or not destinations:
+    if outcome.status != OutcomeStatus.PROCESSED or not files or not destinations:
         return 0
     study_uid = outcome.study.study_instance_uid
     now = utcnow()
     session.execute(
         update(Delivery)
         .where(Delivery.study_instance_uid == study_uid, Delivery.status.in_(UNSENT))
-        .values(status=DeliveryStatus.SUPERSEDED.value, updated_at=now)
+        .values(status=DeliveryStatus.SUPERSEDED, updated_at=now)
     )
     for destination in destinations:
         session.add(
@@ -71,7 +81,7 @@ def enqueue(session: Session, outcome: Outcome, destinations: Sequence[Destinati
                 outcome_id=outcome.id,
                 destination=destination.name,
                 transport=destination.transport,
-                status=DeliveryStatus.PENDING.value,
+                status=DeliveryStatus.PENDING,
                 attempts=0,
                 run_after=now,
                 files=[str(f) for f in files],
@@ -93,29 +103,9 @@ def claim(
     or a lost sender's; None when there is none. A sender pass passes its start time, so
     that it tries each delivery at most once."""
     with sessions.begin() as session:
-        now = utcnow()
-        row = session.scalar(
-            select(Delivery)
-            .where(
-                or_(
-                    and_(Delivery.status.in_(DUE), Delivery.run_after <= (due_by or now)),
-                    and_(
-                        Delivery.status == DeliveryStatus.SENDING.value,
-                        Delivery.lease_expires_at < now,
-                    ),
-                )
-            )
-            .order_by(Delivery.run_after, Delivery.id)
-            .limit(1)
-            .with_for_update(skip_locked=True)
-        )
+        row = DELIVERIES.claim(session, owner, lease_seconds, due_by)
         if row is None:
             return None
-        row.status = DeliveryStatus.SENDING.value
-        row.attempts += 1
-        row.lease_owner = owner
-        row.lease_expires_at = now + dt.timedelta(seconds=lease_seconds)
-        row.updated_at = now
         return DeliveryClaim(
             row.id,
             row.study_instance_uid,
@@ -134,68 +124,29 @@ def finish(
 ) -> DeliveryStatus | None:
     """Sent (no error), failed with a backoff, or dead; None when the lease was lost."""
     with sessions.begin() as session:
-        row = session.scalar(
-            select(Delivery).where(Delivery.id == claimed.delivery_id).with_for_update()
-        )
-        if (
-            row is None
-            or row.lease_owner != claimed.owner
-            or row.status != DeliveryStatus.SENDING.value
-        ):
+        row = DELIVERIES.held_row(session, claimed.delivery_id, claimed.owner)
+        if row is None:
             return None
-        now = utcnow()
-        row.lease_owner = None
-        row.lease_expires_at = None
-        row.updated_at = now
-        row.last_error = error
-        if error is None:
-            status = DeliveryStatus.SENT
-            row.sent_at = now
-        elif row.attempts >= policy.max_attempts:
-            status = DeliveryStatus.DEAD
-        else:
-            status = DeliveryStatus.FAILED
-            row.run_after = now + policy.backoff(row.attempts)
-        row.status = status.value
+        done = DeliveryStatus.SENT if error is None else None
+        status = DeliveryStatus(DELIVERIES.close(row, done, policy, error))
+        if status is DeliveryStatus.SENT:
+            row.sent_at = row.updated_at
         return status
 
 
 def retry_policy(settings: SendSettings) -> RetryPolicy:
-    return RetryPolicy(
-        settings.max_attempts, settings.backoff_base_seconds, settings.backoff_max_seconds
-    )
+    return RetryPolicy.from_settings(settings)
 
 
 def retry_dead(sessions: sessionmaker[Session], destination: str | None = None) -> int:
     """Dead deliveries pending again with fresh attempts (all, or one destination's)."""
-    with sessions.begin() as session:
-        statement = update(Delivery).where(Delivery.status == DeliveryStatus.DEAD.value)
-        if destination:
-            statement = statement.where(Delivery.destination == destination)
-        result = session.execute(
-            statement.values(
-                status=DeliveryStatus.PENDING.value,
-                attempts=0,
-                run_after=utcnow(),
-                updated_at=utcnow(),
-            )
-        )
-        return int(result.rowcount)  # type: ignore[attr-defined]
+    where = [Delivery.destination == destination] if destination else []
+    return DELIVERIES.revive(sessions, *where)
 
 
 def counts(session: Session) -> dict[str, dict[str, int]]:
     """Deliveries per destination and status."""
-    rows = session.execute(
-        select(Delivery.destination, Delivery.status, func.count()).group_by(
-            Delivery.destination, Delivery.status
-        )
-    ).all()
-    found: dict[str, dict[str, int]] = {}
-    for destination, status, n in rows:
-        found.setdefault(str(destination), {s.value: 0 for s in DeliveryStatus})[str(status)] = int(
-            n
-        )
-    return found
+    return DELIVERIES.counts(session, DeliveryStatus, by=Delivery.destination)
 
 
 def undelivered(session: Session, limit: int = 10) -> list[Delivery]:
@@ -203,7 +154,7 @@ def undelivered(session: Session, limit: int = 10) -> list[Delivery]:
     return list(
         session.scalars(
             select(Delivery)
-            .where(Delivery.status.in_((DeliveryStatus.FAILED.value, DeliveryStatus.DEAD.value)))
+            .where(Delivery.status.in_((DeliveryStatus.FAILED, DeliveryStatus.DEAD)))
             .order_by(Delivery.updated_at.desc())
             .limit(limit)
         )

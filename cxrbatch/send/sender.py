@@ -13,9 +13,9 @@ from collections import Counter
 from sqlalchemy.orm import Session, sessionmaker
 
 from cxrbatch.config import Destination, Settings
+from cxrbatch.db.leased import new_owner
 from cxrbatch.db.models import utcnow
 from cxrbatch.domain import DeliveryStatus
-from cxrbatch.queue import new_owner
 from cxrbatch.send import deliveries
 from cxrbatch.send.transports import SendError, send
 
