@@ -26,15 +26,14 @@ from types import FrameType
 from typing import Any
 
 import torch
-from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cxrbatch import logs, pipeline, queue
 from cxrbatch.allocator import keep_freed_memory
 from cxrbatch.config import Settings
+from cxrbatch.db import instances, repository
 from cxrbatch.db import models as tables
-from cxrbatch.db import repository
 from cxrbatch.db.session import make_engine, session_factory
 from cxrbatch.dicom.discover import read_header
 from cxrbatch.domain import (
@@ -278,15 +277,10 @@ def received_study(
     session: Session, study_instance_uid: str
 ) -> tuple[StudyInput, list[RejectedFile]]:
     """The study as received so far (instances table), each file's header read again."""
-    rows = session.scalars(
-        select(tables.Instance)
-        .where(tables.Instance.study_instance_uid == study_instance_uid)
-        .order_by(tables.Instance.id)
-    ).all()
     headers: list[InstanceHeader] = []
     rejected: list[RejectedFile] = []
-    for row in rows:
-        header = read_header(Path(row.path))
+    for path in instances.study_files(session, study_instance_uid):
+        header = read_header(path)
         if isinstance(header, RejectedFile):
             rejected.append(header)
         else:

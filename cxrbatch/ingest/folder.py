@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from watchdog.events import (
     DirMovedEvent,
@@ -34,7 +33,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from cxrbatch.config import IngestSettings
-from cxrbatch.db import models as tables
+from cxrbatch.db import instances
 from cxrbatch.dicom.discover import iter_files
 from cxrbatch.errors import CxrBatchError
 from cxrbatch.ingest.spool import Spool, Taken
@@ -201,8 +200,7 @@ class FolderIngest:
         """Read-only mode after a restart: files already taken are not taken again."""
         known: dict[str, tuple[int, int]] = {}
         with self.spool.sessions() as session:
-            paths = list(session.scalars(select(tables.Instance.source_path)))
-            paths += list(session.scalars(select(tables.RejectedFile.path)))
+            paths = instances.taken_source_paths(session)
         for text in paths:
             try:
                 stat = Path(text).stat()

@@ -25,12 +25,11 @@ import os
 from pathlib import Path
 from typing import IO
 
-from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cxrbatch import queue
-from cxrbatch.db import models as tables
+from cxrbatch.db import instances
 from cxrbatch.dicom.discover import iter_files, read_header
 from cxrbatch.dicom.identity import same_instance
 from cxrbatch.domain import InstanceHeader, RejectedFile
@@ -80,13 +79,9 @@ class Spool:
             self._reject(header)
             return Taken.REJECTED
         with self.sessions() as session:
-            known = session.scalar(
-                select(tables.Instance).where(
-                    tables.Instance.sop_instance_uid == header.sop_instance_uid
-                )
-            )
-            known_path = None if known is None else Path(known.path)
-            known_sha256 = None if known is None else known.sha256
+            known = instances.known(session, header.sop_instance_uid)
+        known_path = None if known is None else known.path
+        known_sha256 = None if known is None else known.sha256
         if known_path is not None and known_path == path:
             return Taken.DUPLICATE  # the spool file itself (recovery after a crash)
         # The same content is the same instance, whatever the transfer syntax or writer
@@ -96,11 +91,7 @@ class Spool:
         )
         if duplicate:
             with self.sessions.begin() as session:
-                session.execute(
-                    update(tables.Instance)
-                    .where(tables.Instance.sop_instance_uid == header.sop_instance_uid)
-                    .values(duplicates=tables.Instance.duplicates + 1)
-                )
+                instances.count_duplicate(session, header.sop_instance_uid)
             self._drop_source(path)
             log.info("duplicate instance %s dropped", header.sop_instance_uid)
             return Taken.DUPLICATE
@@ -120,17 +111,7 @@ class Spool:
             return Taken.CHANGED
         try:
             with self.sessions.begin() as session:
-                session.add(
-                    tables.Instance(
-                        sop_instance_uid=header.sop_instance_uid,
-                        study_instance_uid=header.study_instance_uid,
-                        sha256=header.sha256,
-                        path=str(stored),
-                        source_path=str(path),
-                        size=stored.stat().st_size,
-                        duplicates=0,
-                    )
-                )
+                instances.add(session, header, stored, path)
                 queue.enqueue_study(session, header.study_instance_uid, self.study_stable_seconds)
         except IntegrityError:
             # Taken at the same moment by another ingest: the same instance, already recorded.
@@ -143,7 +124,7 @@ class Spool:
     def recover(self) -> int:
         """Record spool files that a crash left without a row; returns how many."""
         with self.sessions() as session:
-            known = set(session.scalars(select(tables.Instance.path)).all())
+            known = instances.stored_paths(session)
         recovered = 0
         for path in iter_files(self.root):
             if path.name.startswith(".") and path.name.endswith(".tmp"):

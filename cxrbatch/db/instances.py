@@ -1,0 +1,77 @@
+"""The `instances` table: what `cxrbatch watch` received, one row per SOPInstanceUID.
+
+The spool (cxrbatch/ingest/spool.py), the folder watcher and the workers reach these rows
+only through the functions here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from cxrbatch.db.models import Instance, RejectedFile
+from cxrbatch.domain import InstanceHeader
+
+
+@dataclass(frozen=True)
+class Known:
+    """A received instance: where its file is and the file's SHA-256."""
+
+    path: Path
+    sha256: str
+
+
+def known(session: Session, sop_instance_uid: str) -> Known | None:
+    row = session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
+    return None if row is None else Known(Path(row.path), row.sha256)
+
+
+def count_duplicate(session: Session, sop_instance_uid: str) -> None:
+    """One more copy of a received instance was dropped. The caller commits."""
+    session.execute(
+        update(Instance)
+        .where(Instance.sop_instance_uid == sop_instance_uid)
+        .values(duplicates=Instance.duplicates + 1)
+    )
+
+
+def add(session: Session, header: InstanceHeader, stored: Path, source: Path) -> None:
+    """Record a received instance (flushes: a concurrent twin raises IntegrityError)."""
+    session.add(
+        Instance(
+            sop_instance_uid=header.sop_instance_uid,
+            study_instance_uid=header.study_instance_uid,
+            sha256=header.sha256,
+            path=str(stored),
+            source_path=str(source),
+            size=stored.stat().st_size,
+            duplicates=0,
+        )
+    )
+    session.flush()
+
+
+def stored_paths(session: Session) -> set[str]:
+    """Where every received instance's file is now."""
+    return set(session.scalars(select(Instance.path)).all())
+
+
+def taken_source_paths(session: Session) -> list[str]:
+    """Every path the folder watcher took in: received instances and rejected files."""
+    paths = list(session.scalars(select(Instance.source_path)))
+    return paths + list(session.scalars(select(RejectedFile.path)))
+
+
+def study_files(session: Session, study_instance_uid: str) -> list[Path]:
+    """The files of a study's received instances, in the order received."""
+    return [
+        Path(p)
+        for p in session.scalars(
+            select(Instance.path)
+            .where(Instance.study_instance_uid == study_instance_uid)
+            .order_by(Instance.id)
+        )
+    ]
