@@ -1,10 +1,12 @@
 """The ordered steps for one study.
 
     select frontal chest radiographs
-    for each: decode -> segment lungs (auto box prompts) -> classify (bundle's mask mode)
+    for each: decode -> segment lungs (auto box prompts, QC verdict)
+              -> classify (bundle's mask mode; a masked bundle skips masks that failed QC)
               -> screening (M-50 bundle's No Finding score and threshold)
-    study-level triage and No Finding score (worst image)
-    write SEG per image, one SR, key images (optional) and result.json, atomically
+    study-level triage (worst image: abnormal > needs-review > likely-normal) and No Finding score
+    write SEG per image, one SR, key images (optional) and result.json (dicom/result_json.py),
+    atomically
 
 Models are loaded once (`load_models`) and passed in; `run` touches no database.
 """
@@ -23,11 +25,11 @@ from pathlib import Path
 import highdicom as hd
 from pydicom.dataset import Dataset
 
-import cxrbatch
 from cxrbatch.config import Settings
 from cxrbatch.dicom import export
 from cxrbatch.dicom.decode import decode
 from cxrbatch.dicom.keyimage import build_key_image
+from cxrbatch.dicom.result_json import result_document
 from cxrbatch.dicom.seg import build_seg
 from cxrbatch.dicom.select import select
 from cxrbatch.dicom.sr import SrImage, build_sr
@@ -58,15 +60,6 @@ log = logging.getLogger(__name__)
 SEGMENTATION_CODE_SHA256 = hashlib.sha256(
     b"".join(Path(m.__file__).read_bytes() for m in (prompts, qc) if m.__file__)
 ).hexdigest()
-
-DISCLAIMER = "Algorithm output for research and triage support. NOT FOR DIAGNOSTIC USE."
-SYNTHETIC_WARNING = (
-    "A model used here was trained on SYNTHETIC data: its scores are not clinically meaningful."
-)
-NEEDS_REVIEW_NOTE = (
-    "NEEDS REVIEW: the lung masks of an image failed the segmentation quality check; "
-    "masked classifiers were not run on it and its result is not a normal call."
-)
 
 
 @dataclass(frozen=True, eq=False)
@@ -169,14 +162,16 @@ def classify(
 
 
 @dataclass(frozen=True, eq=False)
-class _Processed:
+class ProcessedImage:
+    """One image's result with the header its outputs copy from, kept together."""
+
     result: ImageResult
     dataset: Dataset
 
 
 def _process_image(
     header_ds: tuple[DecodedImage, Dataset], models: Models, settings: Settings, timer: _Timer
-) -> _Processed:
+) -> ProcessedImage:
     image, ds = header_ds
     with timer.stage("segment"):
         segmentation = segment_lungs(
@@ -189,7 +184,7 @@ def _process_image(
         passed = segmentation.qc_passed
         findings = classify(models.classifier, inputs, passed)
         screening = classify(models.screening, inputs, passed)
-    return _Processed(ImageResult(image.instance, image, segmentation, findings, screening), ds)
+    return ProcessedImage(ImageResult(image.instance, image, segmentation, findings, screening), ds)
 
 
 TRIAGE_ORDER = (Triage.LIKELY_NORMAL, Triage.NEEDS_REVIEW, Triage.ABNORMAL)
@@ -220,7 +215,7 @@ def run(study: StudyInput, models: Models, settings: Settings, out_dir: Path) ->
     """Process one study and write its outputs; never raises for bad input."""
     timer = _Timer()
     selection = select(study, settings.selection)
-    processed: list[_Processed] = []
+    processed: list[ProcessedImage] = []
     failures: list[ImageFailure] = []
     for header in selection.eligible:
         try:
@@ -257,7 +252,7 @@ def run(study: StudyInput, models: Models, settings: Settings, out_dir: Path) ->
     remove_stale_temporaries(folder)
     with timer.stage("write"):
         seg_files, sr_file, key_files = write_dicom_outputs(
-            result, [p.dataset for p in processed], models, folder, settings.output.key_image
+            processed, models, folder, settings.output.key_image
         )
     json_file = folder / "result.json" if settings.output.write_json else None
     outputs = OutputFiles(seg_files, sr_file, json_file, key_files)
@@ -268,35 +263,29 @@ def run(study: StudyInput, models: Models, settings: Settings, out_dir: Path) ->
 
 
 def write_dicom_outputs(
-    result: StudyResult,
-    datasets: list[Dataset],
-    models: Models,
-    folder: Path,
-    key_image: bool = False,
+    processed: list[ProcessedImage], models: Models, folder: Path, key_image: bool = False
 ) -> tuple[dict[str, Path], Path | None, dict[str, Path]]:
     """One SEG per processed image, one SR for the study and, with `key_image`, one
     Secondary Capture per processed image; nothing for ineligible studies."""
-    if not result.images:
+    if not processed:
         return {}, None, {}
-    seg_files: dict[str, Path] = {}
-    seg_series = hd.UID()
-    key_series = hd.UID()
-    datasets = [export.reference_header(ds) for ds in datasets]
+    seg_series, key_series = hd.UID(), hd.UID()
+    built: list[tuple[ImageResult, Dataset, Dataset, Dataset | None]] = []
     try:
-        keys = [
-            build_key_image(ds, item, models.refs, key_series, hd.UID(), number)
-            for number, (item, ds) in enumerate(zip(result.images, datasets, strict=True), 1)
-            if key_image
-        ]
-        segs = [
-            build_seg(ds, item.segmentation, models.segmenter.model, seg_series, hd.UID())
-            for item, ds in zip(result.images, datasets, strict=True)
-        ]
+        for number, image in enumerate(processed, 1):
+            item, ds = image.result, export.reference_header(image.dataset)
+            seg = build_seg(ds, item.segmentation, models.segmenter.model, seg_series, hd.UID())
+            key = (
+                build_key_image(ds, item, models.refs, key_series, hd.UID(), number)
+                if key_image
+                else None
+            )
+            built.append((item, ds, seg, key))
         sr_items = [
             SrImage(
                 ds, seg, item.segmentation, models.segmenter.model, item.findings, item.screening
             )
-            for item, ds, seg in zip(result.images, datasets, segs, strict=True)
+            for item, ds, seg, _ in built
         ]
         sr = build_sr(sr_items, hd.UID(), hd.UID())
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
@@ -305,96 +294,12 @@ def write_dicom_outputs(
         raise InputError(
             f"the source header has values that cannot be copied into the SEG/SR: {one_line(exc)}"
         ) from exc
+    seg_files: dict[str, Path] = {}
     key_files: dict[str, Path] = {}
-    for item, seg in zip(result.images, segs, strict=True):
-        name = uid_path_component(item.instance.sop_instance_uid)
+    for item, _, seg, key in built:
         uid = item.instance.sop_instance_uid
+        name = uid_path_component(uid)
         seg_files[uid] = export.write_dicom(folder / f"seg_{name}.dcm", seg)
-    for item, key in zip(result.images, keys, strict=False):
-        name = uid_path_component(item.instance.sop_instance_uid)
-        key_files[item.instance.sop_instance_uid] = export.write_dicom(
-            folder / f"key_{name}.dcm", key
-        )
+        if key is not None:
+            key_files[uid] = export.write_dicom(folder / f"key_{name}.dcm", key)
     return seg_files, export.write_dicom(folder / "sr.dcm", sr), key_files
-
-
-def _findings_dict(findings: Findings | None) -> dict[str, object] | None:
-    if findings is None:
-        return None
-    return {
-        "model": findings.model.name,
-        "probabilities": {k: round(v, 6) for k, v in findings.probabilities.items()},
-        "no_finding_score": round(findings.no_finding_score, 6),
-        "threshold": findings.threshold,
-        "triage": findings.triage.value if findings.triage else None,
-    }
-
-
-def result_document(result: StudyResult, outputs: OutputFiles) -> dict[str, object]:
-    synthetic = any(m.synthetic_training_data for m in result.models)
-    notes = [DISCLAIMER]
-    if synthetic:
-        notes.append(SYNTHETIC_WARNING)
-    if result.segmentation_only:
-        notes.append("Segmentation-only outcome: no classifier bundle was configured.")
-    if result.needs_review:
-        notes.append(NEEDS_REVIEW_NOTE)
-    return {
-        "study_instance_uid": result.study_instance_uid,
-        "status": result.status.value,
-        "reason": result.reason,
-        "triage": result.triage.value if result.triage else None,
-        "no_finding_score": None
-        if result.no_finding_score is None
-        else round(result.no_finding_score, 6),
-        "segmentation_only": result.segmentation_only,
-        "needs_review": result.needs_review,
-        "synthetic_model": synthetic,
-        "notes": notes,
-        "images": [
-            {
-                "sop_instance_uid": i.instance.sop_instance_uid,
-                "series_instance_uid": i.instance.series_instance_uid,
-                "view_position": i.instance.view_position,
-                "view_known": i.instance.view_position is not None,
-                "side_source": i.image.side_source,
-                "decode_notes": list(i.image.notes),
-                "lungs": {
-                    side: {
-                        "area_fraction": round(i.segmentation.area_fraction(side), 5),
-                        "prompt_box_xyxy": [round(v, 1) for v in i.segmentation.prompt_boxes[side]],
-                        "predicted_iou": round(i.segmentation.predicted_iou[side], 4),
-                    }
-                    for side in ("right", "left")
-                },
-                "segmentation_notes": list(i.segmentation.notes),
-                "segmentation_qc": i.segmentation.qc.as_dict() if i.segmentation.qc else None,
-                "triage": i.triage.value if i.triage else None,
-                "findings": _findings_dict(i.findings),
-                "screening": _findings_dict(i.screening),
-                "seg_file": outputs.seg_files[i.instance.sop_instance_uid].name
-                if i.instance.sop_instance_uid in outputs.seg_files
-                else None,
-                "key_image_file": outputs.key_image_files[i.instance.sop_instance_uid].name
-                if i.instance.sop_instance_uid in outputs.key_image_files
-                else None,
-            }
-            for i in result.images
-        ],
-        "skipped": [
-            {"sop_instance_uid": s.instance.sop_instance_uid, "reason": s.reason}
-            for s in result.skipped
-        ],
-        "failed": [
-            {"sop_instance_uid": f.instance.sop_instance_uid, "reason": f.reason}
-            for f in result.failures
-        ],
-        "models": [m.as_dict() for m in result.models],
-        "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
-        "outputs": {
-            "seg": [p.name for p in outputs.seg_files.values()],
-            "sr": outputs.sr_file.name if outputs.sr_file else None,
-            "key_images": [p.name for p in outputs.key_image_files.values()],
-        },
-        "cxrbatch_version": cxrbatch.__version__,
-    }
