@@ -168,6 +168,7 @@ def test_a_lung_that_cannot_be_found_needs_review_in_every_output(
             assert dciodvfy_errors(path) == [], path.name
         seg = hd.seg.segread(result.outputs.seg_files[image.instance.sop_instance_uid])
         assert seg.number_of_segments == 2
+        assert seg.ContentDescription.startswith("NEEDS REVIEW: lung masks failed QC")
 
 
 @pytest.mark.slow

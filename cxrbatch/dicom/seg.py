@@ -49,6 +49,9 @@ def build_seg(
 ) -> Dataset:
     """A BINARY SEG with segment 1 = right lung and segment 2 = left lung (patient sides)."""
     algorithm = algorithm_identification(model, "auto-box lungs")
+    description = f"Algorithm output ({model.name}). {NOT_FOR_DIAGNOSTIC_USE_SHORT}"
+    if not segmentation.qc_passed:  # the reasons are in the SR and result.json
+        description = f"NEEDS REVIEW: lung masks failed QC. {NOT_FOR_DIAGNOSTIC_USE_SHORT}"
     descriptions = [
         hd.seg.SegmentDescription(
             segment_number=number,
@@ -94,7 +97,7 @@ def build_seg(
         manufacturer_model_name="cxrbatch lung segmentation",
         software_versions=f"cxrbatch {cxrbatch.__version__}",
         device_serial_number="0",
-        content_description=f"Algorithm output ({model.name}). {NOT_FOR_DIAGNOSTIC_USE_SHORT}",
+        content_description=description[:64],
         content_label="LUNGS",
         content_creator_name="cxrbatch^algorithm",
         transfer_syntax_uid=ExplicitVRLittleEndian,
