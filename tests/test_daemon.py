@@ -220,20 +220,23 @@ def test_sigterm_drains_the_study_in_hand_or_releases_it_after_the_grace(
 def test_watch_stops_with_exit_2_when_its_workers_cannot_load_the_model(
     tmp_path: Path, daemons: list[_Daemon]
 ) -> None:
+    # A checkpoint that is there but cannot be loaded: only a worker finds out.
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"not a torch checkpoint")
     daemon = _Daemon(tmp_path, workers=1)
     daemons.append(daemon)
     daemon.config.write_text(
         daemon.config.read_text().replace(
             '[segmentation]\ndevice = "cpu"',
             '[segmentation]\ndevice = "cpu"\nbackend = "medsam-vitb"\n'
-            f'medsam_checkpoint = "{tmp_path / "missing.pth"}"',
+            f'medsam_checkpoint = "{corrupt}"',
         )
     )
     daemon.start()
     assert daemon.process is not None
     assert daemon.process.wait(120) == 2
     log = daemon.tail()
-    assert "worker cannot start" in log and "missing.pth" in log
+    assert "worker cannot start" in log and "corrupt.pth" in log
 
 
 def test_a_study_pushed_by_c_store_is_processed_and_the_daemon_drains(

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from cxrbatch.config import SegmentationSettings
 from cxrbatch.domain import ModelRef
-from cxrbatch.errors import ConfigError, ModelError
+from cxrbatch.errors import ConfigError, ModelError, one_line
 from cxrbatch.files import sha256_file
 from cxrbatch.models.batching import Forward, batched
 from cxrbatch.models.device import resolve_device
@@ -45,7 +45,10 @@ log = logging.getLogger(__name__)
 
 def load_weights(net: torch.nn.Module, path: Path, what: str) -> None:
     """Load a state dict (bare, or under "model") strictly; a mismatch is a ModelError."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: pickle, zip and torch errors
+        raise ModelError(f"{path} cannot be read as a {what} checkpoint: {one_line(exc)}") from exc
     if isinstance(state, dict) and "model" in state:
         state = state["model"]
     try:
