@@ -225,8 +225,9 @@ def _init_worker(
 def _process_and_tell(study: StudyInput, force: bool) -> StudyReport:
     assert _WORKER is not None and _EVENTS is not None, "worker process not initialised"
     uid = study.study_instance_uid
-    _EVENTS.put(_Started(uid, _WORKER.fingerprint(study), _WORKER.models.refs))
-    report = _WORKER.process(study, force)
+    fingerprint = _WORKER.fingerprint(study)
+    _EVENTS.put(_Started(uid, fingerprint, _WORKER.models.refs))
+    report = _WORKER.process(study, force, fingerprint=fingerprint)
     _EVENTS.put(report)
     return report
 

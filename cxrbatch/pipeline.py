@@ -211,8 +211,15 @@ def _study_reason(images: list[ImageResult], failures: list[ImageFailure]) -> st
     return "; ".join(parts) or None
 
 
-def run(study: StudyInput, models: Models, settings: Settings, out_dir: Path) -> StudyResult:
-    """Process one study and write its outputs; never raises for bad input."""
+def run(
+    study: StudyInput,
+    models: Models,
+    settings: Settings,
+    out_dir: Path,
+    fingerprint: str | None = None,
+) -> StudyResult:
+    """Process one study and write its outputs; never raises for bad input. `fingerprint`:
+    the study's `input_fingerprint` when the caller has computed it already."""
     timer = _Timer()
     selection = select(study, settings.selection)
     processed: list[ProcessedImage] = []
@@ -246,7 +253,7 @@ def run(study: StudyInput, models: Models, settings: Settings, out_dir: Path) ->
         no_finding_score=no_finding,
         models=models.refs,
         timings=timer.seconds,
-        input_fingerprint=input_fingerprint(study, models, settings),
+        input_fingerprint=fingerprint or input_fingerprint(study, models, settings),
     )
     folder = export.study_dir(out_dir, study.study_instance_uid)
     remove_stale_temporaries(folder)

@@ -113,11 +113,17 @@ class StudyProcessor:
         return pipeline.input_fingerprint(study, self.models, self.settings)
 
     def process(
-        self, study: StudyInput, force: bool = False, on_record: OnRecord | None = None
+        self,
+        study: StudyInput,
+        force: bool = False,
+        on_record: OnRecord | None = None,
+        fingerprint: str | None = None,
     ) -> StudyReport:
+        """Process and record one study. `fingerprint`: its input fingerprint when the
+        caller computed it already (computed once per study)."""
         settings, models = self.settings, self.models
         uid = study.study_instance_uid
-        fingerprint = self.fingerprint(study)
+        fingerprint = fingerprint or self.fingerprint(study)
         with self.sessions() as session:
             current = repository.current_outcome(session, uid)
             # Unchanged input, same models, outputs in place: nothing to do. Failed studies
@@ -136,7 +142,7 @@ class StudyProcessor:
                 log.info("study %s unchanged since its last outcome; skipped", uid)
                 return StudyReport(uid, StudyRunStatus.UNCHANGED, synthetic_model=self.synthetic)
         try:
-            result = pipeline.run(study, models, settings, self.out_dir)
+            result = pipeline.run(study, models, settings, self.out_dir, fingerprint)
         except CxrBatchError as exc:  # e.g. an output that cannot be written (disk full)
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else one_line(exc)
             log.error("study %s failed: %s", uid, reason)
