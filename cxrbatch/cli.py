@@ -43,7 +43,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from cxrbatch import logs
 from cxrbatch.config import Settings, load_settings
-from cxrbatch.domain import OutcomeStatus, StudyRunStatus, Triage
+from cxrbatch.domain import DeliveryRunStatus, OutcomeStatus, StudyRunStatus, Triage
 from cxrbatch.errors import CxrBatchError
 
 
@@ -232,7 +232,7 @@ def _print_sent(ended: dict[str, int]) -> None:
     out_console.print(
         "deliveries: " + ", ".join(f"{count} {status}" for status, count in sorted(ended.items()))
     )
-    if ended.get("failed") or ended.get("dead"):
+    if ended.get(DeliveryRunStatus.FAILED) or ended.get(DeliveryRunStatus.DEAD):
         out_console.print("some deliveries failed: see `cxrbatch status`", style="bold yellow")
 
 
@@ -256,7 +256,10 @@ def send(
         raise _fail("no [[send.destinations]] in the configuration")
     ended = _send_due(config, db, out, settings, retry_dead)
     _print_sent(ended)
-    if ended.get("failed") or ended.get("dead") or ended.get("lost"):
+    if any(
+        ended.get(s)
+        for s in (DeliveryRunStatus.FAILED, DeliveryRunStatus.DEAD, DeliveryRunStatus.LOST)
+    ):
         raise typer.Exit(code=1)
 
 

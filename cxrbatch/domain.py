@@ -54,6 +54,16 @@ class DeliveryStatus(enum.StrEnum):
     SUPERSEDED = "superseded"  # a newer outcome of the study replaced it before it was sent
 
 
+class DeliveryRunStatus(enum.StrEnum):
+    """How one sender attempt ended (what `cxrbatch send` counts): the status it set, or
+    lost when another sender had taken the delivery over (its lease expired)."""
+
+    SENT = DeliveryStatus.SENT.value
+    FAILED = DeliveryStatus.FAILED.value
+    DEAD = DeliveryStatus.DEAD.value
+    LOST = "lost"
+
+
 class Triage(enum.StrEnum):
     """A study's (or image's) screening category, least to most urgent."""
 

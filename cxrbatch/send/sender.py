@@ -15,11 +15,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from cxrbatch.config import Destination, Settings
 from cxrbatch.db.leased import new_owner
 from cxrbatch.db.models import utcnow
-from cxrbatch.domain import DeliveryStatus
+from cxrbatch.domain import DeliveryRunStatus, DeliveryStatus
+from cxrbatch.errors import one_line
 from cxrbatch.send import deliveries
 from cxrbatch.send.transports import SendError, send
 
 log = logging.getLogger(__name__)
+
+
+def _ended(status: DeliveryStatus | None) -> DeliveryRunStatus:
+    return DeliveryRunStatus.LOST if status is None else DeliveryRunStatus(status.value)
 
 
 class Sender:
@@ -40,7 +45,7 @@ class Sender:
             if claimed is None:
                 break
             status = self.deliver(claimed)
-            ended[status.value if status else "lost"] += 1
+            ended[_ended(status)] += 1
         return ended
 
     def deliver(self, claimed: deliveries.DeliveryClaim) -> DeliveryStatus | None:
@@ -55,7 +60,7 @@ class Sender:
                 error = str(exc)
             except Exception as exc:  # one delivery must never stop the sender
                 log.exception("delivery %d failed", claimed.delivery_id)
-                error = f"internal error: {type(exc).__name__}: {exc}"
+                error = f"internal error: {one_line(exc)}"
         status = deliveries.finish(self.sessions, claimed, self.policy, error)
         fields = {
             "event": "delivery",
@@ -64,7 +69,7 @@ class Sender:
             "destination": claimed.destination,
             "objects": len(claimed.files),
             "attempt": claimed.attempts,
-            "status": status.value if status else "lost",
+            "status": _ended(status),
             "error": error,
         }
         if error is None:
@@ -80,7 +85,7 @@ class Sender:
                 "study %s: delivery to %s %s (attempt %d): %s",
                 claimed.study_instance_uid,
                 claimed.destination,
-                status.value if status else "lost",
+                _ended(status),
                 claimed.attempts,
                 error,
                 extra={"fields": fields},
