@@ -442,6 +442,11 @@ class QueueWorker:
                 self.stopping.wait(interval)
                 continue
             claimed = queue.claim(self.sessions, self.owner, self.settings.queue.lease_seconds)
+            if claimed is not None and self.stopping.is_set():
+                # The stop came while this claim waited for the database: no new study
+                # starts after a stop; the job goes back, its attempt uncounted.
+                queue.release(self.sessions, claimed)
+                break
             if claimed is None:
                 if until_idle and not self._work_pending():
                     break
