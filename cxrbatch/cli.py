@@ -248,10 +248,7 @@ def send(
     """Send the due deliveries (SEG, SR, key images) to the configured destinations once.
 
     Exit code 1 when a delivery failed (it stays queued with its backoff, or dead)."""
-    try:
-        settings = _settings(config, db)
-    except CxrBatchError as exc:
-        raise _fail(str(exc)) from exc
+    settings = _settings(config, db)
     if not settings.send.destinations:
         raise _fail("no [[send.destinations]] in the configuration")
     ended = _send_due(config, db, out, settings, retry_dead)
@@ -270,10 +267,6 @@ def _serve(settings: Settings, out: Path, workers: int, input_dir: Path | None) 
         if input_dir is not None and not input_dir.is_dir():
             raise _fail(f"input folder not found: {input_dir}")
         service = Service(settings, out, workers, input_dir)
-    except CxrBatchError as exc:
-        raise _fail(str(exc)) from exc
-    except SQLAlchemyError as exc:
-        raise _fail(_database_error(exc)) from exc
     except OSError as exc:
         raise _fail(f"cannot use the output folder: {exc}") from exc
     service.install_signal_handlers()
@@ -336,25 +329,20 @@ def _with_database(
     work: Callable[[sessionmaker[Session]], T],
 ) -> T:
     """Run `work` against the results database of --db URL (or the config), or of the output
-    folder --out; configuration and database errors become a clear message and exit 2."""
+    folder --out (configuration and database errors: `_operator_errors`)."""
     from cxrbatch.db.session import make_engine, session_factory, upgrade
     from cxrbatch.paths import database_url
 
+    settings = _settings(config, db)
+    if not settings.database.url and out is None:
+        raise _fail("give --out OUT or --db URL")
+    url = database_url(settings, out or Path("."))
+    upgrade(url)
+    engine = make_engine(url)
     try:
-        settings = _settings(config, db)
-        if not settings.database.url and out is None:
-            raise _fail("give --out OUT or --db URL")
-        url = database_url(settings, out or Path("."))
-        upgrade(url)
-        engine = make_engine(url)
-        try:
-            return work(session_factory(engine))
-        finally:
-            engine.dispose()
-    except CxrBatchError as exc:
-        raise _fail(str(exc)) from exc
-    except SQLAlchemyError as exc:
-        raise _fail(_database_error(exc)) from exc
+        return work(session_factory(engine))
+    finally:
+        engine.dispose()
 
 
 def _utc(value: dt.datetime | None) -> dt.datetime | None:
@@ -603,17 +591,14 @@ def db_upgrade(
     from cxrbatch.db.session import current_revision, upgrade
     from cxrbatch.paths import database_url
 
-    try:
-        settings = _settings(config, db)
-        if not settings.database.url and out is None:
-            raise _fail("give --out OUT or --db URL")
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-        url = database_url(settings, out or Path("."))
-        upgrade(url)
-        out_console.print(f"schema at revision {current_revision(url)}")
-    except CxrBatchError as exc:
-        raise _fail(str(exc)) from exc
+    settings = _settings(config, db)
+    if not settings.database.url and out is None:
+        raise _fail("give --out OUT or --db URL")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    url = database_url(settings, out or Path("."))
+    upgrade(url)
+    out_console.print(f"schema at revision {current_revision(url)}")
 
 
 @app.command()
