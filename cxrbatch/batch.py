@@ -36,7 +36,7 @@ from cxrbatch.domain import ModelRef, StudyInput, StudyRunStatus
 from cxrbatch.errors import CxrBatchError, RecordingError, one_line
 from cxrbatch.files import output_lock
 from cxrbatch.models.device import limit_cpu_threads
-from cxrbatch.paths import database_url, quarantine_dir
+from cxrbatch.paths import check_outside_input, database_url, quarantine_dir
 from cxrbatch.quarantine import record_rejected_files
 from cxrbatch.worker import StudyProcessor, StudyReport, failed_result, record_result
 
@@ -82,6 +82,7 @@ def run_batch(
     The output folder is locked for the run (`files.output_lock`): a second run on it
     stops with an OutputError at once.
     """
+    check_outside_input(settings, input_dir, out_dir)
     with output_lock(out_dir):
         return _run_batch(input_dir, out_dir, settings, force, workers, models, on_study)
 

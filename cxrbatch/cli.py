@@ -13,8 +13,13 @@
     cxrbatch phantoms OUT [--studies N] [--size PX] [--truth DIR]
     cxrbatch demo-data DIR
 
-Exit codes: 0 when the batch ran (even if some inputs were bad), 2 when it could not run
-(bad configuration, missing input folder, model that cannot be loaded).
+Exit codes (every command):
+    0  it ran; for `process` every study was processed, ineligible or unchanged (bad input
+       files are quarantined and counted, not an error)
+    1  it ran, but `process` failed one or more studies (or lost them to another worker), or
+       `send` left a delivery failed, dead or lost: a nightly job should alert
+    2  it could not run (bad configuration, missing input folder, output inside the input,
+       database away or older than the code, model that cannot be loaded), one line saying why
 """
 
 from __future__ import annotations
@@ -38,11 +43,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
 
 from cxrbatch import logs
 from cxrbatch.config import Settings, load_settings
+from cxrbatch.db import DatabaseError, Sessions
 from cxrbatch.domain import DeliveryRunStatus, OutcomeStatus, StudyRunStatus, Triage
 from cxrbatch.errors import CxrBatchError
 
@@ -65,7 +69,7 @@ def _operator_errors(function: Callable[..., Any]) -> Callable[..., Any]:
             raise
         except CxrBatchError as exc:
             raise _fail(str(exc)) from exc
-        except SQLAlchemyError as exc:
+        except DatabaseError as exc:
             raise _fail(_database_error(exc)) from exc
         except ModuleNotFoundError as exc:
             log.debug("missing module", exc_info=True)
@@ -80,15 +84,30 @@ def _operator_errors(function: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
+EXIT_SOME_FAILED = 1
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
+# Help texts are plain text: "[dicom]" or "[[send.destinations]]" must print as written.
+MARKUP: Any = None
+
 app = _App(
     add_completion=False,
     no_args_is_help=True,
-    help="Chest X-ray batch processor: MedSAM lung masks, masked classifiers, "
-    "DICOM SEG + SR + JSON, SQL results. Outputs are NOT FOR DIAGNOSTIC USE.",
+    context_settings=HELP_OPTIONS,
+    rich_markup_mode=MARKUP,
 )
-db_app = _App(no_args_is_help=True, help="Results database schema (alembic).")
+db_app = _App(
+    no_args_is_help=True,
+    context_settings=HELP_OPTIONS,
+    rich_markup_mode=MARKUP,
+    help="Results database schema (alembic).",
+)
 app.add_typer(db_app, name="db")
-jobs_app = _App(no_args_is_help=True, help="The daemon's job queue.")
+jobs_app = _App(
+    no_args_is_help=True,
+    context_settings=HELP_OPTIONS,
+    rich_markup_mode=MARKUP,
+    help="The daemon's job queue.",
+)
 app.add_typer(jobs_app, name="jobs")
 # Markup off: what is printed carries header values, paths, reasons and exception texts,
 # and a value such as "[/y]" must print as itself (styles are given with style=).
@@ -106,6 +125,30 @@ OutOption = Annotated[
 ]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from cxrbatch import __version__
+
+        out_console.print(f"cxrbatch {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print the version and exit.",
+        ),
+    ] = False,
+) -> None:
+    """Chest X-ray batch processor: MedSAM lung masks, masked classifiers, DICOM SEG + SR +
+    JSON, SQL results. Outputs are NOT FOR DIAGNOSTIC USE."""
+
+
 class Format(enum.StrEnum):
     TABLE = "table"
     CSV = "csv"
@@ -117,10 +160,11 @@ class StatusFormat(enum.StrEnum):
     JSON = "json"
 
 
-def _settings(config: Path | None, db: str | None, **overrides: Any) -> Settings:
+def _settings(config: Path | None, db: str | None, **flags: Any) -> Settings:
+    """The site's settings: defaults < --config file < CXRBATCH_* environment < flags."""
     if db:
-        overrides["database"] = {"url": db}
-    settings = load_settings(config, **overrides)
+        flags["database"] = {"url": db}
+    settings = load_settings(config, flags=flags)
     logs.configure(settings.logging.level, settings.logging.format)
     return settings
 
@@ -153,7 +197,9 @@ def process(
         ),
     ] = None,
 ) -> None:
-    """Process every study in INPUT_DIR: SEG + SR + JSON per study, one DB row per study."""
+    """Process every study in INPUT_DIR: SEG + SR + JSON per study, one DB row per study.
+
+    Exit code 1 when one or more studies failed (their reasons are in the summary)."""
     from cxrbatch.batch import run_batch
 
     try:
@@ -179,7 +225,7 @@ def process(
             )
     except CxrBatchError as exc:
         raise _fail(str(exc)) from exc
-    except SQLAlchemyError as exc:
+    except DatabaseError as exc:
         raise _fail(_database_error(exc)) from exc
     except OSError as exc:
         raise _fail(f"cannot use the output folder: {exc}") from exc
@@ -208,21 +254,27 @@ def process(
     out_console.print(f"outputs: {out.resolve()}  (NOT FOR DIAGNOSTIC USE)")
     if settings.send.destinations:
         _print_sent(_send_due(config, db, out, settings, retry_dead=False))
+    failed = summary.studies.get(StudyRunStatus.FAILED, 0) + summary.studies.get(
+        StudyRunStatus.LOST, 0
+    )
+    if failed:
+        console.print(f"{failed} stud{'y' if failed == 1 else 'ies'} failed", style="bold red")
+        raise typer.Exit(code=EXIT_SOME_FAILED)
 
 
 def _send_due(
     config: Path | None, db: str | None, out: Path | None, settings: Settings, retry_dead: bool
 ) -> dict[str, int]:
     """One sender pass over the due deliveries; how many ended in each status."""
-    from cxrbatch.send import deliveries
+    from cxrbatch.db import deliveries
     from cxrbatch.send.sender import Sender
 
-    def work(sessions: sessionmaker[Session]) -> dict[str, int]:
+    def work(sessions: Sessions) -> dict[str, int]:
         revived = deliveries.retry_dead(sessions) if retry_dead else 0
         ended = dict(Sender(settings, sessions).send_due())
         return {"revived": revived, **ended} if revived else ended
 
-    return _with_database(config, db, out, work)
+    return _with_database(config, db, out, work, readonly=False)
 
 
 def _print_sent(ended: dict[str, int]) -> None:
@@ -257,7 +309,7 @@ def send(
         ended.get(s)
         for s in (DeliveryRunStatus.FAILED, DeliveryRunStatus.DEAD, DeliveryRunStatus.LOST)
     ):
-        raise typer.Exit(code=1)
+        raise typer.Exit(code=EXIT_SOME_FAILED)
 
 
 def _serve(settings: Settings, out: Path, workers: int, input_dir: Path | None) -> None:
@@ -326,19 +378,22 @@ def _with_database(
     config: Path | None,
     db: str | None,
     out: Path | None,
-    work: Callable[[sessionmaker[Session]], T],
+    work: Callable[[Sessions], T],
+    *,
+    readonly: bool = True,
 ) -> T:
-    """Run `work` against the results database of --db URL (or the config), or of the output
-    folder --out (configuration and database errors: `_operator_errors`)."""
-    from cxrbatch.db.session import make_engine, session_factory, upgrade
+    """Run `work` against the existing results database of --db URL (or the config), or of
+    the output folder --out. The database is never created or migrated here: a missing one
+    or a schema other than this code's is a one-line error (`open_existing`). `readonly`:
+    the query commands open it so that they cannot write (configuration and database
+    errors: `_operator_errors`)."""
+    from cxrbatch.db.session import open_existing, session_factory
     from cxrbatch.paths import database_url
 
     settings = _settings(config, db)
     if not settings.database.url and out is None:
         raise _fail("give --out OUT or --db URL")
-    url = database_url(settings, out or Path("."))
-    upgrade(url)
-    engine = make_engine(url)
+    engine = open_existing(database_url(settings, out or Path(".")), readonly=readonly)
     try:
         return work(session_factory(engine))
     finally:
@@ -352,22 +407,38 @@ def _utc(value: dt.datetime | None) -> dt.datetime | None:
     return (value if value.tzinfo else value.astimezone()).astimezone(dt.UTC)
 
 
+def _flat(row: dict[str, object]) -> dict[str, object]:
+    """A row for a table or CSV: each label's probability as its own column p_<label>."""
+    flat = {k: v for k, v in row.items() if k != "probabilities"}
+    probabilities = row.get("probabilities")
+    if isinstance(probabilities, dict):
+        flat.update({f"p_{label}": p for label, p in probabilities.items()})
+    return flat
+
+
 def _print_rows(rows: list[dict[str, object]], fmt: str, title: str, columns: list[str]) -> None:
+    """JSON as recorded; CSV and table flattened (`_flat`), with a column p_<label> for each
+    label any row has, after `columns`."""
     if fmt == "json":
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
-    elif fmt == "csv":
+        return
+    flat = [_flat(row) for row in rows]
+    labels = [key for key in dict.fromkeys(k for row in flat for k in row) if key.startswith("p_")]
+    if fmt == "csv":
+        fieldnames = list(dict.fromkeys([*columns, *(k for row in flat for k in row)]))
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else columns)
+        writer = csv.DictWriter(buffer, fieldnames=fieldnames)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(flat)
         sys.stdout.write(buffer.getvalue())
-    else:
-        table = Table(title=title)
-        for column in columns:
-            table.add_column(column)
-        for row in rows:
-            table.add_row(*(_cell(row.get(column)) for column in columns))
-        out_console.print(table)
+        return
+    table = Table(title=title)
+    shown = [c for c in columns if c != "reason"] + labels + [c for c in columns if c == "reason"]
+    for column in shown:
+        table.add_column(column)
+    for row in flat:
+        table.add_row(*(_cell(row.get(column)) for column in shown))
+    out_console.print(table)
 
 
 def _cell(value: object) -> str:
@@ -378,6 +449,13 @@ def _cell(value: object) -> str:
     return str(value)
 
 
+_IDENTITY_COLUMNS = [
+    "study_instance_uid",
+    "accession_number",
+    "patient_id",
+    "study_date",
+    "modality",
+]
 FormatOption = Annotated[Format, typer.Option("--format", help="Output format.")]
 
 
@@ -397,25 +475,32 @@ def results(
     triage: Annotated[Triage | None, typer.Option(help="Triage category.")] = None,
     label: Annotated[
         str | None,
-        typer.Option(help="A finding label (Mass, Nodule, Pneumonia, Edema, Fibrosis)."),
+        typer.Option(
+            help="A finding label (Mass, Nodule, Pneumonia, Edema, Fibrosis; any case): "
+            "studies with that label's classifier probability >= --min-probability."
+        ),
     ] = None,
     min_probability: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="With --label: probability at least this.")
-    ] = 0.5,
+        float | None,
+        typer.Option(min=0.0, max=1.0, help="With --label: probability at least this (0.5)."),
+    ] = None,
 ) -> None:
-    """List the current outcome of every study (filters combine with AND)."""
+    """List the current outcome of every study (filters combine with AND): study identity,
+    status, triage, scores and each label's highest probability."""
     from cxrbatch.db import repository
 
+    if min_probability is not None and label is None:
+        raise _fail("--min-probability needs --label (which finding's probability?)")
     where = repository.OutcomeFilter(
         since=_utc(since),
         until=_utc(until),
         status=status.value if status else None,
         triage=triage.value if triage else None,
         label=label,
-        min_probability=min_probability if label else None,
+        min_probability=(0.5 if min_probability is None else min_probability) if label else None,
     )
 
-    def query(sessions: sessionmaker[Session]) -> list[dict[str, object]]:
+    def query(sessions: Sessions) -> list[dict[str, object]]:
         with sessions() as session:
             return [repository.outcome_row(o) for o in repository.current_outcomes(session, where)]
 
@@ -424,7 +509,7 @@ def results(
         rows,
         fmt,
         "current study outcomes (NOT FOR DIAGNOSTIC USE)",
-        ["study_instance_uid", "status", "triage", "no_finding_score", "reason"],
+        [*_IDENTITY_COLUMNS, "status", "triage", "no_finding_score", "reason"],
     )
     _warn_synthetic(rows)
 
@@ -435,15 +520,21 @@ def worklist(
     db: DbOption = None,
     config: ConfigOption = None,
     fmt: FormatOption = Format.TABLE,
+    since: Annotated[
+        dt.datetime | None, typer.Option(help="Outcomes recorded at or after this time.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="The first N studies only.")] = None,
 ) -> None:
-    """Processed studies in screening order: abnormal first, by No Finding score."""
+    """Processed studies in screening order: abnormal and needs-review first, by No Finding
+    score."""
     from cxrbatch.db import repository
 
-    def query(sessions: sessionmaker[Session]) -> list[dict[str, object]]:
+    def query(sessions: Sessions) -> list[dict[str, object]]:
         with sessions() as session:
+            ordered = repository.worklist(session, since=_utc(since), limit=limit)
             return [
                 {"rank": rank, **repository.outcome_row(o)}
-                for rank, o in enumerate(repository.worklist(session), start=1)
+                for rank, o in enumerate(ordered, start=1)
             ]
 
     rows = _with_database(config, db, out, query)
@@ -453,7 +544,7 @@ def worklist(
         "screening worklist (NOT FOR DIAGNOSTIC USE)",
         [
             "rank",
-            "study_instance_uid",
+            *_IDENTITY_COLUMNS,
             "triage",
             "screening_no_finding_score",
             "no_finding_score",
@@ -472,15 +563,13 @@ def status(
     ] = StatusFormat.TABLE,
 ) -> None:
     """Queue depth by job status, throughput, recent failures, dead jobs and deliveries."""
-    from cxrbatch import queue
-    from cxrbatch.db import repository
-    from cxrbatch.send import deliveries
+    from cxrbatch.db import deliveries, jobs, repository
 
-    def query(sessions: sessionmaker[Session]) -> dict[str, Any]:
+    def query(sessions: Sessions) -> dict[str, Any]:
         now = dt.datetime.now(dt.UTC)
         with sessions() as session:
             return {
-                "jobs": queue.counts(session),
+                "jobs": jobs.counts(session),
                 "finished_last_hour": repository.finished_since(
                     session, now - dt.timedelta(hours=1)
                 ),
@@ -558,10 +647,14 @@ def jobs_retry(
     config: ConfigOption = None,
 ) -> None:
     """Queue dead jobs again with fresh attempts."""
-    from cxrbatch import queue
+    from cxrbatch.db import jobs
 
     count = _with_database(
-        config, db, out, lambda sessions: queue.retry_dead(sessions, study_instance_uids or None)
+        config,
+        db,
+        out,
+        lambda sessions: jobs.retry_dead(sessions, study_instance_uids or None),
+        readonly=False,
     )
     out_console.print(f"{count} dead job(s) queued again")
 
@@ -575,7 +668,7 @@ def _warn_synthetic(rows: list[dict[str, object]]) -> None:
         )
 
 
-def _database_error(exc: SQLAlchemyError) -> str:
+def _database_error(exc: DatabaseError) -> str:
     return f"results database error: {type(exc).__name__}: {exc.args[0] if exc.args else ''}"
 
 

@@ -1,4 +1,5 @@
-"""One validated Settings object: bundled defaults < config file (TOML) < CXRBATCH_* env.
+"""One validated Settings object: bundled defaults < config file (TOML) < CXRBATCH_* env
+< command-line flags (`load_settings(..., flags=...)`).
 
 Environment variables use `__` between section and key, e.g.
 `CXRBATCH_SEGMENTATION__DEVICE=cpu` or `CXRBATCH_DATABASE__URL=postgresql+psycopg://...`.
@@ -24,7 +25,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from cxrbatch.errors import ConfigError
 
-DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "default.toml"
+# Shipped inside the package (package data), so a non-editable install has it too.
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "defaults" / "default.toml"
 
 # SOP classes of projection radiographs (PS3.4 B.5).
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
@@ -303,6 +305,22 @@ class Settings(BaseSettings):
         return (env_settings, init_settings)
 
 
+class _Resolved(Settings):
+    """Settings whose sources are resolved already (the environment was read once, under
+    the flags): built from init arguments only, so the environment cannot win again."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in override.items():
@@ -362,24 +380,34 @@ def check_environment(environ: Mapping[str, str]) -> None:
                 )
 
 
-def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
-    """Load the bundled defaults, then `config_file`, then CXRBATCH_* variables.
+def load_settings(
+    config_file: Path | None = None,
+    *,
+    flags: Mapping[str, Any] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """The bundled defaults, then `config_file`, then CXRBATCH_* variables, then `flags`.
 
-    `overrides` are section dictionaries (as from command-line options) applied last over
-    the file but still under the environment.
+    `flags` are section dictionaries from command-line options (`--db` is
+    `database={"url": ...}`): what an operator types wins over the environment, which wins
+    over the file (as pydantic-settings orders init arguments over the environment).
+    `overrides` are section dictionaries applied over the file but under the environment
+    (a caller's defaults: tests, the bench).
     """
-    data: dict[str, Any] = {}
-    if DEFAULT_CONFIG_PATH.exists():
-        data = _read_toml(DEFAULT_CONFIG_PATH)
+    data = _read_toml(DEFAULT_CONFIG_PATH)
     if config_file is not None:
         data = _deep_merge(data, _read_toml(Path(config_file)))
     data = _deep_merge(data, {k: v for k, v in overrides.items() if v})
     check_environment(os.environ)
+    source = f" ({config_file} and the defaults)" if config_file else ""
     try:
-        return Settings(**data)
+        settings = Settings(**data)
+        given = {k: v for k, v in (flags or {}).items() if v}
+        if given:
+            settings = _Resolved(**_deep_merge(settings.model_dump(), given))
     except ValidationError as exc:
-        source = f" ({config_file} and the defaults)" if config_file else ""
         raise ConfigError(f"invalid configuration{source}: {validation_summary(exc)}") from exc
+    return settings
 
 
 def validation_summary(exc: ValidationError) -> str:

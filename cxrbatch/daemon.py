@@ -7,7 +7,7 @@
     worker: N worker processes only (extra hosts sharing one PostgreSQL queue and storage)
 
 SIGTERM or SIGINT drains: ingest stops taking files (the receiver stops listening),
-every worker finishes the studies in hand within `queue.drain_grace_seconds` or gives
+every worker finishes the studies in hand within `jobs.drain_grace_seconds` or gives
 them back to the queue, then exits. A worker process that dies (killed, out of memory) is
 replaced; its job is recovered from the queue and counted as a failed attempt.
 """
@@ -24,15 +24,21 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
 
-from cxrbatch import queue
 from cxrbatch.config import Settings
 from cxrbatch.cpus import threads_per_worker
+from cxrbatch.db import jobs
 from cxrbatch.db.session import ensure_local_sqlite, make_engine, session_factory, upgrade
 from cxrbatch.ingest.folder import FolderIngest
 from cxrbatch.ingest.scp import DicomReceiver
 from cxrbatch.ingest.spool import Spool
 from cxrbatch.models.preflight import check_model_files
-from cxrbatch.paths import database_url, incoming_dir, quarantine_dir, spool_dir
+from cxrbatch.paths import (
+    check_outside_input,
+    database_url,
+    incoming_dir,
+    quarantine_dir,
+    spool_dir,
+)
 from cxrbatch.send.sender import SenderThread
 from cxrbatch.worker_entry import EXIT_CANNOT_START, worker_process_main
 
@@ -60,6 +66,8 @@ class Service:
         # The models' files first: nothing is received or taken for workers that cannot
         # start (a missing checkpoint or bundle is one line and exit 2).
         check_model_files(settings)
+        if input_dir is not None:
+            check_outside_input(settings, input_dir, out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         self.url = database_url(settings, out_dir)
         ensure_local_sqlite(self.url)
@@ -87,8 +95,8 @@ class Service:
     # -- running --------------------------------------------------------------------------
 
     def run(self) -> None:
-        policy = queue.RetryPolicy.from_settings(self.settings.queue)
-        recovered = queue.recover_stalled(self.sessions, policy)
+        policy = jobs.RetryPolicy.from_settings(self.settings.queue)
+        recovered = jobs.recover_stalled(self.sessions, policy)
         if recovered:
             log.warning("%d job(s) of a previous run recovered for retry", recovered)
         ingest = self._start_ingest() if self.input_dir is not None else None

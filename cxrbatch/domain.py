@@ -6,6 +6,7 @@ Dataset, so they are cheap to pass between processes. Names follow DICOM keyword
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,10 @@ class OutcomeStatus(enum.StrEnum):
     PROCESSED = "processed"  # at least one image segmented (and classified when configured)
     INELIGIBLE = "ineligible"  # readable DICOM, but nothing in it is a frontal chest radiograph
     FAILED = "failed"  # eligible input, but an error of ours or of the input stopped it
+
+
+# The five abnormalities of the study the product reproduces (a bundle may declare others).
+FINDING_LABELS: tuple[str, ...] = ("Mass", "Nodule", "Pneumonia", "Edema", "Fibrosis")
 
 
 class StudyRunStatus(enum.StrEnum):
@@ -87,6 +92,11 @@ class InstanceHeader:
     view_position: str | None
     transfer_syntax_uid: str
     instance_number: int | None = None
+    # Study identity for people querying results (never logged: kept out of the repr).
+    accession_number: str | None = field(default=None, repr=False)
+    patient_id: str | None = field(default=None, repr=False)
+    patient_name: str | None = field(default=None, repr=False)
+    study_date: dt.date | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -204,7 +214,7 @@ class LungSegmentation:
 
     @property
     def lungs(self) -> np.ndarray:
-        return np.logical_or(self.right_lung, self.left_lung)
+        return np.asarray(np.logical_or(self.right_lung, self.left_lung))
 
     def area_fraction(self, side: str) -> float:
         mask = self.right_lung if side == "right" else self.left_lung

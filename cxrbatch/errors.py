@@ -1,8 +1,9 @@
 """One exception tree for the whole product.
 
-`NotEligible` means "skip and record": the input is fine DICOM but not a frontal chest
-radiograph. `InputError` means the input itself is bad (unreadable, truncated, not DICOM);
-such files are quarantined with the reason. Everything else is a failure of ours.
+An instance that is fine DICOM but not a frontal chest radiograph is not an error: selection
+records it as ineligible with its reason. `InputError` means the input itself is bad
+(unreadable, truncated, not DICOM); such files are quarantined with the reason. Everything
+else is a failure of ours.
 """
 
 from __future__ import annotations
@@ -20,16 +21,17 @@ class InputError(CxrBatchError):
     """An input file cannot be used: not DICOM, truncated, undecodable. Quarantine it."""
 
 
-class NotEligible(CxrBatchError):
-    """A readable instance that this product does not process (other modality, lateral...)."""
-
-
 class ModelError(CxrBatchError):
     """A model or model bundle is missing, corrupt or inconsistent."""
 
 
 class OutputError(CxrBatchError):
     """An output object could not be built or written."""
+
+
+class DatabaseNotReady(CxrBatchError):
+    """There is no results database where one was named, or its schema is not the one this
+    code expects (older: run `cxrbatch db upgrade`; newer: upgrade cxrbatch)."""
 
 
 class RecordingError(CxrBatchError):

@@ -66,3 +66,22 @@ def spool_dir(settings: Settings, out_dir: Path) -> Path:
 def incoming_dir(out_dir: Path) -> Path:
     """Where the DICOM receiver writes an instance before it is taken into the spool."""
     return out_dir / "_incoming"
+
+
+def check_outside_input(settings: Settings, input_dir: Path, out_dir: Path) -> None:
+    """Refuse an output, spool or quarantine folder inside the input folder: what cxrbatch
+    writes there (SEG, SR, its database, spooled copies) would be read back as input and
+    quarantined or processed again."""
+    from cxrbatch.errors import ConfigError
+
+    for name, folder in (
+        ("output folder", out_dir),
+        ("spool folder (ingest.spool_dir)", spool_dir(settings, out_dir)),
+        ("quarantine folder (output.quarantine_dir)", quarantine_dir(settings, out_dir)),
+    ):
+        if is_inside(input_dir, folder):
+            raise ConfigError(
+                f"the {name} {folder.resolve()} is inside the input folder "
+                f"{input_dir.resolve()}: its files would be read back as input; choose a "
+                "folder outside the input"
+            )

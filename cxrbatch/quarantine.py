@@ -6,9 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from sqlalchemy.orm import Session
-
-from cxrbatch.db import repository
+from cxrbatch.db import Session, repository
 from cxrbatch.domain import RejectedFile
 from cxrbatch.files import atomic_write, sha256_file
 

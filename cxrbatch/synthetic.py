@@ -19,7 +19,9 @@ MONOCHROME1 or MONOCHROME2, 8-16 bits, in several transfer syntaxes.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,15 @@ class Phantom:
     features: tuple[str, ...] = ()
 
 
+def _jitter(rng: np.random.Generator) -> Callable[[float], float]:
+    """A draw uniform in (-s, s) for each call j(s)."""
+
+    def j(spread: float) -> float:
+        return float(rng.uniform(-spread, spread))
+
+    return j
+
+
 def _ellipse(
     shape: tuple[int, int],
     cx: float,
@@ -81,20 +92,20 @@ def _ellipse(
     y = yy / rows - cy
     c, s = np.cos(angle), np.sin(angle)
     xr, yr = c * x + s * y, -s * x + c * y
-    return (np.abs(xr / ax) ** power + np.abs(yr / ay) ** power) <= 1.0
+    return np.asarray((np.abs(xr / ax) ** power + np.abs(yr / ay) ** power) <= 1.0)
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
     noise = rng.standard_normal(shape).astype(np.float32)
     noise = np.asarray(cv2.GaussianBlur(noise, (0, 0), sigma), dtype=np.float32)
-    return noise / (noise.std() + 1e-6)
+    return np.asarray(noise / (noise.std() + 1e-6))
 
 
 def _lungs(
     shape: tuple[int, int], rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float, float]]:
     """Image-left and image-right lung masks (default orientation) and the heart ellipse."""
-    j = lambda s: float(rng.uniform(-s, s))  # noqa: E731
+    j = _jitter(rng)
     image_left = _ellipse(
         shape, 0.31 + j(0.015), 0.47 + j(0.02), 0.135 + j(0.01), 0.30 + j(0.02), j(0.05), 2.4
     )
@@ -246,7 +257,8 @@ def to_dataset(
     today = dt.date(2026, 1, 1)
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = today.strftime("%Y%m%d")
     ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
-    ds.AccessionNumber = ""
+    # An accession number per study, as a RIS gives one (SH: at most 16 characters).
+    ds.AccessionNumber = "SYN" + hashlib.sha256(ds.StudyInstanceUID.encode()).hexdigest()[:8]
     ds.StudyID = "1"
     ds.SeriesNumber = 1
     ds.InstanceNumber = instance
@@ -439,7 +451,7 @@ def _lung_outline(
     """A lung field outline (u, v) on one side of `mid` (side -1 = image left), as in the
     SCR convention: apex, costal margin down to the costophrenic angle, diaphragm dome,
     medial (mediastinal) border. The heart is cut out afterwards."""
-    j = lambda s: float(rng.uniform(-s, s))  # noqa: E731
+    j = _jitter(rng)
     med = 0.045 + j(0.015)  # half-width of the mediastinum
     lat = 0.38 + j(0.04)  # costal margin, from the midline
     top = 0.11 + j(0.04)
@@ -494,7 +506,7 @@ def make_hard_phantom(
     rng = np.random.default_rng(seed)
     rows, cols = size
     shape = size
-    j = lambda s: float(rng.uniform(-s, s))  # noqa: E731
+    j = _jitter(rng)
     features: list[str] = []
     view = "AP" if rng.random() < 0.35 else "PA"
     features.append(view)

@@ -26,13 +26,11 @@ from types import FrameType
 from typing import Any
 
 import torch
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
 
-from cxrbatch import logs, pipeline, queue
+from cxrbatch import logs, pipeline
 from cxrbatch.allocator import keep_freed_memory
 from cxrbatch.config import Settings
-from cxrbatch.db import instances, repository
+from cxrbatch.db import DatabaseError, Session, Sessions, deliveries, instances, jobs, repository
 from cxrbatch.db import models as tables
 from cxrbatch.db.session import make_engine, session_factory
 from cxrbatch.dicom.discover import read_header
@@ -50,7 +48,6 @@ from cxrbatch.errors import CxrBatchError, RecordingError, one_line
 from cxrbatch.models.device import limit_cpu_threads
 from cxrbatch.paths import quarantine_dir, spool_dir
 from cxrbatch.quarantine import record_rejected_files
-from cxrbatch.send import deliveries
 from cxrbatch.worker_entry import EXIT_CANNOT_START
 
 log = logging.getLogger(__name__)
@@ -102,7 +99,7 @@ class StudyProcessor:
         if settings.processing.keep_freed_memory:  # every processing process passes here
             keep_freed_memory()
         self.engine = make_engine(url)
-        self.sessions: sessionmaker[Session] = session_factory(self.engine)
+        self.sessions: Sessions = session_factory(self.engine)
         self.models = models if models is not None else pipeline.load_models(settings, in_flight)
         self.synthetic = any(m.synthetic_training_data for m in self.models.refs)
 
@@ -156,7 +153,7 @@ class StudyProcessor:
             )
         try:
             quarantined = record_result(self.sessions, settings, self.out_dir, result, on_record)
-        except SQLAlchemyError as exc:
+        except DatabaseError as exc:
             log.debug("recording study %s failed", uid, exc_info=True)
             raise RecordingError(
                 f"the outcome of study {uid} cannot be recorded in the results database: "
@@ -208,7 +205,7 @@ class StudyProcessor:
 
 
 def record_result(
-    sessions: sessionmaker[Session],
+    sessions: Sessions,
     settings: Settings,
     out_dir: Path,
     result: StudyResult,
@@ -308,21 +305,17 @@ def free_disk_mb(paths: list[Path]) -> float:
 class _Heartbeat:
     """Renews a claim's lease every heartbeat_seconds while a study is processed."""
 
-    def __init__(
-        self, sessions: sessionmaker[Session], claimed: queue.Claim, settings: Settings
-    ) -> None:
+    def __init__(self, sessions: Sessions, claimed: jobs.Claim, settings: Settings) -> None:
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._run, args=(sessions, claimed, settings), daemon=True
         )
 
-    def _run(
-        self, sessions: sessionmaker[Session], claimed: queue.Claim, settings: Settings
-    ) -> None:
+    def _run(self, sessions: Sessions, claimed: jobs.Claim, settings: Settings) -> None:
         interval = settings.queue.heartbeat_seconds
         while not self._stop.wait(interval):
             try:
-                if not queue.heartbeat(sessions, claimed, settings.queue.lease_seconds):
+                if not jobs.heartbeat(sessions, claimed, settings.queue.lease_seconds):
                     log.warning("lease of study %s lost", claimed.study_instance_uid)
                     return
             except Exception as exc:  # the database may be briefly unreachable
@@ -352,10 +345,10 @@ class QueueWorker:
         self.slots = max(1, settings.processing.study_threads)  # studies in flight
         self.processor = StudyProcessor(settings, out_dir, url, models, in_flight=self.slots)
         self.sessions = self.processor.sessions
-        self.policy = queue.RetryPolicy.from_settings(settings.queue)
-        self.owner = queue.new_owner()
+        self.policy = jobs.RetryPolicy.from_settings(settings.queue)
+        self.owner = jobs.new_owner()
         self.stopping = threading.Event()
-        self.current: list[queue.Claim] = []  # the claims in hand
+        self.current: list[jobs.Claim] = []  # the claims in hand
         self._lock = threading.Lock()
         self._paused_for_disk = False
         self._last_recovery = 0.0
@@ -387,7 +380,7 @@ class QueueWorker:
         with self._lock:
             in_hand = list(self.current)
         for claimed in in_hand:
-            released = queue.release(self.sessions, claimed)
+            released = jobs.release(self.sessions, claimed)
             log.warning(
                 "grace period over: study %s %s for retry",
                 claimed.study_instance_uid,
@@ -441,11 +434,11 @@ class QueueWorker:
             if self._disk_low():
                 self.stopping.wait(interval)
                 continue
-            claimed = queue.claim(self.sessions, self.owner, self.settings.queue.lease_seconds)
+            claimed = jobs.claim(self.sessions, self.owner, self.settings.queue.lease_seconds)
             if claimed is not None and self.stopping.is_set():
                 # The stop came while this claim waited for the database: no new study
                 # starts after a stop; the job goes back, its attempt uncounted.
-                queue.release(self.sessions, claimed)
+                jobs.release(self.sessions, claimed)
                 break
             if claimed is None:
                 if until_idle and not self._work_pending():
@@ -463,7 +456,7 @@ class QueueWorker:
                 with self._lock:
                     self.current.remove(claimed)
 
-    def process_claim(self, claimed: queue.Claim) -> None:
+    def process_claim(self, claimed: jobs.Claim) -> None:
         with self.sessions() as session:
             study, missing = received_study(session, claimed.study_instance_uid)
             record_rejected_files(
@@ -477,7 +470,7 @@ class QueueWorker:
         def close_job(session: Session, outcome: tables.Outcome) -> bool:
             status = JOB_STATUS_OF_OUTCOME[outcome.status]
             error = outcome.reason if status is JobStatus.FAILED else None
-            closed = queue.finish(
+            closed = jobs.finish(
                 session, claimed, status, self.policy, error=error, outcome_id=outcome.id
             )
             if closed is not None:
@@ -506,7 +499,7 @@ class QueueWorker:
             if due:
                 self._last_recovery = now
         if due:
-            queue.recover_stalled(self.sessions, self.policy)
+            jobs.recover_stalled(self.sessions, self.policy)
 
     def _disk_low(self) -> bool:
         watermark = self.settings.queue.min_free_disk_mb
@@ -528,7 +521,7 @@ class QueueWorker:
 
     def _work_pending(self) -> bool:
         with self.sessions() as session:
-            counted = queue.counts(session)
+            counted = jobs.counts(session)
         return counted[JobStatus.QUEUED.value] + counted[JobStatus.RUNNING.value] > 0
 
 

@@ -130,8 +130,9 @@ def test_a_database_driver_that_is_not_installed_is_one_line_for_every_command(
         ["results", "--db", url],
         ["status", "--db", url],
         ["db", "upgrade", "--db", url],
-        ["process", str(tmp_path), "--out", str(tmp_path / "o"), "--db", url],
+        ["process", str(tmp_path / "in"), "--out", str(tmp_path / "o"), "--db", url],
     ):
+        (tmp_path / "in").mkdir(exist_ok=True)
         result = RUNNER.invoke(app, command)
         assert result.exit_code == 2, (command, result.output)
         assert "not installed: MySQLdb" in _one_error_line(result.output), result.output

@@ -13,24 +13,24 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from cxrbatch import queue
+from cxrbatch.db import jobs
 from cxrbatch.db import models as tables
 from cxrbatch.db.session import make_engine, session_factory, upgrade
 from cxrbatch.domain import JobStatus
 
-POLICY = queue.RetryPolicy(max_attempts=3, backoff_base_seconds=10, backoff_max_seconds=25)
+POLICY = jobs.RetryPolicy(max_attempts=3, backoff_base_seconds=10, backoff_max_seconds=25)
 
 
 @pytest.fixture()
 def sessions(tmp_path: Path) -> sessionmaker[Session]:
-    url = f"sqlite:///{tmp_path / 'queue.sqlite'}"
+    url = f"sqlite:///{tmp_path / 'jobs.sqlite'}"
     upgrade(url)
     return session_factory(make_engine(url))
 
 
 def _enqueue(sessions: sessionmaker[Session], uid: str, stable: float = 0.0) -> None:
     with sessions.begin() as session:
-        queue.enqueue_study(session, uid, stable)
+        jobs.enqueue_study(session, uid, stable)
 
 
 def _job(sessions: sessionmaker[Session], uid: str) -> tables.Job:
@@ -42,12 +42,12 @@ def _job(sessions: sessionmaker[Session], uid: str) -> tables.Job:
 
 def _finish(
     sessions: sessionmaker[Session],
-    claimed: queue.Claim,
+    claimed: jobs.Claim,
     status: JobStatus,
     error: str | None = None,
 ) -> JobStatus | None:
     with sessions.begin() as session:
-        return queue.finish(session, claimed, status, POLICY, error=error)
+        return jobs.finish(session, claimed, status, POLICY, error=error)
 
 
 def _make_due(sessions: sessionmaker[Session]) -> None:
@@ -57,11 +57,11 @@ def _make_due(sessions: sessionmaker[Session]) -> None:
 
 def test_study_is_not_claimed_before_its_quiet_period(sessions: sessionmaker[Session]) -> None:
     _enqueue(sessions, "1.2.1", stable=60)
-    assert queue.claim(sessions, "w1", 30) is None
+    assert jobs.claim(sessions, "w1", 30) is None
     _make_due(sessions)
-    claimed = queue.claim(sessions, "w1", 30)
+    claimed = jobs.claim(sessions, "w1", 30)
     assert claimed is not None and claimed.attempts == 1
-    assert queue.claim(sessions, "w2", 30) is None  # one claimer only
+    assert jobs.claim(sessions, "w2", 30) is None  # one claimer only
     assert _finish(sessions, claimed, JobStatus.DONE) is JobStatus.DONE
     job = _job(sessions, "1.2.1")
     assert job.status == "done" and job.lease_owner is None and job.finished_at is not None
@@ -74,7 +74,7 @@ def test_failures_back_off_exponentially_then_the_job_is_dead(
     delays = []
     for attempt in range(1, 4):
         _make_due(sessions)
-        claimed = queue.claim(sessions, "w", 30)
+        claimed = jobs.claim(sessions, "w", 30)
         assert claimed is not None and claimed.attempts == attempt
         before = tables.utcnow()
         status = _finish(sessions, claimed, JobStatus.FAILED, f"disk full ({attempt})")
@@ -83,15 +83,15 @@ def test_failures_back_off_exponentially_then_the_job_is_dead(
             assert status is JobStatus.FAILED and job.status == "failed"
             run_after = job.run_after.replace(tzinfo=dt.UTC)
             delays.append((run_after - before).total_seconds())
-            assert queue.claim(sessions, "w", 30) is None  # not before its backoff
+            assert jobs.claim(sessions, "w", 30) is None  # not before its backoff
     assert delays[0] == pytest.approx(10, abs=1) and delays[1] == pytest.approx(20, abs=1)
     assert status is JobStatus.DEAD
     job = _job(sessions, "1.2.2")
     assert job.status == "dead" and job.last_error == "disk full (3)"
     _make_due(sessions)
-    assert queue.claim(sessions, "w", 30) is None  # dead jobs stay dead ...
-    assert queue.retry_dead(sessions, ["1.2.2"]) == 1  # ... until retried
-    claimed = queue.claim(sessions, "w", 30)
+    assert jobs.claim(sessions, "w", 30) is None  # dead jobs stay dead ...
+    assert jobs.retry_dead(sessions, ["1.2.2"]) == 1  # ... until retried
+    claimed = jobs.claim(sessions, "w", 30)
     assert claimed is not None and claimed.attempts == 1
 
 
@@ -99,19 +99,19 @@ def test_expired_lease_is_recovered_and_the_old_owner_cannot_finish(
     sessions: sessionmaker[Session],
 ) -> None:
     _enqueue(sessions, "1.2.3")
-    first = queue.claim(sessions, "host-a:1:x", lease_seconds=30)
+    first = jobs.claim(sessions, "host-a:1:x", lease_seconds=30)
     assert first is not None
-    assert queue.heartbeat(sessions, first, 30)
-    assert queue.recover_stalled(sessions, POLICY) == 0  # lease still valid
+    assert jobs.heartbeat(sessions, first, 30)
+    assert jobs.recover_stalled(sessions, POLICY) == 0  # lease still valid
     with sessions.begin() as session:
         session.execute(
             update(tables.Job).values(lease_expires_at=tables.utcnow() - dt.timedelta(seconds=1))
         )
-    assert queue.recover_stalled(sessions, POLICY) == 1
+    assert jobs.recover_stalled(sessions, POLICY) == 1
     assert "worker lost" in (_job(sessions, "1.2.3").last_error or "")
-    second = queue.claim(sessions, "host-b:2:y", 30)
+    second = jobs.claim(sessions, "host-b:2:y", 30)
     assert second is not None and second.attempts == 2
-    assert not queue.heartbeat(sessions, first, 30)  # the first owner lost its lease
+    assert not jobs.heartbeat(sessions, first, 30)  # the first owner lost its lease
     assert _finish(sessions, first, JobStatus.DONE) is None
     assert _finish(sessions, second, JobStatus.DONE) is JobStatus.DONE
 
@@ -126,8 +126,8 @@ def test_job_of_a_dead_local_process_is_recovered_at_once(
     child.join()
     _enqueue(sessions, "1.2.4")
     owner = f"{socket.gethostname()}:{child.pid}:dead"
-    assert queue.claim(sessions, owner, lease_seconds=3600) is not None
-    assert queue.recover_stalled(sessions, POLICY) == 1
+    assert jobs.claim(sessions, owner, lease_seconds=3600) is not None
+    assert jobs.recover_stalled(sessions, POLICY) == 1
     assert _job(sessions, "1.2.4").status == "queued"
 
 
@@ -135,9 +135,9 @@ def test_release_gives_the_job_back_without_counting_the_attempt(
     sessions: sessionmaker[Session],
 ) -> None:
     _enqueue(sessions, "1.2.5")
-    claimed = queue.claim(sessions, "w", 30)
+    claimed = jobs.claim(sessions, "w", 30)
     assert claimed is not None
-    assert queue.release(sessions, claimed)
+    assert jobs.release(sessions, claimed)
     job = _job(sessions, "1.2.5")
     assert job.status == "queued" and job.attempts == 0 and job.lease_owner is None
 
@@ -146,18 +146,18 @@ def test_late_arrival_requeues_a_finished_and_a_running_study(
     sessions: sessionmaker[Session],
 ) -> None:
     _enqueue(sessions, "1.2.6")
-    claimed = queue.claim(sessions, "w", 30)
+    claimed = jobs.claim(sessions, "w", 30)
     assert claimed is not None
     assert _finish(sessions, claimed, JobStatus.DONE) is JobStatus.DONE
     _enqueue(sessions, "1.2.6", stable=0)  # late instance after processing
     job = _job(sessions, "1.2.6")
     assert job.status == "queued" and job.attempts == 0 and job.generation == 2
-    claimed = queue.claim(sessions, "w", 30)
+    claimed = jobs.claim(sessions, "w", 30)
     assert claimed is not None
     _enqueue(sessions, "1.2.6", stable=0)  # arrives while the study is being processed
     assert _job(sessions, "1.2.6").status == "running"
     assert _finish(sessions, claimed, JobStatus.DONE) is JobStatus.QUEUED
-    again = queue.claim(sessions, "w", 30)
+    again = jobs.claim(sessions, "w", 30)
     assert again is not None and again.generation == 3
     assert _finish(sessions, again, JobStatus.DONE) is JobStatus.DONE
 
@@ -170,11 +170,11 @@ def _drain_queue(url: str, seed: int, results: multiprocessing.Queue) -> None:  
     rng = random.Random(seed)
     engine = make_engine(url)
     sessions = session_factory(engine)
-    owner = queue.new_owner()
+    owner = jobs.new_owner()
     ran: list[int] = []
     idle_rounds = 0
     while idle_rounds < 3:
-        claimed = queue.claim(sessions, owner, lease_seconds=60)
+        claimed = jobs.claim(sessions, owner, lease_seconds=60)
         if claimed is None:
             idle_rounds += 1
             time.sleep(0.05)
@@ -182,19 +182,19 @@ def _drain_queue(url: str, seed: int, results: multiprocessing.Queue) -> None:  
         idle_rounds = 0
         time.sleep(rng.uniform(0, 0.004))  # "processing"
         with sessions.begin() as session:
-            assert queue.finish(session, claimed, JobStatus.DONE, queue.RetryPolicy())
+            assert jobs.finish(session, claimed, JobStatus.DONE, jobs.RetryPolicy())
         ran.append(claimed.job_id)
     engine.dispose()
     results.put(ran)
 
 
-def _four_workers_run_each_job_once(url: str, jobs: int) -> None:
+def _four_workers_run_each_job_once(url: str, count: int) -> None:
     upgrade(url)
     engine = make_engine(url)
     sessions = session_factory(engine)
     with sessions.begin() as session:
-        for n in range(jobs):
-            queue.enqueue_study(session, f"1.2.840.99.{n}", 0)
+        for n in range(count):
+            jobs.enqueue_study(session, f"1.2.840.99.{n}", 0)
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     workers = [context.Process(target=_drain_queue, args=(url, n, results)) for n in range(4)]
@@ -205,10 +205,10 @@ def _four_workers_run_each_job_once(url: str, jobs: int) -> None:
         process.join(30)
         assert process.exitcode == 0
     everything = [job for worker_jobs in ran for job in worker_jobs]
-    assert len(everything) == jobs and len(set(everything)) == jobs  # each exactly once
+    assert len(everything) == count and len(set(everything)) == count  # each exactly once
     assert sum(1 for worker_jobs in ran if worker_jobs) >= 2  # the work was shared
     with sessions() as session:
-        assert queue.counts(session)["done"] == jobs
+        assert jobs.counts(session)["done"] == count
         attempts = session.scalars(select(tables.Job.attempts)).all()
         assert set(attempts) == {1}
     engine.dispose()

@@ -4,6 +4,7 @@ failure that must not be acknowledged."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -193,16 +194,39 @@ def test_a_local_failure_is_not_acknowledged(
     assert list((node.out / "_incoming").iterdir()) == []
 
 
-def test_unknown_peers_are_refused(tmp_path: Path) -> None:
+def _refusal(port: int, calling: str = "PACS", called: str = "CXRBATCH") -> tuple[bool, bool, int]:
+    """(rejected, aborted, A-ASSOCIATE-RJ diagnostic) of one association request."""
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    if assoc.is_established:
+        assoc.release()
+        return False, False, 0
+    answer = assoc.acceptor.primitive
+    diagnostic = int(answer.diagnostic) if answer is not None and answer.diagnostic else 0
+    return bool(assoc.is_rejected), bool(assoc.is_aborted), diagnostic
+
+
+def test_unknown_peers_are_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A-ASSOCIATE-RJ, never an abort: "calling AE title not recognised" (3) for an unknown
+    title (pynetdicom's own check), "no reason given" (1) for a host not allowed; the log
+    names the refused title and host."""
     titles = _Node(tmp_path / "a", allowed_calling_ae_titles=("PACS",))
     hosts = _Node(tmp_path / "b", allowed_hosts=("10.0.0.0/8",))
     for made in (titles, hosts):
         made.receiver.start()
     try:
+        with caplog.at_level(logging.WARNING, logger="cxrbatch.ingest.scp"):
+            assert _refusal(titles.settings.port, calling="INTRUDER") == (True, False, 3)
+            assert _refusal(hosts.settings.port) == (True, False, 1)  # 127.0.0.1 not allowed
+        refused = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+        assert any("'INTRUDER'" in line and "127.0.0.1" in line for line in refused), refused
+        assert any("allowed_hosts" in line and "127.0.0.1" in line for line in refused), refused
         assert _send(titles.settings.port, [_dataset(6)], calling="INTRUDER") is None
         assert _send(titles.settings.port, [_dataset(6)], calling="PACS") == [0x0000]
         assert _send(titles.settings.port, [_dataset(7)], called="SOMEONE") is None
-        assert _send(hosts.settings.port, [_dataset(8)]) is None  # 127.0.0.1 not allowed
+        assert _send(hosts.settings.port, [_dataset(8)]) is None
         assert hosts.rows(tables.Instance) == []
     finally:
         for made in (titles, hosts):

@@ -89,7 +89,7 @@ def jitter(
     moved = np.clip(moved, 0, [cols, rows, cols, rows]).astype(np.float32)
     if moved[2] - moved[0] < 2 or moved[3] - moved[1] < 2:
         return box
-    return moved
+    return np.asarray(moved)
 
 
 def split_pairs(

@@ -28,7 +28,7 @@ SCREENING_SENSITIVITIES = (0.98, 0.99)
 
 def no_finding_score(probabilities: np.ndarray) -> np.ndarray:
     """1 - max p over the findings, per image (the paper's No Finding score)."""
-    return 1.0 - np.asarray(probabilities).max(axis=1)
+    return np.asarray(1.0 - np.asarray(probabilities).max(axis=1))
 
 
 def auroc(scores: np.ndarray, truth: np.ndarray) -> float:

@@ -253,12 +253,12 @@ def aggregate(cells: list[dict[str, Any]], config: StudyConfig) -> dict[str, Any
                 if c["architecture"] == architecture and c["mask_mode"] == mode
             }
             seeds = sorted(set(base) & set(other))
-            for metric, pick in (
-                ("macro_auroc", lambda e: e["macro"]["auroc"]),
-                ("no_finding_auroc", lambda e: e["no_finding"]["auroc"]),
+            for metric, (part, key) in (
+                ("macro_auroc", ("macro", "auroc")),
+                ("no_finding_auroc", ("no_finding", "auroc")),
             ):
                 result = paired_tests(
-                    [pick(base[s]) for s in seeds], [pick(other[s]) for s in seeds]
+                    [base[s][part][key] for s in seeds], [other[s][part][key] for s in seeds]
                 )
                 tests.append(
                     {

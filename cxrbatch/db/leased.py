@@ -1,6 +1,6 @@
 """One leased-work mechanism in SQL: claim, heartbeat, finish with retry, release,
-recover, revive the dead, count. Jobs (`cxrbatch.queue`) and deliveries
-(`cxrbatch.send.deliveries`) are thin users of it; later kinds of work reuse it.
+recover, revive the dead, count. Jobs (`cxrbatch.db.jobs`) and deliveries
+(`cxrbatch.db.deliveries`) are thin users of it; later kinds of work reuse it.
 
 A kind of work is a table with the columns `id`, `status`, `attempts`, `run_after`,
 `lease_owner`, `lease_expires_at`, `last_error` and `updated_at`, and a `LeasedWork`

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from cxrbatch.db import models
 from cxrbatch.domain import (
+    FINDING_LABELS,
     ImageResult,
     InstanceHeader,
     JobStatus,
@@ -20,6 +21,7 @@ from cxrbatch.domain import (
     StudyResult,
     Triage,
 )
+from cxrbatch.errors import CxrBatchError
 
 
 def current_outcome(session: Session, study_instance_uid: str) -> models.Outcome | None:
@@ -40,6 +42,25 @@ def _study(session: Session, study_instance_uid: str) -> models.Study:
         session.flush()
     study.updated_at = models.utcnow()
     return study
+
+
+def _set_identity(study: models.Study, result: StudyResult) -> None:
+    """The study's accession number, patient, date and modality from its headers (the
+    processed images' first, then the rest); values cut to the column widths."""
+    headers = [i.instance for i in result.images]
+    headers += [s.instance for s in result.skipped] + [f.instance for f in result.failures]
+    if not headers:
+        return
+
+    def first(name: str, width: int) -> str | None:
+        value = next((getattr(h, name) for h in headers if getattr(h, name)), None)
+        return value[:width] if value else None
+
+    study.accession_number = first("accession_number", 64)
+    study.patient_id = first("patient_id", 64)
+    study.patient_name = first("patient_name", 200)
+    study.study_date = next((h.study_date for h in headers if h.study_date), None)
+    study.modality = first("modality", 16)
 
 
 def _unprocessed_row(header: InstanceHeader, status: OutcomeStatus, reason: str) -> models.Image:
@@ -120,6 +141,7 @@ def record_study(session: Session, result: StudyResult) -> models.Outcome:
     outcome in place instead of adding a row.
     """
     study = _study(session, result.study_instance_uid)
+    _set_identity(study, result)
     previous = session.scalar(
         select(models.Outcome).where(models.Outcome.study_id == study.id, models.Outcome.is_current)
     )
@@ -193,14 +215,36 @@ class OutcomeFilter:
     min_probability: float | None = None
 
 
+def finding_labels(session: Session) -> list[str]:
+    """The five study labels, then any other label a bundle has recorded."""
+    recorded = session.scalars(select(models.Finding.label).distinct())
+    return list(FINDING_LABELS) + sorted(set(recorded) - set(FINDING_LABELS))
+
+
+def canonical_label(session: Session, label: str) -> str:
+    """`label` as recorded (case-insensitive: `edema` is Edema); a label no bundle has is an
+    error that lists the known ones."""
+    known = finding_labels(session)
+    for candidate in known:
+        if candidate.casefold() == label.strip().casefold():
+            return candidate
+    raise CxrBatchError(f"unknown finding label {label!r}: expected one of {', '.join(known)}")
+
+
+_WITH_FINDINGS = (
+    selectinload(models.Outcome.study),
+    selectinload(models.Outcome.images).selectinload(models.Image.findings),
+)
+
+
 def current_outcomes(session: Session, where: OutcomeFilter | None = None) -> list[models.Outcome]:
     """Current outcomes, oldest first, filtered by time range, status, triage, or a label's
-    classifier probability on any image of the study."""
+    classifier probability on any image of the study (the label as `canonical_label`)."""
     where = where or OutcomeFilter()
     statement = (
         select(models.Outcome)
         .where(models.Outcome.is_current)
-        .options(selectinload(models.Outcome.study))
+        .options(*_WITH_FINDINGS)
         .order_by(models.Outcome.created_at, models.Outcome.id)
     )
     if where.since is not None:
@@ -217,7 +261,7 @@ def current_outcomes(session: Session, where: OutcomeFilter | None = None) -> li
             .join(models.Finding)
             .where(
                 models.Finding.role == "classifier",
-                models.Finding.label == where.label,
+                models.Finding.label == canonical_label(session, where.label),
                 models.Finding.probability >= (where.min_probability or 0.0),
             )
         )
@@ -225,10 +269,13 @@ def current_outcomes(session: Session, where: OutcomeFilter | None = None) -> li
     return list(session.scalars(statement))
 
 
-def worklist(session: Session) -> list[models.Outcome]:
+def worklist(
+    session: Session, since: dt.datetime | None = None, limit: int | None = None
+) -> list[models.Outcome]:
     """Processed studies in screening order: abnormal and needs-review first, then
     unscreened, then likely-normal; within each, the least normal (lowest No Finding
-    score) first, and needs-review studies without a score after those with one."""
+    score) first, and needs-review studies without a score after those with one.
+    `since`: outcomes recorded at or after it; `limit`: the first so many."""
     score = func.coalesce(
         models.Outcome.screening_no_finding_score, models.Outcome.no_finding_score
     )
@@ -237,25 +284,43 @@ def worklist(session: Session) -> list[models.Outcome]:
         (models.Outcome.triage.is_(None), 1),
         else_=2,
     )
-    return list(
-        session.scalars(
-            select(models.Outcome)
-            .where(models.Outcome.is_current, models.Outcome.status == OutcomeStatus.PROCESSED)
-            .options(selectinload(models.Outcome.study))
-            .order_by(
-                triage_rank,
-                case((score.is_(None), 1), else_=0),
-                score,
-                models.Outcome.created_at,
-            )
+    statement = (
+        select(models.Outcome)
+        .where(models.Outcome.is_current, models.Outcome.status == OutcomeStatus.PROCESSED)
+        .options(*_WITH_FINDINGS)
+        .order_by(
+            triage_rank,
+            case((score.is_(None), 1), else_=0),
+            score,
+            models.Outcome.created_at,
         )
     )
+    if since is not None:
+        statement = statement.where(models.Outcome.created_at >= since)
+    if limit is not None:
+        statement = statement.limit(limit)
+    return list(session.scalars(statement))
+
+
+def probabilities(outcome: models.Outcome, role: str = "classifier") -> dict[str, float]:
+    """Each label's highest probability over the study's images, for one model role."""
+    best: dict[str, float] = {}
+    for image in outcome.images:
+        for finding in image.findings:
+            if finding.role == role:
+                best[finding.label] = max(best.get(finding.label, 0.0), finding.probability)
+    return best
 
 
 def outcome_row(outcome: models.Outcome) -> dict[str, Any]:
     """One current outcome as the flat record `cxrbatch results` prints."""
+    study = outcome.study
     return {
-        "study_instance_uid": outcome.study.study_instance_uid,
+        "study_instance_uid": study.study_instance_uid,
+        "accession_number": study.accession_number,
+        "patient_id": study.patient_id,
+        "study_date": study.study_date.isoformat() if study.study_date else None,
+        "modality": study.modality,
         "status": outcome.status,
         "triage": outcome.triage,
         "no_finding_score": outcome.no_finding_score,
@@ -264,6 +329,7 @@ def outcome_row(outcome: models.Outcome) -> dict[str, Any]:
         "synthetic_model": outcome.synthetic_model,
         "reason": outcome.reason,
         "created_at": outcome.created_at.isoformat() if outcome.created_at else None,
+        "probabilities": probabilities(outcome),
     }
 
 

@@ -8,17 +8,22 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from cxrbatch.errors import ConfigError
+from cxrbatch.errors import ConfigError, DatabaseNotReady
 
-ALEMBIC_DIR = Path(__file__).resolve().parent.parent.parent / "alembic"
+# Shipped inside the package (package data), so a non-editable install has it too.
+ALEMBIC_DIR = Path(__file__).resolve().parent / "migrations"
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, readonly: bool = False) -> Engine:
     """An engine for `url`. SQLite gets WAL, a busy timeout and IMMEDIATE transactions.
 
     IMMEDIATE takes SQLite's write lock when a transaction begins, so two processes that
     read-then-update a queue row serialise instead of both reading the same row.
+    `readonly`: the database is opened so that nothing can be written through the engine
+    (SQLite: the file opened with mode=ro; PostgreSQL: read-only transactions).
     """
+    if readonly:
+        return _readonly_engine(url)
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30})
 
@@ -38,6 +43,102 @@ def make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+def _readonly_engine(url: str) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database in ("", ":memory:"):
+            raise ConfigError("an in-memory SQLite database cannot be opened read-only")
+        uri = f"file:{Path(database).resolve()}?mode=ro"
+        engine = create_engine(
+            "sqlite://", creator=lambda: _sqlite_readonly(uri), pool_pre_ping=False
+        )
+        return engine
+    if parsed.get_backend_name() == "postgresql":
+        return create_engine(
+            url,
+            pool_pre_ping=True,
+            connect_args={"options": "-c default_transaction_read_only=on"},
+        )
+    return create_engine(url, pool_pre_ping=True)
+
+
+def _sqlite_readonly(uri: str) -> Any:
+    import sqlite3
+
+    connection = sqlite3.connect(uri, uri=True, timeout=30, check_same_thread=False)
+    connection.execute("PRAGMA busy_timeout=30000")
+    return connection
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite URL (None for other databases and in-memory SQLite)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+def head_revision() -> str:
+    """The newest migration this code ships."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    assert head is not None, "the migrations have no head"
+    return head
+
+
+def open_existing(url: str, *, readonly: bool = True) -> Engine:
+    """An engine on a results database that exists and whose schema is this code's, for the
+    commands that query or tend it and must never create or migrate one (`results`,
+    `worklist`, `status`, `send`, `jobs retry`, the web app). `readonly`: as `make_engine`.
+
+    Raises DatabaseNotReady, saying what is wrong and what to do: no database at that place
+    (a wrong --out?), no cxrbatch schema in it, a schema older than the code (`cxrbatch db
+    upgrade`) or newer than it (upgrade cxrbatch).
+    """
+    path = sqlite_path(url)
+    if path is not None and not path.is_file():
+        raise DatabaseNotReady(
+            f"no results database at {path.resolve()}: give the --out of a batch that ran "
+            "(or --db URL); `cxrbatch db upgrade` creates an empty one"
+        )
+    engine = make_engine(url, readonly=readonly)
+    try:
+        with engine.connect() as connection:
+            from alembic.runtime.migration import MigrationContext
+
+            current = MigrationContext.configure(connection).get_current_revision()
+    except BaseException:
+        engine.dispose()
+        raise
+    head = head_revision()
+    if current == head:
+        return engine
+    engine.dispose()
+    where = str(path.resolve()) if path is not None else make_url(url).render_as_string()
+    if current is None:
+        raise DatabaseNotReady(
+            f"the database {where} holds no cxrbatch schema: check --out / --db, or run "
+            "`cxrbatch db upgrade` to create it"
+        )
+    from alembic.script import ScriptDirectory
+
+    known = {
+        script.revision
+        for script in ScriptDirectory.from_config(alembic_config(url)).walk_revisions()
+    }
+    if current in known:
+        raise DatabaseNotReady(
+            f"the results database schema is at revision {current}, this cxrbatch needs "
+            f"{head}: run `cxrbatch db upgrade` (with the same --out / --db)"
+        )
+    raise DatabaseNotReady(
+        f"the results database schema is at revision {current}, which this cxrbatch "
+        f"(newest revision {head}) does not know: a newer cxrbatch wrote it; upgrade cxrbatch"
+    )
 
 
 # File systems on which SQLite's locking is unreliable (sqlite.org/howtocorrupt.html 2.1).
@@ -95,8 +196,8 @@ def alembic_config(url: str) -> Any:
 
     if not (ALEMBIC_DIR / "env.py").is_file():
         raise ConfigError(
-            f"Alembic migrations not found at {ALEMBIC_DIR}; install cxrbatch from its source "
-            "tree (pip install -e .)."
+            f"Alembic migrations not found at {ALEMBIC_DIR}: this cxrbatch installation is "
+            "incomplete (reinstall it: pip install --force-reinstall cxrbatch)"
         )
     config = Config()
     config.set_main_option("script_location", str(ALEMBIC_DIR))

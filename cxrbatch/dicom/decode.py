@@ -57,7 +57,7 @@ def _voi(ds: Dataset, values: np.ndarray, notes: list[str]) -> np.ndarray:
             span = float(lut.max() - lut.min())
             if span > 0:
                 notes.append("VOI LUT from header")
-                return (mapped - lut.min()) / span
+                return np.asarray((mapped - lut.min()) / span)
         except Exception as exc:
             notes.append(f"VOI LUT unusable ({type(exc).__name__}); percentile window used")
     center = _first(ds.get("WindowCenter"))
@@ -75,7 +75,7 @@ def _voi(ds: Dataset, values: np.ndarray, notes: list[str]) -> np.ndarray:
     if high <= low:
         high = low + 1.0
     notes.append("percentile window (0.5-99.5)")
-    return np.clip((values - low) / (high - low), 0.0, 1.0)
+    return np.asarray(np.clip((values - low) / (high - low), 0.0, 1.0))
 
 
 def patient_side_mapping(ds: Dataset) -> tuple[bool, str]:

@@ -6,6 +6,7 @@ with a human-readable reason, and the walk goes on.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import re
@@ -34,6 +35,10 @@ _HEADER_TAGS = [
     "BodyPartExamined",
     "ViewPosition",
     "InstanceNumber",
+    "AccessionNumber",
+    "PatientID",
+    "PatientName",
+    "StudyDate",
 ]
 
 
@@ -130,7 +135,21 @@ def read_header(path: Path) -> InstanceHeader | RejectedFile:
         view_position=(values["ViewPosition"] or None) and str(values["ViewPosition"]).upper(),
         transfer_syntax_uid=transfer_syntax or "",
         instance_number=int(number) if number and number.lstrip("-").isdigit() else None,
+        accession_number=values["AccessionNumber"],
+        patient_id=values["PatientID"],
+        patient_name=values["PatientName"],
+        study_date=_date(values["StudyDate"]),
     )
+
+
+def _date(value: str | None) -> dt.date | None:
+    """A DA value (YYYYMMDD); anything else (malformed, a range) is no date."""
+    if value is None or len(value) != 8 or not value.isdigit():
+        return None
+    try:
+        return dt.date(int(value[:4]), int(value[4:6]), int(value[6:]))
+    except ValueError:
+        return None
 
 
 def group_by_study(

@@ -34,9 +34,11 @@ def _scores_line(role: str, findings: Findings) -> str:
     return f"{role}: {scores}  | No Finding {findings.no_finding_score:.2f}"
 
 
-def text_lines(item: ImageResult, models: tuple[ModelRef, ...]) -> list[tuple[str, tuple]]:
+def text_lines(
+    item: ImageResult, models: tuple[ModelRef, ...]
+) -> list[tuple[str, tuple[int, int, int]]]:
     """The lines burned into the band, with their colours."""
-    lines: list[tuple[str, tuple]] = [
+    lines: list[tuple[str, tuple[int, int, int]]] = [
         (f"cxrbatch algorithm output - {NOT_FOR_DIAGNOSIS}", WARNING_COLOUR)
     ]
     if any(m.synthetic_training_data for m in models):

@@ -1,1 +1,1 @@
-"""Ways studies come in: the watched folder (and, later, DICOM C-STORE), all into one spool."""
+"""Ways studies come in: the watched folder and the DICOM C-STORE receiver, all into one spool."""

@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy.exc import SQLAlchemyError
 from watchdog.events import (
     DirMovedEvent,
     FileClosedEvent,
@@ -33,7 +32,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from cxrbatch.config import IngestSettings
-from cxrbatch.db import instances
+from cxrbatch.db import DatabaseError, instances
 from cxrbatch.dicom.discover import iter_files
 from cxrbatch.errors import CxrBatchError
 from cxrbatch.ingest.spool import Spool, Taken
@@ -176,7 +175,7 @@ class FolderIngest:
                 continue
             try:
                 outcome = self.spool.take(path)
-            except (OSError, CxrBatchError, SQLAlchemyError) as exc:
+            except (OSError, CxrBatchError, DatabaseError) as exc:
                 # One file must not stop the ingest (a permission, a full disk, the database
                 # briefly away): it stays where it is and is tried again after the quiet time.
                 # The reason is logged without the path, which may carry a patient's name.
@@ -213,6 +212,6 @@ class FolderIngest:
 def _reason(exc: Exception) -> str:
     if isinstance(exc, OSError):
         return exc.strerror or type(exc).__name__
-    if isinstance(exc, SQLAlchemyError):
+    if isinstance(exc, DatabaseError):
         return f"results database error ({type(exc).__name__})"
     return str(exc)

@@ -1,6 +1,8 @@
 """The DICOM C-STORE receiver (pynetdicom): PACS push studies to cxrbatch.
 
-    association request -> allowed calling AE title and host? (else A-ASSOCIATE-RJ)
+    association request -> allowed host? calling AE title (pynetdicom's
+                           require_calling_aet)? else A-ASSOCIATE-RJ, logged with the
+                           calling AE title and the host
     C-ECHO              -> success
     C-STORE             -> the encoded data set, with its file meta information, written
                            to OUT/_incoming/ (temporary file, fsync, rename) -> Spool.take
@@ -53,9 +55,10 @@ _STATUS = {
     Taken.GONE: OUT_OF_RESOURCES,
 }
 
-# A-ASSOCIATE-RJ: rejected-permanent (1), by the service user (1), with the diagnostic
-# "calling AE title not recognised" (3) or "no reason given" (1).
-_REJECT_PERMANENT, _SERVICE_USER, _NO_REASON, _CALLING_AET_UNKNOWN = 0x01, 0x01, 0x01, 0x03
+# A-ASSOCIATE-RJ for a host not allowed: rejected-permanent (1), by the service user (1),
+# "no reason given" (1). (An unknown calling AE title is pynetdicom's own rejection, with
+# the diagnostic "calling AE title not recognised".)
+_REJECT_PERMANENT, _SERVICE_USER, _NO_REASON = 0x01, 0x01, 0x01
 
 
 def _networks(hosts: tuple[str, ...]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
@@ -126,6 +129,7 @@ class DicomReceiver:
         self.recover()
         ae = AE(ae_title=self.settings.ae_title)
         ae.require_called_aet = self.settings.require_called_ae_title
+        ae.require_calling_aet = sorted(self._titles)
         ae.maximum_associations = self.settings.max_associations
         ae.network_timeout = self.settings.network_timeout_seconds
         ae.acse_timeout = self.settings.network_timeout_seconds
@@ -174,16 +178,33 @@ class DicomReceiver:
         return any(ip in network for network in self._networks)
 
     def _on_requested(self, event: evt.Event) -> None:
-        requestor = event.assoc.requestor
+        assoc = event.assoc
+        requestor = assoc.requestor
         # The request primitive: the requestor's own fields are filled only after this.
         primitive = requestor.primitive
         title = str(primitive.calling_ae_title if primitive else "").strip()
-        if self._titles and title not in self._titles:
-            log.warning("association from an unknown calling AE title rejected")
-            event.assoc.acse.send_reject(_REJECT_PERMANENT, _SERVICE_USER, _CALLING_AET_UNKNOWN)
-        elif not self._allowed_host(requestor.address):
-            log.warning("association from a host not in dicom.allowed_hosts rejected")
-            event.assoc.acse.send_reject(_REJECT_PERMANENT, _SERVICE_USER, _NO_REASON)
+        host = requestor.address
+        if not self._allowed_host(host):
+            log.warning(
+                "association from %s (calling AE title %r) rejected: the host is not in "
+                "dicom.allowed_hosts",
+                host,
+                title,
+            )
+            # As pynetdicom's own negotiation rejects: A-ASSOCIATE-RJ, then the connection
+            # is closed (no negotiation, no abort).
+            assoc.acse.send_reject(_REJECT_PERMANENT, _SERVICE_USER, _NO_REASON)
+            assoc.is_rejected = True
+            assoc.is_established = False
+            assoc.kill()
+        elif self._titles and title not in self._titles:
+            # pynetdicom rejects it next (require_calling_aet); say who it was.
+            log.warning(
+                "association from %s rejected: calling AE title %r is not in "
+                "dicom.allowed_calling_ae_titles",
+                host,
+                title,
+            )
 
     def _on_echo(self, event: evt.Event) -> int:
         return SUCCESS

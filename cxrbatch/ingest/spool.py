@@ -1,6 +1,6 @@
 """Taking a complete file in: dedupe, spool, record the instance, queue its study.
 
-Every way in (the folder watcher now, a C-STORE receiver later) ends in `Spool.take`:
+Every way in (the folder watcher, the C-STORE receiver) ends in `Spool.take`:
 
     read the header (unreadable -> quarantine copy + rejected_files row)
     same SOPInstanceUID and the same data set as a received instance (the file's SHA-256,
@@ -25,11 +25,7 @@ import os
 from pathlib import Path
 from typing import IO
 
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
-
-from cxrbatch import queue
-from cxrbatch.db import instances
+from cxrbatch.db import IntegrityError, Sessions, instances, jobs
 from cxrbatch.dicom.discover import iter_files, read_header
 from cxrbatch.dicom.identity import same_instance
 from cxrbatch.domain import InstanceHeader, RejectedFile
@@ -55,7 +51,7 @@ class Spool:
     def __init__(
         self,
         root: Path,
-        sessions: sessionmaker[Session],
+        sessions: Sessions,
         quarantine_dir: Path,
         *,
         mode: str = "move",
@@ -112,7 +108,7 @@ class Spool:
         try:
             with self.sessions.begin() as session:
                 instances.add(session, header, stored, path)
-                queue.enqueue_study(session, header.study_instance_uid, self.study_stable_seconds)
+                jobs.enqueue_study(session, header.study_instance_uid, self.study_stable_seconds)
         except IntegrityError:
             # Taken at the same moment by another ingest: the same instance, already recorded.
             return Taken.DUPLICATE

@@ -17,14 +17,14 @@ import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
 import torchvision
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cxrbatch.domain import Findings, ModelRef, Triage
+from cxrbatch.domain import FINDING_LABELS, Findings, ModelRef, Triage
 from cxrbatch.errors import ModelError
 from cxrbatch.files import atomic_write, sha256_file
 from cxrbatch.models.batching import Forward, batched
@@ -35,7 +35,7 @@ from cxrbatch.models.preflight import bundle_files
 
 log = logging.getLogger(__name__)
 
-LABELS: tuple[str, ...] = ("Mass", "Nodule", "Pneumonia", "Edema", "Fibrosis")
+LABELS: tuple[str, ...] = FINDING_LABELS
 NO_FINDING = "No Finding"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -88,11 +88,11 @@ def build_network(architecture: str, num_labels: int, pretrained: bool = False) 
     if architecture == "resnet50":
         net = torchvision.models.resnet50(weights=weights)
         net.fc = torch.nn.Linear(net.fc.in_features, num_labels)
-        return net
+        return cast(torch.nn.Module, net)
     if architecture == "densenet121":
         net = torchvision.models.densenet121(weights=weights)
         net.classifier = torch.nn.Linear(net.classifier.in_features, num_labels)
-        return net
+        return cast(torch.nn.Module, net)
     raise ModelError(f"Expected architecture 'resnet50' or 'densenet121', found {architecture!r}.")
 
 
@@ -175,7 +175,7 @@ class ClassifierBundle:
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         """Logits for a batch on the device (autocast is per thread: it is set here)."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return (self.graph or self.network)(batch)
+            return cast(torch.Tensor, (self.graph or self.network)(batch))
 
     def with_batching(self, max_batch: int, max_wait_s: float = 0.005) -> ClassifierBundle:
         """This bundle with concurrent predict() calls sharing batches of up to max_batch."""

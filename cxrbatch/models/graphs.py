@@ -38,6 +38,7 @@ import os
 import time
 import warnings
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -103,7 +104,7 @@ def _frozen(
             cached = torch.jit.load(str(path), map_location="cpu")
             log.info("%s: CPU graph loaded from the cache (%s)", what, path.name)
             _mark_used(path)
-            return cached
+            return cast(torch.jit.ScriptModule, cached)
         except Exception as exc:  # a damaged or foreign file: trace again, replace it
             log.warning(
                 "%s: cached CPU graph %s unusable (%s: %s); tracing again",
@@ -123,14 +124,14 @@ def _frozen(
         return None
     if path is not None:
         _store(frozen, path, what)
-    return frozen
+    return cast(torch.jit.ScriptModule, frozen)
 
 
 def _copy(graph: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
     buffer = io.BytesIO()
     torch.jit.save(graph, buffer)
     buffer.seek(0)
-    return torch.jit.load(buffer, map_location="cpu")
+    return cast(torch.jit.ScriptModule, torch.jit.load(buffer, map_location="cpu"))
 
 
 def _fused(
@@ -191,7 +192,7 @@ class _CanonicalStrides(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.stride() != _contiguous_strides(x.shape):
             x = x.clone(memory_format=torch.contiguous_format)
-        return self.graph(x)
+        return cast(torch.Tensor, self.graph(x))
 
 
 def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:

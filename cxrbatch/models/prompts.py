@@ -52,7 +52,7 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     if count <= 1:
         return mask.astype(bool)
     sizes = ndi.sum(mask, labels, range(1, count + 1))
-    return labels == (int(np.argmax(sizes)) + 1)
+    return np.asarray(labels == (int(np.argmax(sizes)) + 1))
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:

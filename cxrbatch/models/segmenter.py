@@ -24,7 +24,7 @@ import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import cv2
 import numpy as np
@@ -104,7 +104,7 @@ def _dithered(image: np.ndarray, grey_levels: float) -> np.ndarray:
     if grey_levels <= 0:
         return image
     noise = np.random.default_rng(DITHER_SEED).standard_normal(image.shape, dtype=np.float32)
-    return np.clip(image + grey_levels * noise, 0.0, 255.0)
+    return np.asarray(np.clip(image + grey_levels * noise, 0.0, 255.0))
 
 
 DITHER_SEED = 2512_23089
@@ -157,7 +157,7 @@ class _SamLikeBackend:
     @property
     def network(self) -> torch.nn.Module:
         """The SAM-family network (for fine-tuning)."""
-        return self._net
+        return cast(torch.nn.Module, self._net)
 
     def prepare(self, image: np.ndarray) -> PreparedImage:
         raise NotImplementedError
@@ -313,7 +313,7 @@ class _TinyViTHead(torch.nn.Module):
         self.stage = encoder.layers[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stage(self.patch_embed(x))
+        return cast(torch.Tensor, self.stage(self.patch_embed(x)))
 
 
 class _TinyViTTail(torch.nn.Module):
@@ -326,7 +326,7 @@ class _TinyViTTail(torch.nn.Module):
         for stage in self.stages:
             x = stage(x)
         batch, _, channels = x.size()
-        return self.neck(x.view(batch, 64, 64, channels).permute(0, 3, 1, 2))
+        return cast(torch.Tensor, self.neck(x.view(batch, 64, 64, channels).permute(0, 3, 1, 2)))
 
 
 class _Chain(torch.nn.Module):
@@ -335,7 +335,7 @@ class _Chain(torch.nn.Module):
         self.first, self.second = first, second
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.second(self.first(x))
+        return cast(torch.Tensor, self.second(self.first(x)))
 
 
 class MedSAMViTB(_SamLikeBackend):

@@ -10,14 +10,12 @@ import logging
 import threading
 from collections import Counter
 
-from sqlalchemy.orm import Session, sessionmaker
-
 from cxrbatch.config import Destination, Settings
+from cxrbatch.db import Sessions, deliveries
 from cxrbatch.db.leased import new_owner
 from cxrbatch.db.models import utcnow
 from cxrbatch.domain import DeliveryRunStatus, DeliveryStatus
 from cxrbatch.errors import one_line
-from cxrbatch.send import deliveries
 from cxrbatch.send.transports import SendError, send
 
 log = logging.getLogger(__name__)
@@ -28,7 +26,7 @@ def _ended(status: DeliveryStatus | None) -> DeliveryRunStatus:
 
 
 class Sender:
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, settings: Settings, sessions: Sessions) -> None:
         self.settings = settings
         self.sessions = sessions
         self.destinations = {d.name: d for d in settings.send.destinations}
@@ -109,7 +107,7 @@ class SenderThread:
     """The sender in a thread of `cxrbatch watch`; `stop` lets the delivery in hand finish
     (unfinished ones are claimed again after their lease)."""
 
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, settings: Settings, sessions: Sessions) -> None:
         self._stop = threading.Event()
         self._sender = Sender(settings, sessions)
         self._thread = threading.Thread(

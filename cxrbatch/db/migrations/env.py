@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from alembic import context
+
 from cxrbatch.db.models import Base
 from cxrbatch.db.session import make_engine
 

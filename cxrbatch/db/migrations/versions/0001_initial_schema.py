@@ -8,7 +8,6 @@ Create Date: 2026-11-22 18:51:39.319163
 from __future__ import annotations
 
 import sqlalchemy as sa
-
 from alembic import op
 
 revision = "0001"

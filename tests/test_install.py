@@ -1,0 +1,110 @@
+"""A non-editable install (`pip install .`, as deploy/OPERATIONS.md says) carries everything
+the commands need at run time: the bundled default configuration and the alembic migrations.
+
+The wheel is built from this source tree and installed without dependencies into a folder
+of its own; the commands then run from a folder outside the source tree, with that folder
+first on the path, so nothing of the checkout can stand in for what the wheel lacks.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("install")
+    wheels = work / "wheels"
+    # Build isolation would fetch setuptools again; the test environment has it.
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(wheels),
+            str(ROOT),
+        ],
+        check=True,
+        cwd=work,
+        capture_output=True,
+    )
+    (wheel,) = wheels.glob("cxrbatch-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "cxrbatch/defaults/default.toml" in names
+    assert "cxrbatch/db/migrations/env.py" in names
+    assert "cxrbatch/db/migrations/script.py.mako" in names
+    migrations = {path.name for path in (ROOT / "cxrbatch/db/migrations/versions").glob("*.py")}
+    assert migrations
+    assert {f"cxrbatch/db/migrations/versions/{name}" for name in migrations} <= names
+    target = work / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        check=True,
+        cwd=work,
+        capture_output=True,
+    )
+    return target
+
+
+def _cxrbatch(installed: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(installed)}
+    env.pop("CXRBATCH_DATABASE__URL", None)
+    return subprocess.run(
+        [sys.executable, "-m", "cxrbatch", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_the_installed_package_upgrades_a_database_and_reads_its_defaults(
+    installed: Path, tmp_path: Path
+) -> None:
+    probe = _cxrbatch(installed, tmp_path, "--version")
+    assert probe.returncode == 0, probe.stderr
+    where = subprocess.run(
+        [sys.executable, "-c", "import cxrbatch; print(cxrbatch.__file__)"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(installed)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert Path(where).is_relative_to(installed), where  # the wheel's copy, not the checkout
+
+    out = tmp_path / "out"
+    upgraded = _cxrbatch(installed, tmp_path, "db", "upgrade", "--out", str(out))
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert "schema at revision" in upgraded.stdout
+    with sqlite3.connect(out / "cxrbatch.sqlite") as connection:
+        tables = {row[0] for row in connection.execute("select name from sqlite_master")}
+    assert {"studies", "outcomes", "jobs", "deliveries", "alembic_version"} <= tables
+
+    listed = _cxrbatch(installed, tmp_path, "status", "--out", str(out), "--format", "json")
+    assert listed.returncode == 0, listed.stderr
