@@ -162,6 +162,7 @@ def run_mode(
     from cxrbatch.allocator import keep_freed_memory
     from cxrbatch.batch import run_batch
     from cxrbatch.cpus import threads_per_worker
+    from cxrbatch.site import Site
 
     logs.configure("WARNING")
     naive = mode == "naive"
@@ -178,7 +179,7 @@ def run_mode(
 
         models = load_models(settings, in_flight=study_threads)
     load_s = time.perf_counter() - start
-    summary = run_batch(input_dir, out_dir, settings, workers=workers, models=models)
+    summary = run_batch(input_dir, Site.at(settings, out_dir), workers=workers, models=models)
     wall = time.perf_counter() - start
     reports = summary.reports
     stage_seconds = {s: float(sum(r.timings.get(s, 0.0) for r in reports)) for s in STAGES}

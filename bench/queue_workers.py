@@ -31,6 +31,7 @@ def drain(input_dir: Path, out: Path, bundles: Path | None, threads: int, device
     from cxrbatch.db.session import make_engine, session_factory, upgrade
     from cxrbatch.dicom.discover import iter_files
     from cxrbatch.ingest.spool import Spool
+    from cxrbatch.site import Site
     from cxrbatch.worker import QueueWorker
 
     logs.configure("WARNING")
@@ -64,7 +65,7 @@ def drain(input_dir: Path, out: Path, bundles: Path | None, threads: int, device
         spool.take(path)
     engine.dispose()
     start = time.perf_counter()
-    finished = QueueWorker(settings, out, url).run(until_idle=True)
+    finished = QueueWorker(Site(settings, out, url)).run(until_idle=True)
     wall = time.perf_counter() - start
     return {
         "study_threads": threads,

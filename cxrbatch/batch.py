@@ -28,16 +28,16 @@ from multiprocessing.queues import SimpleQueue
 from pathlib import Path
 
 from cxrbatch import logs, pipeline
-from cxrbatch.config import Settings
 from cxrbatch.cpus import threads_per_worker
-from cxrbatch.db.session import ensure_local_sqlite, make_engine, session_factory, upgrade
+from cxrbatch.db.session import ensure_local_sqlite, upgrade
 from cxrbatch.dicom.discover import discover
 from cxrbatch.domain import ModelRef, StudyInput, StudyRunStatus
 from cxrbatch.errors import CxrBatchError, RecordingError, one_line
 from cxrbatch.files import output_lock
 from cxrbatch.models.device import limit_cpu_threads
-from cxrbatch.paths import check_outside_input, database_url, quarantine_dir
+from cxrbatch.paths import check_outside_input
 from cxrbatch.quarantine import record_rejected_files
+from cxrbatch.site import Site
 from cxrbatch.worker import StudyProcessor, StudyReport, failed_result, record_result
 
 log = logging.getLogger(__name__)
@@ -66,15 +66,15 @@ class BatchSummary:
 
 def run_batch(
     input_dir: Path,
-    out_dir: Path,
-    settings: Settings,
+    site: Site,
     *,
     force: bool = False,
     workers: int = 1,
     models: pipeline.Models | None = None,
     on_study: Callable[[StudyReport, int, int], None] | None = None,
 ) -> BatchSummary:
-    """Process every study under `input_dir`; raises only when the batch itself cannot run.
+    """Process every study under `input_dir` into `site`; raises only when the batch itself
+    cannot run.
 
     `workers` > 1 spreads studies over that many processes, each with its own models and
     an equal share of the CPU threads; each records its outcomes itself. Each process has
@@ -82,45 +82,39 @@ def run_batch(
     The output folder is locked for the run (`files.output_lock`): a second run on it
     stops with an OutputError at once.
     """
-    check_outside_input(settings, input_dir, out_dir)
-    with output_lock(out_dir):
-        return _run_batch(input_dir, out_dir, settings, force, workers, models, on_study)
+    check_outside_input(site.settings, input_dir, site.out_dir)
+    with output_lock(site.out_dir):
+        return _run_batch(input_dir, site, force, workers, models, on_study)
 
 
 def _run_batch(
     input_dir: Path,
-    out_dir: Path,
-    settings: Settings,
+    site: Site,
     force: bool,
     workers: int,
     models: pipeline.Models | None,
     on_study: Callable[[StudyReport, int, int], None] | None,
 ) -> BatchSummary:
     started = time.perf_counter()
-    url = database_url(settings, out_dir)
-    ensure_local_sqlite(url)
-    upgrade(url)
+    ensure_local_sqlite(site.database_url)
+    upgrade(site.database_url, roots=site.roots)
     summary = BatchSummary()
     studies, rejected = discover(input_dir)
-    engine = make_engine(url)
-    try:
-        with session_factory(engine)() as session:
-            recorded, quarantined = record_rejected_files(
-                session,
-                rejected,
-                quarantine_dir(settings, out_dir),
-                settings.output.quarantine_original_paths,
-            )
-            session.commit()
-    finally:
-        engine.dispose()
+    with site.database() as database, database.sessions.begin() as session:
+        recorded, quarantined = record_rejected_files(
+            session,
+            rejected,
+            site.quarantine_dir,
+            site.settings.output.quarantine_original_paths,
+            site.roots,
+        )
     summary.rejected_files += recorded
     summary.quarantined_files += quarantined
     summary.reasons.update(item.reason for item in rejected)
     if workers <= 1 or len(studies) <= 1:
-        reports = _run_here(studies, settings, out_dir, url, force, models)
+        reports = _run_here(studies, site, force, models)
     else:
-        reports = _run_in_pool(studies, settings, out_dir, url, force, workers)
+        reports = _run_in_pool(studies, site, force, workers)
     for index, report in enumerate(reports, start=1):
         summary.add(report)
         if on_study:
@@ -131,14 +125,12 @@ def _run_batch(
 
 def _run_here(
     studies: list[StudyInput],
-    settings: Settings,
-    out_dir: Path,
-    url: str,
+    site: Site,
     force: bool,
     models: pipeline.Models | None,
 ) -> Iterator[StudyReport]:
-    threads = settings.processing.study_threads
-    worker = StudyProcessor(settings, out_dir, url, models, in_flight=threads)
+    threads = site.settings.processing.study_threads
+    worker = StudyProcessor(site, models, in_flight=threads)
     try:
         yield from process_concurrently(worker.process, studies, force, threads)
     finally:
@@ -209,18 +201,13 @@ class _Started:
     models: tuple[ModelRef, ...]
 
 
-def _init_worker(
-    settings: Settings,
-    out_dir: Path,
-    url: str,
-    threads: int,
-    events: SimpleQueue[_Started | StudyReport],
-) -> None:
+def _init_worker(site: Site, threads: int, events: SimpleQueue[_Started | StudyReport]) -> None:
     global _WORKER, _EVENTS
+    settings = site.settings
     logs.configure(settings.logging.level, settings.logging.format)
     limit_cpu_threads(threads)
     _EVENTS = events
-    _WORKER = StudyProcessor(settings, out_dir, url, in_flight=settings.processing.study_threads)
+    _WORKER = StudyProcessor(site, in_flight=settings.processing.study_threads)
 
 
 def _process_and_tell(study: StudyInput, force: bool) -> StudyReport:
@@ -241,31 +228,27 @@ def _work(studies: list[StudyInput], force: bool) -> None:
 
 
 def _run_in_pool(
-    studies: list[StudyInput],
-    settings: Settings,
-    out_dir: Path,
-    url: str,
-    force: bool,
-    workers: int,
+    studies: list[StudyInput], site: Site, force: bool, workers: int
 ) -> Iterator[StudyReport]:
     pending, suspects = studies, []
     while pending:
-        in_flight, pending = yield from _pool_round(pending, settings, out_dir, url, force, workers)
+        in_flight, pending = yield from _pool_round(pending, site, force, workers)
         suspects += [study for study in studies if study.study_instance_uid in in_flight]
-    alone = settings.model_copy(
-        update={"processing": settings.processing.model_copy(update={"study_threads": 1})}
+    settings = site.settings
+    alone = site.with_settings(
+        settings.model_copy(
+            update={"processing": settings.processing.model_copy(update={"study_threads": 1})}
+        )
     )
     while suspects:
-        in_flight, suspects = yield from _pool_round(suspects, alone, out_dir, url, force, 1)
+        in_flight, suspects = yield from _pool_round(suspects, alone, force, 1)
         for started in in_flight.values():  # one study in one worker: it killed it
-            yield _record_worker_death(started, settings, out_dir, url)
+            yield _record_worker_death(started, site)
 
 
 def _pool_round(
     studies: list[StudyInput],
-    settings: Settings,
-    out_dir: Path,
-    url: str,
+    site: Site,
     force: bool,
     workers: int,
 ) -> Generator[StudyReport, None, tuple[dict[str, _Started], list[StudyInput]]]:
@@ -292,10 +275,10 @@ def _pool_round(
         workers,
         mp_context=context,
         initializer=_init_worker,
-        initargs=(settings, out_dir, url, threads_per_worker(workers), events),
+        initargs=(site, threads_per_worker(workers), events),
     ) as pool:
         # A process takes one task at a time: a task is as many studies as it has in flight.
-        size = settings.processing.study_threads
+        size = site.settings.processing.study_threads
         chunks = [studies[i : i + size] for i in range(0, len(studies), size)]
         futures = {pool.submit(_work, chunk, force): chunk for chunk in chunks}
         waiting = set(futures)
@@ -333,21 +316,16 @@ def _pool_round(
     return in_flight, not_started
 
 
-def _record_worker_death(
-    started: _Started, settings: Settings, out_dir: Path, url: str
-) -> StudyReport:
+def _record_worker_death(started: _Started, site: Site) -> StudyReport:
     uid = started.study_instance_uid
     reason = (
         "the worker process died while processing this study alone (killed: out of "
         "memory, or a crash in native code); the study is retried at the next run"
     )
     log.error("study %s failed: %s", uid, reason)
-    engine = make_engine(url)
-    try:
-        result = failed_result(uid, reason, started.fingerprint, started.models)
-        record_result(session_factory(engine), settings, out_dir, result)
-    finally:
-        engine.dispose()
+    result = failed_result(uid, reason, started.fingerprint, started.models)
+    with site.database() as database, database.sessions.begin() as session:
+        record_result(session, site, result)
     return StudyReport(
         uid,
         StudyRunStatus.FAILED,

@@ -49,6 +49,7 @@ from cxrbatch.config import Settings, load_settings
 from cxrbatch.db import DatabaseError, Sessions
 from cxrbatch.domain import DeliveryRunStatus, OutcomeStatus, StudyRunStatus, Triage
 from cxrbatch.errors import CxrBatchError
+from cxrbatch.site import Site
 
 
 class _App(typer.Typer):
@@ -169,6 +170,14 @@ def _settings(config: Path | None, db: str | None, **flags: Any) -> Settings:
     return settings
 
 
+def _site(config: Path | None, db: str | None, out: Path | None, **flags: Any) -> Site:
+    """The one site context of this command (settings, output root, database URL)."""
+    settings = _settings(config, db, **flags)
+    if out is None and not settings.database.url:
+        raise _fail("give --out OUT or --db URL")
+    return Site.at(settings, out if out is not None else Path("."))
+
+
 def _fail(message: str) -> typer.Exit:
     console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
     return typer.Exit(code=2)
@@ -204,7 +213,8 @@ def process(
 
     try:
         processing = {"study_threads": study_threads} if study_threads else {}
-        settings = _settings(config, db, processing=processing)
+        site = _site(config, db, out, processing=processing)
+        settings = site.settings
         if not input_dir.exists():
             raise _fail(f"input folder not found: {input_dir}")
         with Progress(
@@ -220,9 +230,7 @@ def process(
             def advance(_result: object, index: int, total: int) -> None:
                 progress.update(task, completed=index, total=total)
 
-            summary = run_batch(
-                input_dir, out, settings, force=force, workers=workers, on_study=advance
-            )
+            summary = run_batch(input_dir, site, force=force, workers=workers, on_study=advance)
     except CxrBatchError as exc:
         raise _fail(str(exc)) from exc
     except DatabaseError as exc:
@@ -253,7 +261,7 @@ def process(
         )
     out_console.print(f"outputs: {out.resolve()}  (NOT FOR DIAGNOSTIC USE)")
     if settings.send.destinations:
-        _print_sent(_send_due(config, db, out, settings, retry_dead=False))
+        _print_sent(_send_due(site, retry_dead=False))
     failed = summary.studies.get(StudyRunStatus.FAILED, 0) + summary.studies.get(
         StudyRunStatus.LOST, 0
     )
@@ -262,19 +270,17 @@ def process(
         raise typer.Exit(code=EXIT_SOME_FAILED)
 
 
-def _send_due(
-    config: Path | None, db: str | None, out: Path | None, settings: Settings, retry_dead: bool
-) -> dict[str, int]:
+def _send_due(site: Site, retry_dead: bool) -> dict[str, int]:
     """One sender pass over the due deliveries; how many ended in each status."""
     from cxrbatch.db import deliveries
     from cxrbatch.send.sender import Sender
 
     def work(sessions: Sessions) -> dict[str, int]:
         revived = deliveries.retry_dead(sessions) if retry_dead else 0
-        ended = dict(Sender(settings, sessions).send_due())
+        ended = dict(Sender(site.settings, sessions, site.roots).send_due())
         return {"revived": revived, **ended} if revived else ended
 
-    return _with_database(config, db, out, work, readonly=False)
+    return _with_database(site, work, readonly=False)
 
 
 def _print_sent(ended: dict[str, int]) -> None:
@@ -300,10 +306,10 @@ def send(
     """Send the due deliveries (SEG, SR, key images) to the configured destinations once.
 
     Exit code 1 when a delivery failed (it stays queued with its backoff, or dead)."""
-    settings = _settings(config, db)
-    if not settings.send.destinations:
+    site = _site(config, db, out)
+    if not site.settings.send.destinations:
         raise _fail("no [[send.destinations]] in the configuration")
-    ended = _send_due(config, db, out, settings, retry_dead)
+    ended = _send_due(site, retry_dead)
     _print_sent(ended)
     if any(
         ended.get(s)
@@ -312,13 +318,13 @@ def send(
         raise typer.Exit(code=EXIT_SOME_FAILED)
 
 
-def _serve(settings: Settings, out: Path, workers: int, input_dir: Path | None) -> None:
+def _serve(site: Site, workers: int, input_dir: Path | None) -> None:
     from cxrbatch.daemon import Service
 
     try:
         if input_dir is not None and not input_dir.is_dir():
             raise _fail(f"input folder not found: {input_dir}")
-        service = Service(settings, out, workers, input_dir)
+        service = Service(site, workers, input_dir)
     except OSError as exc:
         raise _fail(f"cannot use the output folder: {exc}") from exc
     service.install_signal_handlers()
@@ -357,7 +363,7 @@ def watch(
         settings = settings.model_copy(update={"dicom": dicom})
     if input_dir is None and not settings.dicom.listen:
         raise _fail("give an export folder to watch, or --listen PORT (or dicom.listen = true)")
-    _serve(settings, out, workers, input_dir)
+    _serve(Site.at(settings, out), workers, input_dir)
 
 
 @app.command()
@@ -370,34 +376,16 @@ def worker(
     workers: WorkersOption = 1,
 ) -> None:
     """Run workers only, on the queue of --db (extra hosts beside a `watch`)."""
-    settings = _settings(config, db)
-    _serve(settings, out, workers, None)
+    _serve(_site(config, db, out), workers, None)
 
 
-def _with_database(
-    config: Path | None,
-    db: str | None,
-    out: Path | None,
-    work: Callable[[Sessions], T],
-    *,
-    readonly: bool = True,
-) -> T:
-    """Run `work` against the existing results database of --db URL (or the config), or of
-    the output folder --out. The database is never created or migrated here: a missing one
-    or a schema other than this code's is a one-line error (`open_existing`). `readonly`:
-    the query commands open it so that they cannot write (configuration and database
-    errors: `_operator_errors`)."""
-    from cxrbatch.db.session import open_existing, session_factory
-    from cxrbatch.paths import database_url
-
-    settings = _settings(config, db)
-    if not settings.database.url and out is None:
-        raise _fail("give --out OUT or --db URL")
-    engine = open_existing(database_url(settings, out or Path(".")), readonly=readonly)
-    try:
-        return work(session_factory(engine))
-    finally:
-        engine.dispose()
+def _with_database(site: Site, work: Callable[[Sessions], T], *, readonly: bool = True) -> T:
+    """Run `work` against the site's existing results database. It is never created or
+    migrated here: a missing one or a schema other than this code's is a one-line error
+    (`open_existing`). `readonly`: the query commands open it so that they cannot write
+    (configuration and database errors: `_operator_errors`)."""
+    with site.database(readonly=readonly, existing=True) as database:
+        return work(database.sessions)
 
 
 def _utc(value: dt.datetime | None) -> dt.datetime | None:
@@ -504,7 +492,7 @@ def results(
         with sessions() as session:
             return [repository.outcome_row(o) for o in repository.current_outcomes(session, where)]
 
-    rows = _with_database(config, db, out, query)
+    rows = _with_database(_site(config, db, out), query)
     _print_rows(
         rows,
         fmt,
@@ -537,7 +525,7 @@ def worklist(
                 for rank, o in enumerate(ordered, start=1)
             ]
 
-    rows = _with_database(config, db, out, query)
+    rows = _with_database(_site(config, db, out), query)
     _print_rows(
         rows,
         fmt,
@@ -601,7 +589,7 @@ def status(
                 ],
             }
 
-    report = _with_database(config, db, out, query)
+    report = _with_database(_site(config, db, out), query)
     if fmt == "json":
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
         return
@@ -650,9 +638,7 @@ def jobs_retry(
     from cxrbatch.db import jobs
 
     count = _with_database(
-        config,
-        db,
-        out,
+        _site(config, db, out),
         lambda sessions: jobs.retry_dead(sessions, study_instance_uids or None),
         readonly=False,
     )
@@ -682,16 +668,13 @@ def db_upgrade(
 ) -> None:
     """Create or upgrade the results database schema to the newest migration."""
     from cxrbatch.db.session import current_revision, upgrade
-    from cxrbatch.paths import database_url
 
-    settings = _settings(config, db)
-    if not settings.database.url and out is None:
-        raise _fail("give --out OUT or --db URL")
+    site = _site(config, db, out)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    url = database_url(settings, out or Path("."))
-    upgrade(url)
-    out_console.print(f"schema at revision {current_revision(url)}")
+    # Without --out the output root is unknown: recorded paths are then left as they are.
+    upgrade(site.database_url, roots=site.roots if out is not None else None)
+    out_console.print(f"schema at revision {current_revision(site.database_url)}")
 
 
 @app.command()

@@ -24,22 +24,18 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
 
-from cxrbatch.config import Settings
 from cxrbatch.cpus import threads_per_worker
 from cxrbatch.db import jobs
-from cxrbatch.db.session import ensure_local_sqlite, make_engine, session_factory, upgrade
+from cxrbatch.db.session import ensure_local_sqlite, upgrade
 from cxrbatch.ingest.folder import FolderIngest
 from cxrbatch.ingest.scp import DicomReceiver
 from cxrbatch.ingest.spool import Spool
 from cxrbatch.models.preflight import check_model_files
 from cxrbatch.paths import (
     check_outside_input,
-    database_url,
-    incoming_dir,
-    quarantine_dir,
-    spool_dir,
 )
 from cxrbatch.send.sender import SenderThread
+from cxrbatch.site import Site
 from cxrbatch.worker_entry import EXIT_CANNOT_START, worker_process_main
 
 log = logging.getLogger(__name__)
@@ -51,15 +47,9 @@ class Service:
     """Worker processes (and the folder ingest and DICOM receiver when configured) until a
     stop is requested."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        out_dir: Path,
-        workers: int,
-        input_dir: Path | None = None,
-    ) -> None:
-        self.settings = settings
-        self.out_dir = out_dir
+    def __init__(self, site: Site, workers: int, input_dir: Path | None = None) -> None:
+        self.site = site
+        self.settings = settings = site.settings
         self.workers = workers
         self.input_dir = input_dir
         self.stop_requested = threading.Event()
@@ -67,13 +57,12 @@ class Service:
         # start (a missing checkpoint or bundle is one line and exit 2).
         check_model_files(settings)
         if input_dir is not None:
-            check_outside_input(settings, input_dir, out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.url = database_url(settings, out_dir)
-        ensure_local_sqlite(self.url)
-        upgrade(self.url)
-        self.engine = make_engine(self.url)
-        self.sessions = session_factory(self.engine)
+            check_outside_input(settings, input_dir, site.out_dir)
+        site.out_dir.mkdir(parents=True, exist_ok=True)
+        ensure_local_sqlite(site.database_url)
+        upgrade(site.database_url, roots=site.roots)
+        self.database = site.database()
+        self.sessions = self.database.sessions
         self._context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         self._children: list[BaseProcess] = []
         self._started_at: dict[int, float] = {}
@@ -103,7 +92,7 @@ class Service:
         receiver = self._start_receiver() if self.settings.dicom.listen else None
         sender = None
         if self.settings.send.destinations:
-            sender = SenderThread(self.settings, self.sessions)
+            sender = SenderThread(self.settings, self.sessions, self.site.roots)
             sender.start()
         try:
             for _ in range(self.workers):
@@ -121,16 +110,17 @@ class Service:
             self._drain()
             if sender is not None:
                 sender.stop()  # unsent deliveries stay queued for the next start
-            self.engine.dispose()
+            self.database.close()
 
     def _spool(self, mode: str) -> Spool:
         return Spool(
-            spool_dir(self.settings, self.out_dir),
+            self.site.spool_dir,
             self.sessions,
-            quarantine_dir(self.settings, self.out_dir),
+            self.site.quarantine_dir,
             mode=mode,
             study_stable_seconds=self.settings.ingest.study_stable_seconds,
             keep_paths=self.settings.output.quarantine_original_paths,
+            roots=self.site.roots,
         )
 
     def _start_ingest(self) -> FolderIngest:
@@ -143,9 +133,7 @@ class Service:
 
     def _start_receiver(self) -> DicomReceiver:
         # Received instances always move into the spool: _incoming is only a landing place.
-        receiver = DicomReceiver(
-            self.settings.dicom, self._spool("move"), incoming_dir(self.out_dir)
-        )
+        receiver = DicomReceiver(self.settings.dicom, self._spool("move"), self.site.incoming_dir)
         receiver.start()
         return receiver
 
@@ -153,7 +141,7 @@ class Service:
         threads = threads_per_worker(self.workers)
         child = self._context.Process(
             target=worker_process_main,
-            args=(self.settings, self.out_dir, self.url, threads, os.getpid()),
+            args=(self.site, threads, os.getpid()),
             name="cxrbatch-worker",
             daemon=False,
         )

@@ -4,7 +4,9 @@ cxrbatch keeps its database, quarantine and spool under the output folder."""
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -85,3 +87,63 @@ def check_outside_input(settings: Settings, input_dir: Path, out_dir: Path) -> N
                 f"{input_dir.resolve()}: its files would be read back as input; choose a "
                 "folder outside the input"
             )
+
+
+# ---- paths as the database keeps them ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StorageRoots:
+    """The site's folders that paths in the database are relative to, so that a worker on
+    another host may mount the shared storage anywhere (`Site.roots`).
+
+    A stored path reads `<root>:<relative path>` (`output:1.2.3/sr.dcm`,
+    `spool:1.2.3/4.5.6.dcm`, `quarantine:ab12....bin`) when it lies under a root (the
+    deepest one: the spool under the output root is `spool:`), else it is kept absolute
+    (an export folder read in place, an input folder of `cxrbatch process`).
+    """
+
+    output: Path
+    spool: Path
+    quarantine: Path
+
+    def _named(self) -> list[tuple[str, Path]]:
+        roots = [("output", self.output), ("spool", self.spool), ("quarantine", self.quarantine)]
+        named = [(name, Path(os.path.abspath(root))) for name, root in roots]
+        return sorted(named, key=lambda item: len(item[1].parts), reverse=True)
+
+    def store(self, path: Path | str) -> str:
+        absolute = Path(os.path.abspath(path))
+        for name, root in self._named():
+            if absolute == root or root in absolute.parents:
+                return f"{name}:{absolute.relative_to(root).as_posix()}"
+        return str(absolute)
+
+    def resolve(self, stored: str) -> Path:
+        return resolve_stored(stored, self)
+
+
+_STORED = re.compile(r"^(output|spool|quarantine):(.*)$", re.DOTALL)
+
+
+def store_path(path: Path | str, roots: StorageRoots | None) -> str:
+    """`path` as the database keeps it: relative to a root of `roots`, or absolute (always
+    absolute without roots)."""
+    return roots.store(path) if roots is not None else str(Path(os.path.abspath(path)))
+
+
+def resolve_stored(stored: str, roots: StorageRoots | None) -> Path:
+    """A stored path on this host: `<root>:<relative>` under that root, absolute as it is.
+
+    Raises ValueError for a relative stored path without the roots to resolve it, or one
+    that would leave its root."""
+    match = _STORED.match(stored)
+    if match is None:
+        return Path(stored)
+    if roots is None:
+        raise ValueError(f"Expected the site's storage roots to resolve {stored!r}.")
+    root = Path(getattr(roots, match.group(1)))
+    candidate = root / match.group(2)
+    if not is_inside(root, candidate):
+        raise ValueError(f"Expected a path inside {root}, found {stored!r}.")
+    return candidate

@@ -9,6 +9,7 @@ from pathlib import Path
 from cxrbatch.db import Session, repository
 from cxrbatch.domain import RejectedFile
 from cxrbatch.files import atomic_write, sha256_file
+from cxrbatch.paths import StorageRoots
 
 
 def quarantine(
@@ -50,7 +51,11 @@ def quarantine(
 
 
 def record_rejected_files(
-    session: Session, rejected: list[RejectedFile], quarantine_dir: Path, keep_paths: bool = False
+    session: Session,
+    rejected: list[RejectedFile],
+    quarantine_dir: Path,
+    keep_paths: bool = False,
+    roots: StorageRoots | None = None,
 ) -> tuple[int, int]:
     """Quarantine (copy) bad input and record every rejected file with its reason.
 
@@ -64,5 +69,5 @@ def record_rejected_files(
             else None
         )
         quarantined += copy is not None
-        repository.record_rejected(session, item, copy)
+        repository.record_rejected(session, item, copy, roots)
     return len(rejected), quarantined

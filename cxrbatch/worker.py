@@ -18,8 +18,9 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -31,8 +32,6 @@ from cxrbatch import logs, pipeline
 from cxrbatch.allocator import keep_freed_memory
 from cxrbatch.config import Settings
 from cxrbatch.db import DatabaseError, Session, Sessions, deliveries, instances, jobs, repository
-from cxrbatch.db import models as tables
-from cxrbatch.db.session import make_engine, session_factory
 from cxrbatch.dicom.discover import read_header
 from cxrbatch.domain import (
     InstanceHeader,
@@ -46,15 +45,12 @@ from cxrbatch.domain import (
 )
 from cxrbatch.errors import CxrBatchError, RecordingError, one_line
 from cxrbatch.models.device import limit_cpu_threads
-from cxrbatch.paths import quarantine_dir, spool_dir
+from cxrbatch.paths import StorageRoots, resolve_stored
 from cxrbatch.quarantine import record_rejected_files
+from cxrbatch.site import Site
 from cxrbatch.worker_entry import EXIT_CANNOT_START
 
 log = logging.getLogger(__name__)
-
-# Called inside the transaction that records a study, with its current outcome row;
-# returning False rolls the record back (the job is no longer ours).
-OnRecord = Callable[[Session, tables.Outcome], bool]
 
 
 @dataclass(frozen=True)
@@ -82,43 +78,63 @@ def peak_gpu_bytes() -> int:
     return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_initialized() else 0
 
 
+@dataclass(frozen=True)
+class Unchanged:
+    """A study whose current outcome stands: same input, models and settings, outputs in
+    place. Nothing is recorded for it; a job is closed against that outcome."""
+
+    study_instance_uid: str
+    outcome_id: int
+    status: OutcomeStatus
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What recording a study's outcome wrote, in the caller's transaction."""
+
+    outcome_id: int
+    status: OutcomeStatus
+    quarantined: int
+
+
 class StudyProcessor:
-    """Models loaded once and a database session factory; processes and records studies."""
+    """Models loaded once and the site's database; runs studies and records their outcomes.
+
+    `run` processes one study and records nothing; `record` writes its outcome in the
+    caller's session; the caller owns the transaction (`process` is run + record in one of
+    its own, for `cxrbatch process`; the queue worker records and closes the job in one).
+    """
 
     def __init__(
         self,
-        settings: Settings,
-        out_dir: Path,
-        url: str,
+        site: Site,
         models: pipeline.Models | None = None,
         in_flight: int = 1,
     ) -> None:
         """`in_flight`: studies the caller will process at once on threads (load_models)."""
-        self.settings = settings
-        self.out_dir = out_dir
-        if settings.processing.keep_freed_memory:  # every processing process passes here
+        self.site = site
+        self.settings = site.settings
+        if site.settings.processing.keep_freed_memory:  # every processing process passes here
             keep_freed_memory()
-        self.engine = make_engine(url)
-        self.sessions: Sessions = session_factory(self.engine)
-        self.models = models if models is not None else pipeline.load_models(settings, in_flight)
+        self.database = site.database()
+        self.sessions: Sessions = self.database.sessions
+        self.models = (
+            models if models is not None else pipeline.load_models(site.settings, in_flight)
+        )
         self.synthetic = any(m.synthetic_training_data for m in self.models.refs)
 
     def close(self) -> None:
-        self.engine.dispose()
+        self.database.close()
 
     def fingerprint(self, study: StudyInput) -> str:
         return pipeline.input_fingerprint(study, self.models, self.settings)
 
-    def process(
-        self,
-        study: StudyInput,
-        force: bool = False,
-        on_record: OnRecord | None = None,
-        fingerprint: str | None = None,
-    ) -> StudyReport:
-        """Process and record one study. `fingerprint`: its input fingerprint when the
-        caller computed it already (computed once per study)."""
-        settings, models = self.settings, self.models
+    def run(
+        self, study: StudyInput, force: bool = False, fingerprint: str | None = None
+    ) -> StudyResult | Unchanged:
+        """Process one study (its own failures become a failed result; nothing is
+        recorded). `fingerprint`: its input fingerprint when the caller computed it
+        already (computed once per study)."""
         uid = study.study_instance_uid
         fingerprint = fingerprint or self.fingerprint(study)
         with self.sessions() as session:
@@ -130,38 +146,49 @@ class StudyProcessor:
                 and current is not None
                 and current.status != OutcomeStatus.FAILED.value
                 and current.input_fingerprint == fingerprint
-                and _outputs_exist(current.outputs)
+                and _outputs_exist(current.outputs, self.site.roots)
             ):
-                if on_record is not None and not on_record(session, current):
-                    session.rollback()
-                    return StudyReport(uid, StudyRunStatus.LOST, synthetic_model=self.synthetic)
-                session.commit()
-                log.info("study %s unchanged since its last outcome; skipped", uid)
-                return StudyReport(uid, StudyRunStatus.UNCHANGED, synthetic_model=self.synthetic)
+                return Unchanged(uid, current.id, OutcomeStatus(current.status))
         try:
-            result = pipeline.run(study, models, settings, self.out_dir, fingerprint)
+            return pipeline.run(study, self.models, self.settings, self.site.out_dir, fingerprint)
         except CxrBatchError as exc:  # e.g. an output that cannot be written (disk full)
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else one_line(exc)
             log.error("study %s failed: %s", uid, reason)
             log.debug("study %s failed", uid, exc_info=True)
-            result = failed_result(uid, reason, fingerprint, models.refs)
+            return failed_result(uid, reason, fingerprint, self.models.refs)
         except Exception as exc:  # one study must never stop the batch
             log.error("study %s failed: internal error: %s", uid, one_line(exc))
             log.debug("study %s failed", uid, exc_info=True)
-            result = failed_result(
-                uid, f"internal error: {one_line(exc)}", fingerprint, models.refs
+            return failed_result(
+                uid, f"internal error: {one_line(exc)}", fingerprint, self.models.refs
             )
-        try:
-            quarantined = record_result(self.sessions, settings, self.out_dir, result, on_record)
-        except DatabaseError as exc:
-            log.debug("recording study %s failed", uid, exc_info=True)
-            raise RecordingError(
-                f"the outcome of study {uid} cannot be recorded in the results database: "
-                f"{one_line(getattr(exc, 'orig', None) or exc)}"
-            ) from exc
-        if quarantined is None:
+
+    def record(self, session: Session, ran: StudyResult | Unchanged) -> Recorded:
+        """Record what `run` gave in the caller's session (the caller commits)."""
+        if isinstance(ran, Unchanged):
+            return Recorded(ran.outcome_id, ran.status, 0)
+        return record_result(session, self.site, ran)
+
+    def process(
+        self, study: StudyInput, force: bool = False, fingerprint: str | None = None
+    ) -> StudyReport:
+        """Run one study and record it in one transaction of its own."""
+        ran = self.run(study, force, fingerprint)
+        with recording(study.study_instance_uid), self.sessions.begin() as session:
+            recorded = self.record(session, ran)
+        return self.report(ran, recorded)
+
+    def report(self, ran: StudyResult | Unchanged, recorded: Recorded | None) -> StudyReport:
+        """The study's report, once its outcome is recorded (`recorded` None: the job was
+        taken over while it ran, nothing was recorded), and its log line."""
+        uid = ran.study_instance_uid
+        if recorded is None:
             log.warning("study %s: the job was taken over while it ran; not recorded", uid)
             return StudyReport(uid, StudyRunStatus.LOST, synthetic_model=self.synthetic)
+        if isinstance(ran, Unchanged):
+            log.info("study %s unchanged since its last outcome; skipped", uid)
+            return StudyReport(uid, StudyRunStatus.UNCHANGED, synthetic_model=self.synthetic)
+        result = ran
         total = sum(result.timings.values())
         log.info(
             "study %s %s in %.2fs (%d image(s) processed, %d skipped, %d failed)",
@@ -194,7 +221,7 @@ class StudyProcessor:
             status=StudyRunStatus(result.status.value),
             reason=result.reason,
             image_reasons=tuple(reasons),
-            quarantined=quarantined,
+            quarantined=recorded.quarantined,
             images=len(result.images),
             synthetic_model=self.synthetic,
             timings=dict(result.timings),
@@ -204,16 +231,23 @@ class StudyProcessor:
         )
 
 
-def record_result(
-    sessions: Sessions,
-    settings: Settings,
-    out_dir: Path,
-    result: StudyResult,
-    on_record: OnRecord | None = None,
-) -> int | None:
+@contextmanager
+def recording(study_instance_uid: str) -> Iterator[None]:
+    """A database error while recording a study's outcome is a RecordingError naming the
+    study and the cause (the batch or the worker stops: it cannot record what it does)."""
+    try:
+        yield
+    except DatabaseError as exc:
+        log.debug("recording study %s failed", study_instance_uid, exc_info=True)
+        raise RecordingError(
+            f"the outcome of study {study_instance_uid} cannot be recorded in the results "
+            f"database: {one_line(getattr(exc, 'orig', None) or exc)}"
+        ) from exc
+
+
+def record_result(session: Session, site: Site, result: StudyResult) -> Recorded:
     """Record a study's outcome, quarantine the files of its failed images and queue its
-    sending, in one transaction. Returns the files quarantined, or None when `on_record`
-    refused (the record is rolled back)."""
+    sending, in the caller's transaction (the caller commits)."""
     failures = [
         RejectedFile(
             f.instance.path,
@@ -224,22 +258,18 @@ def record_result(
         )
         for f in result.failures
     ]
-    with sessions() as session:
-        _, quarantined = record_rejected_files(
-            session,
-            failures,
-            quarantine_dir(settings, out_dir),
-            settings.output.quarantine_original_paths,
-        )
-        outcome = repository.record_study(session, result)
-        # Sending is queued with the outcome, in one transaction: nothing recorded is
-        # ever left unsent by a crash.
-        deliveries.enqueue(session, outcome, settings.send.destinations)
-        if on_record is not None and not on_record(session, outcome):
-            session.rollback()
-            return None
-        session.commit()
-    return quarantined
+    _, quarantined = record_rejected_files(
+        session,
+        failures,
+        site.quarantine_dir,
+        site.settings.output.quarantine_original_paths,
+        site.roots,
+    )
+    outcome = repository.record_study(session, result, site.roots)
+    # Sending is queued with the outcome, in one transaction: nothing recorded is ever
+    # left unsent by a crash.
+    deliveries.enqueue(session, outcome, site.settings.send.destinations)
+    return Recorded(outcome.id, result.status, quarantined)
 
 
 def failed_result(
@@ -260,29 +290,29 @@ def failed_result(
     )
 
 
-def _outputs_exist(outputs: dict[str, Any]) -> bool:
-    paths = deliveries.outcome_files(outputs)
+def _outputs_exist(outputs: dict[str, Any], roots: StorageRoots) -> bool:
+    paths = deliveries.outcome_files(outputs, roots)
     if outputs.get("json"):
-        paths.append(Path(outputs["json"]))
+        paths.append(resolve_stored(outputs["json"], roots))
     return all(p.is_file() for p in paths)
 
 
 # ---- the daemon's worker ----------------------------------------------------------------
 
 JOB_STATUS_OF_OUTCOME = {
-    OutcomeStatus.PROCESSED.value: JobStatus.DONE,
-    OutcomeStatus.INELIGIBLE.value: JobStatus.INELIGIBLE,
-    OutcomeStatus.FAILED.value: JobStatus.FAILED,
+    OutcomeStatus.PROCESSED: JobStatus.DONE,
+    OutcomeStatus.INELIGIBLE: JobStatus.INELIGIBLE,
+    OutcomeStatus.FAILED: JobStatus.FAILED,
 }
 
 
 def received_study(
-    session: Session, study_instance_uid: str
+    session: Session, study_instance_uid: str, roots: StorageRoots | None = None
 ) -> tuple[StudyInput, list[RejectedFile]]:
     """The study as received so far (instances table), each file's header read again."""
     headers: list[InstanceHeader] = []
     rejected: list[RejectedFile] = []
-    for path in instances.study_files(session, study_instance_uid):
+    for path in instances.study_files(session, study_instance_uid, roots):
         header = read_header(path)
         if isinstance(header, RejectedFile):
             rejected.append(header)
@@ -333,17 +363,11 @@ class _Heartbeat:
 class QueueWorker:
     """One worker: claims jobs until stopped. Models are loaded once, at construction."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        out_dir: Path,
-        url: str,
-        models: pipeline.Models | None = None,
-    ) -> None:
-        self.settings = settings
-        self.out_dir = out_dir
+    def __init__(self, site: Site, models: pipeline.Models | None = None) -> None:
+        self.site = site
+        self.settings = settings = site.settings
         self.slots = max(1, settings.processing.study_threads)  # studies in flight
-        self.processor = StudyProcessor(settings, out_dir, url, models, in_flight=self.slots)
+        self.processor = StudyProcessor(site, models, in_flight=self.slots)
         self.sessions = self.processor.sessions
         self.policy = jobs.RetryPolicy.from_settings(settings.queue)
         self.owner = jobs.new_owner()
@@ -456,41 +480,53 @@ class QueueWorker:
                 with self._lock:
                     self.current.remove(claimed)
 
-    def process_claim(self, claimed: jobs.Claim) -> None:
-        with self.sessions() as session:
-            study, missing = received_study(session, claimed.study_instance_uid)
+    def process_claim(self, claimed: jobs.Claim) -> StudyReport:
+        """Run the claimed study, then record its outcome and close its job in one
+        transaction this worker owns: both or neither (a lease lost meanwhile rolls the
+        record back: the job belongs to another worker now)."""
+        uid = claimed.study_instance_uid
+        with self.sessions.begin() as session:
+            study, missing = received_study(session, uid, self.site.roots)
             record_rejected_files(
                 session,
                 missing,
-                quarantine_dir(self.settings, self.out_dir),
+                self.site.quarantine_dir,
                 self.settings.output.quarantine_original_paths,
+                self.site.roots,
             )
-            session.commit()
-
-        def close_job(session: Session, outcome: tables.Outcome) -> bool:
-            status = JOB_STATUS_OF_OUTCOME[outcome.status]
-            error = outcome.reason if status is JobStatus.FAILED else None
+        ran = self.processor.run(study)
+        with recording(uid), self.sessions() as session:
+            recorded = self.processor.record(session, ran)
+            status = JOB_STATUS_OF_OUTCOME[recorded.status]
+            # An unchanged study is never a failed one (failures are always run again).
+            error = ran.reason if isinstance(ran, StudyResult) and ran.reason else None
             closed = jobs.finish(
-                session, claimed, status, self.policy, error=error, outcome_id=outcome.id
+                session,
+                claimed,
+                status,
+                self.policy,
+                error=error if status is JobStatus.FAILED else None,
+                outcome_id=recorded.outcome_id,
             )
-            if closed is not None:
-                log.info(
-                    "job of study %s is %s (attempt %d)",
-                    claimed.study_instance_uid,
-                    closed.value,
-                    claimed.attempts,
-                    extra={
-                        "fields": {
-                            "event": "job_finished",
-                            "study_instance_uid": claimed.study_instance_uid,
-                            "job_status": closed.value,
-                            "attempt": claimed.attempts,
-                        }
-                    },
-                )
-            return closed is not None
-
-        self.processor.process(study, on_record=close_job)
+            if closed is None:
+                session.rollback()
+                return self.processor.report(ran, None)
+            session.commit()
+        log.info(
+            "job of study %s is %s (attempt %d)",
+            uid,
+            closed.value,
+            claimed.attempts,
+            extra={
+                "fields": {
+                    "event": "job_finished",
+                    "study_instance_uid": uid,
+                    "job_status": closed.value,
+                    "attempt": claimed.attempts,
+                }
+            },
+        )
+        return self.processor.report(ran, recorded)
 
     def _recover_if_due(self) -> None:
         with self._lock:  # one of the claim loops does it
@@ -506,7 +542,7 @@ class QueueWorker:
         # Under the lock: the claim loops see one reading at a time, so the pause and the
         # resumption are each logged once per worker, not once per loop.
         with self._lock:
-            free = free_disk_mb([self.out_dir, spool_dir(self.settings, self.out_dir)])
+            free = free_disk_mb([self.site.out_dir, self.site.spool_dir])
             low = free < watermark
             if low and not self._paused_for_disk:
                 log.warning(
@@ -529,14 +565,12 @@ class QueueWorker:
 # configuration error): restarting it would fail the same way.
 
 
-def worker_process_main(
-    settings: Settings, out_dir: Path, url: str, threads: int, parent_pid: int | None
-) -> None:
+def worker_process_main(site: Site, threads: int, parent_pid: int | None) -> None:
     """Entry point of a worker process (spawned by `cxrbatch watch` / `cxrbatch worker`)."""
-    logs.configure(settings.logging.level, settings.logging.format)
+    logs.configure(site.settings.logging.level, site.settings.logging.format)
     limit_cpu_threads(threads)
     try:
-        worker = QueueWorker(settings, out_dir, url)
+        worker = QueueWorker(site)
     except CxrBatchError as exc:
         log.error("worker cannot start: %s", exc)
         raise SystemExit(EXIT_CANNOT_START) from exc

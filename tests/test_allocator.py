@@ -14,6 +14,7 @@ import pytest
 
 from cxrbatch import allocator, worker
 from cxrbatch.config import load_settings
+from cxrbatch.site import Site
 
 # In a child process: the setting is process-wide and would change pytest's own heap.
 FAULTS_PER_ROUND = textwrap.dedent(
@@ -77,9 +78,7 @@ def test_a_study_processor_applies_the_setting(
     settings = load_settings(None, processing={"keep_freed_memory": keep})
     models = SimpleNamespace(refs=())  # no model loading: only the set-up is under test
     processor = worker.StudyProcessor(
-        settings,
-        tmp_path,
-        f"sqlite:///{tmp_path / 'db.sqlite'}",
+        Site(settings, tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}"),
         models,  # type: ignore[arg-type]
     )
     processor.close()

@@ -19,6 +19,7 @@ from cxrbatch.cli import app
 from cxrbatch.config import Settings
 from cxrbatch.db import models as tables
 from cxrbatch.db.session import make_engine, session_factory, upgrade
+from cxrbatch.site import Site
 from cxrbatch.synthetic import make_phantom, save, to_dataset, write_studies
 from tests.conftest import real_file
 
@@ -69,7 +70,7 @@ def test_batch_records_every_input_and_quarantines_bad_ones(
     folder = _mixed_folder(tmp_path / "in")
     out = tmp_path / "out"
     with caplog.at_level(logging.INFO):
-        summary = run_batch(folder, out, settings, models=models)
+        summary = run_batch(folder, Site.at(settings, out), models=models)
     assert summary.studies["processed"] == 2
     assert summary.studies["ineligible"] == 2  # MR, CT SOP class tagged Modality CR
     assert summary.studies["failed"] == 3  # short pixel data, RGB-tagged grayscale, no pixels
@@ -91,14 +92,14 @@ def test_batch_records_every_input_and_quarantines_bad_ones(
     assert "1.2.826.0.1.3680043.10.1411." in text  # UIDs are logged instead
 
     # Re-running the same input adds no rows and reprocesses nothing.
-    again = run_batch(folder, out, settings, models=models)
+    again = run_batch(folder, Site.at(settings, out), models=models)
     assert again.studies["unchanged"] == 4  # failed studies are retried, others unchanged
     assert _counts(url) == counts
 
     # A changed study supersedes: one current outcome, the old one kept as superseded.
     extra = to_dataset(make_phantom(99, (384, 384)), "11/0", instance=2)
     save(extra, folder / "phantoms" / "phantom_00000" / "late.dcm")
-    run_batch(folder, out, settings, models=models)
+    run_batch(folder, Site.at(settings, out), models=models)
     after = _counts(url)
     assert after["studies"] == 7 and after["current"] == 7
     assert (
@@ -142,7 +143,7 @@ def test_batch_on_postgres(
     configured = settings.model_copy(
         update={"database": settings.database.model_copy(update={"url": postgres_url})}
     )
-    summary = run_batch(tmp_path / "in", tmp_path / "out", configured, models=models)
+    summary = run_batch(tmp_path / "in", Site.at(configured, tmp_path / "out"), models=models)
     assert summary.studies["processed"] == 1
     assert _counts(postgres_url)["current"] == 1
 
@@ -197,7 +198,7 @@ def test_studies_in_flight_share_the_models_and_match_one_at_a_time(
             update={"processing": settings.processing.model_copy(update={"study_threads": threads})}
         )
         out = tmp_path / f"out{threads}"
-        summary = run_batch(tmp_path / "in", out, configured, models=models)
+        summary = run_batch(tmp_path / "in", Site.at(configured, out), models=models)
         assert summary.studies == {"processed": 3}
         results[threads] = {
             p.parent.name: json.loads(p.read_text()) for p in out.glob("*/result.json")

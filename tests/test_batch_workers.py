@@ -16,6 +16,7 @@ from cxrbatch.config import Settings
 from cxrbatch.db import models as tables
 from cxrbatch.db.session import make_engine, session_factory
 from cxrbatch.errors import CxrBatchError
+from cxrbatch.site import Site
 from cxrbatch.synthetic import write_studies
 
 # Imported by every Python process started while it is on PYTHONPATH: the spawned worker
@@ -70,7 +71,7 @@ def test_a_study_that_kills_its_worker_costs_no_other_study(
 
     # 2 workers x 2 studies in flight: the poisoned study's worker dies, and the pool with
     # it; whatever was in flight is retried alone, so the poisoned study is found.
-    summary = run_batch(tmp_path / "in", out, settings, workers=2)
+    summary = run_batch(tmp_path / "in", Site.at(settings, out), workers=2)
 
     assert summary.studies == {"processed": 3, "failed": 1}
     (failed,) = [r for r in summary.reports if r.status == "failed"]
@@ -89,7 +90,7 @@ def test_a_study_that_kills_its_worker_costs_no_other_study(
     # Recorded as failed, so the next run retries it (here in this process, unpoisoned)
     # and leaves the others alone.
     monkeypatch.delenv("CXRBATCH_TEST_KILL_STUDY")
-    again = run_batch(tmp_path / "in", out, settings, models=models)
+    again = run_batch(tmp_path / "in", Site.at(settings, out), models=models)
     assert again.studies == {"processed": 1, "unchanged": 3}
     assert _current_outcomes(out)[poison].status == "processed"
 
@@ -106,4 +107,4 @@ def test_workers_that_cannot_load_their_models_stop_the_batch(
         }
     )
     with pytest.raises(CxrBatchError, match="before processing any study"):
-        run_batch(tmp_path / "in", tmp_path / "out", broken, workers=2)
+        run_batch(tmp_path / "in", Site.at(broken, tmp_path / "out"), workers=2)

@@ -18,6 +18,7 @@ from cxrbatch.config import Settings
 from cxrbatch.errors import ConfigError
 from cxrbatch.models.batching import Batcher, batch_size
 from cxrbatch.models.segmenter import load_segmenter
+from cxrbatch.site import Site
 from cxrbatch.synthetic import write_studies
 
 
@@ -94,7 +95,7 @@ def test_pipeline_with_batched_networks_matches_unbatched(
             update={"processing": settings.processing.model_copy(update={"study_threads": threads})}
         )
         out = tmp_path / name
-        summary = run_batch(tmp_path / "in", out, configured, models=used)
+        summary = run_batch(tmp_path / "in", Site.at(configured, out), models=used)
         assert summary.studies == {"processed": 3}
         documents[name] = {
             p.parent.name: json.loads(p.read_text()) for p in out.glob("*/result.json")

@@ -280,8 +280,9 @@ import sys, time
 from pathlib import Path
 from cxrbatch.config import load_settings
 from cxrbatch.daemon import Service
+from cxrbatch.site import Site
 settings = load_settings(None, segmentation={"device": "cpu"})
-service = Service(settings, Path(sys.argv[1]), 1, None)
+service = Service(Site.at(settings, Path(sys.argv[1])), 1, None)
 service._spawn_worker()
 heavy = [m for m in ("torch", "highdicom", "cxrbatch.pipeline", "cxrbatch.worker")
          if m in sys.modules]

@@ -20,6 +20,7 @@ from cxrbatch.db import models as tables
 from cxrbatch.db.session import make_engine, session_factory
 from cxrbatch.domain import StudyInput
 from cxrbatch.errors import RecordingError, one_line
+from cxrbatch.site import Site
 from cxrbatch.synthetic import write_studies
 
 
@@ -42,7 +43,7 @@ def test_a_failure_with_a_long_message_is_stored_as_one_line(
         )
 
     monkeypatch.setattr(pipeline, "run", crash)
-    summary = run_batch(tmp_path / "in", tmp_path / "out", settings, models=models)
+    summary = run_batch(tmp_path / "in", Site.at(settings, tmp_path / "out"), models=models)
     assert summary.studies["failed"] == 1
     engine = make_engine(f"sqlite:///{tmp_path / 'out' / 'cxrbatch.sqlite'}")
     with session_factory(engine)() as session:

@@ -30,6 +30,7 @@ from cxrbatch.errors import ConfigError
 from cxrbatch.ingest import spool as spool_module
 from cxrbatch.ingest.folder import FolderIngest
 from cxrbatch.ingest.spool import Spool, Taken
+from cxrbatch.site import Site
 from cxrbatch.synthetic import make_phantom, save, to_dataset, write_study
 from cxrbatch.worker import QueueWorker
 
@@ -289,11 +290,11 @@ def test_late_arrival_requeues_the_study_and_supersedes_its_outcome(
     first = site.input / "IM1"
     first.write_bytes(phantom_bytes)
     assert site.spool.take(first) is Taken.RECEIVED
-    worker = QueueWorker(site.settings, site.out, site.url, models)
+    worker = QueueWorker(Site(site.settings, site.out, site.url), models)
     assert worker.run(until_idle=True) == 1
     late = _second_instance(tmp_path, site.instances()[0].path and Path(site.instances()[0].path))
     assert site.spool.take(late) is Taken.RECEIVED
-    worker = QueueWorker(site.settings, site.out, site.url, models)
+    worker = QueueWorker(Site(site.settings, site.out, site.url), models)
     assert worker.run(until_idle=True) == 1
     with site.sessions() as session:
         outcomes = session.scalars(select(tables.Outcome).order_by(tables.Outcome.id)).all()
@@ -303,7 +304,8 @@ def test_late_arrival_requeues_the_study_and_supersedes_its_outcome(
         assert current.status == "processed" and len(current.images) == 2
         job = session.scalar(select(tables.Job))
         assert job is not None and job.status == "done" and job.outcome_id == current.id
-    study_dir = Path(next(iter(current.outputs["seg"].values()))).parent
+    roots = Site(site.settings, site.out, site.url).roots  # stored paths are relative to them
+    study_dir = roots.resolve(next(iter(current.outputs["seg"].values()))).parent
     assert sorted(p.name.split("_")[0] for p in study_dir.iterdir()) == [
         "result.json",
         "seg",
@@ -326,17 +328,17 @@ def test_a_worker_keeps_study_threads_studies_in_flight(
     for index in range(4):
         study = write_study(tmp_path / "gen", index, seed=24, size=(256, 256))
         assert site.spool.take(study.path) is Taken.RECEIVED
-    worker = QueueWorker(settings, site.out, site.url, models)
+    worker = QueueWorker(Site(settings, site.out, site.url), models)
     barrier = threading.Barrier(2, timeout=60)
-    real = worker.processor.process
+    real = worker.processor.run
     claims_in_hand: list[int] = []
 
-    def meet_then_process(study: Any, force: bool = False, on_record: Any = None) -> Any:
+    def meet_then_run(study: Any, force: bool = False, fingerprint: Any = None) -> Any:
         barrier.wait()
         claims_in_hand.append(len(worker.current))
-        return real(study, force, on_record)
+        return real(study, force, fingerprint)
 
-    monkeypatch.setattr(worker.processor, "process", meet_then_process)
+    monkeypatch.setattr(worker.processor, "run", meet_then_run)
     assert worker.run(until_idle=True) == 4
     assert claims_in_hand == [2, 2, 2, 2] and worker.current == []
     with site.sessions() as session:
@@ -364,7 +366,7 @@ def test_worker_pauses_under_the_disk_watermark_and_resumes(
     readings = iter([100.0, 100.0, 100.0])  # three checks under the watermark, then plenty
     monkeypatch.setattr(worker_module, "free_disk_mb", lambda _paths: next(readings, 10_000.0))
     caplog.set_level(logging.INFO)
-    worker = QueueWorker(settings, site.out, site.url, models)
+    worker = QueueWorker(Site(settings, site.out, site.url), models)
     assert worker.run(until_idle=True) == 1
     messages = [r.getMessage() for r in caplog.records]
     paused = [i for i, m in enumerate(messages) if "under the watermark" in m]
@@ -395,7 +397,7 @@ def test_one_json_log_line_per_study_outcome_without_patient_data(
     previous = root.level
     root.setLevel(logging.INFO)  # the default level
     try:
-        QueueWorker(site.settings, site.out, site.url, models).run(until_idle=True)
+        QueueWorker(Site(site.settings, site.out, site.url), models).run(until_idle=True)
     finally:
         root.removeHandler(handler)
         root.setLevel(previous)
@@ -430,7 +432,7 @@ def test_cli_queries_filters_worklist_status_and_retry(
     settings = configured.model_copy(
         update={"queue": configured.queue.model_copy(update={"poll_interval_seconds": 0.05})}
     )
-    QueueWorker(settings, out, url, loaded).run(until_idle=True)
+    QueueWorker(Site(settings, out, url), loaded).run(until_idle=True)
     runner = CliRunner()
     listed = json.loads(
         runner.invoke(app, ["results", "--out", str(out), "--format", "json"]).stdout
@@ -460,7 +462,10 @@ def test_cli_queries_filters_worklist_status_and_retry(
     order = [(r["triage"] != "abnormal", r["screening_no_finding_score"]) for r in ranked]
     assert order == sorted(order) and [r["rank"] for r in ranked] == [1, 2, 3]
     csv_text = runner.invoke(app, ["results", "--out", str(out), "--format", "csv"]).stdout
-    assert csv_text.splitlines()[0].startswith("study_instance_uid,status,triage")
+    assert csv_text.splitlines()[0].startswith(
+        "study_instance_uid,accession_number,patient_id,study_date,modality,status,triage"
+    )
+    assert csv_text.splitlines()[0].endswith("p_Mass,p_Nodule,p_Pneumonia,p_Edema,p_Fibrosis")
     # A dead job shows in status and is queued again by `jobs retry`.
     with sessions.begin() as session:
         job = session.scalars(select(tables.Job)).first()

@@ -26,6 +26,7 @@ from cxrbatch.config import Destination, SendSettings
 from cxrbatch.db.leased import LeasedWork, RetryPolicy
 from cxrbatch.db.models import Delivery, Outcome, utcnow
 from cxrbatch.domain import DeliveryStatus, OutcomeStatus
+from cxrbatch.paths import StorageRoots, resolve_stored
 
 UNSENT = (DeliveryStatus.PENDING, DeliveryStatus.FAILED, DeliveryStatus.DEAD)
 DELIVERIES = LeasedWork(
@@ -49,13 +50,19 @@ class DeliveryClaim:
     owner: str
 
 
-def outcome_files(outputs: dict[str, Any]) -> list[Path]:
-    """The DICOM objects of an outcome's `outputs` document: SEGs, key images, the SR."""
-    files = [Path(p) for p in (outputs.get("seg") or {}).values()]
-    files += [Path(p) for p in (outputs.get("key_images") or {}).values()]
+def stored_files(outputs: dict[str, Any]) -> list[str]:
+    """The DICOM objects of an outcome's `outputs` document, as stored: SEGs, key images,
+    the SR."""
+    files = [str(p) for p in (outputs.get("seg") or {}).values()]
+    files += [str(p) for p in (outputs.get("key_images") or {}).values()]
     if outputs.get("sr"):
-        files.append(Path(outputs["sr"]))
+        files.append(str(outputs["sr"]))
     return files
+
+
+def outcome_files(outputs: dict[str, Any], roots: StorageRoots | None = None) -> list[Path]:
+    """The DICOM objects of an outcome's `outputs` document, on this host."""
+    return [resolve_stored(p, roots) for p in stored_files(outputs)]
 
 
 def enqueue(session: Session, outcome: Outcome, destinations: Sequence[Destination]) -> int:
@@ -64,7 +71,7 @@ def enqueue(session: Session, outcome: Outcome, destinations: Sequence[Destinati
     Only processed outcomes with DICOM outputs are sent. Unsent deliveries of the study's
     earlier outcomes are superseded: the newer objects replace them.
     """
-    files = outcome_files(outcome.outputs or {})
+    files = stored_files(outcome.outputs or {})
     if outcome.status != OutcomeStatus.PROCESSED or not files or not destinations:
         return 0
     study_uid = outcome.study.study_instance_uid
@@ -84,7 +91,7 @@ def enqueue(session: Session, outcome: Outcome, destinations: Sequence[Destinati
                 status=DeliveryStatus.PENDING,
                 attempts=0,
                 run_after=now,
-                files=[str(f) for f in files],
+                files=files,
                 created_at=now,
                 updated_at=now,
             )
@@ -98,6 +105,7 @@ def claim(
     owner: str,
     lease_seconds: float,
     due_by: dt.datetime | None = None,
+    roots: StorageRoots | None = None,
 ) -> DeliveryClaim | None:
     """The next delivery due by `due_by` (default now): pending, failed after its backoff,
     or a lost sender's; None when there is none. A sender pass passes its start time, so
@@ -110,7 +118,7 @@ def claim(
             row.id,
             row.study_instance_uid,
             row.destination,
-            tuple(Path(p) for p in row.files),
+            tuple(resolve_stored(p, roots) for p in row.files),
             row.attempts,
             owner,
         )

@@ -1,7 +1,9 @@
 """The `instances` table: what `cxrbatch watch` received, one row per SOPInstanceUID.
 
 The spool (cxrbatch/ingest/spool.py), the folder watcher and the workers reach these rows
-only through the functions here.
+only through the functions here. `path` (where the file is now) is stored relative to the
+site's roots when given (`paths.StorageRoots`); `source_path` (where it was taken from)
+stays absolute.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from cxrbatch.db.models import Instance, RejectedFile
 from cxrbatch.domain import InstanceHeader
+from cxrbatch.paths import StorageRoots, resolve_stored, store_path
 
 
 @dataclass(frozen=True)
@@ -24,9 +27,11 @@ class Known:
     sha256: str
 
 
-def known(session: Session, sop_instance_uid: str) -> Known | None:
+def known(
+    session: Session, sop_instance_uid: str, roots: StorageRoots | None = None
+) -> Known | None:
     row = session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
-    return None if row is None else Known(Path(row.path), row.sha256)
+    return None if row is None else Known(resolve_stored(row.path, roots), row.sha256)
 
 
 def count_duplicate(session: Session, sop_instance_uid: str) -> None:
@@ -38,14 +43,20 @@ def count_duplicate(session: Session, sop_instance_uid: str) -> None:
     )
 
 
-def add(session: Session, header: InstanceHeader, stored: Path, source: Path) -> None:
+def add(
+    session: Session,
+    header: InstanceHeader,
+    stored: Path,
+    source: Path,
+    roots: StorageRoots | None = None,
+) -> None:
     """Record a received instance (flushes: a concurrent twin raises IntegrityError)."""
     session.add(
         Instance(
             sop_instance_uid=header.sop_instance_uid,
             study_instance_uid=header.study_instance_uid,
             sha256=header.sha256,
-            path=str(stored),
+            path=store_path(stored, roots),
             source_path=str(source),
             size=stored.stat().st_size,
             duplicates=0,
@@ -54,9 +65,9 @@ def add(session: Session, header: InstanceHeader, stored: Path, source: Path) ->
     session.flush()
 
 
-def stored_paths(session: Session) -> set[str]:
-    """Where every received instance's file is now."""
-    return set(session.scalars(select(Instance.path)).all())
+def stored_paths(session: Session, roots: StorageRoots | None = None) -> set[str]:
+    """Where every received instance's file is now (on this host)."""
+    return {str(resolve_stored(p, roots)) for p in session.scalars(select(Instance.path))}
 
 
 def taken_source_paths(session: Session) -> list[str]:
@@ -65,10 +76,12 @@ def taken_source_paths(session: Session) -> list[str]:
     return paths + list(session.scalars(select(RejectedFile.path)))
 
 
-def study_files(session: Session, study_instance_uid: str) -> list[Path]:
-    """The files of a study's received instances, in the order received."""
+def study_files(
+    session: Session, study_instance_uid: str, roots: StorageRoots | None = None
+) -> list[Path]:
+    """The files of a study's received instances, in the order received (on this host)."""
     return [
-        Path(p)
+        resolve_stored(p, roots)
         for p in session.scalars(
             select(Instance.path)
             .where(Instance.study_instance_uid == study_instance_uid)

@@ -22,6 +22,7 @@ from cxrbatch.domain import (
     Triage,
 )
 from cxrbatch.errors import CxrBatchError
+from cxrbatch.paths import StorageRoots, store_path
 
 
 def current_outcome(session: Session, study_instance_uid: str) -> models.Outcome | None:
@@ -82,7 +83,7 @@ def _image_reason(item: ImageResult) -> str | None:
     return "; ".join(reasons) or None
 
 
-def _image_rows(result: StudyResult) -> list[models.Image]:
+def _image_rows(result: StudyResult, roots: StorageRoots | None) -> list[models.Image]:
     rows: list[models.Image] = []
     seg_files = result.outputs.seg_files if result.outputs else {}
     for item in result.images:
@@ -109,7 +110,7 @@ def _image_rows(result: StudyResult) -> list[models.Image]:
                 no_finding_score=item.findings.no_finding_score if item.findings else None,
                 screening_no_finding_score=screening.no_finding_score if screening else None,
                 triage=item.triage.value if item.triage else None,
-                seg_path=str(seg_files[header.sop_instance_uid])
+                seg_path=store_path(seg_files[header.sop_instance_uid], roots)
                 if header.sop_instance_uid in seg_files
                 else None,
                 findings=findings,
@@ -122,20 +123,29 @@ def _image_rows(result: StudyResult) -> list[models.Image]:
     return rows
 
 
-def outcome_document(result: StudyResult) -> dict[str, Any]:
+def outcome_document(result: StudyResult, roots: StorageRoots | None = None) -> dict[str, Any]:
+    """The `outcomes.outputs` document: every output file, as the database keeps paths."""
     outputs: dict[str, Any] = {}
     if result.outputs:
+        made = result.outputs
+
+        def stored(path: Path | None) -> str | None:
+            return store_path(path, roots) if path else None
+
         outputs = {
-            "seg": {k: str(v) for k, v in result.outputs.seg_files.items()},
-            "sr": str(result.outputs.sr_file) if result.outputs.sr_file else None,
-            "json": str(result.outputs.json_file) if result.outputs.json_file else None,
-            "key_images": {k: str(v) for k, v in result.outputs.key_image_files.items()},
+            "seg": {k: store_path(v, roots) for k, v in made.seg_files.items()},
+            "sr": stored(made.sr_file),
+            "json": stored(made.json_file),
+            "key_images": {k: store_path(v, roots) for k, v in made.key_image_files.items()},
         }
     return outputs
 
 
-def record_study(session: Session, result: StudyResult) -> models.Outcome:
+def record_study(
+    session: Session, result: StudyResult, roots: StorageRoots | None = None
+) -> models.Outcome:
     """Record a study's outcome; the previous current outcome (if any) is superseded.
+    Output paths are kept relative to `roots` when given (`paths.StorageRoots`).
 
     The caller commits. Re-recording the same input fingerprint replaces the current
     outcome in place instead of adding a row.
@@ -168,16 +178,23 @@ def record_study(session: Session, result: StudyResult) -> models.Outcome:
         synthetic_model=any(m.synthetic_training_data for m in result.models),
         input_fingerprint=result.input_fingerprint,
         models=[m.as_dict() for m in result.models],
-        outputs=outcome_document(result),
+        outputs=outcome_document(result, roots),
         timings={k: round(v, 4) for k, v in result.timings.items()},
-        images=_image_rows(result),
+        images=_image_rows(result, roots),
     )
     session.add(outcome)
     session.flush()
     return outcome
 
 
-def record_rejected(session: Session, rejected: RejectedFile, quarantine_path: Path | None) -> None:
+def record_rejected(
+    session: Session,
+    rejected: RejectedFile,
+    quarantine_path: Path | None,
+    roots: StorageRoots | None = None,
+) -> None:
+    """Record a rejected file (its original path stays absolute; the quarantine copy's is
+    kept relative to `roots` when given)."""
     path = str(rejected.path)
     sha = rejected.sha256 or ""
     row = session.scalar(
@@ -193,14 +210,14 @@ def record_rejected(session: Session, rejected: RejectedFile, quarantine_path: P
                 reason=rejected.reason,
                 study_instance_uid=(rejected.study_instance_uid or "")[:64] or None,
                 sop_instance_uid=(rejected.sop_instance_uid or "")[:64] or None,
-                quarantine_path=str(quarantine_path) if quarantine_path else None,
+                quarantine_path=store_path(quarantine_path, roots) if quarantine_path else None,
             )
         )
     else:
         row.reason = rejected.reason
         row.last_seen_at = models.utcnow()
         if quarantine_path:
-            row.quarantine_path = str(quarantine_path)
+            row.quarantine_path = store_path(quarantine_path, roots)
 
 
 @dataclass(frozen=True)
@@ -303,13 +320,15 @@ def worklist(
 
 
 def probabilities(outcome: models.Outcome, role: str = "classifier") -> dict[str, float]:
-    """Each label's highest probability over the study's images, for one model role."""
+    """Each label's highest probability over the study's images, for one model role; the
+    five study labels first, in their order, then any other."""
     best: dict[str, float] = {}
     for image in outcome.images:
         for finding in image.findings:
             if finding.role == role:
                 best[finding.label] = max(best.get(finding.label, 0.0), finding.probability)
-    return best
+    order = {label: rank for rank, label in enumerate(FINDING_LABELS)}
+    return dict(sorted(best.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
 
 
 def outcome_row(outcome: models.Outcome) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from cxrbatch.errors import ConfigError, DatabaseNotReady
+from cxrbatch.paths import StorageRoots
 
 # Shipped inside the package (package data), so a non-editable install has it too.
 ALEMBIC_DIR = Path(__file__).resolve().parent / "migrations"
@@ -191,7 +192,37 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
-def alembic_config(url: str) -> Any:
+class Database:
+    """An engine on one database and its session factory, set up and disposed together.
+
+    `existing`: the database must exist with this code's schema (`open_existing`, which
+    never creates or migrates); `readonly`: as `make_engine`. A unit of work is
+    `with database.sessions.begin() as session: ...` (committed at the end, rolled back on
+    an error), or a session the caller commits itself.
+    """
+
+    def __init__(self, url: str, *, readonly: bool = False, existing: bool = False) -> None:
+        self.url = url
+        self.engine = (
+            open_existing(url, readonly=readonly)
+            if existing
+            else make_engine(url, readonly=readonly)
+        )
+        self.sessions: sessionmaker[Session] = session_factory(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Database:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def alembic_config(url: str, roots: StorageRoots | None = None) -> Any:
+    """Alembic's configuration for `url`; `roots`: the site's storage roots, for the
+    migrations that rewrite stored paths (0005)."""
     from alembic.config import Config
 
     if not (ALEMBIC_DIR / "env.py").is_file():
@@ -202,14 +233,17 @@ def alembic_config(url: str) -> Any:
     config = Config()
     config.set_main_option("script_location", str(ALEMBIC_DIR))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    if roots is not None:
+        config.attributes["storage_roots"] = roots
     return config
 
 
-def upgrade(url: str, revision: str = "head") -> None:
-    """Create or upgrade the schema to `revision` (idempotent)."""
+def upgrade(url: str, revision: str = "head", roots: StorageRoots | None = None) -> None:
+    """Create or upgrade the schema to `revision` (idempotent). `roots`: the site's storage
+    roots, so that paths recorded by older versions become relative to them."""
     from alembic import command
 
-    command.upgrade(alembic_config(url), revision)
+    command.upgrade(alembic_config(url, roots), revision)
 
 
 def current_revision(url: str) -> str | None:

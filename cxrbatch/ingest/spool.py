@@ -30,7 +30,7 @@ from cxrbatch.dicom.discover import iter_files, read_header
 from cxrbatch.dicom.identity import same_instance
 from cxrbatch.domain import InstanceHeader, RejectedFile
 from cxrbatch.files import atomic_write
-from cxrbatch.paths import is_inside, uid_path_component
+from cxrbatch.paths import StorageRoots, is_inside, uid_path_component
 from cxrbatch.quarantine import record_rejected_files
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,12 @@ class Spool:
         mode: str = "move",
         study_stable_seconds: float = 60.0,
         keep_paths: bool = False,
+        roots: StorageRoots | None = None,
     ) -> None:
+        """`roots`: the site's storage roots, to record paths relative to them (a worker
+        on another host finds the spool wherever it mounts it); None keeps them absolute."""
         self.root = root
+        self.roots = roots
         self.sessions = sessions
         self.quarantine_dir = quarantine_dir
         self.mode = mode
@@ -75,7 +79,7 @@ class Spool:
             self._reject(header)
             return Taken.REJECTED
         with self.sessions() as session:
-            known = instances.known(session, header.sop_instance_uid)
+            known = instances.known(session, header.sop_instance_uid, self.roots)
         known_path = None if known is None else known.path
         known_sha256 = None if known is None else known.sha256
         if known_path is not None and known_path == path:
@@ -107,7 +111,7 @@ class Spool:
             return Taken.CHANGED
         try:
             with self.sessions.begin() as session:
-                instances.add(session, header, stored, path)
+                instances.add(session, header, stored, path, self.roots)
                 jobs.enqueue_study(session, header.study_instance_uid, self.study_stable_seconds)
         except IntegrityError:
             # Taken at the same moment by another ingest: the same instance, already recorded.
@@ -120,7 +124,7 @@ class Spool:
     def recover(self) -> int:
         """Record spool files that a crash left without a row; returns how many."""
         with self.sessions() as session:
-            known = instances.stored_paths(session)
+            known = instances.stored_paths(session, self.roots)
         recovered = 0
         for path in iter_files(self.root):
             if path.name.startswith(".") and path.name.endswith(".tmp"):
@@ -137,7 +141,7 @@ class Spool:
     def _reject(self, rejected: RejectedFile) -> None:
         with self.sessions() as session:
             _, quarantined = record_rejected_files(
-                session, [rejected], self.quarantine_dir, self.keep_paths
+                session, [rejected], self.quarantine_dir, self.keep_paths, self.roots
             )
             session.commit()
         log.info("rejected input file: %s", rejected.reason)

@@ -16,6 +16,7 @@ from cxrbatch.db.leased import new_owner
 from cxrbatch.db.models import utcnow
 from cxrbatch.domain import DeliveryRunStatus, DeliveryStatus
 from cxrbatch.errors import one_line
+from cxrbatch.paths import StorageRoots
 from cxrbatch.send.transports import SendError, send
 
 log = logging.getLogger(__name__)
@@ -26,9 +27,13 @@ def _ended(status: DeliveryStatus | None) -> DeliveryRunStatus:
 
 
 class Sender:
-    def __init__(self, settings: Settings, sessions: Sessions) -> None:
+    def __init__(
+        self, settings: Settings, sessions: Sessions, roots: StorageRoots | None = None
+    ) -> None:
+        """`roots`: the site's storage roots, to find the files of relative stored paths."""
         self.settings = settings
         self.sessions = sessions
+        self.roots = roots
         self.destinations = {d.name: d for d in settings.send.destinations}
         self.policy = deliveries.retry_policy(settings.send)
         self.owner = new_owner()
@@ -39,7 +44,9 @@ class Sender:
         started = utcnow()
         lease = self.settings.send.lease_seconds
         while stop is None or not stop.is_set():
-            claimed = deliveries.claim(self.sessions, self.owner, lease, due_by=started)
+            claimed = deliveries.claim(
+                self.sessions, self.owner, lease, due_by=started, roots=self.roots
+            )
             if claimed is None:
                 break
             status = self.deliver(claimed)
@@ -107,9 +114,11 @@ class SenderThread:
     """The sender in a thread of `cxrbatch watch`; `stop` lets the delivery in hand finish
     (unfinished ones are claimed again after their lease)."""
 
-    def __init__(self, settings: Settings, sessions: Sessions) -> None:
+    def __init__(
+        self, settings: Settings, sessions: Sessions, roots: StorageRoots | None = None
+    ) -> None:
         self._stop = threading.Event()
-        self._sender = Sender(settings, sessions)
+        self._sender = Sender(settings, sessions, roots)
         self._thread = threading.Thread(
             target=self._sender.run, args=(self._stop,), name="cxrbatch-sender", daemon=True
         )
