@@ -10,6 +10,7 @@
     cxrbatch send [--out OUT | --db URL] [--config FILE] [--retry-dead]
     cxrbatch jobs retry [STUDY_UID ...] [--out OUT | --db URL]
     cxrbatch db upgrade [--out OUT | --db URL]
+    cxrbatch cleanup --out OUT [--db URL] [--dry-run]
     cxrbatch phantoms OUT [--studies N] [--size PX] [--truth DIR]
     cxrbatch demo-data DIR
 
@@ -623,6 +624,42 @@ def status(
             for item in items:
                 detail.add_row(*(_cell(v) for v in item.values()))
             out_console.print(detail)
+
+
+@app.command()
+def cleanup(
+    out: Annotated[Path, typer.Option("--out", help="Output folder of the site (as for `watch`).")],
+    db: DbOption = None,
+    config: ConfigOption = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Say what would be deleted; delete nothing.")
+    ] = False,
+    fmt: Annotated[
+        StatusFormat, typer.Option("--format", help="Output format.")
+    ] = StatusFormat.TABLE,
+) -> None:
+    """Apply the retention policy ([retention]) once: old spooled instances of finished
+    studies, old quarantine copies, outputs only superseded outcomes name. Never what a
+    current outcome or an unsent delivery needs. Exit code 1 when a file could not be
+    deleted."""
+    from cxrbatch.retention import cleanup as run_cleanup
+
+    report = run_cleanup(_site(config, db, out), dry_run=dry_run)
+    if fmt == "json":
+        sys.stdout.write(json.dumps(report.as_dict(), indent=2) + "\n")
+    else:
+        table = Table(title="retention" + (" (dry run: nothing deleted)" if dry_run else ""))
+        table.add_column("files")
+        table.add_column("count", justify="right")
+        table.add_row("spooled instances", str(report.spool_files))
+        table.add_row("quarantine copies", str(report.quarantine_files))
+        table.add_row("superseded outputs", str(report.superseded_files))
+        table.add_row("MiB freed", f"{report.bytes_freed / 2**20:.1f}")
+        out_console.print(table)
+        for error in report.errors:
+            console.print(f"not deleted: {error}", style="yellow")
+    if report.errors:
+        raise typer.Exit(code=EXIT_SOME_FAILED)
 
 
 @jobs_app.command("retry")

@@ -255,6 +255,20 @@ class QueueSettings(_Section):
     min_free_disk_mb: Annotated[float, Field(ge=0)] = 1024.0
 
 
+class RetentionSettings(_Section):
+    """What cxrbatch deletes and when (cxrbatch/retention.py); 0 keeps that kind forever.
+    Nothing a current outcome or an unsent delivery needs is ever deleted."""
+
+    # Spooled instances of studies whose job finished (done/ineligible) this many days ago.
+    spool_days: Annotated[float, Field(ge=0.0)] = 30.0
+    # Quarantine copies whose file was last seen this many days ago.
+    quarantine_days: Annotated[float, Field(ge=0.0)] = 90.0
+    # Output files only outcomes superseded this many days ago reference.
+    superseded_days: Annotated[float, Field(ge=0.0)] = 30.0
+    # How often `cxrbatch watch` runs the policy; 0 = never (run `cxrbatch cleanup`).
+    interval_hours: Annotated[float, Field(ge=0.0)] = 6.0
+
+
 class DatabaseSettings(_Section):
     # Any SQLAlchemy URL; empty = sqlite file OUT/cxrbatch.sqlite.
     url: str = ""
@@ -279,6 +293,7 @@ class Settings(BaseSettings):
     dicom: DicomSettings = DicomSettings()
     send: SendSettings = SendSettings()
     queue: QueueSettings = QueueSettings()
+    retention: RetentionSettings = RetentionSettings()
     database: DatabaseSettings = DatabaseSettings()
     logging: LoggingSettings = LoggingSettings()
 

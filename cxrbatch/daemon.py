@@ -27,6 +27,7 @@ from types import FrameType
 from cxrbatch.cpus import threads_per_worker
 from cxrbatch.db import jobs
 from cxrbatch.db.session import ensure_local_sqlite, upgrade
+from cxrbatch.errors import one_line
 from cxrbatch.ingest.folder import FolderIngest
 from cxrbatch.ingest.scp import DicomReceiver
 from cxrbatch.ingest.spool import Spool
@@ -34,6 +35,7 @@ from cxrbatch.models.preflight import check_model_files
 from cxrbatch.paths import (
     check_outside_input,
 )
+from cxrbatch.retention import cleanup
 from cxrbatch.send.sender import SenderThread
 from cxrbatch.site import Site
 from cxrbatch.worker_entry import EXIT_CANNOT_START, worker_process_main
@@ -68,6 +70,7 @@ class Service:
         self._started_at: dict[int, float] = {}
         self._quick_deaths = 0
         self._respawn_after = 0.0
+        self._retention_due: float | None = None
         # 0, or 2 when the service stopped because its workers cannot start.
         self.exit_code = 0
 
@@ -101,6 +104,7 @@ class Service:
                 if ingest is not None:
                     ingest.step()
                 self._replace_dead_workers()
+                self._retention_if_due()
                 self.stop_requested.wait(_INGEST_TICK_SECONDS)
         finally:
             if receiver is not None:
@@ -111,6 +115,24 @@ class Service:
             if sender is not None:
                 sender.stop()  # unsent deliveries stay queued for the next start
             self.database.close()
+
+    def _retention_if_due(self) -> None:
+        """The retention policy every retention.interval_hours (first after one interval:
+        a restart loop must not turn into a deletion loop)."""
+        interval = self.settings.retention.interval_hours * 3600.0
+        now = time.monotonic()
+        if interval <= 0:
+            return
+        if self._retention_due is None:
+            self._retention_due = now + interval
+        if now < self._retention_due:
+            return
+        self._retention_due = now + interval
+        try:
+            cleanup(self.site)
+        except Exception as exc:  # a failed pass must not stop ingest; the next one retries
+            log.error("retention pass failed: %s", one_line(exc))
+            log.debug("retention pass failed", exc_info=True)
 
     def _spool(self, mode: str) -> Spool:
         return Spool(

@@ -25,13 +25,26 @@ class Known:
 
     path: Path
     sha256: str
+    purged: bool = False  # the retention policy removed the file; only its hash is left
 
 
 def known(
     session: Session, sop_instance_uid: str, roots: StorageRoots | None = None
 ) -> Known | None:
     row = session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
-    return None if row is None else Known(resolve_stored(row.path, roots), row.sha256)
+    if row is None:
+        return None
+    return Known(resolve_stored(row.path, roots), row.sha256, row.purged_at is not None)
+
+
+def forget(session: Session, sop_instance_uid: str) -> None:
+    """Drop a purged instance's row, before the instance is taken in again (it came back
+    with other bytes: its old file is gone, so nothing is left to compare). The caller
+    commits."""
+    row = session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
+    if row is not None:
+        session.delete(row)
+        session.flush()
 
 
 def count_duplicate(session: Session, sop_instance_uid: str) -> None:
@@ -67,7 +80,8 @@ def add(
 
 def stored_paths(session: Session, roots: StorageRoots | None = None) -> set[str]:
     """Where every received instance's file is now (on this host)."""
-    return {str(resolve_stored(p, roots)) for p in session.scalars(select(Instance.path))}
+    rows = session.scalars(select(Instance.path).where(Instance.purged_at.is_(None)))
+    return {str(resolve_stored(p, roots)) for p in rows}
 
 
 def taken_source_paths(session: Session) -> list[str]:
@@ -79,12 +93,13 @@ def taken_source_paths(session: Session) -> list[str]:
 def study_files(
     session: Session, study_instance_uid: str, roots: StorageRoots | None = None
 ) -> list[Path]:
-    """The files of a study's received instances, in the order received (on this host)."""
+    """The files of a study's received instances, in the order received (on this host);
+    instances whose file the retention policy removed are left out."""
     return [
         resolve_stored(p, roots)
         for p in session.scalars(
             select(Instance.path)
-            .where(Instance.study_instance_uid == study_instance_uid)
+            .where(Instance.study_instance_uid == study_instance_uid, Instance.purged_at.is_(None))
             .order_by(Instance.id)
         )
     ]

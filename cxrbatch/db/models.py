@@ -171,6 +171,8 @@ class Instance(Base):
     # Identical copies (same SOPInstanceUID and SHA-256) received again and dropped.
     duplicates: Mapped[int] = mapped_column(Integer, default=0)
     received_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # When the retention policy removed the spooled file (the row stays for dedupe).
+    purged_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Job(Base):

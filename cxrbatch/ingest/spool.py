@@ -7,6 +7,7 @@ Every way in (the folder watcher, the C-STORE receiver) ends in `Spool.take`:
     or cxrbatch/dicom/identity.py: another transfer syntax or writer) -> duplicate,
                                                               dropped, counted
     same SOPInstanceUID, other content                     -> conflict, quarantined, recorded
+      (unless the retention policy removed the first copy: then it is new input again)
     else: into the spool (rename, or copy + fsync + rename across file systems), or left in
           place in read-only mode; then one transaction records the instance and (re)queues
           its study's job to run after the study's quiet period.
@@ -80,6 +81,12 @@ class Spool:
             return Taken.REJECTED
         with self.sessions() as session:
             known = instances.known(session, header.sop_instance_uid, self.roots)
+        if known is not None and known.purged and known.sha256 != header.sha256:
+            # Sent again after the retention policy removed the first copy, with other
+            # bytes: nothing is left to compare, so it is taken in as new input.
+            with self.sessions.begin() as session:
+                instances.forget(session, header.sop_instance_uid)
+            known = None
         known_path = None if known is None else known.path
         known_sha256 = None if known is None else known.sha256
         if known_path is not None and known_path == path:
