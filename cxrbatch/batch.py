@@ -35,6 +35,7 @@ from cxrbatch.domain import ModelRef, StudyInput, StudyRunStatus
 from cxrbatch.errors import CxrBatchError, RecordingError, one_line
 from cxrbatch.files import output_lock
 from cxrbatch.models.device import limit_cpu_threads
+from cxrbatch.models.preflight import check_model_files
 from cxrbatch.paths import check_outside_input
 from cxrbatch.quarantine import record_rejected_files
 from cxrbatch.site import Site
@@ -83,6 +84,9 @@ def run_batch(
     stops with an OutputError at once.
     """
     check_outside_input(site.settings, input_dir, site.out_dir)
+    # The model files first, in a second: a missing or corrupt bundle is one line, not an
+    # error after the networks of the other models have loaded.
+    check_model_files(site.settings)
     with output_lock(site.out_dir):
         return _run_batch(input_dir, site, force, workers, models, on_study)
 

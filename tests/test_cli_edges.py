@@ -84,6 +84,33 @@ def test_output_folders_inside_the_input_are_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "in" / "cxrbatch.sqlite").exists()
 
 
+def test_a_missing_or_corrupt_bundle_is_named_before_any_network_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_loading(*_args: Any, **_kwargs: Any) -> Any:
+        raise AssertionError("the networks must not load before the bundles are checked")
+
+    monkeypatch.setattr(pipeline, "load_models", no_loading)
+    write_studies(tmp_path / "in", 1, seed=6, size=(128, 128))
+    corrupt = tmp_path / "corrupt"
+    (corrupt / "configs").mkdir(parents=True)
+    (corrupt / "models").mkdir()
+    (corrupt / "configs" / "metadata.json").write_text("{not json")
+    (corrupt / "models" / "model.pt").write_bytes(b"")
+    for bundle, expected in (
+        (tmp_path / "missing", "lacks configs/metadata.json"),
+        (corrupt, "Invalid bundle metadata"),
+    ):
+        site = tmp_path / f"{bundle.name}.toml"
+        site.write_text(f'[classifier]\nbundle = "{bundle}"\n')
+        result = RUNNER.invoke(
+            app,
+            ["process", str(tmp_path / "in"), "--out", str(tmp_path / "o"), "--config", str(site)],
+        )
+        assert result.exit_code == 2, result.output
+        assert expected in _error(result.output) and str(bundle) in _error(result.output)
+
+
 def test_help_keeps_brackets_and_there_is_a_version() -> None:
     version = RUNNER.invoke(app, ["--version"])
     assert version.exit_code == 0 and version.stdout.strip() == f"cxrbatch {__version__}"
