@@ -37,7 +37,7 @@ from cxrbatch.files import output_lock
 from cxrbatch.models.device import limit_cpu_threads
 from cxrbatch.models.preflight import check_model_files
 from cxrbatch.paths import check_outside_input
-from cxrbatch.quarantine import record_rejected_files
+from cxrbatch.quarantine import record_rejected_at
 from cxrbatch.site import Site
 from cxrbatch.worker import StudyProcessor, StudyReport, failed_result, record_result
 
@@ -105,13 +105,7 @@ def _run_batch(
     summary = BatchSummary()
     studies, rejected = discover(input_dir)
     with site.database() as database, database.sessions.begin() as session:
-        recorded, quarantined = record_rejected_files(
-            session,
-            rejected,
-            site.quarantine_dir,
-            site.settings.output.quarantine_original_paths,
-            site.roots,
-        )
+        recorded, quarantined = record_rejected_at(session, site, rejected)
     summary.rejected_files += recorded
     summary.quarantined_files += quarantined
     summary.reasons.update(item.reason for item in rejected)

@@ -11,7 +11,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -316,24 +316,20 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Environment wins over the file, the file over the defaults.
+        # Environment wins over the file, the file over the defaults (the flags come later,
+        # in `load_settings`, through _Resolved, which reads no environment).
+        if not cls._reads_environment:
+            return (init_settings,)
         return (env_settings, init_settings)
+
+    _reads_environment: ClassVar[bool] = True
 
 
 class _Resolved(Settings):
     """Settings whose sources are resolved already (the environment was read once, under
     the flags): built from init arguments only, so the environment cannot win again."""
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings,)
+    _reads_environment: ClassVar[bool] = False
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cxrbatch.db import Session, repository
 from cxrbatch.domain import RejectedFile
 from cxrbatch.files import atomic_write, sha256_file
 from cxrbatch.paths import StorageRoots
+
+if TYPE_CHECKING:
+    from cxrbatch.site import Site
 
 
 def quarantine(
@@ -48,6 +52,19 @@ def quarantine(
         lambda handle: handle.write(json.dumps(record, indent=2).encode()),
     )
     return target
+
+
+def record_rejected_at(
+    session: Session, site: Site, rejected: list[RejectedFile]
+) -> tuple[int, int]:
+    """`record_rejected_files` into the site's quarantine, with its settings and roots."""
+    return record_rejected_files(
+        session,
+        rejected,
+        site.quarantine_dir,
+        site.settings.output.quarantine_original_paths,
+        site.roots,
+    )
 
 
 def record_rejected_files(

@@ -19,6 +19,7 @@ the two leaves a row pointing at a file already gone, which the next pass record
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 from dataclasses import dataclass, field
@@ -44,14 +45,7 @@ class CleanupReport:
     errors: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
-        return {
-            "dry_run": self.dry_run,
-            "spool_files": self.spool_files,
-            "quarantine_files": self.quarantine_files,
-            "superseded_files": self.superseded_files,
-            "bytes_freed": self.bytes_freed,
-            "errors": list(self.errors),
-        }
+        return dataclasses.asdict(self)
 
 
 def _cutoff(now: dt.datetime, days: float) -> dt.datetime | None:

@@ -46,7 +46,7 @@ from cxrbatch.domain import (
 from cxrbatch.errors import CxrBatchError, RecordingError, one_line
 from cxrbatch.models.device import limit_cpu_threads
 from cxrbatch.paths import StorageRoots, resolve_stored
-from cxrbatch.quarantine import record_rejected_files
+from cxrbatch.quarantine import record_rejected_at
 from cxrbatch.site import Site
 from cxrbatch.worker_entry import EXIT_CANNOT_START
 
@@ -258,13 +258,7 @@ def record_result(session: Session, site: Site, result: StudyResult) -> Recorded
         )
         for f in result.failures
     ]
-    _, quarantined = record_rejected_files(
-        session,
-        failures,
-        site.quarantine_dir,
-        site.settings.output.quarantine_original_paths,
-        site.roots,
-    )
+    _, quarantined = record_rejected_at(session, site, failures)
     outcome = repository.record_study(session, result, site.roots)
     # Sending is queued with the outcome, in one transaction: nothing recorded is ever
     # left unsent by a crash.
@@ -487,13 +481,7 @@ class QueueWorker:
         uid = claimed.study_instance_uid
         with self.sessions.begin() as session:
             study, missing = received_study(session, uid, self.site.roots)
-            record_rejected_files(
-                session,
-                missing,
-                self.site.quarantine_dir,
-                self.settings.output.quarantine_original_paths,
-                self.site.roots,
-            )
+            record_rejected_at(session, self.site, missing)
         ran = self.processor.run(study)
         with recording(uid), self.sessions() as session:
             recorded = self.processor.record(session, ran)

@@ -20,28 +20,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _pip(cwd: Path, *args: str) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "pip", args[0], "-q", *args[1:]],
+        check=True,
+        cwd=cwd,
+        capture_output=True,
+    )
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("install")
     wheels = work / "wheels"
     # Build isolation would fetch setuptools again; the test environment has it.
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "-w",
-            str(wheels),
-            str(ROOT),
-        ],
-        check=True,
-        cwd=work,
-        capture_output=True,
-    )
+    _pip(work, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(ROOT))
     (wheel,) = wheels.glob("cxrbatch-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "cxrbatch/defaults/default.toml" in names
@@ -51,22 +44,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert migrations
     assert {f"cxrbatch/db/migrations/versions/{name}" for name in migrations} <= names
     target = work / "site"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--target",
-            str(target),
-            str(wheel),
-        ],
-        check=True,
-        cwd=work,
-        capture_output=True,
-    )
+    _pip(work, "install", "--no-deps", "--target", str(target), str(wheel))
     return target
 
 
