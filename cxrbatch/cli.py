@@ -446,6 +446,9 @@ _IDENTITY_COLUMNS = [
     "modality",
 ]
 FormatOption = Annotated[Format, typer.Option("--format", help="Output format.")]
+SinceOption = Annotated[
+    dt.datetime | None, typer.Option(help="Outcomes recorded at or after this time.")
+]
 
 
 @app.command()
@@ -454,9 +457,7 @@ def results(
     db: DbOption = None,
     config: ConfigOption = None,
     fmt: FormatOption = Format.TABLE,
-    since: Annotated[
-        dt.datetime | None, typer.Option(help="Outcomes recorded at or after this time.")
-    ] = None,
+    since: SinceOption = None,
     until: Annotated[
         dt.datetime | None, typer.Option(help="Outcomes recorded before this time.")
     ] = None,
@@ -509,9 +510,7 @@ def worklist(
     db: DbOption = None,
     config: ConfigOption = None,
     fmt: FormatOption = Format.TABLE,
-    since: Annotated[
-        dt.datetime | None, typer.Option(help="Outcomes recorded at or after this time.")
-    ] = None,
+    since: SinceOption = None,
     limit: Annotated[int | None, typer.Option(min=1, help="The first N studies only.")] = None,
 ) -> None:
     """Processed studies in screening order: abnormal and needs-review first, by No Finding
