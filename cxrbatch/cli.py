@@ -691,7 +691,10 @@ def _warn_synthetic(rows: list[dict[str, object]]) -> None:
 
 
 def _database_error(exc: DatabaseError) -> str:
-    return f"results database error: {type(exc).__name__}: {exc.args[0] if exc.args else ''}"
+    """One line: drivers' messages run over several (psycopg: 'connection failed: ...\n
+    Is the server running...'), and SQLAlchemy appends the statement and a link."""
+    text = str(exc.args[0]) if exc.args else ""
+    return f"results database error: {type(exc).__name__}: {' '.join(text.split())}"
 
 
 @db_app.command("upgrade")

@@ -71,6 +71,23 @@ def test_query_commands_never_create_or_migrate_a_database(tmp_path: Path) -> No
     assert result.exit_code == 2 and "does not know" in _error(result.output)
 
 
+def test_a_database_that_is_down_is_one_line_for_every_command(tmp_path: Path) -> None:
+    down = "postgresql+psycopg://postgres@127.0.0.1:9/test"  # port 9 (discard): nothing listens
+    for command in (
+        ["db", "upgrade", "--db", down],
+        ["results", "--db", down],
+        ["worklist", "--db", down],
+        ["status", "--db", down],
+        ["process", str(tmp_path), "--out", str(tmp_path.parent / "o-down"), "--db", down],
+    ):
+        result = RUNNER.invoke(app, command)
+        assert result.exit_code == 2, (command, result.output)
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert lines[-1].startswith("error: results database error: OperationalError")
+        assert "Connection refused" in lines[-1] and "Traceback" not in result.output
+        assert not any(line.startswith(" ") for line in lines), result.output  # one line
+
+
 def test_output_folders_inside_the_input_are_refused(tmp_path: Path) -> None:
     write_studies(tmp_path / "in", 1, seed=5, size=(128, 128))
     for command in (
