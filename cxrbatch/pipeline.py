@@ -230,8 +230,9 @@ def run(
                 decoded = decode(header)
             processed.append(_process_image(decoded, models, settings, timer))
         except InputError as exc:
-            log.warning("image %s failed: %s", header.sop_instance_uid, exc)
-            failures.append(ImageFailure(header, str(exc)))
+            why = one_line(exc).removeprefix(f"{type(exc).__name__}: ")
+            log.warning("image %s failed: %s", header.sop_instance_uid, why)
+            failures.append(ImageFailure(header, why))
     images = [p.result for p in processed]
     if images:
         status, reason = OutcomeStatus.PROCESSED, _study_reason(images, failures)

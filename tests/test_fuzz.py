@@ -153,7 +153,10 @@ def test_every_mutant_ends_recorded_with_a_reason_and_nothing_escapes(tmp_path: 
         timeout=600,  # the whole batch: no mutant may hang it
     )
     log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-3000:]
+    # Exit 1: the batch ran and some studies failed (the mutants whose pixels cannot be
+    # decoded, asserted below); a crash would be another code or a traceback.
+    assert proc.returncode == 1, log[-3000:]
+    assert "Traceback" not in log
 
     # Nothing written outside the output folder (the input folder is left as it was).
     after = {p for p in tmp_path.rglob("*")}
@@ -200,3 +203,36 @@ def test_every_mutant_ends_recorded_with_a_reason_and_nothing_escapes(tmp_path: 
     # The quarantine holds copies; the inputs were not moved.
     assert all((folder / name / "IM0001").exists() for name in cases)
     assert dcmread(folder / "good_cr" / "IM0001").PatientID == SECRET_ID
+
+
+def _with_vr(tmp_path: Path, tag: bytes, old: bytes, vr: bytes) -> Path:
+    data = bytearray(encode(_base(0)))
+    at = data.find(tag + old)
+    assert at > 0
+    data[at + 4 : at + 6] = vr
+    path = tmp_path / f"vr_{vr.decode()}.dcm"
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_corrupt_file_meta_element_is_a_one_line_rejection_not_a_crash(tmp_path: Path) -> None:
+    """Found by the fuzz campaign: an unknown VR in (0002,0002) raised out of read_header
+    (the batch stopped with a traceback); one in an element read only at decoding made a
+    failure reason that held pydicom's whole traceback (its tag_in_exception message)."""
+    from cxrbatch.dicom.decode import decode
+    from cxrbatch.errors import InputError
+
+    rejected = read_header(_with_vr(tmp_path, b"\x02\x00\x02\x00", b"UI", b"UY"))
+    assert isinstance(rejected, RejectedFile)
+    assert rejected.reason.startswith("unreadable DICOM header element")
+    assert "\n" not in rejected.reason
+
+    header = read_header(_with_vr(tmp_path, b"\x08\x00\x30\x00", b"TM", b"Tz"))  # StudyTime
+    assert not isinstance(header, RejectedFile)
+    try:
+        decode(header)
+    except InputError as exc:
+        assert "\n" not in str(exc) and "Traceback" not in str(exc), str(exc)
+        assert str(exc).startswith("DICOM file cannot be read: NotImplementedError")
+    else:
+        raise AssertionError("an unknown VR in the file meta must not decode")

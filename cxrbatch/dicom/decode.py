@@ -22,7 +22,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
 from cxrbatch.domain import DecodedImage, InstanceHeader
-from cxrbatch.errors import InputError
+from cxrbatch.errors import InputError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def decode_dataset(ds: Dataset, header: InstanceHeader) -> DecodedImage:
     try:
         pixels = ds.pixel_array
     except Exception as exc:
-        raise InputError(f"Pixel data cannot be decoded: {type(exc).__name__}: {exc}") from exc
+        raise InputError(f"Pixel data cannot be decoded: {one_line(exc)}") from exc
     if pixels.ndim == 3:
         notes.append(f"multi-frame ({pixels.shape[0]} frames): first frame used")
         pixels = pixels[0]
@@ -166,7 +166,7 @@ def read_dataset(header: InstanceHeader) -> Dataset:
         ds = pydicom.dcmread(header.path)
         ds.walk(lambda _dataset, _element: None)
     except Exception as exc:
-        raise InputError(f"DICOM file cannot be read: {type(exc).__name__}: {exc}") from exc
+        raise InputError(f"DICOM file cannot be read: {one_line(exc)}") from exc
     return ds
 
 

@@ -19,6 +19,7 @@ from pydicom.errors import InvalidDicomError
 
 from cxrbatch.dicom.identity import same_instance
 from cxrbatch.domain import InstanceHeader, RejectedFile, StudyInput
+from cxrbatch.errors import one_line
 from cxrbatch.files import sha256_file
 
 log = logging.getLogger(__name__)
@@ -93,13 +94,17 @@ def read_header(path: Path) -> InstanceHeader | RejectedFile:
     except InvalidDicomError:
         return RejectedFile(path, "not a DICOM file (no DICM preamble or readable data set)", sha)
     except Exception as exc:  # pydicom raises many types on corrupt headers
-        return RejectedFile(path, f"unreadable DICOM header: {type(exc).__name__}: {exc}", sha)
-    media_class = getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
-    if media_class == MEDIA_STORAGE_DIRECTORY:
-        return RejectedFile(path, DICOMDIR_REASON, sha, quarantine=False)
+        # pydicom's messages may carry a whole traceback (tag_in_exception): one line only.
+        return RejectedFile(path, f"unreadable DICOM header: {one_line(exc)}", sha)
     try:
+        # Elements are decoded on first access: a corrupt one raises here, not at dcmread
+        # (e.g. an unknown VR in the file meta: NotImplementedError).
+        meta = getattr(ds, "file_meta", None)
+        media_class = getattr(meta, "MediaStorageSOPClassUID", None)
+        if media_class == MEDIA_STORAGE_DIRECTORY:
+            return RejectedFile(path, DICOMDIR_REASON, sha, quarantine=False)
         values = {tag: _text(ds.get(tag)) for tag in _HEADER_TAGS}
-        transfer_syntax = _text(getattr(ds.file_meta, "TransferSyntaxUID", None))
+        transfer_syntax = _text(getattr(meta, "TransferSyntaxUID", None))
     except Exception as exc:
         return RejectedFile(path, f"unreadable DICOM header element: {type(exc).__name__}", sha)
     missing = [
