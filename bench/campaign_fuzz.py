@@ -259,7 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args(argv)
     root = args.workdir or Path(tempfile.mkdtemp(prefix="cxrbatch-fuzz-"))
-    tally: Counter[str] = Counter()
+    tally: Counter[str] = Counter(
+        dict.fromkeys(("crashes", "hangs", "paths_outside_output", "internal_errors"), 0)
+    )
     problems: list[str] = []
     started = time.perf_counter()
     chunk: list[tuple[str, bytes]] = []
