@@ -661,6 +661,93 @@ def cleanup(
         raise typer.Exit(code=EXIT_SOME_FAILED)
 
 
+@app.command()
+def serve(
+    out: Annotated[Path, typer.Option("--out", help="Output folder of the site.")],
+    db: DbOption = None,
+    config: ConfigOption = None,
+    host: Annotated[
+        str | None, typer.Option(help="Address to listen on (default web.host, 127.0.0.1).")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="Port (default web.port, 8080).")
+    ] = None,
+) -> None:
+    """The results web app: worklist, study pages with lung overlays, operations, /metrics.
+    Reads the results database; writes only its audit trail. Beyond loopback it needs
+    authentication ([[web.users]] or web.trusted_proxy_header)."""
+    import uvicorn
+
+    from cxrbatch.web.app import create_app
+    from cxrbatch.web.auth import check_binding
+
+    web: dict[str, Any] = {}
+    if host is not None:
+        web["host"] = host
+    if port is not None:
+        web["port"] = port
+    site = _site(config, db, out, web=web)
+    check_binding(site.settings.web, site.settings.web.host)
+    application = create_app(site)
+    out_console.print(
+        f"cxrbatch web app on http://{site.settings.web.host}:{site.settings.web.port}/ "
+        "(NOT FOR DIAGNOSTIC USE)"
+    )
+    uvicorn.run(
+        application,
+        host=site.settings.web.host,
+        port=site.settings.web.port,
+        log_config=None,  # our logging (logs.configure): no patient data at INFO
+        access_log=True,
+    )
+
+
+@app.command("web-password")
+def web_password(
+    name: Annotated[str, typer.Argument(help="The user's name.")],
+) -> None:
+    """Print a [[web.users]] entry with an argon2 hash of a password read from the terminal."""
+    from cxrbatch.web.auth import hash_password
+
+    password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
+    out_console.print(
+        f'[[web.users]]\nname = "{name}"\npassword_hash = "{hash_password(password)}"'
+    )
+
+
+@app.command()
+def audit(
+    out: OutOption = None,
+    db: DbOption = None,
+    config: ConfigOption = None,
+    fmt: FormatOption = Format.TABLE,
+    since: SinceOption = None,
+    user: Annotated[str | None, typer.Option(help="Only this web user's events.")] = None,
+    study: Annotated[str | None, typer.Option(help="Only events of this StudyInstanceUID.")] = None,
+) -> None:
+    """The web app's audit trail: who viewed which study or exported which list, and when."""
+    from cxrbatch.db import web as rows
+
+    def query(sessions: Sessions) -> list[dict[str, object]]:
+        with sessions() as session:
+            return [
+                {
+                    "at": e.at.isoformat(),
+                    "user": e.user,
+                    "action": e.action,
+                    "study_instance_uid": e.study_instance_uid,
+                    "detail": e.detail,
+                }
+                for e in rows.audit_events(session, _utc(since), user, study)
+            ]
+
+    events = _with_database(_site(config, db, out), query)
+    _print_rows(
+        events, fmt, "web app audit trail",
+        ["at", "user", "action", "study_instance_uid", "detail"],
+    )  # fmt: skip
+
+
 @jobs_app.command("retry")
 def jobs_retry(
     study_instance_uids: Annotated[

@@ -269,6 +269,33 @@ class RetentionSettings(_Section):
     interval_hours: Annotated[float, Field(ge=0.0)] = 6.0
 
 
+class WebUser(_Section):
+    """A local user of the web app: the name and an argon2 hash of the password
+    (`cxrbatch web-password` makes one)."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    password_hash: Annotated[str, Field(pattern=r"^\$argon2")]
+
+
+class WebSettings(_Section):
+    """`cxrbatch serve`: the results web app (cxrbatch/web/)."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8080
+    # Authentication: local users (HTTP Basic over TLS from a reverse proxy), and/or a
+    # header set by a trusted reverse proxy that authenticated the user itself.
+    users: tuple[WebUser, ...] = ()
+    trusted_proxy_header: str = ""  # e.g. "X-Remote-User"; empty = not used
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")  # who may set that header
+    page_size: Annotated[int, Field(ge=10, le=500)] = 50
+    # Rendered overlays (PNG); empty = OUT/_web_cache.
+    cache_dir: str = ""
+
+    @property
+    def authentication(self) -> bool:
+        return bool(self.users or self.trusted_proxy_header)
+
+
 class DatabaseSettings(_Section):
     # Any SQLAlchemy URL; empty = sqlite file OUT/cxrbatch.sqlite.
     url: str = ""
@@ -294,6 +321,7 @@ class Settings(BaseSettings):
     send: SendSettings = SendSettings()
     queue: QueueSettings = QueueSettings()
     retention: RetentionSettings = RetentionSettings()
+    web: WebSettings = WebSettings()
     database: DatabaseSettings = DatabaseSettings()
     logging: LoggingSettings = LoggingSettings()
 

@@ -8,6 +8,7 @@ rejected_files files that were not usable input, with the reason and quarantine 
 instances      instances received by the daemon (spool), one per SOPInstanceUID
 jobs           the work queue of the daemon: one job per study
 deliveries     one row per (outcome, destination): sending SEG/SR/key images back
+audit_events   the web app's audit trail: who viewed which study, who exported what
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ class Outcome(Base):
             postgresql_where=text("is_current"),
         ),
         Index("ix_outcomes_study_current", "study_id", "is_current"),
+        Index("ix_outcomes_current_status", "is_current", "status"),
+        Index("ix_outcomes_created_at", "created_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -118,6 +121,9 @@ class Image(Base):
     screening_no_finding_score: Mapped[float | None] = mapped_column(Float)
     triage: Mapped[str | None] = mapped_column(String(16))
     seg_path: Mapped[str | None] = mapped_column(Text)
+    # The radiograph itself (as stored paths are: relative to the site's roots, or absolute
+    # for an input folder of `process`), for the web app's overlays.
+    source_path: Mapped[str | None] = mapped_column(Text)
 
     outcome: Mapped[Outcome] = relationship(back_populates="images")
     findings: Mapped[list[Finding]] = relationship(
@@ -230,3 +236,22 @@ class Delivery(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class AuditEvent(Base):
+    """Who looked at what in the web app: every study page view and every export. Written
+    by the web app (its only write); listed by `cxrbatch audit`."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        Index("ix_audit_events_at", "at"),
+        Index("ix_audit_events_study", "study_instance_uid"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    user: Mapped[str] = mapped_column(String(64))
+    # study_viewed | image_viewed | file_downloaded | worklist_exported
+    action: Mapped[str] = mapped_column(String(32))
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[str | None] = mapped_column(Text)

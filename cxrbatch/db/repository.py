@@ -113,6 +113,7 @@ def _image_rows(result: StudyResult, roots: StorageRoots | None) -> list[models.
                 seg_path=store_path(seg_files[header.sop_instance_uid], roots)
                 if header.sop_instance_uid in seg_files
                 else None,
+                source_path=store_path(header.path, roots),
                 findings=findings,
             )
         )

@@ -67,19 +67,21 @@ def text_lines(
     return lines
 
 
-def render(item: ImageResult, models: tuple[ModelRef, ...]) -> np.ndarray:
-    """The key image's RGB pixels (rows, columns, 3) uint8."""
-    pixels = item.image.pixels
+def contour_picture(
+    pixels: np.ndarray, right_lung: np.ndarray, left_lung: np.ndarray, max_size: int
+) -> np.ndarray:
+    """The radiograph (uint8 grey) at most `max_size` pixels on its long side, RGB, with
+    the patient's right lung contoured in orange and the left in blue, each lettered (the
+    key image and the web app's overlays)."""
     rows, cols = pixels.shape
-    scale = min(1.0, KEY_IMAGE_SIZE / max(rows, cols))
+    scale = min(1.0, max_size / max(rows, cols))
     size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
     grey = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA) if scale < 1 else pixels
     picture = np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=2))
     thickness = max(2, size[0] // 400)
-    segmentation = item.segmentation
     for mask, colour, letter in (
-        (segmentation.right_lung, RIGHT_COLOUR, "R"),
-        (segmentation.left_lung, LEFT_COLOUR, "L"),
+        (right_lung, RIGHT_COLOUR, "R"),
+        (left_lung, LEFT_COLOUR, "L"),
     ):
         small = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
         contours, _ = cv2.findContours(small, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
@@ -96,6 +98,16 @@ def render(item: ImageResult, models: tuple[ModelRef, ...]) -> np.ndarray:
                 thickness,
                 cv2.LINE_AA,
             )
+    return picture
+
+
+def render(item: ImageResult, models: tuple[ModelRef, ...]) -> np.ndarray:
+    """The key image's RGB pixels (rows, columns, 3) uint8."""
+    segmentation = item.segmentation
+    picture = contour_picture(
+        item.image.pixels, segmentation.right_lung, segmentation.left_lung, KEY_IMAGE_SIZE
+    )
+    size = (picture.shape[1], picture.shape[0])
     lines = text_lines(item, models)
     font_scale = max(0.35, size[0] / 2000)
     line_height = int(32 * font_scale) + 8

@@ -1,0 +1,314 @@
+"""The web app, wired in one place: `create_app(site)` (FastAPI, Jinja2 templates).
+
+    GET /                               worklist (filters, sort, pages)
+    GET /worklist.csv                   the filtered worklist as CSV (audited)
+    GET /studies/{uid}                  one study: overlays, findings, QC, models, history,
+                                        deliveries, downloads (audited)
+    GET /studies/{uid}/overlay/{sop}.png?size=thumb|large
+    GET /studies/{uid}/files/{kind}     kind: sr | json | seg-<sop> | key-<sop> (audited)
+    GET /operations                     queue, throughput, failures, deliveries, quarantine,
+                                        disk, workers
+    GET /healthz  /readyz  /metrics
+
+The results are read through a read-only engine; the only writes are audit events (a
+second engine) and the overlay cache. Patient names, IDs and accession numbers appear
+only to authenticated users, never in URLs or the log.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the routes' annotations, and
+# those name objects local to create_app (the Viewer dependency).
+
+import contextlib
+import csv
+import datetime as dt
+import io
+import logging
+import shutil
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse, Response
+from fastapi.templating import Jinja2Templates
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from cxrbatch import __version__
+from cxrbatch.db import DatabaseError, Session
+from cxrbatch.db import web as rows
+from cxrbatch.db.session import Database, open_existing
+from cxrbatch.domain import FINDING_LABELS, OutcomeStatus, Triage
+from cxrbatch.errors import CxrBatchError, DatabaseNotReady
+from cxrbatch.files import sha256_file
+from cxrbatch.models.preflight import bundle_files
+from cxrbatch.paths import resolve_stored
+from cxrbatch.site import Site
+from cxrbatch.web.auth import Authenticator, User
+from cxrbatch.web.metrics import ResultsCollector
+from cxrbatch.web.render import SIZES, OverlayError, cached_overlay
+
+log = logging.getLogger(__name__)
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """A configured bundle's operating points, matched to outcomes by the weights' hash."""
+
+    labels: dict[str, float]
+    no_finding: float | None
+
+
+def bundle_thresholds(site: Site) -> dict[str, Thresholds]:
+    found: dict[str, Thresholds] = {}
+    for path in (site.settings.classifier.bundle, site.settings.classifier.screening_bundle):
+        if not path:
+            continue
+        try:
+            _, model_path, metadata = bundle_files(path)
+            spec = metadata["cxrbatch"]
+            screening = spec.get("screening") or {}
+            found[sha256_file(model_path)] = Thresholds(
+                {str(k): float(v) for k, v in (spec.get("thresholds") or {}).items()},
+                screening.get("no_finding_threshold"),
+            )
+        except (CxrBatchError, OSError, KeyError, TypeError, ValueError) as exc:
+            log.warning("bundle thresholds not shown: %s", exc)
+    return found
+
+
+def create_app(site: Site) -> FastAPI:
+    """The app for `site` (its database must exist with this code's schema)."""
+    settings = site.settings.web
+    results = site.database(readonly=True, existing=True)
+    audit = Database(site.database_url, existing=True)
+    authenticator = Authenticator(settings)
+    thresholds = bundle_thresholds(site)
+    cache_dir = Path(settings.cache_dir) if settings.cache_dir else site.out_dir / "_web_cache"
+    templates = Jinja2Templates(directory=str(TEMPLATES))
+    templates.env.globals.update(
+        version=__version__, labels=FINDING_LABELS, triages=[t.value for t in Triage]
+    )
+    registry = CollectorRegistry()
+    registry.register(ResultsCollector(results.sessions))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        results.close()
+        audit.close()
+
+    app = FastAPI(
+        title="cxrbatch", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan
+    )
+
+    def user(request: Request) -> User:
+        found = authenticator.user(
+            request.headers.get("authorization"),
+            request.client.host if request.client else None,
+            request.headers.get(settings.trusted_proxy_header)
+            if settings.trusted_proxy_header
+            else None,
+        )
+        if found is None:
+            raise HTTPException(
+                status_code=401,
+                detail="authentication required",
+                headers={"WWW-Authenticate": 'Basic realm="cxrbatch"'},
+            )
+        return found
+
+    Viewer = Annotated[User, Depends(user)]
+
+    def audited(who: User, action: str, study: str | None, detail: str | None = None) -> None:
+        with audit.sessions.begin() as session:
+            rows.record_audit(session, who.name, action, study, detail)
+
+    def reading() -> Session:
+        return results.sessions()
+
+    def page(request: Request, name: str, who: User, **context: Any) -> HTMLResponse:
+        return templates.TemplateResponse(
+            request, name, {"user": who, "now": dt.datetime.now(dt.UTC), **context}
+        )
+
+    def filters(
+        recorded_from: dt.date | None,
+        recorded_to: dt.date | None,
+        triage: str | None,
+        status: str | None,
+        label: str | None,
+        min_probability: float | None,
+    ) -> rows.WorklistFilter:
+        if triage and triage not in {t.value for t in Triage}:
+            raise HTTPException(400, f"unknown triage {triage!r}")
+        if status and status not in {s.value for s in OutcomeStatus}:
+            raise HTTPException(400, f"unknown status {status!r}")
+        return rows.WorklistFilter(
+            recorded_from, recorded_to, triage or None, status or None, label or None,
+            min_probability if label else None,
+        )  # fmt: skip
+
+    @app.get("/", response_class=HTMLResponse)
+    def worklist(
+        request: Request,
+        who: Viewer,
+        recorded_from: Annotated[dt.date | None, Query(alias="from")] = None,
+        recorded_to: Annotated[dt.date | None, Query(alias="to")] = None,
+        triage: str | None = None,
+        status: str | None = None,
+        label: str | None = None,
+        min_probability: Annotated[float | None, Query(ge=0.0, le=1.0)] = None,
+        sort: str = "screening",
+        page_number: Annotated[int, Query(alias="page", ge=1)] = 1,
+    ) -> HTMLResponse:
+        where = filters(recorded_from, recorded_to, triage, status, label, min_probability)
+        try:
+            with reading() as session:
+                found, total = rows.worklist_page(
+                    session, where, sort, page_number, settings.page_size
+                )
+        except CxrBatchError as exc:  # an unknown label: say which are known
+            raise HTTPException(400, str(exc)) from exc
+        query = dict(request.query_params)
+        query.pop("page", None)
+        return page(
+            request, "worklist.html", who,
+            rows=found, total=total, page=page_number, size=settings.page_size,
+            pages=max(1, -(-total // settings.page_size)), query=query, sort=sort,
+            where=where, thresholds=thresholds,
+            synthetic=any(r.synthetic_model for r in found),
+        )  # fmt: skip
+
+    @app.get("/worklist.csv")
+    def worklist_csv(
+        who: Viewer,
+        recorded_from: Annotated[dt.date | None, Query(alias="from")] = None,
+        recorded_to: Annotated[dt.date | None, Query(alias="to")] = None,
+        triage: str | None = None,
+        status: str | None = None,
+        label: str | None = None,
+        min_probability: Annotated[float | None, Query(ge=0.0, le=1.0)] = None,
+        sort: str = "screening",
+    ) -> Response:
+        where = filters(recorded_from, recorded_to, triage, status, label, min_probability)
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        identity = ["accession_number", "patient_id", "patient_name"] if who.authenticated else []
+        writer.writerow(
+            ["study_instance_uid", *identity, "study_date", "modality", "status", "triage",
+             "no_finding_score", "screening_no_finding_score", *[f"p_{x}" for x in FINDING_LABELS],
+             "reason", "synthetic_model"]
+        )  # fmt: skip
+        with reading() as session:
+            number, exported = 1, 0
+            while True:
+                found, total = rows.worklist_page(session, where, sort, number, 1000)
+                for r in found:
+                    person = [r.accession_number, r.patient_id, r.patient_name]
+                    writer.writerow(
+                        [r.study_instance_uid, *(person if who.authenticated else []),
+                         r.study_date, r.modality, r.status, r.triage, r.no_finding_score,
+                         r.screening_no_finding_score,
+                         *[r.probabilities.get(x) for x in FINDING_LABELS], r.reason,
+                         r.synthetic_model]
+                    )  # fmt: skip
+                exported += len(found)
+                if exported >= total or not found:
+                    break
+                number += 1
+        audited(who, "worklist_exported", None, f"{exported} studies")
+        return Response(
+            buffer.getvalue(),
+            media_type="text/csv",
+            headers={"Content-Disposition": 'attachment; filename="cxrbatch-worklist.csv"'},
+        )
+
+    def _view(uid: str) -> rows.StudyView:
+        with reading() as session:
+            view = rows.study_view(session, uid)
+        if view is None:
+            raise HTTPException(404, "no such study")
+        return view
+
+    @app.get("/studies/{uid}", response_class=HTMLResponse)
+    def study(request: Request, uid: str, who: Viewer) -> HTMLResponse:
+        view = _view(uid)
+        audited(who, "study_viewed", uid)
+        return page(
+            request, "study.html", who, view=view, row=view.row, thresholds=thresholds,
+            synthetic=view.row.synthetic_model,
+        )  # fmt: skip
+
+    @app.get("/studies/{uid}/overlay/{sop}.png")
+    def overlay(uid: str, sop: str, who: Viewer, size: str = "thumb") -> Response:
+        if size not in SIZES:
+            raise HTTPException(400, f"size is one of {', '.join(SIZES)}")
+        image = next((i for i in _view(uid).current.images if i.sop_instance_uid == sop), None)
+        if image is None or not image.seg_path:
+            raise HTTPException(404, "no segmentation for this image")
+        roots = site.roots
+        source = resolve_stored(image.source_path, roots) if image.source_path else None
+        try:
+            data = cached_overlay(cache_dir, source, resolve_stored(image.seg_path, roots), size)
+        except (OverlayError, OSError) as exc:
+            raise HTTPException(404, f"overlay not available: {exc}") from exc
+        return Response(data, media_type="image/png", headers={"Cache-Control": "private"})
+
+    @app.get("/studies/{uid}/files/{kind}")
+    def download(uid: str, kind: str, who: Viewer) -> FileResponse:
+        outputs = _view(uid).current.outputs or {}
+        stored: str | None = None
+        if kind in ("sr", "json"):
+            stored = outputs.get(kind)
+        elif kind.startswith(("seg-", "key-")):
+            group = "seg" if kind.startswith("seg-") else "key_images"
+            stored = (outputs.get(group) or {}).get(kind[4:])
+        if not stored:
+            raise HTTPException(404, "no such file")
+        path = resolve_stored(stored, site.roots)
+        if not path.is_file():
+            raise HTTPException(404, "the file is no longer there")
+        audited(who, "file_downloaded", uid, kind)
+        media = "application/json" if kind == "json" else "application/dicom"
+        return FileResponse(path, media_type=media, filename=path.name)
+
+    @app.get("/operations", response_class=HTMLResponse)
+    def operations(request: Request, who: Viewer) -> HTMLResponse:
+        now = dt.datetime.now(dt.UTC)
+        with reading() as session:
+            figures = rows.operations(session, now)
+        disk = []
+        for name, folder in (("output", site.out_dir), ("spool", site.spool_dir)):
+            probe = folder
+            while not probe.exists() and probe != probe.parent:
+                probe = probe.parent
+            usage = shutil.disk_usage(probe)
+            disk.append((name, usage.free / 2**20, usage.total / 2**20))
+        return page(
+            request, "operations.html", who, figures=figures, disk=disk,
+            watermark=site.settings.queue.min_free_disk_mb, synthetic=False,
+        )  # fmt: skip
+
+    @app.get("/healthz", response_class=PlainTextResponse)
+    def healthz() -> str:
+        return "ok"
+
+    @app.get("/readyz", response_class=PlainTextResponse)
+    def readyz() -> PlainTextResponse:
+        """Ready: the database answers and its schema is this code's."""
+        try:
+            open_existing(site.database_url, readonly=True).dispose()
+        except DatabaseNotReady as exc:
+            return PlainTextResponse(f"not ready: {exc}", 503)
+        except DatabaseError as exc:
+            return PlainTextResponse(f"database unreachable: {type(exc).__name__}", 503)
+        return PlainTextResponse("ready")
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

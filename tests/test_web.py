@@ -1,0 +1,301 @@
+"""The results web app over HTTP (FastAPI's TestClient): every page and filter, the CSV,
+overlays, downloads, /metrics parsed by prometheus_client, /healthz and /readyz (also with
+the database gone), authentication and its refusals, the audit trail, and no patient data
+in the log or for anonymous users."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import sqlite3
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+from typer.testing import CliRunner
+
+from bench.web_data import populate
+from cxrbatch import pipeline
+from cxrbatch.batch import run_batch
+from cxrbatch.cli import app as cli
+from cxrbatch.config import Settings, WebSettings, WebUser
+from cxrbatch.errors import ConfigError
+from cxrbatch.site import Site
+from cxrbatch.synthetic import write_studies
+from cxrbatch.web.app import create_app
+from cxrbatch.web.auth import check_binding, hash_password
+
+SECRET_NAME = "WEBTEST^SECRET"  # the phantoms' PatientName is replaced by this
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture(scope="module")
+def processed(
+    tmp_path_factory: pytest.TempPathFactory,
+    classified_models: tuple[Settings, pipeline.Models],
+) -> Site:
+    """Three phantom studies processed with the tiny (synthetic) classifier and screening
+    bundles, key images on."""
+    configured, loaded = classified_models
+    root = tmp_path_factory.mktemp("web")
+    studies = write_studies(root / "in", 3, seed=91, size=(256, 256))
+    import pydicom
+
+    for study in studies:  # a patient name to look for in the log and the pages
+        ds = pydicom.dcmread(study.path)
+        ds.PatientName = SECRET_NAME
+        ds.save_as(study.path)
+    settings = configured.model_copy(
+        update={"output": configured.output.model_copy(update={"key_image": True})}
+    )
+    site = Site.at(settings, root / "out")
+    summary = run_batch(root / "in", site, models=loaded)
+    assert sum(summary.studies.values()) == 3
+    return site
+
+
+def _client(site: Site, **web: object) -> TestClient:
+    settings = site.settings.model_copy(update={"web": site.settings.web.model_copy(update=web)})
+    return TestClient(create_app(site.with_settings(settings)))
+
+
+def _audit(site: Site) -> list[tuple[str, str, str | None]]:
+    with sqlite3.connect(site.out_dir / "cxrbatch.sqlite") as db:
+        return list(db.execute("SELECT user, action, study_instance_uid FROM audit_events"))
+
+
+def _uids(site: Site) -> list[str]:
+    with sqlite3.connect(site.out_dir / "cxrbatch.sqlite") as db:
+        return [r[0] for r in db.execute("SELECT study_instance_uid FROM studies")]
+
+
+def test_worklist_filters_sorts_and_shows_no_patient_data_anonymously(
+    processed: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = _client(processed)
+    with caplog.at_level(logging.INFO):
+        page = client.get("/")
+    assert page.status_code == 200
+    html = page.text
+    assert "NOT FOR DIAGNOSTIC USE" in html and "SYNTHETIC" in html
+    assert html.count('class="study"') == 3
+    assert SECRET_NAME not in html and "SYN-" not in html  # anonymous: no patient data
+    for query, expected in (
+        ("?triage=abnormal", None),
+        ("?status=processed", 3),
+        ("?status=failed", 0),
+        ("?label=mass&min_probability=0", 3),  # labels in any case
+        ("?label=Mass&min_probability=1", 0),
+        ("?from=2999-01-01", 0),
+        ("?sort=recorded", 3),
+        ("?sort=study_date", 3),
+        ("?sort=no_finding", 3),
+    ):
+        filtered = client.get("/" + query)
+        assert filtered.status_code == 200, query
+        if expected is not None:
+            assert filtered.text.count('class="study"') == expected, query
+    assert client.get("/?status=bogus").status_code == 400
+    unknown = client.get("/?label=Cancer")
+    assert unknown.status_code == 400 and "Mass, Nodule" in unknown.text
+    for record in caplog.records:
+        assert SECRET_NAME not in record.getMessage()
+
+
+def test_study_page_overlays_downloads_and_audit(processed: Site) -> None:
+    client = _client(processed)
+    uid = _uids(processed)[0]
+    page = client.get(f"/studies/{uid}")
+    assert page.status_code == 200
+    html = page.text
+    assert 'class="overlay"' in html and 'class="findings"' in html
+    assert "Segmentation QC: passed" in html and "SYNTHETIC" in html
+    assert "weights SHA-256" in html and "/files/sr" in html and "/files/json" in html
+    sop = html.split("/overlay/")[1].split(".png")[0]
+    for size in ("thumb", "large"):
+        picture = client.get(f"/studies/{uid}/overlay/{sop}.png?size={size}")
+        assert picture.status_code == 200 and picture.headers["content-type"] == "image/png"
+        assert picture.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((processed.out_dir / "_web_cache").rglob("*.png"))  # cached
+    again = client.get(f"/studies/{uid}/overlay/{sop}.png?size=thumb")
+    assert again.content == client.get(f"/studies/{uid}/overlay/{sop}.png").content
+    assert client.get(f"/studies/{uid}/overlay/{sop}.png?size=huge").status_code == 400
+    sr = client.get(f"/studies/{uid}/files/sr")
+    assert sr.status_code == 200 and sr.content[128:132] == b"DICM"
+    seg = client.get(f"/studies/{uid}/files/seg-{sop}")
+    assert seg.status_code == 200 and seg.content[128:132] == b"DICM"
+    assert client.get(f"/studies/{uid}/files/key-{sop}").status_code == 200
+    document = json.loads(client.get(f"/studies/{uid}/files/json").content)
+    assert document["study_instance_uid"] == uid
+    assert client.get(f"/studies/{uid}/files/nothing").status_code == 404
+    assert client.get("/studies/1.2.3.4.5").status_code == 404
+    events = _audit(processed)
+    assert ("anonymous", "study_viewed", uid) in events
+    assert sum(1 for e in events if e[1] == "file_downloaded") == 4
+
+
+def test_csv_export_operations_health_and_metrics(processed: Site) -> None:
+    client = _client(processed)
+    exported = client.get("/worklist.csv?status=processed")
+    assert exported.status_code == 200 and exported.headers["content-type"].startswith("text/csv")
+    lines = exported.text.strip().splitlines()
+    assert lines[0].startswith("study_instance_uid,study_date") and len(lines) == 4
+    assert "patient_name" not in lines[0]  # anonymous
+    assert ("anonymous", "worklist_exported", None) in _audit(processed)
+    operations = client.get("/operations")
+    assert (
+        operations.status_code == 200
+        and "Queue" in operations.text
+        and "free MiB" in operations.text
+    )
+    assert client.get("/healthz").text == "ok"
+    assert client.get("/readyz").status_code == 200
+    families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    processed_count = next(
+        s.value for s in families["cxrbatch_outcomes"].samples if s.labels["status"] == "processed"
+    )
+    assert processed_count == 3
+    assert "cxrbatch_triage" in families and "cxrbatch_deliveries" in families
+    stages = {s.labels["stage"] for s in families["cxrbatch_stage_seconds"].samples}
+    assert "segment" in stages or stages  # per-stage histograms of the recorded timings
+
+
+def test_authentication_refusals_and_patient_data_for_users(processed: Site) -> None:
+    users = (WebUser(name="reader", password_hash=hash_password(PASSWORD)),)
+    client = _client(processed, users=users)
+    assert client.get("/").status_code == 401
+    assert client.get("/worklist.csv").status_code == 401
+    assert client.get(f"/studies/{_uids(processed)[0]}").status_code == 401
+
+    def basic(name: str, password: str) -> dict[str, str]:
+        token = base64.b64encode(f"{name}:{password}".encode()).decode()
+        return {"Authorization": f"Basic {token}"}
+
+    assert client.get("/", headers=basic("reader", "wrong")).status_code == 401
+    assert client.get("/", headers=basic("nobody", PASSWORD)).status_code == 401
+    page = client.get("/", headers=basic("reader", PASSWORD))
+    assert page.status_code == 200 and SECRET_NAME in page.text  # authenticated: shown
+    uid = _uids(processed)[1]
+    assert client.get(f"/studies/{uid}", headers=basic("reader", PASSWORD)).status_code == 200
+    assert ("reader", "study_viewed", uid) in _audit(processed)
+    # /healthz and /metrics carry no patient data and stay open to the monitoring system.
+    assert client.get("/healthz").status_code == 200 and client.get("/metrics").status_code == 200
+
+    proxied = _client(
+        processed, trusted_proxy_header="X-Remote-User", trusted_proxies=("testclient",)
+    )
+    assert proxied.get("/", headers={"X-Remote-User": "dr.who"}).status_code == 200
+    untrusted = _client(processed, trusted_proxy_header="X-Remote-User")  # not from testclient
+    assert untrusted.get("/", headers={"X-Remote-User": "dr.who"}).status_code == 401
+
+
+def test_the_app_refuses_other_addresses_without_authentication(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no authentication"):
+        check_binding(WebSettings(), "0.0.0.0")
+    check_binding(WebSettings(), "127.0.0.1")
+    check_binding(WebSettings(trusted_proxy_header="X-Remote-User"), "0.0.0.0")
+    out = tmp_path / "out"
+    assert CliRunner().invoke(cli, ["db", "upgrade", "--out", str(out)]).exit_code == 0
+    refused = CliRunner().invoke(cli, ["serve", "--out", str(out), "--host", "0.0.0.0"])
+    assert refused.exit_code == 2 and "no authentication is configured" in refused.output
+    missing = CliRunner().invoke(cli, ["serve", "--out", str(tmp_path / "nothing")])
+    assert missing.exit_code == 2 and "no results database" in missing.output
+
+
+def test_readyz_says_when_the_database_is_gone_and_paging_holds(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    url = f"sqlite:///{out / 'cxrbatch.sqlite'}"
+    populate(url, 25, seed=4)
+    site = Site.at(Settings(), out)
+    client = _client(site, page_size=10)
+    first, third = client.get("/"), client.get("/?page=3")
+    assert first.text.count('class="study"') == 10 and third.text.count('class="study"') == 5
+    assert "page 1 of 3" in first.text and "next" in first.text
+    assert len(client.get("/worklist.csv").text.strip().splitlines()) == 26
+    (out / "cxrbatch.sqlite").unlink()
+    gone = client.get("/readyz")
+    assert gone.status_code == 503 and "no results database" in gone.text
+    assert client.get("/healthz").status_code == 200  # the process is alive
+
+
+def test_cxrbatch_audit_lists_the_events(processed: Site) -> None:
+    client = _client(processed)
+    uid = _uids(processed)[2]
+    assert client.get(f"/studies/{uid}").status_code == 200
+    listed = CliRunner().invoke(
+        cli, ["audit", "--out", str(processed.out_dir), "--format", "json", "--study", uid]
+    )
+    assert listed.exit_code == 0, listed.output
+    events = json.loads(listed.stdout)
+    assert events and all(e["study_instance_uid"] == uid for e in events)
+    assert events[0]["action"] == "study_viewed" and events[0]["user"] == "anonymous"
+
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+
+
+def _chromium() -> str:
+    import os
+    import shutil
+
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium (Debian package) is required in CI for the browser test")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    return found
+
+
+def test_a_real_browser_follows_the_worklist_to_a_study_with_its_overlay(processed: Site) -> None:
+    """Headless Chromium (Debian's, driven by playwright) opens the worklist, follows a
+    study link and finds the overlay loaded and the findings table; screenshots of the
+    three pages are kept in artifacts/ (CI keeps them)."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+    from playwright.sync_api import sync_playwright
+
+    executable = _chromium()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(processed), host="127.0.0.1", port=port, log_config=None)
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started
+    ARTIFACTS.mkdir(exist_ok=True)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path=executable, args=["--no-sandbox", "--disable-gpu"]
+            )
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"http://127.0.0.1:{port}/")
+            assert "NOT FOR DIAGNOSTIC USE" in page.content()
+            page.screenshot(path=str(ARTIFACTS / "worklist.png"), full_page=True)
+            page.click("a.study >> nth=0")
+            page.wait_for_selector("img.overlay")
+            page.wait_for_function(
+                "Array.from(document.images).every(i => i.complete)", timeout=30_000
+            )
+            widths = page.eval_on_selector_all("img.overlay", "els => els.map(e => e.naturalWidth)")
+            assert widths and all(w > 0 for w in widths), widths
+            assert page.locator("table.findings").count() >= 1
+            page.screenshot(path=str(ARTIFACTS / "study.png"), full_page=True)
+            page.goto(f"http://127.0.0.1:{port}/operations")
+            page.screenshot(path=str(ARTIFACTS / "operations.png"), full_page=True)
+            browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+    assert (ARTIFACTS / "study.png").stat().st_size > 10_000
