@@ -296,6 +296,14 @@ class WebSettings(_Section):
         return bool(self.users or self.trusted_proxy_header)
 
 
+class MetricsSettings(_Section):
+    # A node_exporter textfile-collector file `cxrbatch watch` rewrites every
+    # textfile_interval_seconds (e.g. /var/lib/node_exporter/textfile/cxrbatch.prom);
+    # empty = none (the web app's /metrics serves the same figures).
+    textfile: str = ""
+    textfile_interval_seconds: Annotated[float, Field(gt=0.0)] = 30.0
+
+
 class DatabaseSettings(_Section):
     # Any SQLAlchemy URL; empty = sqlite file OUT/cxrbatch.sqlite.
     url: str = ""
@@ -322,6 +330,7 @@ class Settings(BaseSettings):
     queue: QueueSettings = QueueSettings()
     retention: RetentionSettings = RetentionSettings()
     web: WebSettings = WebSettings()
+    metrics: MetricsSettings = MetricsSettings()
     database: DatabaseSettings = DatabaseSettings()
     logging: LoggingSettings = LoggingSettings()
 

@@ -31,6 +31,7 @@ from cxrbatch.errors import one_line
 from cxrbatch.ingest.folder import FolderIngest
 from cxrbatch.ingest.scp import DicomReceiver
 from cxrbatch.ingest.spool import Spool
+from cxrbatch.metrics import write_textfile
 from cxrbatch.models.preflight import check_model_files
 from cxrbatch.paths import (
     check_outside_input,
@@ -71,6 +72,7 @@ class Service:
         self._quick_deaths = 0
         self._respawn_after = 0.0
         self._retention_due: float | None = None
+        self._metrics_due = 0.0
         # 0, or 2 when the service stopped because its workers cannot start.
         self.exit_code = 0
 
@@ -105,6 +107,7 @@ class Service:
                     ingest.step()
                 self._replace_dead_workers()
                 self._retention_if_due()
+                self._metrics_if_due()
                 self.stop_requested.wait(_INGEST_TICK_SECONDS)
         finally:
             if receiver is not None:
@@ -115,6 +118,18 @@ class Service:
             if sender is not None:
                 sender.stop()  # unsent deliveries stay queued for the next start
             self.database.close()
+
+    def _metrics_if_due(self) -> None:
+        textfile = self.settings.metrics.textfile
+        now = time.monotonic()
+        if not textfile or now < self._metrics_due:
+            return
+        self._metrics_due = now + self.settings.metrics.textfile_interval_seconds
+        try:
+            alive = sum(1 for child in self._children if child.is_alive())
+            write_textfile(self.sessions, Path(textfile), alive)
+        except Exception as exc:  # monitoring must not stop ingest
+            log.warning("metrics textfile not written: %s", one_line(exc))
 
     def _retention_if_due(self) -> None:
         """The retention policy every retention.interval_hours (first after one interval:

@@ -299,3 +299,28 @@ def test_a_real_browser_follows_the_worklist_to_a_study_with_its_overlay(process
         server.should_exit = True
         thread.join(timeout=30)
     assert (ARTIFACTS / "study.png").stat().st_size > 10_000
+
+
+def test_watch_writes_the_metrics_textfile_for_node_exporter(tmp_path: Path) -> None:
+    """A site's Prometheus sees a running daemon without the web app: `watch` rewrites a
+    textfile-collector file with the same figures plus its worker count."""
+    from cxrbatch import daemon
+
+    (tmp_path / "out").mkdir()
+    populate(f"sqlite:///{tmp_path / 'out' / 'cxrbatch.sqlite'}", 4, seed=2)
+    textfile = tmp_path / "textfile" / "cxrbatch.prom"
+    base = Settings()
+    settings = base.model_copy(
+        update={"metrics": base.metrics.model_copy(update={"textfile": str(textfile)})}
+    )
+    service = daemon.Service(Site.at(settings, tmp_path / "out"), 1, None)
+    try:
+        service._metrics_if_due()
+    finally:
+        service.database.close()
+    families = {f.name: f for f in text_string_to_metric_families(textfile.read_text())}
+    assert families["cxrbatch_daemon_workers"].samples[0].value == 0
+    processed = [
+        s.value for s in families["cxrbatch_outcomes"].samples if s.labels["status"] == "processed"
+    ]
+    assert processed == [4]

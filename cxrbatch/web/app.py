@@ -41,11 +41,11 @@ from cxrbatch.db.session import Database, open_existing
 from cxrbatch.domain import FINDING_LABELS, OutcomeStatus, Triage
 from cxrbatch.errors import CxrBatchError, DatabaseNotReady
 from cxrbatch.files import sha256_file
+from cxrbatch.metrics import ResultsCollector
 from cxrbatch.models.preflight import bundle_files
 from cxrbatch.paths import resolve_stored
 from cxrbatch.site import Site
 from cxrbatch.web.auth import Authenticator, User
-from cxrbatch.web.metrics import ResultsCollector
 from cxrbatch.web.render import SIZES, OverlayError, cached_overlay
 
 log = logging.getLogger(__name__)

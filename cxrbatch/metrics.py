@@ -1,17 +1,22 @@
-"""/metrics: the results database's counts as Prometheus metrics, read at each scrape.
+"""The results database's counts as Prometheus metrics, read at each collection: served by
+the web app at /metrics, and written by `cxrbatch watch` to a node_exporter textfile
+(`metrics.textfile`), so that a site's Prometheus sees a running daemon without the app.
 
-cxrbatch_outcomes{status}           current outcomes by status
-cxrbatch_triage{triage}             current outcomes by triage (none: not screened)
-cxrbatch_jobs{status}               the daemon's queue by job status
-cxrbatch_deliveries{status}         deliveries by status (pending, dead, ...)
-cxrbatch_rejected_files             files rejected or quarantined
-cxrbatch_stage_seconds{stage}       per-stage seconds of the most recent outcomes
+    cxrbatch_outcomes{status}           current outcomes by status
+    cxrbatch_triage{triage}             current outcomes by triage (none: not screened)
+    cxrbatch_jobs{status}               the daemon's queue by job status
+    cxrbatch_deliveries{status}         deliveries by status (pending, dead, ...)
+    cxrbatch_rejected_files             files rejected or quarantined
+    cxrbatch_stage_seconds{stage}       per-stage seconds of the most recent outcomes
+    cxrbatch_daemon_workers             worker processes alive (textfile of `watch` only)
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
+from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -56,3 +61,15 @@ class ResultsCollector(Collector):
             buckets.append(("+Inf", float(len(values))))
             histogram.add_metric([stage], buckets, sum_value=sum(values))
         yield histogram
+
+
+def write_textfile(sessions: Sessions, path: Path, workers_alive: int) -> None:
+    """The metrics, and the daemon's worker count, in the node_exporter textfile format
+    (written to a temporary file and renamed, as the textfile collector expects)."""
+    registry = CollectorRegistry()
+    registry.register(ResultsCollector(sessions))
+    Gauge(
+        "cxrbatch_daemon_workers", "Worker processes of cxrbatch watch alive.", registry=registry
+    ).set(workers_alive)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_to_textfile(str(path), registry)
