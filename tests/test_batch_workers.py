@@ -99,12 +99,25 @@ def test_workers_that_cannot_load_their_models_stop_the_batch(
     tmp_path: Path, settings: Settings
 ) -> None:
     write_studies(tmp_path / "in", 2, seed=32, size=(256, 256))
+    # A checkpoint that exists (the preflight check passes) but does not load: the workers
+    # fail at start. (A missing one is refused before any worker starts, one line.)
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"not a checkpoint")
     broken = settings.model_copy(
         update={
             "segmentation": settings.segmentation.model_copy(
-                update={"backend": "medsam-vitb", "medsam_checkpoint": str(tmp_path / "none.pth")}
+                update={"backend": "medsam-vitb", "medsam_checkpoint": str(corrupt)}
             )
         }
     )
     with pytest.raises(CxrBatchError, match="before processing any study"):
         run_batch(tmp_path / "in", Site.at(broken, tmp_path / "out"), workers=2)
+    missing = broken.model_copy(
+        update={
+            "segmentation": broken.segmentation.model_copy(
+                update={"medsam_checkpoint": str(tmp_path / "none.pth")}
+            )
+        }
+    )
+    with pytest.raises(CxrBatchError, match="MedSAM ViT-B checkpoint not found"):
+        run_batch(tmp_path / "in", Site.at(missing, tmp_path / "out2"), workers=2)
