@@ -290,6 +290,8 @@ class WebSettings(_Section):
     page_size: Annotated[int, Field(ge=10, le=500)] = 50
     # Rendered overlays (PNG); empty = OUT/_web_cache.
     cache_dir: str = ""
+    # `cxrbatch watch` also serves the app (a thread of its ingest process).
+    with_watch: bool = False
 
     @property
     def authentication(self) -> bool:

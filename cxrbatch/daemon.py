@@ -23,6 +23,7 @@ import time
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from cxrbatch.cpus import threads_per_worker
 from cxrbatch.db import jobs
@@ -99,6 +100,7 @@ class Service:
         if self.settings.send.destinations:
             sender = SenderThread(self.settings, self.sessions, self.site.roots)
             sender.start()
+        web = self._start_web() if self.settings.web.with_watch else None
         try:
             for _ in range(self.workers):
                 self._spawn_worker()
@@ -117,7 +119,27 @@ class Service:
             self._drain()
             if sender is not None:
                 sender.stop()  # unsent deliveries stay queued for the next start
+            if web is not None:
+                web.should_exit = True
             self.database.close()
+
+    def _start_web(self) -> Any:
+        """The results web app in a thread of this process (web.with_watch), as
+        `cxrbatch serve` would run it; it imports no torch."""
+        import uvicorn
+
+        from cxrbatch.web.app import create_app
+        from cxrbatch.web.auth import check_binding
+
+        web = self.settings.web
+        check_binding(web, web.host)
+        server = uvicorn.Server(
+            uvicorn.Config(create_app(self.site), host=web.host, port=web.port, log_config=None)
+        )
+        # In a thread uvicorn leaves the signals alone: SIGTERM stays the daemon's drain.
+        threading.Thread(target=server.run, name="cxrbatch-web", daemon=True).start()
+        log.info("web app on http://%s:%d/", web.host, web.port)
+        return server
 
     def _metrics_if_due(self) -> None:
         textfile = self.settings.metrics.textfile

@@ -324,3 +324,34 @@ def test_watch_writes_the_metrics_textfile_for_node_exporter(tmp_path: Path) -> 
         s.value for s in families["cxrbatch_outcomes"].samples if s.labels["status"] == "processed"
     ]
     assert processed == [4]
+
+
+def test_watch_serves_the_app_beside_the_daemon_by_config(tmp_path: Path) -> None:
+    """web.with_watch: the daemon's ingest process serves the app in a thread."""
+    import socket
+    import time
+
+    import httpx
+
+    from cxrbatch import daemon
+
+    (tmp_path / "out").mkdir()
+    populate(f"sqlite:///{tmp_path / 'out' / 'cxrbatch.sqlite'}", 3, seed=3)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    base = Settings()
+    settings = base.model_copy(
+        update={"web": base.web.model_copy(update={"with_watch": True, "port": port})}
+    )
+    service = daemon.Service(Site.at(settings, tmp_path / "out"), 1, None)
+    server = service._start_web()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        page = httpx.get(f"http://127.0.0.1:{port}/", timeout=10)
+        assert page.status_code == 200 and page.text.count('class="study"') == 3
+    finally:
+        server.should_exit = True
+        service.database.close()
