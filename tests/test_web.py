@@ -162,7 +162,10 @@ def test_csv_export_operations_health_and_metrics(processed: Site) -> None:
     assert "segment" in stages or stages  # per-stage histograms of the recorded timings
 
 
-def test_authentication_refusals_and_patient_data_for_users(processed: Site) -> None:
+def test_authentication_refusals_and_patient_data_for_users(
+    processed: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
     users = (WebUser(name="reader", password_hash=hash_password(PASSWORD)),)
     client = _client(processed, users=users)
     assert client.get("/").status_code == 401
@@ -189,6 +192,9 @@ def test_authentication_refusals_and_patient_data_for_users(processed: Site) -> 
     assert proxied.get("/", headers={"X-Remote-User": "dr.who"}).status_code == 200
     untrusted = _client(processed, trusted_proxy_header="X-Remote-User")  # not from testclient
     assert untrusted.get("/", headers={"X-Remote-User": "dr.who"}).status_code == 401
+    # Patient data was on the pages (authenticated); none of it reached the log.
+    for record in caplog.records:
+        assert SECRET_NAME not in record.getMessage() and "SYN-" not in record.getMessage()
 
 
 def test_the_app_refuses_other_addresses_without_authentication(tmp_path: Path) -> None:
