@@ -27,7 +27,7 @@ from pathlib import Path
 
 from cxrbatch.db import retention
 from cxrbatch.db.models import utcnow
-from cxrbatch.paths import is_inside, resolve_stored
+from cxrbatch.paths import StorageRoots, is_inside, resolve_stored
 from cxrbatch.site import Site
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,11 @@ def _remove(path: Path, root: Path, report: CleanupReport) -> bool:
     return True
 
 
+def _file(stored: str, roots: StorageRoots) -> Path:
+    """A stored path as the file it names on this host (absolute, links resolved)."""
+    return resolve_stored(stored, roots).resolve()
+
+
 def _remove_if_empty(folder: Path) -> None:
     with contextlib.suppress(OSError):  # only when empty: other instances may still be there
         folder.rmdir()
@@ -89,14 +94,16 @@ def cleanup(site: Site, *, dry_run: bool = False, now: dt.datetime | None = None
     report = CleanupReport(dry_run=dry_run)
     roots = site.roots
     with site.database(existing=True) as database, database.sessions.begin() as session:
-        needed = retention.needed_paths(session)
+        # Compared as files on this host, not as stored text: an older row may name a file
+        # by its absolute path and a newer one by `output:` (migration 0005 without roots).
+        needed = {_file(stored, roots) for stored in retention.needed_paths(session)}
         before = _cutoff(now, policy.spool_days)
         if before is not None:
             purged: list[int] = []
             for item in retention.released_spool(session, before):
-                if item.path in needed:
-                    continue
                 path = resolve_stored(item.path, roots)
+                if _file(item.path, roots) in needed:
+                    continue
                 if _remove(path, site.spool_dir, report):
                     purged.append(item.instance_id)
                     report.spool_files += 1
@@ -119,6 +126,8 @@ def cleanup(site: Site, *, dry_run: bool = False, now: dt.datetime | None = None
         if before is not None:
             for stored in sorted(retention.superseded_output_paths(session, before)):
                 path = resolve_stored(stored, roots)
+                if _file(stored, roots) in needed:
+                    continue
                 if path.exists() and _remove(path, site.out_dir, report):
                     report.superseded_files += 1
     log.info(

@@ -87,6 +87,9 @@ def test_cleanup_removes_only_what_nothing_needs(
                     input_fingerprint="old",
                     outputs={
                         "sr": current_sr,
+                        # As an older version stored it: the current result.json by its
+                        # absolute path (the same file as the current outcome's `output:`).
+                        "json": str(site.roots.resolve(current.outputs["json"])),
                         "seg": {},
                         "key_images": {
                             "a": site.roots.store(old_key),
@@ -126,6 +129,7 @@ def test_cleanup_removes_only_what_nothing_needs(
     assert list(site.quarantine_dir.iterdir()) == []
     assert not old_key.exists() and unsent.exists()  # the unsent delivery still needs it
     assert site.roots.resolve(current_sr).is_file()  # the current outcome's files stay
+    assert (site.roots.resolve(current_sr).parent / "result.json").is_file()
     with site.database() as database, database.sessions() as session:
         rows = session.scalars(select(tables.Instance).order_by(tables.Instance.id)).all()
         assert [r.purged_at is not None for r in rows] == [True, False]
