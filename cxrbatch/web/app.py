@@ -79,6 +79,15 @@ def bundle_thresholds(site: Site) -> dict[str, Thresholds]:
     return found
 
 
+def _cells(values: list[Any]) -> list[Any]:
+    """CSV cells safe to open in a spreadsheet: text from headers that starts like a formula
+    (= + - @, tab, carriage return) is prefixed with an apostrophe (OWASP CSV injection)."""
+    return [
+        "'" + v if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r") else v
+        for v in values
+    ]
+
+
 def create_app(site: Site) -> FastAPI:
     """The app for `site` (its database must exist with this code's schema)."""
     settings = site.settings.web
@@ -209,11 +218,13 @@ def create_app(site: Site) -> FastAPI:
                 for r in found:
                     person = [r.accession_number, r.patient_id, r.patient_name]
                     writer.writerow(
-                        [r.study_instance_uid, *(person if who.authenticated else []),
-                         r.study_date, r.modality, r.status, r.triage, r.no_finding_score,
-                         r.screening_no_finding_score,
-                         *[r.probabilities.get(x) for x in FINDING_LABELS], r.reason,
-                         r.synthetic_model]
+                        _cells(
+                            [r.study_instance_uid, *(person if who.authenticated else []),
+                             r.study_date, r.modality, r.status, r.triage, r.no_finding_score,
+                             r.screening_no_finding_score,
+                             *[r.probabilities.get(x) for x in FINDING_LABELS], r.reason,
+                             r.synthetic_model]
+                        )
                     )  # fmt: skip
                 exported += len(found)
                 if exported >= total or not found:
