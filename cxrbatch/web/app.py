@@ -79,6 +79,16 @@ def bundle_thresholds(site: Site) -> dict[str, Thresholds]:
     return found
 
 
+def _synthetic_scores(row: rows.WorklistRow) -> bool:
+    """Scores on this row came from a model trained on synthetic data (an ineligible or
+    failed study has no scores, whatever models were loaded)."""
+    return row.synthetic_model and bool(
+        row.probabilities
+        or row.no_finding_score is not None
+        or row.screening_no_finding_score is not None
+    )
+
+
 def _cells(values: list[Any]) -> list[Any]:
     """CSV cells safe to open in a spreadsheet: text from headers that starts like a formula
     (= + - @, tab, carriage return) is prefixed with an apostrophe (OWASP CSV injection)."""
@@ -188,7 +198,7 @@ def create_app(site: Site) -> FastAPI:
             rows=found, total=total, page=page_number, size=settings.page_size,
             pages=max(1, -(-total // settings.page_size)), query=query, sort=sort,
             where=where, thresholds=thresholds,
-            synthetic=any(r.synthetic_model for r in found),
+            synthetic=any(_synthetic_scores(r) for r in found),
         )  # fmt: skip
 
     @app.get("/worklist.csv")
@@ -250,7 +260,7 @@ def create_app(site: Site) -> FastAPI:
         audited(who, "study_viewed", uid)
         return page(
             request, "study.html", who, view=view, row=view.row, thresholds=thresholds,
-            synthetic=view.row.synthetic_model,
+            synthetic=_synthetic_scores(view.row),
         )  # fmt: skip
 
     @app.get("/studies/{uid}/overlay/{sop}.png")
