@@ -143,6 +143,7 @@ def test_csv_export_operations_health_and_metrics(processed: Site) -> None:
     lines = exported.text.strip().splitlines()
     assert lines[0].startswith("study_instance_uid,study_date") and len(lines) == 4
     assert "patient_name" not in lines[0]  # anonymous
+    assert client.get("/worklist.csv?label=Cancer").status_code == 400
     assert ("anonymous", "worklist_exported", None) in _audit(processed)
     operations = client.get("/operations")
     assert (

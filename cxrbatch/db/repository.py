@@ -265,6 +265,11 @@ def current_outcomes(session: Session, where: OutcomeFilter | None = None) -> li
         .options(*_WITH_FINDINGS)
         .order_by(models.Outcome.created_at, models.Outcome.id)
     )
+    return list(session.scalars(filter_outcomes(session, statement, where)))
+
+
+def filter_outcomes(session: Session, statement: Any, where: OutcomeFilter) -> Any:
+    """`statement` (a select over outcomes) narrowed by `where` (`results`, the web app)."""
     if where.since is not None:
         statement = statement.where(models.Outcome.created_at >= where.since)
     if where.until is not None:
@@ -284,7 +289,7 @@ def current_outcomes(session: Session, where: OutcomeFilter | None = None) -> li
             )
         )
         statement = statement.where(models.Outcome.id.in_(matching))
-    return list(session.scalars(statement))
+    return statement
 
 
 def worklist(

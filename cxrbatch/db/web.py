@@ -16,7 +16,7 @@ from sqlalchemy import Select, case, func, select
 from sqlalchemy.orm import Session, selectinload
 
 from cxrbatch.db import models
-from cxrbatch.db.repository import canonical_label, probabilities
+from cxrbatch.db.repository import OutcomeFilter, filter_outcomes, probabilities
 from cxrbatch.domain import DeliveryStatus, JobStatus, Triage
 
 SORTS = ("screening", "recorded", "study_date", "no_finding")
@@ -79,29 +79,24 @@ def _ordered(statement: Select[Any], sort: str) -> Select[Any]:
 
 
 def _filtered(session: Session, statement: Select[Any], where: WorklistFilter) -> Select[Any]:
+    """The worklist's filters as `repository.filter_outcomes` applies them (dates are whole
+    UTC days, the end day included)."""
     utc = dt.UTC
+    since = until = None
     if where.recorded_from is not None:
-        start = dt.datetime.combine(where.recorded_from, dt.time(), utc)
-        statement = statement.where(models.Outcome.created_at >= start)
+        since = dt.datetime.combine(where.recorded_from, dt.time(), utc)
     if where.recorded_to is not None:
-        end = dt.datetime.combine(where.recorded_to + dt.timedelta(days=1), dt.time(), utc)
-        statement = statement.where(models.Outcome.created_at < end)
-    if where.triage:
-        statement = statement.where(models.Outcome.triage == where.triage)
-    if where.status:
-        statement = statement.where(models.Outcome.status == where.status)
-    if where.label:
-        matching = (
-            select(models.Image.outcome_id)
-            .join(models.Finding)
-            .where(
-                models.Finding.role == "classifier",
-                models.Finding.label == canonical_label(session, where.label),
-                models.Finding.probability >= (where.min_probability or 0.0),
-            )
-        )
-        statement = statement.where(models.Outcome.id.in_(matching))
-    return statement
+        until = dt.datetime.combine(where.recorded_to + dt.timedelta(days=1), dt.time(), utc)
+    outcome_filter = OutcomeFilter(
+        since=since,
+        until=until,
+        status=where.status,
+        triage=where.triage,
+        label=where.label,
+        min_probability=where.min_probability,
+    )
+    narrowed: Select[Any] = filter_outcomes(session, statement, outcome_filter)
+    return narrowed
 
 
 def worklist_page(

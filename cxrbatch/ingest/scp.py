@@ -39,6 +39,7 @@ from cxrbatch.dicom import status
 from cxrbatch.errors import ConfigError, one_line
 from cxrbatch.files import atomic_write
 from cxrbatch.ingest.spool import Spool, Taken
+from cxrbatch.network import is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -84,15 +85,6 @@ def _ssl_context(settings: DicomSettings) -> ssl.SSLContext | None:
     return context
 
 
-def _loopback(address: str) -> bool:
-    if address.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address.strip()).is_loopback
-    except ValueError:
-        return False  # a host name: reachable from elsewhere for all we know
-
-
 class DicomReceiver:
     """A Storage and Verification SCP whose every instance goes through `Spool.take`."""
 
@@ -103,7 +95,7 @@ class DicomReceiver:
         self._networks = _networks(settings.allowed_hosts)
         self._titles = {t.strip() for t in settings.allowed_calling_ae_titles}
         self._ssl = _ssl_context(settings)
-        if not _loopback(settings.bind_address) and not self._networks and not settings.allow_any:
+        if not is_loopback(settings.bind_address) and not self._networks and not settings.allow_any:
             raise ConfigError(
                 f"dicom.bind_address {settings.bind_address} is reachable from other hosts and "
                 "dicom.allowed_hosts is empty: list the hosts allowed to send (e.g. "

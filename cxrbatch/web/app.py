@@ -154,13 +154,14 @@ def create_app(site: Site) -> FastAPI:
         )
 
     def filters(
-        recorded_from: dt.date | None,
-        recorded_to: dt.date | None,
-        triage: str | None,
-        status: str | None,
-        label: str | None,
-        min_probability: float | None,
+        recorded_from: Annotated[dt.date | None, Query(alias="from")] = None,
+        recorded_to: Annotated[dt.date | None, Query(alias="to")] = None,
+        triage: str | None = None,
+        status: str | None = None,
+        label: str | None = None,
+        min_probability: Annotated[float | None, Query(ge=0.0, le=1.0)] = None,
     ) -> rows.WorklistFilter:
+        """The worklist's filters from the query string (the page and its CSV share them)."""
         if triage and triage not in {t.value for t in Triage}:
             raise HTTPException(400, f"unknown triage {triage!r}")
         if status and status not in {s.value for s in OutcomeStatus}:
@@ -170,27 +171,26 @@ def create_app(site: Site) -> FastAPI:
             min_probability if label else None,
         )  # fmt: skip
 
+    Filters = Annotated[rows.WorklistFilter, Depends(filters)]
+
+    def page_of(
+        session: Session, where: rows.WorklistFilter, sort: str, number: int, size: int
+    ) -> tuple[list[rows.WorklistRow], int]:
+        try:
+            return rows.worklist_page(session, where, sort, number, size)
+        except CxrBatchError as exc:  # an unknown label: say which are known
+            raise HTTPException(400, str(exc)) from exc
+
     @app.get("/", response_class=HTMLResponse)
     def worklist(
         request: Request,
         who: Viewer,
-        recorded_from: Annotated[dt.date | None, Query(alias="from")] = None,
-        recorded_to: Annotated[dt.date | None, Query(alias="to")] = None,
-        triage: str | None = None,
-        status: str | None = None,
-        label: str | None = None,
-        min_probability: Annotated[float | None, Query(ge=0.0, le=1.0)] = None,
+        where: Filters,
         sort: str = "screening",
         page_number: Annotated[int, Query(alias="page", ge=1)] = 1,
     ) -> HTMLResponse:
-        where = filters(recorded_from, recorded_to, triage, status, label, min_probability)
-        try:
-            with reading() as session:
-                found, total = rows.worklist_page(
-                    session, where, sort, page_number, settings.page_size
-                )
-        except CxrBatchError as exc:  # an unknown label: say which are known
-            raise HTTPException(400, str(exc)) from exc
+        with reading() as session:
+            found, total = page_of(session, where, sort, page_number, settings.page_size)
         query = dict(request.query_params)
         query.pop("page", None)
         return page(
@@ -202,17 +202,7 @@ def create_app(site: Site) -> FastAPI:
         )  # fmt: skip
 
     @app.get("/worklist.csv")
-    def worklist_csv(
-        who: Viewer,
-        recorded_from: Annotated[dt.date | None, Query(alias="from")] = None,
-        recorded_to: Annotated[dt.date | None, Query(alias="to")] = None,
-        triage: str | None = None,
-        status: str | None = None,
-        label: str | None = None,
-        min_probability: Annotated[float | None, Query(ge=0.0, le=1.0)] = None,
-        sort: str = "screening",
-    ) -> Response:
-        where = filters(recorded_from, recorded_to, triage, status, label, min_probability)
+    def worklist_csv(who: Viewer, where: Filters, sort: str = "screening") -> Response:
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         identity = ["accession_number", "patient_id", "patient_name"] if who.authenticated else []
@@ -224,7 +214,7 @@ def create_app(site: Site) -> FastAPI:
         with reading() as session:
             number, exported = 1, 0
             while True:
-                found, total = rows.worklist_page(session, where, sort, number, 1000)
+                found, total = page_of(session, where, sort, number, 1000)
                 for r in found:
                     person = [r.accession_number, r.patient_id, r.patient_name]
                     writer.writerow(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
 from dataclasses import dataclass
 
 from argon2 import PasswordHasher
@@ -19,6 +18,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 
 from cxrbatch.config import WebSettings
 from cxrbatch.errors import ConfigError
+from cxrbatch.network import is_loopback
 
 _HASHER = PasswordHasher()
 
@@ -37,18 +37,9 @@ class User:
 ANONYMOUS = User("anonymous", authenticated=False)
 
 
-def loopback(host: str) -> bool:
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip()).is_loopback
-    except ValueError:
-        return False
-
-
 def check_binding(settings: WebSettings, host: str) -> None:
     """Beyond loopback only with authentication configured."""
-    if not loopback(host) and not settings.authentication:
+    if not is_loopback(host) and not settings.authentication:
         raise ConfigError(
             f"cxrbatch serve on {host} is reachable from other hosts and no authentication "
             "is configured: add [[web.users]] (cxrbatch web-password) or "
