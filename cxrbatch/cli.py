@@ -307,6 +307,9 @@ def send(
     """Send the due deliveries (SEG, SR, key images) to the configured destinations once.
 
     Exit code 1 when a delivery failed (it stays queued with its backoff, or dead)."""
+    if out is None:
+        # The database keeps the files' paths relative to the output folder.
+        raise _fail("give --out OUT: the files to send are found under the output folder")
     site = _site(config, db, out)
     if not site.settings.send.destinations:
         raise _fail("no [[send.destinations]] in the configuration")

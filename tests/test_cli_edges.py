@@ -197,3 +197,9 @@ def test_a_batch_with_a_failed_study_exits_1_and_the_query_columns_name_the_stud
     assert alone.exit_code == 2 and "--label" in _error(alone.output)
     assert RUNNER.invoke(app, ["status", "--out", str(out)]).exit_code == 0
     assert _sha(database) == before  # the query commands opened it read-only
+
+
+def test_send_needs_the_output_folder_whose_files_it_sends(tmp_path: Path) -> None:
+    result = RUNNER.invoke(app, ["send", "--db", f"sqlite:///{tmp_path / 'x.sqlite'}"])
+    assert result.exit_code == 2 and "give --out OUT" in _error(result.output)
+    assert not (tmp_path / "x.sqlite").exists()
