@@ -111,6 +111,13 @@ jobs_app = _App(
     help="The daemon's job queue.",
 )
 app.add_typer(jobs_app, name="jobs")
+bundle_app = _App(
+    no_args_is_help=True,
+    context_settings=HELP_OPTIONS,
+    rich_markup_mode=MARKUP,
+    help="Classifier bundles: bring trained weights in.",
+)
+app.add_typer(bundle_app, name="bundle")
 # Markup off: what is printed carries header values, paths, reasons and exception texts,
 # and a value such as "[/y]" must print as itself (styles are given with style=).
 console = Console(stderr=True, markup=False)
@@ -400,11 +407,15 @@ def _utc(value: dt.datetime | None) -> dt.datetime | None:
 
 
 def _flat(row: dict[str, object]) -> dict[str, object]:
-    """A row for a table or CSV: each label's probability as its own column p_<label>."""
-    flat = {k: v for k, v in row.items() if k != "probabilities"}
+    """A row for a table or CSV: each label's probability as its own column p_<label>,
+    and its call (positive/negative against the bundle's threshold) as call_<label>."""
+    flat = {k: v for k, v in row.items() if k not in ("probabilities", "calls")}
     probabilities = row.get("probabilities")
     if isinstance(probabilities, dict):
         flat.update({f"p_{label}": p for label, p in probabilities.items()})
+    calls = row.get("calls")
+    if isinstance(calls, dict):
+        flat.update({f"call_{label}": c for label, c in calls.items()})
     return flat
 
 
@@ -429,8 +440,17 @@ def _print_rows(rows: list[dict[str, object]], fmt: str, title: str, columns: li
     for column in shown:
         table.add_column(column)
     for row in flat:
-        table.add_row(*(_cell(row.get(column)) for column in shown))
+        table.add_row(*(_table_cell(row, column) for column in shown))
     out_console.print(table)
+
+
+def _table_cell(row: dict[str, object], column: str) -> str:
+    """A table cell; a probability with a call carries it: 0.812 POS, 0.031 neg."""
+    text = _cell(row.get(column))
+    call = row.get("call_" + column.removeprefix("p_")) if column.startswith("p_") else None
+    if call is not None:
+        text += " POS" if call == "positive" else " neg"
+    return text
 
 
 def _cell(value: object) -> str:
@@ -804,6 +824,96 @@ def db_upgrade(
     # Without --out the output root is unknown: recorded paths are then left as they are.
     upgrade(site.database_url, roots=site.roots if out is not None else None)
     out_console.print(f"schema at revision {current_revision(site.database_url)}")
+
+
+BundleOutOption = Annotated[Path, typer.Option("--out", help="Bundle folder to write.")]
+VersionOption = Annotated[str, typer.Option("--version", help="The bundle's version.")]
+
+
+@bundle_app.command("import-torchxrayvision")
+def bundle_import_torchxrayvision(
+    name: Annotated[
+        str,
+        typer.Argument(
+            help="TorchXRayVision weights name: densenet121-res224-nih, "
+            "densenet121-res224-all, resnet50-res512-all, ..."
+        ),
+    ],
+    weights_dir: Annotated[
+        Path,
+        typer.Option(help="Folder holding the downloaded release file (nothing is downloaded)."),
+    ],
+    out: BundleOutOption,
+    version: VersionOption = "1",
+) -> None:
+    """Write a classifier bundle (Mass, Nodule, Pneumonia, Edema, Fibrosis) from a
+    TorchXRayVision checkpoint, read by torchxrayvision itself, with that model's
+    preprocessing and its published operating thresholds."""
+    from cxrbatch.models.importers import import_torchxrayvision
+
+    import_torchxrayvision(name, weights_dir, out, version=version)
+    out_console.print(f"bundle written to {out}")
+
+
+@bundle_app.command("import-torchvision")
+def bundle_import_torchvision(
+    architecture: Annotated[str, typer.Option(help="resnet50 or densenet121.")],
+    state_dict: Annotated[Path, typer.Option(help="A plain state dict (torch.save of one).")],
+    labels: Annotated[str, typer.Option(help="The network's outputs in order, comma-separated.")],
+    out: BundleOutOption,
+    name: Annotated[str, typer.Option(help="The bundle's model name.")],
+    version: VersionOption = "1",
+    input_size: Annotated[int, typer.Option(help="Network input size (square).")] = 224,
+    in_channels: Annotated[int, typer.Option(help="1 or 3 input channels.")] = 3,
+    mean: Annotated[
+        str | None, typer.Option(help="Per-channel mean on the [0, 1] scale, comma-separated.")
+    ] = None,
+    std: Annotated[str | None, typer.Option(help="Per-channel std, comma-separated.")] = None,
+    mask_mode: Annotated[str, typer.Option(help="original, M-15 or M-50.")] = "original",
+    threshold: Annotated[
+        list[str] | None, typer.Option(help="A label's operating threshold: LABEL=P (repeat).")
+    ] = None,
+    description: Annotated[str, typer.Option(help="What the network is and was trained on.")] = "",
+    synthetic: Annotated[
+        bool, typer.Option(help="Trained on synthetic data (said in every output).")
+    ] = False,
+) -> None:
+    """Write a classifier bundle for a torchvision ResNet50/DenseNet121 state dict."""
+    from cxrbatch.models.importers import import_torchvision
+
+    def floats(text: str | None) -> list[float] | None:
+        return [float(v) for v in text.split(",")] if text else None
+
+    thresholds: dict[str, float] = {}
+    for item in threshold or []:
+        label, sep, value = item.partition("=")
+        if not sep:
+            raise _fail(f"--threshold takes LABEL=P, found {item!r}")
+        thresholds[label.strip()] = float(value)
+    if architecture not in ("resnet50", "densenet121") or in_channels not in (1, 3):
+        raise _fail("--architecture is resnet50 or densenet121; --in-channels is 1 or 3")
+    if mask_mode not in ("original", "M-15", "M-50"):
+        raise _fail("--mask-mode is original, M-15 or M-50")
+    try:
+        import_torchvision(
+            architecture,  # type: ignore[arg-type]
+            state_dict,
+            [v.strip() for v in labels.split(",") if v.strip()],
+            out,
+            name=name,
+            version=version,
+            input_size=input_size,
+            in_channels=in_channels,  # type: ignore[arg-type]
+            mean=floats(mean),
+            std=floats(std),
+            mask_mode=mask_mode,  # type: ignore[arg-type]
+            thresholds=thresholds,
+            description=description,
+            synthetic=synthetic,
+        )
+    except ValueError as exc:  # the bundle spec's own checks (pydantic)
+        raise _fail(f"invalid bundle: {' '.join(str(exc).split())}") from exc
+    out_console.print(f"bundle written to {out}")
 
 
 @app.command()

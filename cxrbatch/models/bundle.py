@@ -32,6 +32,7 @@ from cxrbatch.models.device import resolve_device
 from cxrbatch.models.graphs import cpu_inference_graph, image_shape
 from cxrbatch.models.masks import MaskMode
 from cxrbatch.models.preflight import bundle_files
+from cxrbatch.models.preprocess import Crop, Resize
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,13 @@ class BundleSpec(BaseModel):
     architecture: Literal["resnet50", "densenet121"]
     labels: tuple[str, ...] = LABELS
     input_size: int = Field(512, ge=32, le=2048)
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    # Input channels of the network's first convolution (the image is repeated to them),
+    # with one mean and std per channel on the [0, 1] scale.
+    in_channels: Literal[1, 3] = 3
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    crop: Crop = "none"
+    resize: Resize = "area"
     mask_mode: MaskMode
     thresholds: dict[str, float] = {}
     screening: Screening | None = None
@@ -72,6 +78,13 @@ class BundleSpec(BaseModel):
         unknown = set(self.thresholds) - set(self.labels)
         if unknown:
             raise ValueError(f"thresholds name labels not in the bundle: {sorted(unknown)}")
+        if not len(self.mean) == len(self.std) == self.in_channels:
+            raise ValueError(
+                f"mean and std need {self.in_channels} value(s) each (in_channels), "
+                f"found {len(self.mean)} and {len(self.std)}"
+            )
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be positive")
         return self
 
 
@@ -82,18 +95,38 @@ IMAGENET_WEIGHTS: dict[str, torchvision.models.WeightsEnum] = {
 }
 
 
-def build_network(architecture: str, num_labels: int, pretrained: bool = False) -> torch.nn.Module:
-    """The torchvision network with a `num_labels`-way head (logits)."""
+def build_network(
+    architecture: str, num_labels: int, pretrained: bool = False, in_channels: int = 3
+) -> torch.nn.Module:
+    """The torchvision network with a `num_labels`-way head (logits); with one input
+    channel, its first convolution takes one (as TorchXRayVision's networks do)."""
     weights = IMAGENET_WEIGHTS.get(architecture) if pretrained else None
+    first = {"kernel_size": 7, "stride": 2, "padding": 3, "bias": False}
     if architecture == "resnet50":
         net = torchvision.models.resnet50(weights=weights)
         net.fc = torch.nn.Linear(net.fc.in_features, num_labels)
+        if in_channels != 3:
+            net.conv1 = torch.nn.Conv2d(in_channels, 64, **first)  # type: ignore[arg-type]
         return cast(torch.nn.Module, net)
     if architecture == "densenet121":
         net = torchvision.models.densenet121(weights=weights)
         net.classifier = torch.nn.Linear(net.classifier.in_features, num_labels)
+        if in_channels != 3:
+            conv = torch.nn.Conv2d(in_channels, 64, **first)  # type: ignore[arg-type]
+            net.features.conv0 = conv
         return cast(torch.nn.Module, net)
     raise ModelError(f"Expected architecture 'resnet50' or 'densenet121', found {architecture!r}.")
+
+
+# The metadata schema of MONAI's bundle specification (the one the MONAI model zoo uses).
+MONAI_SCHEMA = (
+    "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"
+    "meta_schema_20240725.json"
+)
+CXRBATCH_LICENSE = (
+    "Weights produced with cxrbatch (Apache License 2.0). Training data terms: see "
+    "configs/metadata.json (training_data, data_source). Not for diagnostic use.\n"
+)
 
 
 def save_bundle(
@@ -104,43 +137,77 @@ def save_bundle(
     spec: BundleSpec,
     description: str,
     extra: dict[str, Any] | None = None,
+    *,
+    changelog: dict[str, str] | None = None,
+    authors: str = "cxrbatch",
+    license_text: str = CXRBATCH_LICENSE,
+    references: list[str] | None = None,
 ) -> Path:
-    """Write a bundle directory; returns the model file's path."""
+    """Write a bundle directory in MONAI's bundle layout; returns the model file's path.
+
+    configs/metadata.json carries every key MONAI's bundle specification makes mandatory,
+    configs/inference.json lets MONAI's own runner classify an image with it
+    (cxrbatch/models/monai_run.py), and docs/README.md and LICENSE say what it is.
+    """
     try:
         import monai
 
-        monai_version: str | None = monai.__version__
+        monai_version: str = monai.__version__
     except ImportError:  # recorded as unknown; MONAI is only needed for training
-        monai_version = None
+        monai_version = "unknown"
     model_path = directory / "models" / "model.pt"
     atomic_write(model_path, lambda h: torch.save(network.state_dict(), h))
+    synthetic = spec.training_data.synthetic
     metadata: dict[str, Any] = {
+        "schema": MONAI_SCHEMA,
         "name": name,
         "version": version,
-        "changelog": {version: "exported by cxrbatch"},
+        "changelog": changelog or {version: "exported by cxrbatch"},
         "monai_version": monai_version,
-        "pytorch_version": torch.__version__,
+        "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": np.__version__,
+        "optional_packages_version": {
+            "torchvision": torchvision.__version__.split("+")[0],
+            "pydicom": _version("pydicom"),
+            "highdicom": _version("highdicom"),
+        },
+        "required_packages_version": {"cxrbatch": _version("cxrbatch")},
         "task": "Multi-label chest radiograph classification (lung-masked input)",
         "description": description,
-        "intended_use": "Research and triage support only. Not for diagnostic use.",
+        "authors": authors,
+        "copyright": f"Copyright (c) {authors}",
+        "data_source": spec.training_data.description,
         "data_type": "dicom or png, 8-bit display form",
+        "image_classes": (
+            f"{spec.in_channels} channel(s), {spec.input_size} x {spec.input_size}, "
+            f"mask mode {spec.mask_mode}, normalised with mean {list(spec.mean)} and std "
+            f"{list(spec.std)} on the [0, 1] scale"
+        ),
+        "label_classes": ", ".join(spec.labels),
+        "pred_classes": f"{len(spec.labels)} independent sigmoid probabilities",
+        "intended_use": "Research and triage support only. Not for diagnostic use."
+        + (" TRAINED ON SYNTHETIC DATA: not clinically meaningful." if synthetic else ""),
+        "references": references or ["Masked chest X-ray classification study: arXiv 2512.23089"],
         "network_data_format": {
             "inputs": {
                 "image": {
                     "type": "image",
                     "format": "magnitude",
-                    "num_channels": 3,
+                    "modality": "CR/DX",
+                    "num_channels": spec.in_channels,
                     "spatial_shape": [spec.input_size, spec.input_size],
                     "dtype": "float32",
+                    "value_range": [],
                     "is_patch_data": False,
+                    "channel_def": {str(i): "radiograph" for i in range(spec.in_channels)},
                 }
             },
             "outputs": {
                 "pred": {
                     "type": "probabilities",
-                    "format": "classification",
+                    "format": "classes",
                     "num_channels": len(spec.labels),
+                    "spatial_shape": [len(spec.labels)],
                     "dtype": "float32",
                     "value_range": [0, 1],
                     "is_onehot": False,
@@ -153,9 +220,95 @@ def save_bundle(
     }
     if extra:
         metadata.update(extra)
-    text = json.dumps(metadata, indent=2).encode()
-    atomic_write(directory / "configs" / "metadata.json", lambda h: h.write(text))
+    _write_text(directory / "configs" / "metadata.json", json.dumps(metadata, indent=2))
+    inference = inference_config(spec)
+    _write_text(directory / "configs" / "inference.json", json.dumps(inference, indent=2))
+    _write_text(directory / "docs" / "README.md", _readme(metadata, spec))
+    _write_text(directory / "LICENSE", license_text)
     return model_path
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _write_text(path: Path, text: str) -> None:
+    data = text.encode()
+    atomic_write(path, lambda h: h.write(data))
+
+
+def inference_config(spec: BundleSpec) -> dict[str, Any]:
+    """configs/inference.json: MONAI's ConfigParser builds `network_def` (the torchvision
+    network), loads models/model.pt into it, and `run` classifies `image` (a DICOM file or
+    a PNG) with the bundle's own preprocessing, writing the probabilities to `output`::
+
+        python -m monai.bundle run --config_file BUNDLE/configs/inference.json \\
+            --bundle_root BUNDLE --image IMAGE.dcm --output OUT.json
+    """
+    return {
+        "imports": ["$import torch", "$import cxrbatch.models.monai_run"],
+        "bundle_root": ".",
+        "image": "",
+        "output": "$@bundle_root + '/eval/prediction.json'",
+        "device": "$torch.device('cpu')",
+        "network_def": {
+            "_target_": "cxrbatch.models.bundle.build_network",
+            "architecture": spec.architecture,
+            "num_labels": len(spec.labels),
+            "in_channels": spec.in_channels,
+        },
+        "checkpoint": (
+            "$torch.load(@bundle_root + '/models/model.pt', map_location='cpu', weights_only=True)"
+        ),
+        "network": "$cxrbatch.models.monai_run.with_weights(@network_def, @checkpoint, @device)",
+        "run": ["$cxrbatch.models.monai_run.classify(@network, @bundle_root, @image, @output)"],
+    }
+
+
+def _readme(metadata: dict[str, Any], spec: BundleSpec) -> str:
+    thresholds = ", ".join(f"{k} {v:.4g}" for k, v in spec.thresholds.items()) or "none"
+    screening = (
+        f"No Finding >= {spec.screening.no_finding_threshold:.4g} is likely-normal"
+        if spec.screening
+        else "none (not a screening bundle)"
+    )
+    synthetic = (
+        "\n**TRAINED ON SYNTHETIC DATA: its outputs are not clinically meaningful.**\n"
+        if spec.training_data.synthetic
+        else ""
+    )
+    return f"""# {metadata["name"]} {metadata["version"]}
+{synthetic}
+{metadata["description"]}
+
+NOT FOR DIAGNOSTIC USE. {metadata["intended_use"]}
+
+- Network: torchvision {spec.architecture}, {spec.in_channels} input channel(s),
+  {spec.input_size} x {spec.input_size}, crop {spec.crop}, resize {spec.resize}
+- Mask mode: {spec.mask_mode}
+- Labels: {", ".join(spec.labels)} (sigmoid probabilities; No Finding = 1 - max)
+- Per-label thresholds: {thresholds}
+- Screening: {screening}
+- Training data: {spec.training_data.description}
+- Weights SHA-256: {metadata["model_sha256"]}
+
+## Use
+
+In cxrbatch: set `classifier.bundle` (or `classifier.screening_bundle`) to this folder.
+
+With MONAI's bundle runner:
+
+    python -m monai.bundle run --config_file configs/inference.json \\
+        --bundle_root . --image IMAGE.dcm --output prediction.json
+
+## Changes
+
+""" + "".join(f"- {v}: {c}\n" for v, c in metadata["changelog"].items())
 
 
 @dataclass(frozen=True, eq=False)
@@ -198,7 +351,9 @@ class ClassifierBundle:
         if self.spec.screening is not None:
             threshold = self.spec.screening.no_finding_threshold
             triage = Triage.LIKELY_NORMAL if no_finding >= threshold else Triage.ABNORMAL
-        return Findings(self.model, probs, no_finding, triage, threshold)
+        return Findings(
+            self.model, probs, no_finding, triage, threshold, dict(self.spec.thresholds)
+        )
 
 
 def load_bundle(
@@ -223,7 +378,7 @@ def load_bundle(
         raise ModelError(
             f"Expected model.pt with SHA-256 {recorded} (from metadata.json), found {digest}."
         )
-    network = build_network(spec.architecture, len(spec.labels))
+    network = build_network(spec.architecture, len(spec.labels), in_channels=spec.in_channels)
     try:
         state = torch.load(model_path, map_location="cpu", weights_only=True)
         network.load_state_dict(state, strict=True)
@@ -251,7 +406,7 @@ def load_bundle(
     if optimize_cpu and torch_device.type == "cpu":
         graph = cpu_inference_graph(
             network,
-            image_shape(spec.input_size),
+            image_shape(spec.input_size, spec.in_channels),
             f"classifier {model.name}",
             graph_cache,
             digest,

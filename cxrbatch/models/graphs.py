@@ -90,9 +90,9 @@ def cpu_inference_graph(
             return module
 
 
-def image_shape(size: int) -> tuple[int, int, int, int]:
-    """The input of an image network: one RGB image of size x size."""
-    return (1, 3, size, size)
+def image_shape(size: int, channels: int = 3) -> tuple[int, int, int, int]:
+    """The input of an image network: one image of size x size (RGB unless told)."""
+    return (1, channels, size, size)
 
 
 def _frozen(

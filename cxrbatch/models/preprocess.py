@@ -3,12 +3,20 @@
 Both an 8-bit PNG (NIH ChestX-ray14) and a decoded DICOM (see cxrbatch.dicom.decode, which
 ends in the same uint8 display form) go through `classifier_input`: resize to the
 bundle's input size (area interpolation), scale to [0, 1], zero outside the study mask,
-then normalise per channel with the bundle's mean and std and repeat to 3 channels.
+then normalise per channel with the bundle's mean and std and repeat to the bundle's
+channels (3 for the ImageNet-initialised networks of the study).
+
+Bundles imported from elsewhere declare the preprocessing their network was trained with
+(cxrbatch/models/importers.py): TorchXRayVision's models take one channel in [-1024, 1024]
+(mean 0.5, std 0.5/1024 here), a centre crop to a square and scikit-image's anti-aliased
+bilinear resize done on the normalised image ("skimage"), which is exactly what
+`torchxrayvision.datasets.XRayCenterCrop` and `XRayResizer` do.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -22,6 +30,26 @@ from cxrbatch.models.masks import (
     grow,
     resize_mask,
 )
+
+Crop = Literal["none", "center"]
+Resize = Literal["area", "skimage"]
+
+
+def center_crop(image: np.ndarray) -> np.ndarray:
+    """The centred square of side min(rows, columns), placed as TorchXRayVision places it."""
+    rows, columns = image.shape[:2]
+    side = min(rows, columns)
+    top, left = rows // 2 - side // 2, columns // 2 - side // 2
+    return image[top : top + side, left : left + side]
+
+
+def skimage_resize(image: np.ndarray, size: int) -> np.ndarray:
+    """scikit-image's anti-aliased bilinear resize with zero outside the border (the
+    arguments of torchxrayvision.datasets.XRayResizer)."""
+    from skimage.transform import resize  # only bundles that declare it need scikit-image
+
+    out = resize(image, (size, size), order=1, mode="constant", preserve_range=True)
+    return np.asarray(out, dtype=np.float32)
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -45,34 +73,53 @@ class ClassifierInputs:
     def __init__(self, image: np.ndarray, lungs: np.ndarray | None) -> None:
         self.gray = to_uint8(image if image.ndim == 2 else image[..., 0])
         self.lungs = lungs
-        self._resized: dict[int, np.ndarray] = {}
-        self._eroded: np.ndarray | None = None
+        self._resized: dict[tuple[int, Crop], np.ndarray] = {}
+        self._eroded: dict[Crop, np.ndarray] = {}
 
-    def resized(self, size: int) -> np.ndarray:
+    def _source(self, crop: Crop) -> np.ndarray:
+        return center_crop(self.gray) if crop == "center" else self.gray
+
+    def resized(self, size: int, crop: Crop = "none") -> np.ndarray:
         """The image at size x size (area interpolation), float32 in [0, 1]."""
-        if size not in self._resized:
-            small = cv2.resize(self.gray, (size, size), interpolation=cv2.INTER_AREA)
-            self._resized[size] = small.astype(np.float32) / 255.0
-        return self._resized[size]
+        if (size, crop) not in self._resized:
+            source = self._source(crop)
+            small = cv2.resize(source, (size, size), interpolation=cv2.INTER_AREA)
+            self._resized[size, crop] = small.astype(np.float32) / 255.0
+        return self._resized[size, crop]
 
-    def mask(self, mask_mode: MaskMode, size: int) -> np.ndarray | None:
+    def mask(self, mask_mode: MaskMode, size: int, crop: Crop = "none") -> np.ndarray | None:
         """The study mask of `mask_mode` at size x size; None for "original"."""
         if mask_mode == "original":
             return None
         if self.lungs is None:
             raise ValueError(f"Mask mode {mask_mode} needs a lung mask.")
-        if self._eroded is None:
+        if crop not in self._eroded:
             # Radii are defined at the study's 512 x 512 working resolution.
-            self._eroded = erode(resize_mask(self.lungs, WORKING_SIZE), EROSION_RADIUS)
-        mask = grow(self._eroded, mask_mode)
+            lungs = center_crop(self.lungs) if crop == "center" else self.lungs
+            self._eroded[crop] = erode(resize_mask(lungs, WORKING_SIZE), EROSION_RADIUS)
+        mask = grow(self._eroded[crop], mask_mode)
         return resize_mask(mask, size) if size != WORKING_SIZE else mask
 
     def tensor(
-        self, mask_mode: MaskMode, size: int, mean: Sequence[float], std: Sequence[float]
+        self,
+        mask_mode: MaskMode,
+        size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        crop: Crop = "none",
+        resize: Resize = "area",
     ) -> np.ndarray:
-        """(3, size, size) float32 network input."""
-        masked = apply_mask(self.resized(size), self.mask(mask_mode, size))
-        channels = [(masked - m) / s for m, s in zip(mean, std, strict=True)]
+        """(len(mean), size, size) float32 network input."""
+        mask = self.mask(mask_mode, size, crop)
+        if resize == "area":
+            masked = apply_mask(self.resized(size, crop), mask)
+            channels = [(masked - m) / s for m, s in zip(mean, std, strict=True)]
+        else:  # "skimage": resized after normalisation, as TorchXRayVision does it
+            full = self._source(crop).astype(np.float32) / 255.0
+            channels = []
+            for m, s in zip(mean, std, strict=True):
+                small = skimage_resize((full - m) / s, size)
+                channels.append(small if mask is None else np.where(mask, small, -m / s))
         return np.stack(channels).astype(np.float32)
 
 
@@ -83,6 +130,8 @@ def classifier_input(
     size: int,
     mean: Sequence[float],
     std: Sequence[float],
+    crop: Crop = "none",
+    resize: Resize = "area",
 ) -> np.ndarray:
-    """(3, size, size) float32 network input from a grayscale image and its lung mask."""
-    return ClassifierInputs(image, lungs).tensor(mask_mode, size, mean, std)
+    """(channels, size, size) float32 network input from a grayscale image and its mask."""
+    return ClassifierInputs(image, lungs).tensor(mask_mode, size, mean, std, crop, resize)
