@@ -74,6 +74,10 @@ class ClassifierSettings(_Section):
     bundle: str = ""
     # Path to an M-50 screening bundle; empty = no triage category.
     screening_bundle: str = ""
+    # Candidate bundles run in the shadow of the live ones, on the same masks: their
+    # outputs are recorded (`cxrbatch compare`), never written to SEG/SR/JSON or sent.
+    shadow_bundle: str = ""
+    shadow_screening_bundle: str = ""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # fp32 everywhere by default; "auto" = bf16 autocast on CUDA and fp32 on the CPU
     # (probability differences measured in docs/performance.md).

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -250,6 +250,17 @@ class Findings:
     no_finding_score: float  # 1 - max(probabilities)
     triage: Triage | None = None  # only for screening bundles with a threshold
     threshold: float | None = None
+    # The bundle's per-label operating thresholds (labels without one get no call).
+    thresholds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def calls(self) -> dict[str, bool]:
+        """Per label with a threshold: positive when its probability reaches it."""
+        return {
+            label: self.probabilities[label] >= t
+            for label, t in self.thresholds.items()
+            if label in self.probabilities
+        }
 
 
 @dataclass(frozen=True, eq=False)
@@ -259,6 +270,13 @@ class ImageResult:
     segmentation: LungSegmentation
     findings: Findings | None  # None: no classifier, or a masked one and the masks failed QC
     screening: Findings | None
+    # The shadow candidates' answers on the same masks (recorded, never written or sent).
+    shadow: Findings | None = None
+    shadow_screening: Findings | None = None
+
+    def shadowed(self) -> ImageResult:
+        """This image as the shadow models saw it (their findings in the live places)."""
+        return replace(self, findings=self.shadow, screening=self.shadow_screening)
 
     @property
     def qc_reason(self) -> str | None:
@@ -306,6 +324,8 @@ class StudyResult:
     triage: Triage | None
     no_finding_score: float | None
     models: tuple[ModelRef, ...]
+    # The shadow models' study-level answer (pipeline._shadow_summary); None: none ran.
+    shadow: dict[str, object] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     outputs: OutputFiles | None = None
     input_fingerprint: str = ""

@@ -67,11 +67,19 @@ class Models:
     segmenter: BoxSegmenter
     classifier: ClassifierBundle | None
     screening: ClassifierBundle | None
+    # Candidates run in the shadow of the two above: recorded, never written or sent.
+    shadow: ClassifierBundle | None = None
+    shadow_screening: ClassifierBundle | None = None
 
     @property
     def refs(self) -> tuple[ModelRef, ...]:
+        """The live models: what the outputs name and the fingerprint covers."""
         bundles = [b.model for b in (self.classifier, self.screening) if b is not None]
         return (self.segmenter.model, *bundles)
+
+    @property
+    def shadow_refs(self) -> tuple[ModelRef, ...]:
+        return tuple(b.model for b in (self.shadow, self.shadow_screening) if b is not None)
 
 
 def load_models(settings: Settings, in_flight: int = 1) -> Models:
@@ -83,34 +91,35 @@ def load_models(settings: Settings, in_flight: int = 1) -> Models:
     segmenter = load_segmenter(settings.segmentation, cache)
     device, precision = settings.classifier.device, settings.classifier.precision
     optimize = settings.classifier.optimize_cpu
-    classifier = (
-        load_bundle(settings.classifier.bundle, device, precision, optimize, cache)
-        if settings.classifier.bundle
-        else None
-    )
-    screening = None
-    if settings.classifier.screening_bundle:
-        screening = load_bundle(
-            settings.classifier.screening_bundle, device, precision, optimize, cache
-        )
-        if screening.spec.screening is None:
+
+    def bundle(path: str) -> ClassifierBundle | None:
+        return load_bundle(path, device, precision, optimize, cache) if path else None
+
+    c = settings.classifier
+    classifier, screening = bundle(c.bundle), bundle(c.screening_bundle)
+    shadow, shadow_screening = bundle(c.shadow_bundle), bundle(c.shadow_screening_bundle)
+    for role, loaded in (("Screening", screening), ("Shadow screening", shadow_screening)):
+        if loaded is None:
+            continue
+        if loaded.spec.screening is None:
             raise ModelError(
-                f"Screening bundle {screening.path} has no screening.no_finding_threshold "
-                "in its metadata."
+                f"{role} bundle {loaded.path} has no screening.no_finding_threshold "
+                "in its metadata (cxrbatch calibrate sets one)."
             )
-        if screening.spec.mask_mode != "M-50":
+        if loaded.spec.mask_mode != "M-50":
             log.warning(
-                "screening bundle %s uses mask mode %s, not the study's M-50",
-                screening.model.name,
-                screening.spec.mask_mode,
+                "%s bundle %s uses mask mode %s, not the study's M-50",
+                role.lower(),
+                loaded.model.name,
+                loaded.spec.mask_mode,
             )
+    bundles = [classifier, screening, shadow, shadow_screening]
     # Concurrent studies share batches (CUDA by default; cxrbatch/models/batching.py).
     size = batch_size(settings.processing.max_batch, in_flight, segmenter.device)
     if size >= 2:
         segmenter.batch_encoder(size)
-        classifier = classifier.with_batching(size) if classifier else None
-        screening = screening.with_batching(size) if screening else None
-    return Models(segmenter, classifier, screening)
+        bundles = [b.with_batching(size) if b else None for b in bundles]
+    return Models(segmenter, *bundles)
 
 
 def input_fingerprint(study: StudyInput, models: Models, settings: Settings) -> str:
@@ -153,7 +162,9 @@ def classify(
     spec = bundle.spec
     if spec.mask_mode != "original" and not masks_passed_qc:
         return None
-    network_input = inputs.tensor(spec.mask_mode, spec.input_size, spec.mean, spec.std)
+    network_input = inputs.tensor(
+        spec.mask_mode, spec.input_size, spec.mean, spec.std, spec.crop, spec.resize
+    )
     findings = bundle.findings(bundle.predict(network_input[None])[0])
     if not masks_passed_qc and findings.triage is Triage.LIKELY_NORMAL:
         # An unmasked screening model still ran; its "normal" is not trusted either.
@@ -184,7 +195,13 @@ def _process_image(
         passed = segmentation.qc_passed
         findings = classify(models.classifier, inputs, passed)
         screening = classify(models.screening, inputs, passed)
-    return ProcessedImage(ImageResult(image.instance, image, segmentation, findings, screening), ds)
+    with timer.stage("shadow"):
+        shadow = classify(models.shadow, inputs, passed)
+        shadow_screening = classify(models.shadow_screening, inputs, passed)
+    result = ImageResult(
+        image.instance, image, segmentation, findings, screening, shadow, shadow_screening
+    )
+    return ProcessedImage(result, ds)
 
 
 TRIAGE_ORDER = (Triage.LIKELY_NORMAL, Triage.NEEDS_REVIEW, Triage.ABNORMAL)
@@ -197,6 +214,22 @@ def _study_scores(images: list[ImageResult]) -> tuple[Triage | None, float | Non
     triage = max(triages, key=TRIAGE_ORDER.index) if triages else None
     scores = [i.findings.no_finding_score for i in images if i.findings]
     return triage, (min(scores) if scores else None)
+
+
+def _shadow_summary(images: list[ImageResult], models: Models) -> dict[str, object] | None:
+    """The shadow models' study-level answer, as the live one is computed (worst image);
+    None when no shadow model is configured."""
+    if not models.shadow_refs:
+        return None
+    shadowed = [i.shadowed() for i in images]
+    triage, no_finding = _study_scores(shadowed)
+    screening = [i.screening.no_finding_score for i in shadowed if i.screening]
+    return {
+        "models": [m.as_dict() for m in models.shadow_refs],
+        "triage": triage.value if triage else None,
+        "no_finding_score": no_finding,
+        "screening_no_finding_score": min(screening) if screening else None,
+    }
 
 
 def _study_reason(images: list[ImageResult], failures: list[ImageFailure]) -> str | None:
@@ -243,6 +276,7 @@ def run(
         reasons = sorted({s.reason for s in selection.skipped})
         reason = "no frontal chest radiograph: " + "; ".join(reasons) if reasons else "no instances"
     triage, no_finding = _study_scores(images)
+    shadow = _shadow_summary(images, models)
     result = StudyResult(
         study_instance_uid=study.study_instance_uid,
         status=status,
@@ -253,6 +287,7 @@ def run(
         triage=triage,
         no_finding_score=no_finding,
         models=models.refs,
+        shadow=shadow,
         timings=timer.seconds,
         input_fingerprint=fingerprint or input_fingerprint(study, models, settings),
     )

@@ -3,7 +3,7 @@
 studies        one row per StudyInstanceUID ever seen
 outcomes       one row per processing of a study; exactly one has is_current = true
 images         one row per instance of the study in that processing (processed or not)
-findings       one row per (image, model role, label) probability
+findings       one row per (image, model role, label) probability, with the call it made
 rejected_files files that were not usable input, with the reason and quarantine copy
 instances      instances received by the daemon (spool), one per SOPInstanceUID
 jobs           the work queue of the daemon: one job per study
@@ -89,6 +89,9 @@ class Outcome(Base):
     synthetic_model: Mapped[bool] = mapped_column(Boolean, default=False)
     input_fingerprint: Mapped[str] = mapped_column(String(64))
     models: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    # Candidate models run beside the live ones (classifier.shadow_bundle, ...): their
+    # identity, No Finding scores and triage, recorded and never sent. NULL: none ran.
+    shadow: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     outputs: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     timings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -137,10 +140,14 @@ class Finding(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
-    # classifier | screening
+    # classifier | screening | shadow | shadow-screening (cxrbatch.db.repository.ROLES)
     role: Mapped[str] = mapped_column(String(16))
     label: Mapped[str] = mapped_column(String(32))
     probability: Mapped[float] = mapped_column(Float)
+    # The bundle's operating threshold for the label and the call (probability >= it);
+    # NULL where the bundle has no threshold for the label.
+    threshold: Mapped[float | None] = mapped_column(Float)
+    positive: Mapped[bool | None] = mapped_column(Boolean)
 
     image: Mapped[Image] = relationship(back_populates="findings")
 

@@ -83,14 +83,26 @@ def _image_reason(item: ImageResult) -> str | None:
     return "; ".join(reasons) or None
 
 
+# The model roles of findings rows: the live classifier and screening bundles, and the
+# candidates in their shadow.
+ROLES = ("classifier", "screening", "shadow", "shadow-screening")
+
+
 def _image_rows(result: StudyResult, roots: StorageRoots | None) -> list[models.Image]:
     rows: list[models.Image] = []
     seg_files = result.outputs.seg_files if result.outputs else {}
     for item in result.images:
         header = item.instance
+        answers = (item.findings, item.screening, item.shadow, item.shadow_screening)
         findings = [
-            models.Finding(role=role, label=label, probability=p)
-            for role, f in (("classifier", item.findings), ("screening", item.screening))
+            models.Finding(
+                role=role,
+                label=label,
+                probability=p,
+                threshold=f.thresholds.get(label),
+                positive=f.calls.get(label),
+            )
+            for role, f in zip(ROLES, answers, strict=True)
             if f is not None
             for label, p in f.probabilities.items()
         ]
@@ -179,6 +191,7 @@ def record_study(
         synthetic_model=any(m.synthetic_training_data for m in result.models),
         input_fingerprint=result.input_fingerprint,
         models=[m.as_dict() for m in result.models],
+        shadow=result.shadow,
         outputs=outcome_document(result, roots),
         timings={k: round(v, 4) for k, v in result.timings.items()},
         images=_image_rows(result, roots),
@@ -337,6 +350,29 @@ def probabilities(outcome: models.Outcome, role: str = "classifier") -> dict[str
     return dict(sorted(best.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
 
 
+def calls(outcome: models.Outcome, role: str = "classifier") -> dict[str, str]:
+    """Each label's study-level call for one model role: positive when any image's
+    probability reached the bundle's threshold; labels without a threshold are left out."""
+    positive: dict[str, bool] = {}
+    for image in outcome.images:
+        for finding in image.findings:
+            if finding.role == role and finding.positive is not None:
+                positive[finding.label] = positive.get(finding.label, False) or finding.positive
+    order = {label: rank for rank, label in enumerate(FINDING_LABELS)}
+    ordered = sorted(positive.items(), key=lambda item: (order.get(item[0], len(order)), item[0]))
+    return {label: "positive" if p else "negative" for label, p in ordered}
+
+
+def deciding_models(outcome: models.Outcome) -> str | None:
+    """The classifier bundles that decided, as "name version" (the segmenter left out)."""
+    names = [
+        f"{m.get('name')} {m.get('version')}"
+        for m in outcome.models or []
+        if isinstance(m, dict) and m.get("mask_mode") is not None
+    ]
+    return ", ".join(names) or None
+
+
 def outcome_row(outcome: models.Outcome) -> dict[str, Any]:
     """One current outcome as the flat record `cxrbatch results` prints."""
     study = outcome.study
@@ -354,7 +390,9 @@ def outcome_row(outcome: models.Outcome) -> dict[str, Any]:
         "synthetic_model": outcome.synthetic_model,
         "reason": outcome.reason,
         "created_at": outcome.created_at.isoformat() if outcome.created_at else None,
+        "models": deciding_models(outcome),
         "probabilities": probabilities(outcome),
+        "calls": calls(outcome),
     }
 
 

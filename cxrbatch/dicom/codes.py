@@ -58,3 +58,14 @@ def finding_code(label: str) -> Code:
         return code
     value = "".join(ch for ch in label.upper() if ch.isalnum())[:16] or "LABEL"
     return Code(value, PRIVATE_SCHEME, label)
+
+
+# A per-label call (the probability against the bundle's operating threshold).
+PRESENT = codes.SCT.Present  # 52101004
+ABSENT = codes.SCT.Absent  # 272519000
+
+
+def threshold_code(label: str) -> Code:
+    """The private concept of one label's operating threshold."""
+    value = "THR" + "".join(ch for ch in label.upper() if ch.isalnum())[:13]
+    return Code(value, PRIVATE_SCHEME, f"{label} operating threshold")

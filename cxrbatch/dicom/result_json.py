@@ -27,7 +27,10 @@ def _findings_dict(findings: Findings | None) -> dict[str, object] | None:
         return None
     return {
         "model": findings.model.name,
+        "version": findings.model.version,
         "probabilities": {k: round(v, 6) for k, v in findings.probabilities.items()},
+        "thresholds": findings.thresholds,
+        "calls": {k: "positive" if v else "negative" for k, v in findings.calls.items()},
         "no_finding_score": round(findings.no_finding_score, 6),
         "threshold": findings.threshold,
         "triage": findings.triage.value if findings.triage else None,

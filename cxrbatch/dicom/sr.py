@@ -71,13 +71,28 @@ def _finding_group(
             algorithm_id=algorithm,
         )
     )
-    evaluations = None
+    # Each label with an operating threshold: the threshold, and the call it makes.
+    evaluations = []
+    for label, positive in findings.calls.items():
+        measurements.append(
+            hd.sr.Measurement(
+                name=codes.threshold_code(label),
+                value=round(findings.thresholds[label], 6),
+                unit=codes.UNIT_PROBABILITY,
+                algorithm_id=algorithm,
+            )
+        )
+        evaluations.append(
+            hd.sr.QualitativeEvaluation(
+                name=codes.finding_code(label), value=codes.PRESENT if positive else codes.ABSENT
+            )
+        )
     if findings.triage is not None:
-        evaluations = [
+        evaluations.append(
             hd.sr.QualitativeEvaluation(
                 name=codes.TRIAGE_CATEGORY, value=codes.TRIAGE_VALUES[findings.triage.value]
             )
-        ]
+        )
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=hd.UID(), identifier=f"{role} image {uid_seed}"
@@ -86,7 +101,7 @@ def _finding_group(
         algorithm_id=algorithm,
         finding_sites=[hd.sr.FindingSite(codes.CHEST)],
         measurements=measurements,
-        qualitative_evaluations=evaluations,
+        qualitative_evaluations=evaluations or None,
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(item.source)],
     )
 
@@ -153,7 +168,7 @@ def _qc_group(item: SrImage, index: int) -> hd.sr.MeasurementsAndQualitativeEval
         finding_type=codes.SEGMENTATION_QC,
         algorithm_id=_algorithm(item.segmenter),
         finding_sites=[hd.sr.FindingSite(codes.CHEST)],
-        qualitative_evaluations=evaluations,
+        qualitative_evaluations=evaluations or None,
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(item.source)],
     )
 

@@ -60,6 +60,7 @@ def bundle_files(path: str | Path) -> tuple[Path, Path, dict[str, Any]]:
 def check_model_files(settings: Settings) -> None:
     """Every configured model's files exist and look right (ModelError/ConfigError if not)."""
     segmenter_checkpoint(settings.segmentation)
-    for bundle in (settings.classifier.bundle, settings.classifier.screening_bundle):
+    c = settings.classifier
+    for bundle in (c.bundle, c.screening_bundle, c.shadow_bundle, c.shadow_screening_bundle):
         if bundle:
             bundle_files(bundle)
