@@ -559,9 +559,197 @@ def worklist(
             "triage",
             "screening_no_finding_score",
             "no_finding_score",
+            "models",
         ],
     )
     _warn_synthetic(rows)
+
+
+@app.command()
+def calibrate(
+    labels: Annotated[
+        Path,
+        typer.Option(
+            help="LABELS.csv: accession_number or study_instance_uid, label "
+            "(normal/abnormal) and a 1/0 column per finding where known."
+        ),
+    ],
+    bundle: Annotated[Path, typer.Option(help="The bundle the studies were processed with.")],
+    new_bundle: Annotated[
+        Path, typer.Option("--out-bundle", help="Where to write the calibrated bundle.")
+    ],
+    out: OutOption = None,
+    db: DbOption = None,
+    config: ConfigOption = None,
+    target_sensitivity: Annotated[
+        float, typer.Option(help="Sensitivity for abnormal studies the threshold keeps.")
+    ] = 0.99,
+    site_name: Annotated[str, typer.Option("--site", help="The site, as recorded.")] = "site",
+    version: Annotated[
+        str | None, typer.Option(help="The new version (default OLD+SITE.YYYYMMDD).")
+    ] = None,
+) -> None:
+    """Set a bundle's screening threshold (at the target sensitivity) and per-label
+    thresholds on this site's own labelled, already processed studies; writes a new
+    bundle version with the measured sensitivity and specificity (95% CIs)."""
+    from cxrbatch.db.lifecycle import scores_for
+    from cxrbatch.lifecycle.calibrate import calibrate as run_calibration
+    from cxrbatch.lifecycle.labels import read_labels
+    from cxrbatch.models.bundle import BundleSpec
+    from cxrbatch.models.preflight import bundle_files
+
+    spec = BundleSpec.model_validate(bundle_files(bundle)[2]["cxrbatch"])
+    site_labels = read_labels(labels, spec.labels)
+
+    def query(sessions: Sessions) -> list[Any]:
+        with sessions() as session:
+            return scores_for(session, site_labels.study_uids, site_labels.accession_numbers)
+
+    outcomes = _with_database(_site(config, db, out), query)
+    made = run_calibration(
+        bundle,
+        site_labels,
+        outcomes,
+        new_bundle,
+        target_sensitivity=target_sensitivity,
+        site=site_name,
+        version=version,
+    )
+    section = made.section
+    screening = section["screening"]
+    out_console.print(
+        f"calibrated {made.metadata['name']} {made.metadata['version']} on "
+        f"{section['studies']} studies ({section['abnormal']} abnormal, {section['normal']} "
+        f"normal): No Finding threshold {screening['no_finding_threshold']:.4f}, "
+        f"sensitivity {_rate(screening['sensitivity'])}, "
+        f"specificity {_rate(screening['specificity'])}"
+    )
+    for label, result in section["labels"].items():
+        if "kept" in result:
+            out_console.print(f"  {label}: {result['kept']}")
+        else:
+            out_console.print(
+                f"  {label}: threshold {result['threshold']:.4f}, sensitivity "
+                f"{_rate(result['sensitivity'])}, specificity {_rate(result['specificity'])}"
+            )
+    out_console.print(f"bundle written to {new_bundle}")
+
+
+def _rate(rate: dict[str, Any]) -> str:
+    low, high = rate["ci95"]
+    return f"{rate['value']:.3f} (95% CI {low:.3f}-{high:.3f}, {rate['k']}/{rate['n']})"
+
+
+@app.command()
+def compare(
+    out: OutOption = None,
+    db: DbOption = None,
+    config: ConfigOption = None,
+    since: SinceOption = None,
+    labels: Annotated[
+        Path | None, typer.Option(help="LABELS.csv (as for calibrate): AUROC of both models.")
+    ] = None,
+    fmt: FormatOption = Format.TABLE,
+) -> None:
+    """How the shadow candidate (classifier.shadow_bundle, shadow_screening_bundle) agrees
+    with the live models: triage flips, No Finding and per-label differences, and AUROC
+    on the labelled studies."""
+    from cxrbatch.db.lifecycle import scores_since
+    from cxrbatch.domain import FINDING_LABELS
+    from cxrbatch.lifecycle.compare import compare as run_compare
+    from cxrbatch.lifecycle.labels import read_labels
+
+    site_labels = read_labels(labels, FINDING_LABELS) if labels else None
+
+    def query(sessions: Sessions) -> list[Any]:
+        with sessions() as session:
+            return scores_since(session, _utc(since), shadowed_only=True)
+
+    report = run_compare(_with_database(_site(config, db, out), query), site_labels)
+    if fmt == Format.JSON:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        return
+    if not report["studies"]:
+        out_console.print("no outcome has a shadow answer (set classifier.shadow_bundle)")
+        return
+    triage = report["triage"]
+    out_console.print(
+        f"{report['studies']} studies; live {', '.join(report['live_models']) or '-'}; "
+        f"shadow {', '.join(report['shadow_models'])}"
+    )
+    out_console.print(
+        f"triage: {triage['agree']}/{triage['compared']} agree; flips "
+        + (", ".join(f"{k}: {v}" for k, v in triage["flips"].items()) or "none")
+    )
+    out_console.print(
+        f"No Finding mean |difference| {_cell(report['no_finding_mean_abs_difference'])}"
+    )
+    table = Table(title="shadow vs live (NOT FOR DIAGNOSTIC USE)")
+    for column in ("label", "mean |diff|", "labelled n", "positives", "AUROC live", "AUROC shadow"):
+        table.add_column(column)
+    names = dict.fromkeys([*report["label_mean_abs_difference"], *report["labelled"]])
+    for name in names:
+        known = report["labelled"].get(name, {})
+        table.add_row(
+            name,
+            _cell(report["label_mean_abs_difference"].get(name)),
+            _cell(known.get("n")),
+            _cell(known.get("positives")),
+            _cell(known.get("auroc_live")),
+            _cell(known.get("auroc_shadow")),
+        )
+    out_console.print(table)
+
+
+@app.command()
+def reprocess(
+    out: OutOption = None,
+    db: DbOption = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="The NEW site config (its bundles).")
+    ] = None,
+    since: SinceOption = None,
+    until: Annotated[
+        dt.datetime | None, typer.Option(help="Studies received before this time.")
+    ] = None,
+    max_queued: Annotated[
+        int, typer.Option(min=1, help="Keep at most this many jobs waiting or running.")
+    ] = 20,
+    stall_minutes: Annotated[
+        float, typer.Option(min=0.0, help="Stop when the queue has not moved this long.")
+    ] = 10.0,
+) -> None:
+    """Re-queue received studies whose current outcome was not made by the configured
+    bundle versions (a backfill for a new model): throttled, resumable. The daemon,
+    running on the same new configuration, processes them; new outcomes supersede old."""
+    from cxrbatch.lifecycle.reprocess import backfill
+
+    site = _site(config, db, out)
+    with Progress(
+        TextColumn("re-queueing"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("backfill", total=None)
+
+        def advance(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        try:
+            made = backfill(
+                site,
+                _utc(since),
+                _utc(until),
+                max_queued=max_queued,
+                stall_seconds=stall_minutes * 60,
+                progress=advance,
+            )
+        except DatabaseError as exc:
+            raise _fail(_database_error(exc)) from exc
+    out_console.print(f"{made.queued} of {made.candidates} studies re-queued")
 
 
 @app.command()

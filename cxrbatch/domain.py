@@ -230,15 +230,21 @@ class ModelRef:
     sha256: str
     synthetic_training_data: bool = False
     mask_mode: str | None = None
+    # What the configuration runs it as: classifier | screening | shadow | shadow-screening
+    # (the findings rows' roles); None for the segmenter.
+    role: str | None = None
 
     def as_dict(self) -> dict[str, object]:
-        return {
+        document: dict[str, object] = {
             "name": self.name,
             "version": self.version,
             "sha256": self.sha256,
             "synthetic_training_data": self.synthetic_training_data,
             "mask_mode": self.mask_mode,
         }
+        if self.role is not None:
+            document["role"] = self.role
+        return document
 
 
 @dataclass(frozen=True)

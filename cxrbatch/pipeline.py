@@ -92,12 +92,16 @@ def load_models(settings: Settings, in_flight: int = 1) -> Models:
     device, precision = settings.classifier.device, settings.classifier.precision
     optimize = settings.classifier.optimize_cpu
 
-    def bundle(path: str) -> ClassifierBundle | None:
-        return load_bundle(path, device, precision, optimize, cache) if path else None
+    def bundle(path: str, role: str) -> ClassifierBundle | None:
+        if not path:
+            return None
+        loaded = load_bundle(path, device, precision, optimize, cache)
+        return replace(loaded, model=replace(loaded.model, role=role))
 
     c = settings.classifier
-    classifier, screening = bundle(c.bundle), bundle(c.screening_bundle)
-    shadow, shadow_screening = bundle(c.shadow_bundle), bundle(c.shadow_screening_bundle)
+    classifier, screening = bundle(c.bundle, "classifier"), bundle(c.screening_bundle, "screening")
+    shadow = bundle(c.shadow_bundle, "shadow")
+    shadow_screening = bundle(c.shadow_screening_bundle, "shadow-screening")
     for role, loaded in (("Screening", screening), ("Shadow screening", shadow_screening)):
         if loaded is None:
             continue
@@ -129,6 +133,12 @@ def input_fingerprint(study: StudyInput, models: Models, settings: Settings) -> 
         digest.update(f"{header.sop_instance_uid}:{header.sha256}\n".encode())
     for ref in models.refs:
         digest.update(f"model:{ref.name}:{ref.sha256}\n".encode())
+    # A new bundle version over the same weights (cxrbatch calibrate) decides differently:
+    # its thresholds are part of what the outcome depends on.
+    for live in (models.classifier, models.screening):
+        if live is not None:
+            decision = live.spec.model_dump_json(include={"thresholds", "screening"})
+            digest.update(f"bundle:{live.model.version}:{decision}\n".encode())
     digest.update(settings.selection.model_dump_json().encode())
     segmentation = {"refine", "threshold", "input_dither"}
     digest.update(settings.segmentation.model_dump_json(include=segmentation).encode())

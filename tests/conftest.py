@@ -108,6 +108,23 @@ def classified_models(
     return configured, loaded
 
 
+@pytest.fixture(scope="session")
+def demo_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`cxrbatch demo-data IN --bundle B`, as in the README's main command: an M-50
+    classifier trained on SYNTHETIC phantoms (about a minute; built once per session)."""
+    from typer.testing import CliRunner
+
+    from cxrbatch.cli import app
+
+    root = tmp_path_factory.mktemp("demo")
+    result = CliRunner().invoke(app, ["demo-data", str(root / "in"), "--bundle", str(root / "b")])
+    assert result.exit_code == 0, result.output
+    configured = load_settings(root / "b" / "demo.toml")
+    assert configured.classifier.bundle == configured.classifier.screening_bundle
+    assert Path(configured.classifier.bundle) == (root / "b").resolve()
+    return root / "b"
+
+
 def real_file(name: str) -> Path:
     from pydicom.data import get_testdata_file
 

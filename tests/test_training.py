@@ -327,22 +327,6 @@ def test_study_runner_writes_tables_tests_and_plots(tmp_path: Path) -> None:
 # --- the demo bundle: learns, exports, and runs in the daemon's pipeline -----------------
 
 
-@pytest.fixture(scope="module")
-def demo_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`cxrbatch demo-data IN --bundle B`, as in the README's main command."""
-    from typer.testing import CliRunner
-
-    from cxrbatch.cli import app
-
-    root = tmp_path_factory.mktemp("demo")
-    result = CliRunner().invoke(app, ["demo-data", str(root / "in"), "--bundle", str(root / "b")])
-    assert result.exit_code == 0, result.output
-    configured = load_settings(root / "b" / "demo.toml")
-    assert configured.classifier.bundle == configured.classifier.screening_bundle
-    assert Path(configured.classifier.bundle) == (root / "b").resolve()
-    return root / "b"
-
-
 def test_demo_bundle_learned_and_is_marked_synthetic(demo_bundle: Path) -> None:
     metadata = json.loads((demo_bundle / "configs" / "metadata.json").read_text())
     assert metadata["cxrbatch"]["training_data"]["synthetic"] is True

@@ -206,10 +206,12 @@ def save_bundle(
                 "pred": {
                     "type": "probabilities",
                     "format": "classes",
+                    "modality": "n/a",
                     "num_channels": len(spec.labels),
                     "spatial_shape": [len(spec.labels)],
                     "dtype": "float32",
                     "value_range": [0, 1],
+                    "is_patch_data": False,
                     "is_onehot": False,
                     "channel_def": {str(i): label for i, label in enumerate(spec.labels)},
                 }
@@ -220,12 +222,22 @@ def save_bundle(
     }
     if extra:
         metadata.update(extra)
+    write_bundle_files(directory, metadata, license_text)
+    return model_path
+
+
+def write_bundle_files(
+    directory: Path, metadata: dict[str, Any], license_text: str | None = None
+) -> None:
+    """configs/metadata.json, configs/inference.json and docs/README.md from `metadata`
+    (its "cxrbatch" section is the spec), and LICENSE when given."""
+    spec = BundleSpec.model_validate(metadata["cxrbatch"])
     _write_text(directory / "configs" / "metadata.json", json.dumps(metadata, indent=2))
     inference = inference_config(spec)
     _write_text(directory / "configs" / "inference.json", json.dumps(inference, indent=2))
     _write_text(directory / "docs" / "README.md", _readme(metadata, spec))
-    _write_text(directory / "LICENSE", license_text)
-    return model_path
+    if license_text is not None:
+        _write_text(directory / "LICENSE", license_text)
 
 
 def _version(package: str) -> str:
@@ -251,7 +263,7 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
             --bundle_root BUNDLE --image IMAGE.dcm --output OUT.json
     """
     return {
-        "imports": ["$import torch", "$import cxrbatch.models.monai_run"],
+        "imports": ["$import torch", "$import cxrbatch.models.monai_run as monai_run"],
         "bundle_root": ".",
         "image": "",
         "output": "$@bundle_root + '/eval/prediction.json'",
@@ -265,8 +277,8 @@ def inference_config(spec: BundleSpec) -> dict[str, Any]:
         "checkpoint": (
             "$torch.load(@bundle_root + '/models/model.pt', map_location='cpu', weights_only=True)"
         ),
-        "network": "$cxrbatch.models.monai_run.with_weights(@network_def, @checkpoint, @device)",
-        "run": ["$cxrbatch.models.monai_run.classify(@network, @bundle_root, @image, @output)"],
+        "network": "$monai_run.with_weights(@network_def, @checkpoint, @device)",
+        "run": ["$monai_run.classify(@network, @bundle_root, @image, @output)"],
     }
 
 
