@@ -100,6 +100,19 @@ def test_real_chest_cr_with_classifier_and_screening(
         json_image["screening"]["no_finding_score"], abs=1e-6
     )
     assert document["triage"] == json_image["screening"]["triage"]
+    # Each label with an operating threshold (Mass, in the tiny bundles) gets a call: in the
+    # JSON, and in the SR a coded Present/Absent beside the threshold it was made against.
+    calls = json_image["findings"]["calls"]
+    mass = json_image["findings"]["probabilities"]["Mass"]
+    assert calls == {"Mass": "positive" if mass >= 0.5 else "negative"}
+    assert classifier["Mass operating threshold"] == 0.5
+    sr_calls = {
+        evaluation.name.meaning: evaluation.value.meaning
+        for group in hd.sr.srread(result.outputs.sr_file).content.get_image_measurement_groups()
+        if group.tracking_identifier == "classifier image 1"
+        for evaluation in group.get_qualitative_evaluations()
+    }
+    assert sr_calls == {"Mass": "Present" if mass >= 0.5 else "Absent"}
     assert document["synthetic_model"] is True
     assert any("SYNTHETIC" in note for note in document["notes"])
     sr = hd.sr.srread(result.outputs.sr_file)

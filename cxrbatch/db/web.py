@@ -16,7 +16,7 @@ from sqlalchemy import Select, case, func, select
 from sqlalchemy.orm import Session, selectinload
 
 from cxrbatch.db import models
-from cxrbatch.db.repository import OutcomeFilter, filter_outcomes, probabilities
+from cxrbatch.db.repository import OutcomeFilter, deciding_models, filter_outcomes, probabilities
 from cxrbatch.domain import DeliveryStatus, JobStatus, Triage
 
 SORTS = ("screening", "recorded", "study_date", "no_finding")
@@ -51,6 +51,10 @@ class WorklistRow:
     recorded_at: dt.datetime
     probabilities: dict[str, float] = field(default_factory=dict)
     models: list[dict[str, Any]] = field(default_factory=list)
+    # The classifier's per-label thresholds as recorded with the outcome (empty before
+    # migration 0008), and the bundles that decided, "name version".
+    thresholds: dict[str, float] = field(default_factory=dict)
+    decided_by: str | None = None
 
 
 def _score() -> Any:
@@ -140,6 +144,13 @@ def _row(outcome: models.Outcome) -> WorklistRow:
         recorded_at=outcome.created_at,
         probabilities=probabilities(outcome),
         models=list(outcome.models or []),
+        thresholds={
+            f.label: f.threshold
+            for image in outcome.images
+            for f in image.findings
+            if f.role == "classifier" and f.threshold is not None
+        },
+        decided_by=deciding_models(outcome),
     )
 
 
