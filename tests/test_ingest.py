@@ -465,7 +465,10 @@ def test_cli_queries_filters_worklist_status_and_retry(
     assert csv_text.splitlines()[0].startswith(
         "study_instance_uid,accession_number,patient_id,study_date,modality,status,triage"
     )
-    assert csv_text.splitlines()[0].endswith("p_Mass,p_Nodule,p_Pneumonia,p_Edema,p_Fibrosis")
+    # Each label's probability, then the calls of the labels with a threshold (Mass here).
+    assert csv_text.splitlines()[0].endswith(
+        "p_Mass,p_Nodule,p_Pneumonia,p_Edema,p_Fibrosis,call_Mass"
+    )
     # A dead job shows in status and is queued again by `jobs retry`.
     with sessions.begin() as session:
         job = session.scalars(select(tables.Job)).first()
