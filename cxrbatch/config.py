@@ -146,12 +146,19 @@ class DicomSettings(_Section):
     network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
 
 
+DICOM_TRANSPORTS = ("dimse", "stow-rs")
+# Transports that send a report of the outcome (cxrbatch/send/messages.py), not its files.
+REPORT_TRANSPORTS = ("hl7-mllp", "fhir")
+
+
 class Destination(_Section):
-    """A node that receives each processed study's SEG, SR (and key images)."""
+    """A node that receives each processed study's results: its SEG, SR (and key images) by
+    DICOM, or a report of the outcome by HL7 v2 (ORU^R01 over MLLP) or FHIR (a transaction
+    Bundle with a DiagnosticReport and an Observation per finding)."""
 
     # Shown in `cxrbatch status` and stored with each delivery.
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
-    transport: Literal["dimse", "stow-rs"] = "dimse"
+    transport: Literal["dimse", "stow-rs", "hl7-mllp", "fhir"] = "dimse"
     # dimse: C-STORE to ae_title at host:port, calling as calling_ae_title (empty = the
     # receiver's dicom.ae_title); TLS when tls is true (tls_ca_certificates verifies the peer).
     ae_title: Annotated[str, Field(max_length=16)] = ""
@@ -161,12 +168,22 @@ class Destination(_Section):
     tls: bool = False
     tls_ca_certificates: str = ""
     # stow-rs: the DICOMweb base URL (".../dicom-web"); instances are POSTed to URL/studies.
+    # fhir: the FHIR server's base URL (".../fhir"); the Bundle is POSTed to it.
     # HTTP basic auth with `username` and the password read from the environment variable
     # named by `password_env` (no secrets in configuration files).
     url: str = ""
     username: str = ""
     password_env: str = ""
+    # hl7-mllp: the RIS's MLLP listener at host:port; MSH-3/4 (sending application and
+    # facility; empty application = dicom.ae_title) and MSH-5/6 (receiving).
+    sending_facility: Annotated[str, Field(max_length=64)] = ""
+    receiving_application: Annotated[str, Field(max_length=64)] = ""
+    receiving_facility: Annotated[str, Field(max_length=64)] = ""
     timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+
+    @property
+    def sends_report(self) -> bool:
+        return self.transport in REPORT_TRANSPORTS
 
     @model_validator(mode="after")
     def _complete(self) -> Destination:
@@ -174,10 +191,14 @@ class Destination(_Section):
             raise ValueError(
                 f"destination {self.name!r}: transport 'dimse' needs ae_title and host"
             )
-        if self.transport == "stow-rs" and not self.url.startswith(("http://", "https://")):
+        if self.transport == "hl7-mllp" and not self.host:
+            raise ValueError(f"destination {self.name!r}: transport 'hl7-mllp' needs host")
+        if self.transport in ("stow-rs", "fhir") and not self.url.startswith(
+            ("http://", "https://")
+        ):
             raise ValueError(
-                f"destination {self.name!r}: transport 'stow-rs' needs an http(s) url, "
-                f"found {self.url!r}"
+                f"destination {self.name!r}: transport {self.transport!r} needs an http(s) "
+                f"url, found {self.url!r}"
             )
         return self
 

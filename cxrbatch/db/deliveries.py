@@ -24,8 +24,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from cxrbatch.config import Destination, SendSettings
 from cxrbatch.db.leased import LeasedWork, RetryPolicy
-from cxrbatch.db.models import Delivery, Outcome, utcnow
-from cxrbatch.domain import DeliveryStatus, OutcomeStatus
+from cxrbatch.db.models import Delivery, Image, Outcome, utcnow
+from cxrbatch.domain import DeliveryStatus, OutcomeStatus, Triage
 from cxrbatch.paths import StorageRoots, resolve_stored
 
 UNSENT = (DeliveryStatus.PENDING, DeliveryStatus.FAILED, DeliveryStatus.DEAD)
@@ -48,6 +48,42 @@ class DeliveryClaim:
     files: tuple[Path, ...]
     attempts: int
     owner: str
+    outcome_id: int | None = None
+
+
+@dataclass(frozen=True)
+class ReportedFinding:
+    """One label of the study: the highest probability over its processed images, with the
+    bundle's threshold and call where it has one."""
+
+    label: str
+    probability: float
+    threshold: float | None
+    positive: bool | None
+
+
+@dataclass(frozen=True)
+class Report:
+    """What the report transports (HL7 v2, FHIR) say about one outcome
+    (cxrbatch/send/messages.py)."""
+
+    outcome_id: int
+    study_instance_uid: str
+    accession_number: str | None
+    patient_id: str | None
+    patient_name: str | None
+    study_date: dt.date | None
+    created_at: dt.datetime
+    triage: str | None
+    no_finding_score: float | None
+    screening_no_finding_score: float | None
+    findings: tuple[ReportedFinding, ...]
+    models: tuple[dict[str, Any], ...]
+    synthetic_model: bool
+    segmentation_only: bool
+    needs_review: bool
+    # An earlier outcome's report reached this destination: this one corrects it.
+    corrects_earlier: bool
 
 
 def stored_files(outputs: dict[str, Any]) -> list[str]:
@@ -72,8 +108,10 @@ def enqueue(session: Session, outcome: Outcome, destinations: Sequence[Destinati
     earlier outcomes are superseded: the newer objects replace them.
     """
     files = stored_files(outcome.outputs or {})
-    if outcome.status != OutcomeStatus.PROCESSED or not files or not destinations:
+    if outcome.status != OutcomeStatus.PROCESSED or not destinations:
         return 0
+    # Report transports (HL7, FHIR) send what the outcome says, the others its files.
+    destinations = [d for d in destinations if d.sends_report or files]
     study_uid = outcome.study.study_instance_uid
     now = utcnow()
     session.execute(
@@ -91,7 +129,7 @@ def enqueue(session: Session, outcome: Outcome, destinations: Sequence[Destinati
                 status=DeliveryStatus.PENDING,
                 attempts=0,
                 run_after=now,
-                files=files,
+                files=[] if destination.sends_report else files,
                 created_at=now,
                 updated_at=now,
             )
@@ -121,6 +159,56 @@ def claim(
             tuple(resolve_stored(p, roots) for p in row.files),
             row.attempts,
             owner,
+            row.outcome_id,
+        )
+
+
+def report(sessions: sessionmaker[Session], claimed: DeliveryClaim) -> Report:
+    """The report of a claimed delivery's outcome (LookupError when the outcome is gone)."""
+    with sessions() as session:
+        outcome = session.get(Outcome, claimed.outcome_id) if claimed.outcome_id else None
+        if outcome is None:
+            raise LookupError(f"delivery {claimed.delivery_id}: its outcome is gone")
+        study = outcome.study
+        best: dict[str, ReportedFinding] = {}
+        needs_review = outcome.triage == Triage.NEEDS_REVIEW
+        for image in session.scalars(
+            select(Image).where(Image.outcome_id == outcome.id).order_by(Image.id)
+        ):
+            needs_review = needs_review or image.triage == Triage.NEEDS_REVIEW
+            for finding in image.findings:
+                if finding.role != "classifier":
+                    continue
+                known = best.get(finding.label)
+                if known is None or finding.probability > known.probability:
+                    best[finding.label] = ReportedFinding(
+                        finding.label, finding.probability, finding.threshold, finding.positive
+                    )
+        corrects = session.scalar(
+            select(Delivery.id).where(
+                Delivery.study_instance_uid == claimed.study_instance_uid,
+                Delivery.destination == claimed.destination,
+                Delivery.status == DeliveryStatus.SENT,
+                Delivery.outcome_id != outcome.id,
+            )
+        )
+        return Report(
+            outcome_id=outcome.id,
+            study_instance_uid=study.study_instance_uid,
+            accession_number=study.accession_number,
+            patient_id=study.patient_id,
+            patient_name=study.patient_name,
+            study_date=study.study_date,
+            created_at=outcome.created_at,
+            triage=outcome.triage,
+            no_finding_score=outcome.no_finding_score,
+            screening_no_finding_score=outcome.screening_no_finding_score,
+            findings=tuple(best.values()),
+            models=tuple(outcome.models or ()),
+            synthetic_model=outcome.synthetic_model,
+            segmentation_only=outcome.segmentation_only,
+            needs_review=needs_review,
+            corrects_earlier=corrects is not None,
         )
 
 

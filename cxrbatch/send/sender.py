@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from collections import Counter
 
 from cxrbatch.config import Destination, Settings
@@ -17,7 +18,8 @@ from cxrbatch.db.models import utcnow
 from cxrbatch.domain import DeliveryRunStatus, DeliveryStatus
 from cxrbatch.errors import one_line
 from cxrbatch.paths import StorageRoots
-from cxrbatch.send.transports import SendError, send
+from cxrbatch.send import messages
+from cxrbatch.send.transports import SendError, fhir_transaction, mllp, send
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,10 @@ class Sender:
             error = f"destination {claimed.destination!r} is no longer configured"
         else:
             try:
-                send(destination, claimed.files, self._calling_ae_title(destination))
+                if destination.sends_report:
+                    self._send_report(destination, claimed)
+                else:
+                    send(destination, claimed.files, self._calling_ae_title(destination))
             except SendError as exc:
                 error = str(exc)
             except Exception as exc:  # one delivery must never stop the sender
@@ -72,7 +77,7 @@ class Sender:
             "delivery_id": claimed.delivery_id,
             "study_instance_uid": claimed.study_instance_uid,
             "destination": claimed.destination,
-            "objects": len(claimed.files),
+            "objects": 1 if destination and destination.sends_report else len(claimed.files),
             "attempt": claimed.attempts,
             "status": _ended(status),
             "error": error,
@@ -81,7 +86,7 @@ class Sender:
             log.info(
                 "study %s: %d object(s) sent to %s",
                 claimed.study_instance_uid,
-                len(claimed.files),
+                fields["objects"],
                 claimed.destination,
                 extra={"fields": fields},
             )
@@ -96,6 +101,27 @@ class Sender:
                 extra={"fields": fields},
             )
         return status
+
+    def _send_report(self, destination: Destination, claimed: deliveries.DeliveryClaim) -> None:
+        """The outcome's report, as HL7 ORU^R01 over MLLP or a FHIR transaction Bundle."""
+        try:
+            report = deliveries.report(self.sessions, claimed)
+        except LookupError as exc:
+            raise SendError(str(exc)) from exc
+        if destination.transport == "hl7-mllp":
+            # MSH-10: unique per attempt, as the ACK's MSA-2 must echo it.
+            control_id = f"CXR{claimed.delivery_id}.{claimed.attempts}.{uuid.uuid4().hex[:8]}"
+            message = messages.oru_r01(
+                report,
+                control_id=control_id,
+                sending_application=self._calling_ae_title(destination),
+                sending_facility=destination.sending_facility,
+                receiving_application=destination.receiving_application,
+                receiving_facility=destination.receiving_facility,
+            )
+            mllp(destination, message, control_id)
+        else:
+            fhir_transaction(destination, messages.fhir_bundle(report))
 
     def _calling_ae_title(self, destination: Destination) -> str:
         return destination.calling_ae_title or self.settings.dicom.ae_title

@@ -1,8 +1,10 @@
-"""Transports that deliver DICOM files to a destination: C-STORE (DIMSE) and STOW-RS.
+"""Transports that deliver results to a destination: DICOM files by C-STORE (DIMSE) or
+STOW-RS; reports (cxrbatch/send/messages.py) by HL7 v2 over MLLP or a FHIR transaction.
 
-Both send every file of a delivery and raise `SendError` with the reason when any is not
-acknowledged; the delivery is then retried as a whole (a PACS stores an identical SOP
-instance again without harm).
+Each raises `SendError` with the reason when the destination does not acknowledge all of a
+delivery; the delivery is then retried as a whole (a PACS stores an identical SOP instance
+again without harm; an HL7 receiver sees the same accession's result again; the FHIR
+Bundle's conditional updates replace what an earlier attempt stored).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import base64
 import json
 import logging
 import os
+import socket
 import ssl
 import urllib.error
 import urllib.request
@@ -54,6 +57,13 @@ def _read(path: Path) -> Dataset:
         raise SendError(f"output file missing: {path.name}") from exc
     except (OSError, InvalidDicomError) as exc:
         raise SendError(f"output file unreadable: {path.name}: {exc}") from exc
+
+
+def _basic_auth(request: urllib.request.Request, destination: Destination) -> None:
+    if destination.username:
+        password = os.environ.get(destination.password_env, "") if destination.password_env else ""
+        token = base64.b64encode(f"{destination.username}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
 
 
 def _client_ssl_context(destination: Destination) -> ssl.SSLContext:
@@ -120,10 +130,7 @@ def stow_rs(destination: Destination, files: Sequence[Path]) -> None:
         "Content-Type", f'multipart/related; type="application/dicom"; boundary={boundary}'
     )
     request.add_header("Accept", "application/dicom+json")
-    if destination.username:
-        password = os.environ.get(destination.password_env, "") if destination.password_env else ""
-        token = base64.b64encode(f"{destination.username}:{password}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
+    _basic_auth(request, destination)
     context = _client_ssl_context(destination) if url.startswith("https") else None
     try:
         with urllib.request.urlopen(
@@ -152,3 +159,109 @@ def _failed_sops(payload: bytes) -> int:
         document = document[0] if document else {}
     failed = document.get(_FAILED_SOP_SEQUENCE, {}) if isinstance(document, dict) else {}
     return len(failed.get("Value", [])) if isinstance(failed, dict) else 0
+
+
+# -- HL7 v2 over MLLP ---------------------------------------------------------------------------
+
+# MLLP (HL7 v2 Minimal Lower Layer Protocol, HL7 2.5 appendix C): <VT> message <FS><CR>.
+# Written here because the kept clients do not fit: python-hl7's MLLPClient has no timeout
+# and returns whatever one recv() gives; hl7apy ships only a server.
+MLLP_START, MLLP_END = b"\x0b", b"\x1c\x0d"
+_ACCEPTED = ("AA", "CA")
+
+
+def mllp_exchange(host: str, port: int, message: str, timeout: float) -> str:
+    """Send one framed message and return the framed answer's text. SendError when the
+    connection fails, is closed before a whole answer came, or the answer is not MLLP."""
+    where = f"MLLP {host}:{port}"
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as connection:
+            connection.sendall(MLLP_START + message.encode("utf-8") + MLLP_END)
+            received = b""
+            while MLLP_END not in received:
+                chunk = connection.recv(65536)
+                if not chunk:
+                    raise SendError(f"{where} closed the connection before an ACK")
+                received += chunk
+                if len(received) > 1 << 20:
+                    raise SendError(f"{where} answered over 1 MiB without an MLLP end")
+    except TimeoutError as exc:
+        raise SendError(f"{where}: no ACK within {timeout:g} s") from exc
+    except OSError as exc:
+        raise SendError(f"{where}: {exc}") from exc
+    start = received.find(MLLP_START)
+    if start < 0:
+        raise SendError(f"{where} answered without an MLLP start block")
+    return received[start + 1 : received.index(MLLP_END)].decode("utf-8", "replace")
+
+
+def check_ack(answer: str, control_id: str, where: str) -> None:
+    """The HL7 ACK must accept (MSA-1 AA or CA) the message with this control ID (MSA-2);
+    SendError with the receiver's reason (MSA-3, ERR) otherwise."""
+    from hl7apy.exceptions import HL7apyException
+    from hl7apy.parser import parse_message
+
+    try:
+        ack = parse_message(answer.replace("\n", "\r"), validation_level=2, find_groups=False)
+        msa = ack.msa
+        code, acked = str(msa.msa_1.value), str(msa.msa_2.value)
+        text = str(msa.msa_3.value) if msa.msa_3 else ""
+    except (HL7apyException, AttributeError, IndexError, ValueError) as exc:
+        raise SendError(f"{where} answered something that is not an HL7 ACK: {exc}") from exc
+    if acked != control_id:
+        raise SendError(f"{where} acknowledged message {acked!r}, not {control_id!r}")
+    if code not in _ACCEPTED:
+        errors = [str(e.value) for e in ack.children if e.name == "ERR"]
+        reason = "; ".join(filter(None, [text, *errors])) or "no reason given"
+        raise SendError(f"{where} answered {code} (not accepted): {reason[:300]}")
+
+
+def mllp(destination: Destination, message: str, control_id: str) -> None:
+    where = f"MLLP {destination.host}:{destination.port}"
+    answer = mllp_exchange(destination.host, destination.port, message, destination.timeout_seconds)
+    check_ack(answer, control_id, where)
+
+
+# -- FHIR ---------------------------------------------------------------------------------------
+
+
+def fhir_transaction(destination: Destination, bundle: dict[str, object]) -> None:
+    """POST a transaction Bundle to the FHIR base URL; every entry must answer 2xx."""
+    url = destination.url.rstrip("/")
+    request = urllib.request.Request(url, data=json.dumps(bundle).encode(), method="POST")
+    request.add_header("Content-Type", "application/fhir+json; charset=utf-8")
+    request.add_header("Accept", "application/fhir+json")
+    _basic_auth(request, destination)
+    context = _client_ssl_context(destination) if url.startswith("https") else None
+    try:
+        with urllib.request.urlopen(
+            request, timeout=destination.timeout_seconds, context=context
+        ) as response:
+            status, payload = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        detail = _operation_outcome(exc.read())
+        raise SendError(f"FHIR {url}: HTTP {exc.code} {exc.reason}: {detail}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise SendError(f"FHIR {url}: {getattr(exc, 'reason', exc)}") from exc
+    try:
+        answer = json.loads(payload)
+        entries = answer.get("entry", [])
+        statuses = [str(e.get("response", {}).get("status", "")) for e in entries]
+    except (ValueError, AttributeError) as exc:
+        raise SendError(f"FHIR {url}: HTTP {status}, the answer is not a Bundle") from exc
+    refused = [s for s in statuses if not s.startswith("2")]
+    if status not in (200, 201) or refused or len(statuses) != len(bundle["entry"]):  # type: ignore[arg-type]
+        raise SendError(
+            f"FHIR {url}: HTTP {status}, {len(refused)} of {len(statuses)} entries not "
+            f"stored ({', '.join(refused[:3]) or 'answer without entries'})"
+        )
+
+
+def _operation_outcome(payload: bytes) -> str:
+    """The diagnostics of a FHIR OperationOutcome answer, or the answer's start."""
+    try:
+        issues = json.loads(payload).get("issue", [])
+        text = "; ".join(str(i.get("diagnostics") or i.get("code")) for i in issues)
+    except (ValueError, AttributeError):
+        text = ""
+    return (text or payload[:300].decode("utf-8", "replace"))[:300]
