@@ -11,6 +11,7 @@
     cxrbatch jobs retry [STUDY_UID ...] [--out OUT | --db URL]
     cxrbatch db upgrade [--out OUT | --db URL]
     cxrbatch cleanup --out OUT [--db URL] [--dry-run]
+    cxrbatch export-deid --to DIR --out OUT [--since T] [--triage T] [--mapping FILE]
     cxrbatch phantoms OUT [--studies N] [--size PX] [--truth DIR]
     cxrbatch demo-data DIR
 
@@ -957,6 +958,47 @@ def audit(
         events, fmt, "web app audit trail",
         ["at", "user", "action", "study_instance_uid", "detail"],
     )  # fmt: skip
+
+
+@app.command("export-deid")
+def export_deid(
+    to: Annotated[Path, typer.Option("--to", "--export", help="The export folder (new or empty).")],
+    out: OutOption = None,
+    db: DbOption = None,
+    config: ConfigOption = None,
+    since: SinceOption = None,
+    triage: Annotated[Triage | None, typer.Option(help="Only studies of this triage.")] = None,
+    mapping: Annotated[
+        Path | None,
+        typer.Option(help="Also write the original -> pseudonym table here (outside the export)."),
+    ] = None,
+) -> None:
+    """A de-identified copy (DICOM PS3.15 Basic Profile) of the current processed studies'
+    images, SEG and SR, with labels.csv (the training curation format) and outcomes.csv."""
+    from cxrbatch import deid
+
+    if out is None:
+        raise _fail("give --out OUT: the files to export are found under the output folder")
+    site = _site(config, db, out)
+
+    def work(sessions: Sessions) -> deid.Exported:
+        return deid.export(
+            sessions,
+            site.roots,
+            site.settings.deid,
+            to,
+            since=_utc(since),
+            triage=triage.value if triage else None,
+            mapping=mapping,
+        )
+
+    done = _with_database(site, work)
+    out_console.print(
+        f"exported {done.studies} studies: {done.images} images and {done.objects} SEG/SR "
+        f"objects, de-identified, to {to}" + (f" (the mapping table: {mapping})" if mapping else "")
+    )
+    for reason in done.left_out:
+        out_console.print(f"left out: {reason}", style="yellow")
 
 
 @jobs_app.command("retry")

@@ -331,6 +331,19 @@ class MetricsSettings(_Section):
     textfile_interval_seconds: Annotated[float, Field(gt=0.0)] = 30.0
 
 
+class DeidSettings(_Section):
+    """`cxrbatch export-deid`: the de-identified research export (cxrbatch/deid.py), by the
+    DICOM PS3.15 Basic Application Level Confidentiality Profile."""
+
+    # The Retain Longitudinal Temporal Information with Modified Dates option: dates shifted
+    # by one offset per key (intervals kept). Off: every date and time a dummy value.
+    retain_modified_dates: bool = False
+    # The environment variable holding a secret key for the pseudonyms (UIDs, IDs, names,
+    # the date offset): one key gives a patient the same pseudonym in every export. Empty:
+    # a fresh random key per export (exports cannot be linked).
+    key_env: str = ""
+
+
 class DatabaseSettings(_Section):
     # Any SQLAlchemy URL; empty = sqlite file OUT/cxrbatch.sqlite.
     url: str = ""
@@ -358,6 +371,7 @@ class Settings(BaseSettings):
     retention: RetentionSettings = RetentionSettings()
     web: WebSettings = WebSettings()
     metrics: MetricsSettings = MetricsSettings()
+    deid: DeidSettings = DeidSettings()
     database: DatabaseSettings = DatabaseSettings()
     logging: LoggingSettings = LoggingSettings()
 

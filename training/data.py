@@ -51,16 +51,25 @@ def read_curated(path: Path) -> list[Record]:
         missing = {"Image Index", "Patient ID", "split", *CLASSES} - set(reader.fieldnames or ())
         if missing:
             raise ValueError(f"{path} lacks the columns {sorted(missing)}")
-        return [
-            Record(
-                image_index=row["Image Index"],
-                patient_id=row["Patient ID"],
-                labels=tuple(int(row[label]) for label in FINDINGS),
-                no_finding=int(row[NO_FINDING]),
-                split=row["split"],
+        records = []
+        for line, row in enumerate(reader, start=2):
+            unlabelled = [label for label in CLASSES if not (row[label] or "").strip()]
+            if unlabelled:
+                # e.g. a `cxrbatch export-deid` table whose reader labels are not filled in
+                raise ValueError(
+                    f"{path} line {line} ({row['Image Index']}) has no label for "
+                    f"{', '.join(unlabelled)}: fill in 0/1 reader labels before training"
+                )
+            records.append(
+                Record(
+                    image_index=row["Image Index"],
+                    patient_id=row["Patient ID"],
+                    labels=tuple(int(row[label]) for label in FINDINGS),
+                    no_finding=int(row[NO_FINDING]),
+                    split=row["split"],
+                )
             )
-            for row in reader
-        ]
+        return records
 
 
 def write_curated_rows(records: Sequence[Record], path: Path) -> None:
