@@ -120,6 +120,10 @@ class IngestSettings(_Section):
     reconcile_interval_seconds: Annotated[float, Field(gt=0)] = 300.0
     # File names never taken: writers' temporaries.
     ignore_patterns: tuple[str, ...] = (".*", "*.tmp", "*.part", "*.partial")
+    # An instance sent again with the same SOPInstanceUID and other content: true = a
+    # correction (it replaces the received one, the study is processed again and results
+    # already delivered are withdrawn); false = a conflict, quarantined and recorded.
+    accept_corrections: bool = False
 
 
 class DicomSettings(_Section):

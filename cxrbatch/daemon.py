@@ -172,15 +172,7 @@ class Service:
             log.debug("retention pass failed", exc_info=True)
 
     def _spool(self, mode: str) -> Spool:
-        return Spool(
-            self.site.spool_dir,
-            self.sessions,
-            self.site.quarantine_dir,
-            mode=mode,
-            study_stable_seconds=self.settings.ingest.study_stable_seconds,
-            keep_paths=self.settings.output.quarantine_original_paths,
-            roots=self.site.roots,
-        )
+        return Spool.for_site(self.site, self.sessions, mode)
 
     def _start_ingest(self) -> FolderIngest:
         assert self.input_dir is not None

@@ -26,12 +26,15 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import highdicom as hd
 import torch
+from pydicom import dcmread
 
 from cxrbatch import logs, pipeline
 from cxrbatch.allocator import keep_freed_memory
 from cxrbatch.config import Settings
 from cxrbatch.db import DatabaseError, Session, Sessions, deliveries, instances, jobs, repository
+from cxrbatch.dicom import export, rejection
 from cxrbatch.dicom.discover import read_header
 from cxrbatch.domain import (
     InstanceHeader,
@@ -45,7 +48,7 @@ from cxrbatch.domain import (
 )
 from cxrbatch.errors import CxrBatchError, RecordingError, one_line
 from cxrbatch.models.device import limit_cpu_threads
-from cxrbatch.paths import StorageRoots, resolve_stored
+from cxrbatch.paths import StorageRoots, resolve_stored, store_path, uid_path_component
 from cxrbatch.quarantine import record_rejected_at
 from cxrbatch.site import Site
 from cxrbatch.worker_entry import EXIT_CANNOT_START
@@ -262,8 +265,50 @@ def record_result(session: Session, site: Site, result: StudyResult) -> Recorded
     outcome = repository.record_study(session, result, site.roots)
     # Sending is queued with the outcome, in one transaction: nothing recorded is ever
     # left unsent by a crash.
-    deliveries.enqueue(session, outcome, site.settings.send.destinations)
+    objects, withdrawal = _withdrawal(session, site, outcome, result)
+    deliveries.enqueue(session, outcome, site.settings.send.destinations, objects, withdrawal)
     return Recorded(outcome.id, result.status, quarantined)
+
+
+def _withdrawal(
+    session: Session, site: Site, outcome: Any, result: StudyResult
+) -> tuple[list[dict[str, str]], deliveries.Withdrawal | None]:
+    """The identities of the outcome's DICOM outputs, and, when DICOM destinations hold
+    objects of the study's earlier outcomes, the IOCM rejection note that withdraws them
+    (written beside the outputs, recorded in the outcome's outputs document)."""
+    outputs = outcome.outputs or {}
+    files = deliveries.outcome_files(outputs, site.roots)
+    if result.status != OutcomeStatus.PROCESSED or not files:
+        return [], None
+    objects = rejection.identities(files)
+    dicom = {d.name for d in site.settings.send.destinations if not d.sends_report}
+    held = {
+        name: items
+        for name, items in deliveries.delivered_objects(session, result.study_instance_uid).items()
+        if name in dicom
+    }
+    if not held:
+        return objects, None
+    withdrawn = list({i["sop_instance"]: i for items in held.values() for i in items}.values())
+    study = dcmread(files[-1], stop_before_pixels=True)
+    note = rejection.build_rejection(
+        rejection.evidence(withdrawn, study), result.models, hd.UID(), hd.UID()
+    )
+    folder = export.study_dir(site.out_dir, result.study_instance_uid)
+    path = export.write_dicom(
+        folder / f"rejection_{uid_path_component(note.SOPInstanceUID)}.dcm", note
+    )
+    stored = store_path(path, site.roots)
+    outcome.outputs = {**outputs, "rejection": stored}
+    log.info(
+        "study %s: %d earlier object(s) withdrawn by a rejection note to %s",
+        result.study_instance_uid,
+        len(withdrawn),
+        ", ".join(sorted(held)),
+    )
+    return objects, deliveries.Withdrawal(
+        stored, tuple(i["sop_instance"] for i in withdrawn), frozenset(held)
+    )
 
 
 def failed_result(

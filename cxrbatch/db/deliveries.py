@@ -101,11 +101,30 @@ def outcome_files(outputs: dict[str, Any], roots: StorageRoots | None = None) ->
     return [resolve_stored(p, roots) for p in stored_files(outputs)]
 
 
-def enqueue(session: Session, outcome: Outcome, destinations: Sequence[Destination]) -> int:
+@dataclass(frozen=True)
+class Withdrawal:
+    """An IOCM rejection note (its stored path) withdrawing `objects` (SOP Instance UIDs),
+    sent first to each destination in `destinations`."""
+
+    file: str
+    objects: tuple[str, ...]
+    destinations: frozenset[str]
+
+
+def enqueue(
+    session: Session,
+    outcome: Outcome,
+    destinations: Sequence[Destination],
+    objects: Sequence[dict[str, str]] = (),
+    withdrawal: Withdrawal | None = None,
+) -> int:
     """Deliveries of a just-recorded outcome (in the caller's transaction); returns how many.
 
-    Only processed outcomes with DICOM outputs are sent. Unsent deliveries of the study's
-    earlier outcomes are superseded: the newer objects replace them.
+    Only processed outcomes are sent: their DICOM outputs (`objects`: their identities) to
+    DICOM destinations, their report to report destinations. Unsent deliveries of the
+    study's earlier outcomes are superseded: the newer results replace them. A destination
+    that received objects now withdrawn gets the `withdrawal` note first, in the same
+    delivery (one association or request, in order).
     """
     files = stored_files(outcome.outputs or {})
     if outcome.status != OutcomeStatus.PROCESSED or not destinations:
@@ -120,6 +139,8 @@ def enqueue(session: Session, outcome: Outcome, destinations: Sequence[Destinati
         .values(status=DeliveryStatus.SUPERSEDED, updated_at=now)
     )
     for destination in destinations:
+        withdraws = withdrawal is not None and destination.name in withdrawal.destinations
+        sent = [] if destination.sends_report else files
         session.add(
             Delivery(
                 study_instance_uid=study_uid,
@@ -129,13 +150,36 @@ def enqueue(session: Session, outcome: Outcome, destinations: Sequence[Destinati
                 status=DeliveryStatus.PENDING,
                 attempts=0,
                 run_after=now,
-                files=[] if destination.sends_report else files,
+                files=[withdrawal.file, *sent] if withdraws and withdrawal else sent,
+                objects=None if destination.sends_report else list(objects),
+                withdraws=list(withdrawal.objects) if withdraws and withdrawal else None,
                 created_at=now,
                 updated_at=now,
             )
         )
     session.flush()
     return len(destinations)
+
+
+def delivered_objects(session: Session, study_instance_uid: str) -> dict[str, list[dict[str, str]]]:
+    """Per DICOM destination, the study's objects it acknowledged and that no rejection
+    note it acknowledged has withdrawn yet: what a new outcome must withdraw there."""
+    rows = session.scalars(
+        select(Delivery)
+        .where(
+            Delivery.study_instance_uid == study_instance_uid,
+            Delivery.status == DeliveryStatus.SENT,
+        )
+        .order_by(Delivery.id)
+    )
+    held: dict[str, dict[str, dict[str, str]]] = {}
+    for row in rows:
+        at = held.setdefault(row.destination, {})
+        for uid in row.withdraws or ():
+            at.pop(str(uid), None)
+        for item in row.objects or ():
+            at[str(item["sop_instance"])] = dict(item)
+    return {name: list(objects.values()) for name, objects in held.items() if objects}
 
 
 def claim(

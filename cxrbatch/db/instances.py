@@ -78,6 +78,28 @@ def add(
     session.flush()
 
 
+def replace(
+    session: Session,
+    header: InstanceHeader,
+    stored: Path,
+    source: Path,
+    roots: StorageRoots | None = None,
+) -> None:
+    """A received instance replaced by its correction (same SOPInstanceUID, new content).
+    The caller commits."""
+    session.execute(
+        update(Instance)
+        .where(Instance.sop_instance_uid == header.sop_instance_uid)
+        .values(
+            sha256=header.sha256,
+            path=store_path(stored, roots),
+            source_path=str(source),
+            size=stored.stat().st_size,
+            purged_at=None,
+        )
+    )
+
+
 def stored_paths(session: Session, roots: StorageRoots | None = None) -> set[str]:
     """Where every received instance's file is now (on this host)."""
     rows = session.scalars(select(Instance.path).where(Instance.purged_at.is_(None)))

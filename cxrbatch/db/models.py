@@ -235,8 +235,13 @@ class Delivery(Base):
     status: Mapped[str] = mapped_column(String(16))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     run_after: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
-    # Paths of the DICOM files to send (SEG, SR, key images).
+    # Paths of the DICOM files to send (SEG, SR, key images; first the rejection note).
     files: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    # The DICOM objects delivered, as {"study", "series", "sop_class", "sop_instance"}
+    # UIDs: what a later outcome's rejection note withdraws (NULL: a report delivery).
+    objects: Mapped[list[Any] | None] = mapped_column(JSON)
+    # The SOP Instance UIDs the delivery's IOCM rejection note withdraws (NULL: none).
+    withdraws: Mapped[list[Any] | None] = mapped_column(JSON)
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     last_error: Mapped[str | None] = mapped_column(Text)

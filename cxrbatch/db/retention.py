@@ -37,7 +37,7 @@ def _document_paths(outputs: dict[str, Any] | None) -> set[str]:
     if not outputs:
         return set()
     paths = {str(p) for key in ("seg", "key_images") for p in (outputs.get(key) or {}).values()}
-    paths |= {str(outputs[key]) for key in ("sr", "json") if outputs.get(key)}
+    paths |= {str(outputs[key]) for key in ("sr", "json", "rejection") if outputs.get(key)}
     return paths
 
 

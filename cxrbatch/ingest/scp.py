@@ -50,6 +50,7 @@ CANNOT_UNDERSTAND, CONFLICT = status.CANNOT_UNDERSTAND, status.CONFLICT
 _STATUS = {
     Taken.RECEIVED: SUCCESS,
     Taken.DUPLICATE: SUCCESS,
+    Taken.CORRECTED: SUCCESS,
     Taken.REJECTED: CANNOT_UNDERSTAND,
     Taken.CONFLICT: CONFLICT,
     Taken.CHANGED: OUT_OF_RESOURCES,
@@ -213,7 +214,7 @@ class DicomReceiver:
             log.debug("received instance not taken in", exc_info=True)
             path.unlink(missing_ok=True)
             return OUT_OF_RESOURCES
-        if taken is not Taken.RECEIVED:
+        if taken not in (Taken.RECEIVED, Taken.CORRECTED):
             path.unlink(missing_ok=True)  # duplicate dropped; rejects are in the quarantine
         answer = _STATUS[taken]
         if answer != SUCCESS:

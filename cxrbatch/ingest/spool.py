@@ -7,7 +7,9 @@ Every way in (the folder watcher, the C-STORE receiver) ends in `Spool.take`:
     or cxrbatch/dicom/identity.py: another transfer syntax or writer) -> duplicate,
                                                               dropped, counted
     same SOPInstanceUID, other content                     -> conflict, quarantined, recorded
-      (unless the retention policy removed the first copy: then it is new input again)
+      (unless the retention policy removed the first copy: then it is new input again;
+      or ingest.accept_corrections: a correction, which replaces the received instance,
+      whose old copy goes to the quarantine with that reason, and requeues the study)
     else: into the spool (rename, or copy + fsync + rename across file systems), or left in
           place in read-only mode; then one transaction records the instance and (re)queues
           its study's job to run after the study's quiet period.
@@ -33,6 +35,7 @@ from cxrbatch.domain import InstanceHeader, RejectedFile
 from cxrbatch.files import atomic_write
 from cxrbatch.paths import StorageRoots, is_inside, uid_path_component
 from cxrbatch.quarantine import record_rejected_files
+from cxrbatch.site import Site
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,7 @@ class Taken(enum.StrEnum):
     RECEIVED = "received"  # a new instance, recorded; its study queued
     DUPLICATE = "duplicate"  # identical to a received instance; dropped and counted
     CONFLICT = "conflict"  # same SOPInstanceUID, other content; quarantined and recorded
+    CORRECTED = "corrected"  # same SOPInstanceUID, new content, accepted as a correction
     REJECTED = "rejected"  # not usable DICOM; quarantined and recorded
     CHANGED = "changed"  # the file changed while it was taken; offered again later
     GONE = "gone"  # the file disappeared before it could be taken
@@ -59,6 +63,7 @@ class Spool:
         study_stable_seconds: float = 60.0,
         keep_paths: bool = False,
         roots: StorageRoots | None = None,
+        accept_corrections: bool = False,
     ) -> None:
         """`roots`: the site's storage roots, to record paths relative to them (a worker
         on another host finds the spool wherever it mounts it); None keeps them absolute."""
@@ -69,7 +74,23 @@ class Spool:
         self.mode = mode
         self.study_stable_seconds = study_stable_seconds
         self.keep_paths = keep_paths  # original paths in quarantine sidecars
+        self.accept_corrections = accept_corrections
         root.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def for_site(cls, site: Site, sessions: Sessions, mode: str | None = None) -> Spool:
+        """The site's spool, as its settings describe it (`mode`: the ingest mode, default
+        ingest.mode; the receiver and pulls always move what they wrote)."""
+        return cls(
+            site.spool_dir,
+            sessions,
+            site.quarantine_dir,
+            mode=mode or site.settings.ingest.mode,
+            study_stable_seconds=site.settings.ingest.study_stable_seconds,
+            keep_paths=site.settings.output.quarantine_original_paths,
+            roots=site.roots,
+            accept_corrections=site.settings.ingest.accept_corrections,
+        )
 
     def take(self, path: Path) -> Taken:
         """Take one complete file in. Never raises on bad input; OS errors propagate."""
@@ -102,6 +123,8 @@ class Spool:
             self._drop_source(path)
             log.info("duplicate instance %s dropped", header.sop_instance_uid)
             return Taken.DUPLICATE
+        if known_path is not None and self.accept_corrections:
+            return self._correct(path, header, known_path)
         if known_path is not None:
             self._reject(
                 RejectedFile(
@@ -127,6 +150,42 @@ class Spool:
             "received instance %s of study %s", header.sop_instance_uid, header.study_instance_uid
         )
         return Taken.RECEIVED
+
+    def _correct(self, path: Path, header: InstanceHeader, known_path: Path) -> Taken:
+        """A corrected instance: the received copy is quarantined (recorded with the reason),
+        the new one takes its place and its row, and the study is queued again (its new
+        outcome supersedes the old one, whose delivered results are withdrawn)."""
+        if known_path.exists():
+            with self.sessions() as session:
+                record_rejected_files(
+                    session,
+                    [
+                        RejectedFile(
+                            known_path,
+                            "superseded: a corrected instance with the same SOPInstanceUID "
+                            "replaced it (ingest.accept_corrections)",
+                            "",
+                            study_instance_uid=header.study_instance_uid,
+                            sop_instance_uid=header.sop_instance_uid,
+                        )
+                    ],
+                    self.quarantine_dir,
+                    self.keep_paths,
+                    self.roots,
+                )
+                session.commit()
+        stored = self._store(path, header)
+        if stored is None:
+            return Taken.CHANGED
+        with self.sessions.begin() as session:
+            instances.replace(session, header, stored, path, self.roots)
+            jobs.enqueue_study(session, header.study_instance_uid, self.study_stable_seconds)
+        log.warning(
+            "corrected instance %s of study %s replaced the one received before",
+            header.sop_instance_uid,
+            header.study_instance_uid,
+        )
+        return Taken.CORRECTED
 
     def recover(self) -> int:
         """Record spool files that a crash left without a row; returns how many."""

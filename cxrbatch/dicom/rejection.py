@@ -1,0 +1,139 @@
+"""Withdrawing results already delivered: an IHE IOCM rejection note, a Key Object
+Selection Document (highdicom) titled (113001, DCM, "Rejected for Quality Reasons"), in
+the study of the objects it rejects, referencing each of them (content items and the
+Current Requested Procedure Evidence Sequence).
+
+A PACS that implements IOCM (IHE RAD TF-2 4.66/4.67) hides or deletes the referenced
+objects once it stores the note; one that does not keeps them, and the note is one more
+object in the study that says they are withdrawn (docs/conformance.md, deploy/OPERATIONS.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import highdicom as hd
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+import cxrbatch
+from cxrbatch.dicom.seg import MANUFACTURER, NOT_FOR_DIAGNOSIS
+from cxrbatch.domain import ModelRef
+
+SERIES_NUMBER = 9904
+REJECTED_FOR_QUALITY_REASONS = codes.DCM.RejectedForQualityReasons  # 113001 (CID 7010/7011)
+
+
+def build_rejection(
+    withdrawn: list[Dataset],
+    models: tuple[ModelRef, ...],
+    series_instance_uid: str,
+    sop_instance_uid: str,
+) -> Dataset:
+    """The rejection note for `withdrawn` (headers of the objects delivered before, all of
+    one study); `models`: those of the outcome that supersedes them."""
+    if not withdrawn:
+        raise ValueError("a rejection note needs at least one object to reject")
+    studies = {str(ds.StudyInstanceUID) for ds in withdrawn}
+    if len(studies) != 1:
+        raise ValueError(f"a rejection note rejects objects of one study, found {len(studies)}")
+    content = hd.ko.KeyObjectSelection(
+        document_title=REJECTED_FOR_QUALITY_REASONS,
+        referenced_objects=withdrawn,
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                uid=hd.UID(),
+                name="cxrbatch",
+                manufacturer_name=MANUFACTURER,
+                model_name=f"cxrbatch {cxrbatch.__version__}",
+            ),
+        ),
+        description=(
+            "Algorithm results withdrawn by cxrbatch: superseded by a newer outcome of the "
+            f"study. {NOT_FOR_DIAGNOSIS}."
+        )[:1024],
+    )
+    note = hd.ko.KeyObjectSelectionDocument(
+        evidence=withdrawn,
+        content=content,
+        series_instance_uid=series_instance_uid,
+        series_number=SERIES_NUMBER,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        contributing_equipment=[
+            hd.ContributingEquipment(
+                manufacturer=MANUFACTURER,
+                purpose_of_reference=codes.DCM.ProcessingEquipment,
+                manufacturer_model_name="cxrbatch rejection note",
+                software_versions=f"cxrbatch {cxrbatch.__version__}",
+                contribution_description=f"Algorithm output. {NOT_FOR_DIAGNOSIS}"[:64],
+            ),
+            # The models whose newer outcome supersedes the withdrawn objects.
+            *(
+                hd.ContributingEquipment(
+                    manufacturer=MANUFACTURER,
+                    purpose_of_reference=codes.DCM.ProcessingEquipment,
+                    manufacturer_model_name=m.name[:64],
+                    software_versions=[m.version[:64], m.sha256[:64]],
+                    contribution_description="Model of the superseding outcome",
+                )
+                for m in models
+            ),
+        ],
+    )
+    note.SeriesDescription = f"cxrbatch withdrawn results - {NOT_FOR_DIAGNOSIS}"[:64]
+    return note
+
+
+# Patient and study attributes a rejection note copies from the study (its evidence).
+_STUDY_ATTRIBUTES = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
+
+
+def identities(paths: list[Path]) -> list[dict[str, str]]:
+    """The UIDs of DICOM output files, as `deliveries.objects` keeps them."""
+    found = []
+    for path in paths:
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=_UID_TAGS)
+        found.append(
+            {
+                "study": str(ds.StudyInstanceUID),
+                "series": str(ds.SeriesInstanceUID),
+                "sop_class": str(ds.SOPClassUID),
+                "sop_instance": str(ds.SOPInstanceUID),
+            }
+        )
+    return found
+
+
+_UID_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID"]
+
+
+def evidence(objects: list[dict[str, str]], study: Dataset) -> list[Dataset]:
+    """Headers of withdrawn objects (their files may be gone or rewritten): their UIDs, with
+    the patient and study attributes of `study` (a current object of the same study)."""
+    headers = []
+    for item in objects:
+        ds = Dataset()
+        for keyword in _STUDY_ATTRIBUTES:
+            if keyword in study:
+                setattr(ds, keyword, study.data_element(keyword).value)  # type: ignore[union-attr]
+        ds.StudyInstanceUID = item["study"]
+        ds.SeriesInstanceUID = item["series"]
+        ds.SOPClassUID = item["sop_class"]
+        ds.SOPInstanceUID = item["sop_instance"]
+        headers.append(ds)
+    return headers
