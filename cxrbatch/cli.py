@@ -11,6 +11,7 @@
     cxrbatch jobs retry [STUDY_UID ...] [--out OUT | --db URL]
     cxrbatch db upgrade [--out OUT | --db URL]
     cxrbatch cleanup --out OUT [--db URL] [--dry-run]
+    cxrbatch pull --out OUT [--since 24h | --date YYYYMMDD] [--modality CR,DX] [--source NAME]
     cxrbatch export-deid --to DIR --out OUT [--since T] [--triage T] [--mapping FILE]
     cxrbatch phantoms OUT [--studies N] [--size PX] [--truth DIR]
     cxrbatch demo-data DIR
@@ -958,6 +959,73 @@ def audit(
         events, fmt, "web app audit trail",
         ["at", "user", "action", "study_instance_uid", "detail"],
     )  # fmt: skip
+
+
+def _progress(what: str) -> Progress:
+    """The progress bar of a long command (on stderr, kept when done)."""
+    return Progress(
+        TextColumn(f"[bold]{what}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+@app.command()
+def pull(
+    out: Annotated[
+        Path, typer.Option("--out", help="Output folder (its spool and database), as for `watch`.")
+    ],
+    config: ConfigOption = None,
+    db: DbOption = None,
+    since: Annotated[
+        str | None, typer.Option(help="Studies of the last 24h, 2d, ... (by StudyDate).")
+    ] = None,
+    date: Annotated[str | None, typer.Option(help="Studies of one day, YYYYMMDD.")] = None,
+    modality: Annotated[
+        str | None, typer.Option(help="Modalities, comma-separated (default pull.modalities).")
+    ] = None,
+    source: Annotated[
+        str | None, typer.Option(help="The [[pull.sources]] name (needed when several).")
+    ] = None,
+) -> None:
+    """Fetch the window's chest studies from a PACS (C-FIND + C-MOVE or C-GET, or QIDO-RS +
+    WADO-RS) into the spool and queue, for `watch` or `worker` to process; studies already
+    received are not fetched again.
+
+    Exit code 1 when a study could not be fetched whole (run it again: it resumes)."""
+    from cxrbatch.db.session import ensure_local_sqlite, upgrade
+    from cxrbatch.ingest.pull import Puller, Window, source_named
+
+    site = _site(config, db, out)
+    settings = site.settings
+    chosen = source_named(settings, source)
+    window = Window.parse(since, date, settings.pull.since_hours)
+    modalities = tuple(
+        m.strip().upper() for m in (modality.split(",") if modality else settings.pull.modalities)
+    )
+    site.out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_local_sqlite(site.database_url)
+    upgrade(site.database_url, roots=site.roots)
+    with site.database() as database, _progress("studies") as progress:
+        task = progress.add_task("studies", total=None)
+
+        def advance(done: int, total: int, _what: str) -> None:
+            progress.update(task, completed=done, total=total)
+
+        report = Puller(site, database.sessions, chosen).run(window, modalities, advance)
+    out_console.print(
+        f"pull from {chosen.name} ({window.dicom or 'any date'}, {', '.join(modalities)}): "
+        f"{report.studies} studies found, {report.already_here} already here, "
+        f"{report.fetched} fetched: {report.received} instances received, "
+        f"{report.duplicates} duplicates, {report.rejected} quarantined"
+    )
+    for failure in report.failures:
+        out_console.print(f"not complete: {failure}", style="bold yellow")
+    if not report.complete:
+        raise typer.Exit(code=EXIT_SOME_FAILED)
 
 
 @app.command("export-deid")

@@ -207,6 +207,49 @@ class Destination(_Section):
         return self
 
 
+class PullSource(_Section):
+    """A PACS `cxrbatch pull` queries and fetches from."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    # dimse: C-FIND, then C-MOVE (to move_destination, default dicom.ae_title: cxrbatch's
+    # receiver, which the PACS must know by AE title, host and dicom.port) or C-GET (on the
+    # same association; nothing to configure at the PACS but this node's AE title).
+    # dicomweb: QIDO-RS, then WADO-RS from `url`.
+    kind: Literal["dimse", "dicomweb"] = "dimse"
+    ae_title: Annotated[str, Field(max_length=16)] = ""
+    host: str = ""
+    port: Annotated[int, Field(ge=1, le=65535)] = 104
+    calling_ae_title: Annotated[str, Field(max_length=16)] = ""  # empty = dicom.ae_title
+    retrieve: Literal["c-move", "c-get"] = "c-move"
+    move_destination: Annotated[str, Field(max_length=16)] = ""
+    url: str = ""
+    username: str = ""
+    password_env: str = ""
+    timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+
+    @model_validator(mode="after")
+    def _complete(self) -> PullSource:
+        if self.kind == "dimse" and not (self.ae_title and self.host):
+            raise ValueError(f"pull source {self.name!r}: kind 'dimse' needs ae_title and host")
+        if self.kind == "dicomweb" and not self.url.startswith(("http://", "https://")):
+            raise ValueError(
+                f"pull source {self.name!r}: kind 'dicomweb' needs an http(s) url, "
+                f"found {self.url!r}"
+            )
+        return self
+
+
+class PullSettings(_Section):
+    """`cxrbatch pull`: the night's studies fetched from a PACS (cxrbatch/ingest/pull.py)."""
+
+    sources: tuple[PullSource, ...] = ()
+    # The window when neither --since nor --date is given: studies of the last so many hours
+    # (by StudyDate: from that day on).
+    since_hours: Annotated[float, Field(gt=0)] = 24.0
+    # ModalitiesInStudy queried, and the series fetched (--modality overrides).
+    modalities: tuple[str, ...] = ("CR", "DX")
+
+
 class SendSettings(_Section):
     """Sending results back: every processed study's SEG and SR (and key images) to each
     destination, kept in the `deliveries` table until acknowledged."""
@@ -371,6 +414,7 @@ class Settings(BaseSettings):
     ingest: IngestSettings = IngestSettings()
     dicom: DicomSettings = DicomSettings()
     send: SendSettings = SendSettings()
+    pull: PullSettings = PullSettings()
     queue: QueueSettings = QueueSettings()
     retention: RetentionSettings = RetentionSettings()
     web: WebSettings = WebSettings()

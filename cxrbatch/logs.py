@@ -42,6 +42,9 @@ def configure(level: str = "INFO", fmt: str = "text") -> None:
     root.addHandler(handler)
     root.setLevel(level)
     quiet_third_party()
+    # pynetdicom logs every request's identifier (patient attributes of a query or a
+    # retrieve) at INFO: only at DEBUG here.
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
 
 
 def quiet_third_party() -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from cxrbatch.db.models import Instance, RejectedFile
@@ -98,6 +98,14 @@ def replace(
             purged_at=None,
         )
     )
+
+
+def tally(session: Session) -> tuple[int, int, int]:
+    """Instances received, duplicates dropped, files rejected: so far, in all."""
+    received = session.scalar(select(func.count()).select_from(Instance))
+    duplicates = session.scalar(select(func.coalesce(func.sum(Instance.duplicates), 0)))
+    rejected = session.scalar(select(func.count()).select_from(RejectedFile))
+    return int(received or 0), int(duplicates or 0), int(rejected or 0)
 
 
 def stored_paths(session: Session, roots: StorageRoots | None = None) -> set[str]:

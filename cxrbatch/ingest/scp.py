@@ -203,6 +203,11 @@ class DicomReceiver:
         return SUCCESS
 
     def _on_store(self, event: evt.Event) -> int:
+        return self.answer(self.take_event(event))
+
+    def take_event(self, event: evt.Event) -> Taken | None:
+        """Take a C-STORE request's data set in (also a C-GET's sub-operations, on a pull's
+        association); None when it could not be taken (a local failure, logged)."""
         path = self.incoming / f"{uuid.uuid4().hex}.dcm"
         try:
             data = event.encoded_dataset(include_meta=True)
@@ -213,10 +218,15 @@ class DicomReceiver:
             log.error("received instance not taken in (answered 0xA700): %s", one_line(exc))
             log.debug("received instance not taken in", exc_info=True)
             path.unlink(missing_ok=True)
-            return OUT_OF_RESOURCES
+            return None
         if taken not in (Taken.RECEIVED, Taken.CORRECTED):
             path.unlink(missing_ok=True)  # duplicate dropped; rejects are in the quarantine
-        answer = _STATUS[taken]
-        if answer != SUCCESS:
-            log.info("instance answered %s", status.describe(answer, ours=True))
-        return answer
+        return taken
+
+    @staticmethod
+    def answer(taken: Taken | None) -> int:
+        """The C-STORE status for what became of an instance."""
+        code = OUT_OF_RESOURCES if taken is None else _STATUS[taken]
+        if code != SUCCESS and taken is not None:
+            log.info("instance answered %s", status.describe(code, ours=True))
+        return code
