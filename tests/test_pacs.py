@@ -254,3 +254,6 @@ def test_the_example_site_config_loads_with_its_destinations() -> None:
         ("viewer", "stow-rs"),
     ]
     assert settings.output.key_image and settings.dicom.listen
+    assert [(s.name, s.kind, s.retrieve) for s in settings.pull.sources] == [
+        ("pacs", "dimse", "c-move")
+    ]
