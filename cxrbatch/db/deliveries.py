@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from cxrbatch.config import Destination, SendSettings
@@ -233,7 +233,8 @@ def report(sessions: sessionmaker[Session], claimed: DeliveryClaim) -> Report:
                 Delivery.study_instance_uid == claimed.study_instance_uid,
                 Delivery.destination == claimed.destination,
                 Delivery.status == DeliveryStatus.SENT,
-                Delivery.outcome_id != outcome.id,
+                # An earlier outcome's, or one deleted since (re-recorded in place).
+                or_(Delivery.outcome_id != outcome.id, Delivery.outcome_id.is_(None)),
             )
         )
         return Report(
