@@ -17,7 +17,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
 import cxrbatch
-from cxrbatch.dicom.seg import MANUFACTURER, NOT_FOR_DIAGNOSIS
+from cxrbatch.dicom.seg import MANUFACTURER, NOT_FOR_DIAGNOSIS, processing_equipment
 from cxrbatch.domain import Findings, ImageResult, ModelRef
 
 KEY_IMAGE_SIZE = 1024
@@ -158,15 +158,7 @@ def build_key_image(
         manufacturer=MANUFACTURER,
         patient_orientation=tuple(orientation) if known else drawn,
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        contributing_equipment=[
-            hd.ContributingEquipment(
-                manufacturer=MANUFACTURER,
-                purpose_of_reference=codes.DCM.ProcessingEquipment,
-                manufacturer_model_name="cxrbatch key image",
-                software_versions=f"cxrbatch {cxrbatch.__version__}",
-                contribution_description=f"Algorithm output. {NOT_FOR_DIAGNOSIS}"[:64],
-            )
-        ],
+        contributing_equipment=[processing_equipment("cxrbatch key image")],
         manufacturer_model_name="cxrbatch key image",
         software_versions=f"cxrbatch {cxrbatch.__version__}",
     )

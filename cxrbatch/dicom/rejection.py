@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 import cxrbatch
-from cxrbatch.dicom.seg import MANUFACTURER, NOT_FOR_DIAGNOSIS
+from cxrbatch.dicom.seg import MANUFACTURER, NOT_FOR_DIAGNOSIS, processing_equipment
 from cxrbatch.domain import ModelRef
 
 SERIES_NUMBER = 9904
@@ -64,21 +64,11 @@ def build_rejection(
         instance_number=1,
         manufacturer=MANUFACTURER,
         contributing_equipment=[
-            hd.ContributingEquipment(
-                manufacturer=MANUFACTURER,
-                purpose_of_reference=codes.DCM.ProcessingEquipment,
-                manufacturer_model_name="cxrbatch rejection note",
-                software_versions=f"cxrbatch {cxrbatch.__version__}",
-                contribution_description=f"Algorithm output. {NOT_FOR_DIAGNOSIS}"[:64],
-            ),
+            processing_equipment("cxrbatch rejection note"),
             # The models whose newer outcome supersedes the withdrawn objects.
             *(
-                hd.ContributingEquipment(
-                    manufacturer=MANUFACTURER,
-                    purpose_of_reference=codes.DCM.ProcessingEquipment,
-                    manufacturer_model_name=m.name[:64],
-                    software_versions=[m.version[:64], m.sha256[:64]],
-                    contribution_description="Model of the superseding outcome",
+                processing_equipment(
+                    m.name, [m.version[:64], m.sha256[:64]], "Model of the superseding outcome"
                 )
                 for m in models
             ),

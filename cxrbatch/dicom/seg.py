@@ -17,6 +17,24 @@ NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSTIC USE"
 MANUFACTURER = "cxrbatch"
 
 
+def processing_equipment(
+    model_name: str,
+    software_versions: str | list[str] | None = None,
+    description: str = f"Algorithm output. {NOT_FOR_DIAGNOSIS}",
+) -> hd.ContributingEquipment:
+    """A Contributing Equipment item naming cxrbatch (or one of its models) as the
+    processing equipment of an output."""
+    from pydicom.sr.codedict import codes as sr_codes
+
+    return hd.ContributingEquipment(
+        manufacturer=MANUFACTURER,
+        purpose_of_reference=sr_codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=model_name[:64],
+        software_versions=software_versions or f"cxrbatch {cxrbatch.__version__}",
+        contribution_description=description[:64],
+    )
+
+
 def algorithm_identification(model: ModelRef, strategy: str) -> hd.AlgorithmIdentificationSequence:
     return hd.AlgorithmIdentificationSequence(
         name=f"{model.name} {strategy}"[:64],

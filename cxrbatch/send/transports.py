@@ -18,7 +18,7 @@ import ssl
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pydicom import dcmread
@@ -125,28 +125,49 @@ def stow_rs(destination: Destination, files: Sequence[Path]) -> None:
         )
     body = b"\r\n".join(parts) + f"\r\n--{boundary}--\r\n".encode()
     url = destination.url.rstrip("/") + "/studies"
-    request = urllib.request.Request(url, data=body, method="POST")
-    request.add_header(
-        "Content-Type", f'multipart/related; type="application/dicom"; boundary={boundary}'
+    status, payload = _post(
+        destination,
+        url,
+        body,
+        f'multipart/related; type="application/dicom"; boundary={boundary}',
+        "application/dicom+json",
+        "STOW-RS to",
+        lambda answer: answer[:300].decode("utf-8", "replace"),
     )
-    request.add_header("Accept", "application/dicom+json")
+    failed = _failed_sops(payload)
+    if status not in (200, 202) or failed:
+        raise SendError(
+            f"STOW-RS to {url}: HTTP {status}, {failed} of {len(files)} objects not stored"
+        )
+
+
+def _post(
+    destination: Destination,
+    url: str,
+    body: bytes,
+    content_type: str,
+    accept: str,
+    what: str,
+    detail: Callable[[bytes], str],
+) -> tuple[int, bytes]:
+    """One HTTP POST (basic auth, TLS as configured): the status and the answer; SendError
+    naming `what` and the URL for an HTTP error (with `detail` of its body) or no answer."""
+    request = urllib.request.Request(url, data=body, method="POST")
+    request.add_header("Content-Type", content_type)
+    request.add_header("Accept", accept)
     _basic_auth(request, destination)
     context = _client_ssl_context(destination) if url.startswith("https") else None
     try:
         with urllib.request.urlopen(
             request, timeout=destination.timeout_seconds, context=context
         ) as response:
-            status, payload = response.status, response.read()
+            return int(response.status), bytes(response.read())
     except urllib.error.HTTPError as exc:
-        detail = exc.read()[:300].decode("utf-8", "replace")
-        raise SendError(f"STOW-RS to {url}: HTTP {exc.code} {exc.reason}: {detail}") from exc
-    except (urllib.error.URLError, OSError) as exc:
-        raise SendError(f"STOW-RS to {url}: {getattr(exc, 'reason', exc)}") from exc
-    failed = _failed_sops(payload)
-    if status not in (200, 202) or failed:
         raise SendError(
-            f"STOW-RS to {url}: HTTP {status}, {failed} of {len(files)} objects not stored"
-        )
+            f"{what} {url}: HTTP {exc.code} {exc.reason}: {detail(exc.read())}"
+        ) from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise SendError(f"{what} {url}: {getattr(exc, 'reason', exc)}") from exc
 
 
 def _failed_sops(payload: bytes) -> int:
@@ -228,21 +249,15 @@ def mllp(destination: Destination, message: str, control_id: str) -> None:
 def fhir_transaction(destination: Destination, bundle: dict[str, object]) -> None:
     """POST a transaction Bundle to the FHIR base URL; every entry must answer 2xx."""
     url = destination.url.rstrip("/")
-    request = urllib.request.Request(url, data=json.dumps(bundle).encode(), method="POST")
-    request.add_header("Content-Type", "application/fhir+json; charset=utf-8")
-    request.add_header("Accept", "application/fhir+json")
-    _basic_auth(request, destination)
-    context = _client_ssl_context(destination) if url.startswith("https") else None
-    try:
-        with urllib.request.urlopen(
-            request, timeout=destination.timeout_seconds, context=context
-        ) as response:
-            status, payload = response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        detail = _operation_outcome(exc.read())
-        raise SendError(f"FHIR {url}: HTTP {exc.code} {exc.reason}: {detail}") from exc
-    except (urllib.error.URLError, OSError) as exc:
-        raise SendError(f"FHIR {url}: {getattr(exc, 'reason', exc)}") from exc
+    status, payload = _post(
+        destination,
+        url,
+        json.dumps(bundle).encode(),
+        "application/fhir+json; charset=utf-8",
+        "application/fhir+json",
+        "FHIR",
+        _operation_outcome,
+    )
     try:
         answer = json.loads(payload)
         entries = answer.get("entry", [])
