@@ -23,6 +23,7 @@ class MllpListener:
         self.mode = mode
         self.messages: list[Any] = []
         self.raw: list[str] = []
+        self.invalid: list[str] = []  # messages hl7apy did not validate as HL7 2.5
         listener = self
 
         class Handler(socketserver.BaseRequestHandler):
@@ -35,7 +36,8 @@ class MllpListener:
                     data += chunk
                 text = data[data.index(START) + 1 : data.index(END)].decode("utf-8")
                 message = parse_message(text, validation_level=2, find_groups=True)
-                message.validate()
+                if not message.validate():
+                    listener.invalid.append(text)
                 listener.raw.append(text)
                 listener.messages.append(message)
                 if listener.mode == "drop":

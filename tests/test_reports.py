@@ -92,7 +92,7 @@ def test_hl7_and_fhir_reports_are_retried_until_acknowledged(
     finally:
         listener.stop()
         endpoint.stop()
-    assert endpoint.invalid == []
+    assert endpoint.invalid == [] and listener.invalid == []
 
     # What the messages say is what the database says.
     with sessions() as session:
