@@ -134,6 +134,9 @@ def test_the_export_is_de_identified_and_its_references_resolve(
     with (export / "outcomes.csv").open() as handle:
         (outcome_row,) = list(csv.DictReader(handle))
     assert 0.0 <= float(outcome_row["p_Mass"]) <= 1.0 and outcome_row["synthetic_model"] == "True"
+    other = next(t for t in ("abnormal", "likely-normal") if t != outcome_row["triage"])
+    assert "exported 0 studies" in _export(out, root / "filtered", "--triage", other)
+    assert "exported 0 studies" in _export(out, root / "later", "--since", "2999-01-01")
     with mapping.open() as handle:
         (mapped,) = list(csv.DictReader(handle))
     assert mapped["original_patient_id"] == PATIENT_ID

@@ -177,3 +177,29 @@ def test_a_half_received_study_gets_the_rest_and_a_silent_pacs_is_an_error(
     out2, config2 = _site(tmp_path / "silent", receiver_port, silent)
     code, output = _pull(out2, config2)
     assert code == 2 and "association with ORTHANC@127.0.0.1" in output, output
+
+
+def test_a_pacs_that_refuses_the_query_is_a_one_line_error(tmp_path: Path) -> None:
+    """A Q/R SCP that answers C-FIND with 0xA700 (out of resources)."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        StudyRootQueryRetrieveInformationModelFind,
+    )
+
+    def refuse(event: evt.Event) -> Iterator[tuple[int, None]]:
+        yield 0xA700, None
+
+    ae = AE(ae_title="BADPACS")
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    port = _free_port()
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_FIND, refuse)]
+    )
+    try:
+        source = f'name = "bad"\nae_title = "BADPACS"\nhost = "127.0.0.1"\nport = {port}\n'
+        out, config = _site(tmp_path, _free_port(), source)
+        code, output = _pull(out, config)
+    finally:
+        server.shutdown()
+    assert code == 2, output
+    assert "C-FIND refused by BADPACS@127.0.0.1" in output and "0xA700" in output, output

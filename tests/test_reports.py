@@ -187,3 +187,64 @@ def test_report_destinations_are_validated() -> None:
         Destination(name="ris", transport="hl7-mllp")
     with pytest.raises(ValueError, match="'fhir' needs an http"):
         Destination(name="ehr", transport="fhir", url="fhir.local")
+
+
+def test_an_oru_is_accepted_by_hl7apys_own_mllp_server() -> None:
+    """Another implementation of the RIS side: hl7apy's MLLPServer, routing by message type
+    (ORU^R01), parses our framing and message and answers an ACK built by hl7apy."""
+    import datetime as dt
+    import threading
+
+    from hl7apy.core import Message
+    from hl7apy.mllp import AbstractHandler, MLLPServer
+    from hl7apy.parser import parse_message
+
+    from cxrbatch.db.deliveries import Report, ReportedFinding
+    from cxrbatch.send import messages
+    from cxrbatch.send.transports import mllp
+
+    received: list[str] = []
+
+    class Oru(AbstractHandler):  # type: ignore[misc]
+        def reply(self) -> str:
+            incoming = parse_message(self.incoming_message, find_groups=False)
+            received.append(self.incoming_message)
+            ack = Message("ACK", version="2.5")
+            ack.msh.msh_9 = "ACK^R01^ACK"
+            ack.msa.msa_1 = "AA"
+            ack.msa.msa_2 = incoming.msh.msh_10.value
+            return f"\x0b{ack.to_er7()}\x1c\x0d"  # hl7apy's handlers frame their answers
+
+    port = _free_port()
+    server = MLLPServer("127.0.0.1", port, {"ORU^R01^ORU_R01": (Oru,)})
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    report = Report(
+        1,
+        "1.2.3.4",
+        "ACC-1",
+        "MRN-1",
+        "DOE^JANE",
+        dt.date(2026, 11, 30),
+        dt.datetime(2026, 12, 1, 3, 0, tzinfo=dt.UTC),
+        "abnormal",
+        0.31,
+        0.35,
+        (ReportedFinding("Mass", 0.69, 0.5, True),),
+        ({"name": "m", "version": "1", "sha256": "ab" * 32, "synthetic_training_data": True},),
+        True,
+        False,
+        False,
+        False,
+    )
+    message = messages.oru_r01(report, control_id="CXR1.1.test", sending_application="CXRBATCH")
+    try:
+        mllp(
+            Destination(name="ris", transport="hl7-mllp", host="127.0.0.1", port=port),
+            message,
+            "CXR1.1.test",
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    (text,) = received
+    assert "ACC-1" in text and "NOT FOR DIAGNOSTIC USE" in text and "SYNTHETIC" in text
