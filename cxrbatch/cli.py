@@ -188,6 +188,18 @@ def _site(config: Path | None, db: str | None, out: Path | None, **flags: Any) -
     return Site.at(settings, out if out is not None else Path("."))
 
 
+def _progress(what: str, *, transient: bool = False) -> Progress:
+    """The progress bar of a long command (on stderr; kept when done unless `transient`)."""
+    return Progress(
+        TextColumn(f"[bold]{what}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=transient,
+    )
+
+
 def _fail(message: str) -> typer.Exit:
     console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
     return typer.Exit(code=2)
@@ -227,14 +239,7 @@ def process(
         settings = site.settings
         if not input_dir.exists():
             raise _fail(f"input folder not found: {input_dir}")
-        with Progress(
-            TextColumn("[bold]studies"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-            transient=False,
-        ) as progress:
+        with _progress("studies") as progress:
             task = progress.add_task("studies", total=None)
 
             def advance(_result: object, index: int, total: int) -> None:
@@ -727,30 +732,21 @@ def reprocess(
     from cxrbatch.lifecycle.reprocess import backfill
 
     site = _site(config, db, out)
-    with Progress(
-        TextColumn("re-queueing"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
+    # Database errors are one line by _operator_errors, as for every command.
+    with _progress("re-queueing", transient=True) as bar:
         task = bar.add_task("backfill", total=None)
 
         def advance(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
-        try:
-            made = backfill(
-                site,
-                _utc(since),
-                _utc(until),
-                max_queued=max_queued,
-                stall_seconds=stall_minutes * 60,
-                progress=advance,
-            )
-        except DatabaseError as exc:
-            raise _fail(_database_error(exc)) from exc
+        made = backfill(
+            site,
+            _utc(since),
+            _utc(until),
+            max_queued=max_queued,
+            stall_seconds=stall_minutes * 60,
+            progress=advance,
+        )
     out_console.print(f"{made.queued} of {made.candidates} studies re-queued")
 
 
@@ -959,18 +955,6 @@ def audit(
         events, fmt, "web app audit trail",
         ["at", "user", "action", "study_instance_uid", "detail"],
     )  # fmt: skip
-
-
-def _progress(what: str) -> Progress:
-    """The progress bar of a long command (on stderr, kept when done)."""
-    return Progress(
-        TextColumn(f"[bold]{what}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    )
 
 
 @app.command()

@@ -205,9 +205,11 @@ def _process_image(
         passed = segmentation.qc_passed
         findings = classify(models.classifier, inputs, passed)
         screening = classify(models.screening, inputs, passed)
-    with timer.stage("shadow"):
-        shadow = classify(models.shadow, inputs, passed)
-        shadow_screening = classify(models.shadow_screening, inputs, passed)
+    shadow = shadow_screening = None
+    if models.shadow is not None or models.shadow_screening is not None:
+        with timer.stage("shadow"):  # timed only where a candidate runs
+            shadow = classify(models.shadow, inputs, passed)
+            shadow_screening = classify(models.shadow_screening, inputs, passed)
     result = ImageResult(
         image.instance, image, segmentation, findings, screening, shadow, shadow_screening
     )
