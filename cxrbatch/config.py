@@ -150,6 +150,12 @@ class DicomSettings(_Section):
     network_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
 
 
+def password_from(variable: str) -> str:
+    """A password read from the environment variable a setting names (`password_env`; no
+    secrets in configuration files); empty when none is named or set."""
+    return os.environ.get(variable, "") if variable else ""
+
+
 DICOM_TRANSPORTS = ("dimse", "stow-rs")
 # Transports that send a report of the outcome (cxrbatch/send/messages.py), not its files.
 REPORT_TRANSPORTS = ("hl7-mllp", "fhir")

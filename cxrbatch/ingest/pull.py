@@ -20,14 +20,14 @@ brings duplicates, which the spool drops.
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import io
 import logging
-import os
 import socket
-import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -39,11 +39,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
-from cxrbatch.config import PullSource, Settings
+from cxrbatch.config import PullSource, Settings, password_from
 from cxrbatch.db import Sessions, instances
 from cxrbatch.dicom import status as dimse_status
 from cxrbatch.errors import CxrBatchError, one_line
-from cxrbatch.files import atomic_write
 from cxrbatch.ingest.scp import DicomReceiver
 from cxrbatch.ingest.spool import Spool, Taken
 from cxrbatch.site import Site
@@ -154,8 +153,7 @@ class Puller:
         return report
 
     def _pull_study(self, study_uid: str, modalities: tuple[str, ...], report: PullReport) -> None:
-        wanted = [s for s in self._find_series(study_uid) if s.modality in modalities]
-        missing = [s for s in wanted if self._missing(s)]
+        missing = [s for s in self._find_series(study_uid, modalities) if self._missing(s)]
         if not missing:
             report.already_here += 1
             return
@@ -190,7 +188,7 @@ class Puller:
         found: dict[str, None] = {}
         for modality in modalities:
             if self.source.kind == "dicomweb":
-                rows = self._qido().search_for_studies(
+                rows = self._qido.search_for_studies(
                     search_filters={"StudyDate": window.dicom, "ModalitiesInStudy": modality},
                     fields=["StudyInstanceUID"],
                 )
@@ -204,21 +202,19 @@ class Puller:
                 found.update(dict.fromkeys(str(r.StudyInstanceUID) for r in self._c_find(query)))
         return [uid for uid in found if uid]
 
-    def _find_series(self, study_uid: str) -> list[Series]:
+    def _find_series(self, study_uid: str, modalities: tuple[str, ...]) -> list[Series]:
+        """The study's series of `modalities` (filtered here: multi-valued Modality matching
+        is not portable), each with its SOP Instance UIDs."""
         listed: list[Series] = []
         if self.source.kind == "dicomweb":
-            client = self._qido()
-            for row in client.search_for_series(study_uid, fields=["Modality"]):
+            for row in self._qido.search_for_series(study_uid, fields=["Modality"]):
                 series_uid = _qido_value(row, "0020000E")
-                sops = client.search_for_instances(study_uid, series_uid)
-                listed.append(
-                    Series(
-                        study_uid,
-                        series_uid,
-                        _qido_value(row, "00080060").upper(),
-                        tuple(_qido_value(s, "00080018") for s in sops),
-                    )
-                )
+                modality = _qido_value(row, "00080060").upper()
+                if modality not in modalities:
+                    continue
+                sops = self._qido.search_for_instances(study_uid, series_uid)
+                uids = tuple(_qido_value(s, "00080018") for s in sops)
+                listed.append(Series(study_uid, series_uid, modality, uids))
             return listed
         query = Dataset()
         query.QueryRetrieveLevel = "SERIES"
@@ -226,13 +222,15 @@ class Puller:
         query.SeriesInstanceUID = ""
         query.Modality = ""
         for row in self._c_find(query):
+            modality = str(row.get("Modality", "")).upper()
+            if modality not in modalities:
+                continue
             image = Dataset()
             image.QueryRetrieveLevel = "IMAGE"
             image.StudyInstanceUID = study_uid
             image.SeriesInstanceUID = row.SeriesInstanceUID
             image.SOPInstanceUID = ""
             sops = tuple(str(r.SOPInstanceUID) for r in self._c_find(image))
-            modality = str(row.get("Modality", "")).upper()
             listed.append(Series(study_uid, str(row.SeriesInstanceUID), modality, sops))
         return listed
 
@@ -268,16 +266,15 @@ class Puller:
         identifier.QueryRetrieveLevel = "SERIES"
         identifier.StudyInstanceUID = series.study_instance_uid
         identifier.SeriesInstanceUID = series.series_instance_uid
-        self._taken: dict[Taken, int] = {}
         if self.source.retrieve == "c-get":
-            self._c_get(identifier)
-        else:
-            self._c_move(identifier)
-        return dict(self._taken)
+            return self._c_get(identifier)
+        return self._c_move(identifier)
 
-    def _c_move(self, identifier: Dataset) -> None:
+    def _c_move(self, identifier: Dataset) -> dict[Taken, int]:
+        """The sub-operations arrive at a receiver (ours, or the running daemon's): what it
+        took is counted from the instances table."""
         destination = self.source.move_destination or self.settings.dicom.ae_title
-        before = self._counting()
+        before = self._tally()
         with self._association(StudyRootQueryRetrieveInformationModelMove) as assoc:
             final = None
             for status, _ in assoc.send_c_move(
@@ -285,14 +282,23 @@ class Puller:
             ):
                 final = int(status.Status) if "Status" in status else None
             self._check_retrieve("C-MOVE", final)
-        self._taken = self._counting_since(before)
+        after = self._tally()
+        received, duplicates, rejected = (max(0, a - b) for a, b in zip(after, before, strict=True))
+        return {Taken.RECEIVED: received, Taken.DUPLICATE: duplicates, Taken.REJECTED: rejected}
 
-    def _c_get(self, identifier: Dataset) -> None:
+    def _c_get(self, identifier: Dataset) -> dict[Taken, int]:
+        counted: Counter[Taken] = Counter()
+
+        def store(event: evt.Event) -> int:
+            taken = self.receiver.take_event(event)
+            if taken is not None:
+                counted[taken] += 1
+            return self.receiver.answer(taken)
+
         storage = sorted(set(self.settings.selection.sop_class_uids))
-        handlers = [(evt.EVT_C_STORE, self._on_get_store)]
         roles = [build_role(sop_class, scp_role=True) for sop_class in storage]
         with self._association(
-            StudyRootQueryRetrieveInformationModelGet, storage, roles, handlers
+            StudyRootQueryRetrieveInformationModelGet, storage, roles, [(evt.EVT_C_STORE, store)]
         ) as assoc:
             final = None
             for status, _ in assoc.send_c_get(
@@ -300,12 +306,7 @@ class Puller:
             ):
                 final = int(status.Status) if "Status" in status else None
             self._check_retrieve("C-GET", final)
-
-    def _on_get_store(self, event: evt.Event) -> int:
-        taken = self.receiver.take_event(event)
-        if taken is not None:
-            self._taken[taken] = self._taken.get(taken, 0) + 1
-        return self.receiver.answer(taken)
+        return dict(counted)
 
     def _check_retrieve(self, what: str, final: int | None) -> None:
         if final is None:
@@ -316,28 +317,19 @@ class Puller:
             log.warning("%s from %s: some sub-operations failed", what, self._where)
 
     def _wado(self, series: Series) -> dict[Taken, int]:
-        client = self._qido()
-        counted: dict[Taken, int] = {}
-        with self.sessions() as session:
-            wanted = [
-                uid
-                for uid in series.sop_instance_uids
-                if instances.known(session, uid, self.site.roots) is None
-            ]
-        for sop_uid in wanted:
+        counted: Counter[Taken] = Counter()
+        for sop_uid in self._missing(series):
             try:
-                ds = client.retrieve_instance(
+                ds = self._qido.retrieve_instance(
                     series.study_instance_uid, series.series_instance_uid, sop_uid
                 )
             except Exception as exc:  # requests' errors: HTTP status, connection
                 raise PullError(f"WADO-RS of instance {sop_uid}: {one_line(exc)}") from exc
-            path = self.site.incoming_dir / f"{uuid.uuid4().hex}.dcm"
-            _write(path, ds)
-            taken = self.spool.take(path)
-            if taken not in (Taken.RECEIVED, Taken.CORRECTED):
-                path.unlink(missing_ok=True)
-            counted[taken] = counted.get(taken, 0) + 1
-        return counted
+            taken = self.receiver.take_data(functools.partial(_part10, ds))
+            if taken is None:
+                raise PullError(f"instance {sop_uid} could not be taken in (see the log)")
+            counted[taken] += 1
+        return dict(counted)
 
     # -- peers -----------------------------------------------------------------------------
 
@@ -377,28 +369,20 @@ class Puller:
             if assoc.is_established:
                 assoc.release()
 
+    @functools.cached_property
     def _qido(self) -> Any:
+        """One DICOMweb client (and HTTP session) for the pull."""
         from dicomweb_client.api import DICOMwebClient
         from requests import Session
 
         session = Session()
         if self.source.username:
-            password = (
-                os.environ.get(self.source.password_env, "") if self.source.password_env else ""
-            )
-            session.auth = (self.source.username, password)
+            session.auth = (self.source.username, password_from(self.source.password_env))
         return DICOMwebClient(self.source.url, session=session, timeout=self.source.timeout_seconds)
 
-    # C-MOVE sub-operations arrive at a receiver (ours, or the running daemon's): what was
-    # taken is counted from the instances table.
-    def _counting(self) -> tuple[int, int, int]:
+    def _tally(self) -> tuple[int, int, int]:
         with self.sessions() as session:
             return instances.tally(session)
-
-    def _counting_since(self, before: tuple[int, int, int]) -> dict[Taken, int]:
-        after = self._counting()
-        received, duplicates, rejected = (max(0, a - b) for a, b in zip(after, before, strict=True))
-        return {Taken.RECEIVED: received, Taken.DUPLICATE: duplicates, Taken.REJECTED: rejected}
 
     @contextmanager
     def _retrieving(self) -> Iterator[None]:
@@ -439,8 +423,10 @@ class Puller:
         return True
 
 
-def _write(path: Path, ds: Dataset) -> None:
-    atomic_write(path, lambda handle: ds.save_as(handle, enforce_file_format=True))
+def _part10(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
 
 
 def _qido_value(row: dict[str, Any], tag: str) -> str:

@@ -28,6 +28,7 @@ import logging
 import ssl
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -208,9 +209,14 @@ class DicomReceiver:
     def take_event(self, event: evt.Event) -> Taken | None:
         """Take a C-STORE request's data set in (also a C-GET's sub-operations, on a pull's
         association); None when it could not be taken (a local failure, logged)."""
+        return self.take_data(lambda: event.encoded_dataset(include_meta=True))
+
+    def take_data(self, encode: Callable[[], bytes]) -> Taken | None:
+        """Take in one instance, as the Part 10 bytes `encode` gives (a C-STORE's data set,
+        an instance fetched by WADO-RS): written to the incoming folder, then `Spool.take`."""
         path = self.incoming / f"{uuid.uuid4().hex}.dcm"
         try:
-            data = event.encoded_dataset(include_meta=True)
+            data = encode()
             atomic_write(path, lambda handle: handle.write(data))
             with self._lock:
                 taken = self.spool.take(path)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 import socket
 import ssl
 import urllib.error
@@ -27,7 +26,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
-from cxrbatch.config import Destination
+from cxrbatch.config import Destination, password_from
 from cxrbatch.dicom import status as dimse_status
 from cxrbatch.errors import CxrBatchError
 
@@ -61,7 +60,7 @@ def _read(path: Path) -> Dataset:
 
 def _basic_auth(request: urllib.request.Request, destination: Destination) -> None:
     if destination.username:
-        password = os.environ.get(destination.password_env, "") if destination.password_env else ""
+        password = password_from(destination.password_env)
         token = base64.b64encode(f"{destination.username}:{password}".encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
 
