@@ -33,12 +33,14 @@ import copy
 import csv
 import datetime as dt
 import hashlib
+import io
 import logging
 import os
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import cv2
 import pydicom
@@ -49,6 +51,7 @@ from cxrbatch.config import DeidSettings
 from cxrbatch.db import Sessions, repository
 from cxrbatch.dicom.decode import decode_dataset
 from cxrbatch.dicom.discover import read_header
+from cxrbatch.dicom.export import write_dicom
 from cxrbatch.domain import InstanceHeader, OutcomeStatus
 from cxrbatch.errors import ConfigError
 from cxrbatch.files import atomic_write
@@ -368,7 +371,7 @@ def _export_study(
         clean = deidentify(ds)
         first = first or clean
         folder = out / "dicom" / uid_path_component(str(clean.StudyInstanceUID))
-        _save(clean, folder / f"{uid_path_component(str(clean.SOPInstanceUID))}.dcm")
+        write_dicom(folder / f"{uid_path_component(str(clean.SOPInstanceUID))}.dcm", clean)
         image_index = f"{uid_path_component(str(clean.SOPInstanceUID))}.png"
         pixels = decode_dataset(clean, header).pixels
         ok, png = cv2.imencode(".png", pixels)
@@ -401,7 +404,7 @@ def _export_study(
     for ds in objects:
         clean = deidentify(ds)
         folder = out / "dicom" / uid_path_component(str(clean.StudyInstanceUID))
-        _save(clean, folder / f"{uid_path_component(str(clean.SOPInstanceUID))}.dcm")
+        write_dicom(folder / f"{uid_path_component(str(clean.SOPInstanceUID))}.dcm", clean)
         done.objects += 1
     assert first is not None
     return _Written(
@@ -419,26 +422,17 @@ def _export_study(
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda handle: handle.write(data))
-
-
-def _save(ds: Dataset, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda handle: ds.save_as(handle, enforce_file_format=True))
 
 
 def _write_csv(
     path: Path, columns: list[str], rows: list[dict[str, object]] | list[dict[str, str]]
 ) -> None:
-    def write(handle: object) -> None:
-        import io
-
+    def write(handle: IO[bytes]) -> None:
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-        handle.write(text.getvalue().encode())  # type: ignore[attr-defined]
+        handle.write(text.getvalue().encode())
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, write)

@@ -23,8 +23,9 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from cxrbatch.config import Destination, SendSettings
+from cxrbatch.db import repository
 from cxrbatch.db.leased import LeasedWork, RetryPolicy
-from cxrbatch.db.models import Delivery, Image, Outcome, utcnow
+from cxrbatch.db.models import Delivery, Outcome, utcnow
 from cxrbatch.domain import DeliveryStatus, OutcomeStatus, Triage
 from cxrbatch.paths import StorageRoots, resolve_stored
 
@@ -139,8 +140,8 @@ def enqueue(
         .values(status=DeliveryStatus.SUPERSEDED, updated_at=now)
     )
     for destination in destinations:
-        withdraws = withdrawal is not None and destination.name in withdrawal.destinations
         sent = [] if destination.sends_report else files
+        note = withdrawal if withdrawal and destination.name in withdrawal.destinations else None
         session.add(
             Delivery(
                 study_instance_uid=study_uid,
@@ -150,9 +151,9 @@ def enqueue(
                 status=DeliveryStatus.PENDING,
                 attempts=0,
                 run_after=now,
-                files=[withdrawal.file, *sent] if withdraws and withdrawal else sent,
+                files=[note.file, *sent] if note else sent,
                 objects=None if destination.sends_report else list(objects),
-                withdraws=list(withdrawal.objects) if withdraws and withdrawal else None,
+                withdraws=list(note.objects) if note else None,
                 created_at=now,
                 updated_at=now,
             )
@@ -214,20 +215,27 @@ def report(sessions: sessionmaker[Session], claimed: DeliveryClaim) -> Report:
         if outcome is None:
             raise LookupError(f"delivery {claimed.delivery_id}: its outcome is gone")
         study = outcome.study
-        best: dict[str, ReportedFinding] = {}
-        needs_review = outcome.triage == Triage.NEEDS_REVIEW
-        for image in session.scalars(
-            select(Image).where(Image.outcome_id == outcome.id).order_by(Image.id)
-        ):
-            needs_review = needs_review or image.triage == Triage.NEEDS_REVIEW
-            for finding in image.findings:
-                if finding.role != "classifier":
-                    continue
-                known = best.get(finding.label)
-                if known is None or finding.probability > known.probability:
-                    best[finding.label] = ReportedFinding(
-                        finding.label, finding.probability, finding.threshold, finding.positive
-                    )
+        # The study-level values `cxrbatch results` lists: each label's highest probability
+        # and its call (positive when any image reached the bundle's threshold).
+        calls = repository.calls(outcome)
+        thresholds = {
+            f.label: f.threshold
+            for image in outcome.images
+            for f in image.findings
+            if f.role == "classifier" and f.threshold is not None
+        }
+        findings = tuple(
+            ReportedFinding(
+                label,
+                probability,
+                thresholds.get(label),
+                calls[label] == "positive" if label in calls else None,
+            )
+            for label, probability in repository.probabilities(outcome).items()
+        )
+        needs_review = outcome.triage == Triage.NEEDS_REVIEW or any(
+            image.triage == Triage.NEEDS_REVIEW for image in outcome.images
+        )
         corrects = session.scalar(
             select(Delivery.id).where(
                 Delivery.study_instance_uid == claimed.study_instance_uid,
@@ -248,7 +256,7 @@ def report(sessions: sessionmaker[Session], claimed: DeliveryClaim) -> Report:
             triage=outcome.triage,
             no_finding_score=outcome.no_finding_score,
             screening_no_finding_score=outcome.screening_no_finding_score,
-            findings=tuple(best.values()),
+            findings=findings,
             models=tuple(outcome.models or ()),
             synthetic_model=outcome.synthetic_model,
             segmentation_only=outcome.segmentation_only,

@@ -16,10 +16,10 @@ from pydicom.dataset import Dataset
 from cxrbatch.files import atomic_write
 from cxrbatch.paths import inside, uid_path_component
 
-# Type 2 attributes of the Patient and General Study modules that the SEG, SR and key
-# image copy from their source. Many archives omit them; an output must carry them (empty
-# where unknown), and highdicom reads them without a default.
-_PATIENT_STUDY_TYPE2 = (
+# Type 2 attributes of the Patient and General Study modules that the SEG, SR, key image
+# and rejection note copy from their source. Many archives omit them; an output must carry
+# them (empty where unknown), and highdicom reads them without a default.
+PATIENT_STUDY_TYPE2 = (
     "PatientName",
     "PatientID",
     "PatientBirthDate",
@@ -36,7 +36,7 @@ def reference_header(source: Dataset) -> Dataset:
     """A copy of a source header to build outputs from: missing Type 2 patient and study
     attributes present and empty (as the standard has it for unknown values)."""
     header = copy.copy(source)
-    for keyword in _PATIENT_STUDY_TYPE2:
+    for keyword in PATIENT_STUDY_TYPE2:
         if keyword not in header:
             setattr(header, keyword, "")
     return header

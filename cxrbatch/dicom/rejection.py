@@ -18,6 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 import cxrbatch
+from cxrbatch.dicom.export import PATIENT_STUDY_TYPE2
 from cxrbatch.dicom.seg import MANUFACTURER, NOT_FOR_DIAGNOSIS, processing_equipment
 from cxrbatch.domain import ModelRef
 
@@ -78,21 +79,6 @@ def build_rejection(
     return note
 
 
-# Patient and study attributes a rejection note copies from the study (its evidence).
-_STUDY_ATTRIBUTES = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyInstanceUID",
-    "StudyDate",
-    "StudyTime",
-    "StudyID",
-    "AccessionNumber",
-    "ReferringPhysicianName",
-)
-
-
 def identities(paths: list[Path]) -> list[dict[str, str]]:
     """The UIDs of DICOM output files, as `deliveries.objects` keeps them."""
     found = []
@@ -118,7 +104,7 @@ def evidence(objects: list[dict[str, str]], study: Dataset) -> list[Dataset]:
     headers = []
     for item in objects:
         ds = Dataset()
-        for keyword in _STUDY_ATTRIBUTES:
+        for keyword in PATIENT_STUDY_TYPE2:
             if keyword in study:
                 setattr(ds, keyword, study.data_element(keyword).value)  # type: ignore[union-attr]
         ds.StudyInstanceUID = item["study"]

@@ -37,15 +37,21 @@ def _findings_dict(findings: Findings | None) -> dict[str, object] | None:
     }
 
 
-def result_document(result: StudyResult, outputs: OutputFiles) -> dict[str, object]:
-    synthetic = any(m.synthetic_training_data for m in result.models)
+def outcome_notes(synthetic: bool, segmentation_only: bool, needs_review: bool) -> list[str]:
+    """The notes an outcome carries wherever it is shown (result.json, HL7, FHIR)."""
     notes = [DISCLAIMER]
     if synthetic:
         notes.append(SYNTHETIC_WARNING)
-    if result.segmentation_only:
+    if segmentation_only:
         notes.append("Segmentation-only outcome: no classifier bundle was configured.")
-    if result.needs_review:
+    if needs_review:
         notes.append(NEEDS_REVIEW_NOTE)
+    return notes
+
+
+def result_document(result: StudyResult, outputs: OutputFiles) -> dict[str, object]:
+    synthetic = any(m.synthetic_training_data for m in result.models)
+    notes = outcome_notes(synthetic, result.segmentation_only, result.needs_review)
     return {
         "study_instance_uid": result.study_instance_uid,
         "status": result.status.value,

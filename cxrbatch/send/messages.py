@@ -23,7 +23,7 @@ from typing import Any
 from hl7apy.core import Message
 
 from cxrbatch.db.deliveries import Report, ReportedFinding
-from cxrbatch.dicom.result_json import DISCLAIMER, NEEDS_REVIEW_NOTE, SYNTHETIC_WARNING
+from cxrbatch.dicom.result_json import outcome_notes
 
 HL7_VERSION = "2.5"
 # Local code system of the observation identifiers (HL7 table 0396: "99zzz" = local).
@@ -40,15 +40,8 @@ INTERPRETATION_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ObservationInt
 
 
 def notes(report: Report) -> list[str]:
-    """The notes every report carries, in the order the SR gives them."""
-    found = [DISCLAIMER]
-    if report.synthetic_model:
-        found.append(SYNTHETIC_WARNING)
-    if report.segmentation_only:
-        found.append("Segmentation-only outcome: no classifier bundle was configured.")
-    if report.needs_review:
-        found.append(NEEDS_REVIEW_NOTE)
-    return found
+    """The notes every report carries, as result.json gives them."""
+    return outcome_notes(report.synthetic_model, report.segmentation_only, report.needs_review)
 
 
 def model_identity(model: dict[str, Any]) -> str:
