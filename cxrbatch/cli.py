@@ -979,7 +979,9 @@ def pull(
     WADO-RS) into the spool and queue, for `watch` or `worker` to process; studies already
     received are not fetched again.
 
-    Exit code 1 when a study could not be fetched whole (run it again: it resumes)."""
+    Exit code 1 when a study could not be fetched whole (run it again: it resumes), when
+    the window matched more than pull.max_studies studies, or when the PACS sent
+    instances not asked for (quarantined)."""
     from cxrbatch.db.session import ensure_local_sqlite, upgrade
     from cxrbatch.ingest.pull import Puller, Window, source_named
 
@@ -1005,10 +1007,19 @@ def pull(
         f"{report.studies} studies found, {report.already_here} already here, "
         f"{report.fetched} fetched: {report.received} instances received, "
         f"{report.duplicates} duplicates, {report.rejected} quarantined"
+        + (f" ({report.not_requested} not requested)" if report.not_requested else "")
     )
+    if report.truncated:
+        out_console.print(f"not complete: {report.truncated}", style="bold yellow")
     for failure in report.failures:
         out_console.print(f"not complete: {failure}", style="bold yellow")
-    if not report.complete:
+    if report.not_requested:
+        out_console.print(
+            f"the PACS sent {report.not_requested} instance(s) of studies or series not asked "
+            "for: refused and quarantined (reason 'not requested'); check its retrieve set-up",
+            style="bold yellow",
+        )
+    if not report.complete or report.not_requested:
         raise typer.Exit(code=EXIT_SOME_FAILED)
 
 

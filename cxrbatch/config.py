@@ -231,6 +231,10 @@ class PullSource(_Section):
     url: str = ""
     username: str = ""
     password_env: str = ""
+    tls_ca_certificates: str = ""  # dicomweb over https: the CA file (default: the system's)
+    # The most one request may take in all (a C-FIND with its answers, one series' C-MOVE
+    # or C-GET, one WADO-RS instance): a PACS that trickles or answers "pending" forever
+    # is cut off then, and the study is left for the next run.
     timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
 
     @model_validator(mode="after")
@@ -254,6 +258,13 @@ class PullSettings(_Section):
     since_hours: Annotated[float, Field(gt=0)] = 24.0
     # ModalitiesInStudy queried, and the series fetched (--modality overrides).
     modalities: tuple[str, ...] = ("CR", "DX")
+    # At most this many studies are taken from a window's C-FIND / QIDO-RS matches (the
+    # query is cancelled past it, and the pull says so and exits 1): a window wider than
+    # intended is not fetched study by study for hours.
+    max_studies: Annotated[int, Field(ge=1)] = 1000
+    # The whole pull ends within this many minutes; the studies not reached are reported
+    # as not complete and the next run resumes them.
+    run_timeout_minutes: Annotated[float, Field(gt=0)] = 360.0
 
 
 class SendSettings(_Section):
@@ -277,6 +288,18 @@ class SendSettings(_Section):
         if duplicates:
             raise ValueError(f"destination names must be unique, found {duplicates} twice")
         return value
+
+    @model_validator(mode="after")
+    def _deadline_within_lease(self) -> SendSettings:
+        # A delivery still running when its lease ends would be sent twice at once.
+        for destination in self.destinations:
+            if destination.timeout_seconds >= self.lease_seconds:
+                raise ValueError(
+                    f"destination {destination.name!r}: timeout_seconds "
+                    f"({destination.timeout_seconds:g}) must be below send.lease_seconds "
+                    f"({self.lease_seconds:g})"
+                )
+        return self
 
 
 class ProcessingSettings(_Section):

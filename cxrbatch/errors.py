@@ -8,9 +8,20 @@ else is a failure of ours.
 
 from __future__ import annotations
 
+import unicodedata
+
 
 class CxrBatchError(Exception):
     """Base class of every error cxrbatch raises on purpose."""
+
+
+class PeerError(CxrBatchError):
+    """An exchange with another system failed. The message may quote that system's answer:
+    it is kept on one line of printable text (`printable`), so a peer cannot forge log
+    lines or hide text with control characters."""
+
+    def __init__(self, message: str = "", *args: object) -> None:
+        super().__init__(printable(message), *args)
 
 
 class ConfigError(CxrBatchError):
@@ -46,3 +57,26 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
     message = text[0].strip() if text else ""
     line = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+# Characters shown as escapes: C0/C1 controls (CR, LF, NUL, the MLLP frame bytes ...) and the
+# format characters that reorder or hide text (bidirectional overrides and isolates, zero
+# width marks).
+_SHOWN_AS_ESCAPES = {"Cc", "Cf", "Zl", "Zp"}
+
+
+def printable(text: str, limit: int | None = None) -> str:
+    """`text` on one line with every control or text-reordering character written as an
+    escape (`\\r`, `\\x00`, `\\u202e`); at most `limit` characters."""
+    out = []
+    for char in text:
+        if unicodedata.category(char) in _SHOWN_AS_ESCAPES and char != "\t":
+            code = ord(char)
+            named = {"\r": "\\r", "\n": "\\n"}.get(char)
+            out.append(named or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"))
+        else:
+            out.append(" " if char == "\t" else char)
+    line = "".join(out)
+    if limit is not None and len(line) > limit:
+        return line[: limit - 3] + "..."
+    return line

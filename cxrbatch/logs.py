@@ -52,6 +52,10 @@ def quiet_third_party() -> None:
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # dicomweb-client wraps its requests in `retrying`, which logs each failed attempt with
+    # a multi-line traceback at WARNING; cxrbatch logs the failure itself, on one line.
+    logging.getLogger("retrying").setLevel(logging.ERROR)
+    logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning, module="timm")
     warnings.filterwarnings("ignore", module="pydicom")
     warnings.filterwarnings("ignore", module="highdicom")

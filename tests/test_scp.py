@@ -182,7 +182,7 @@ def test_conflicts_and_unusable_data_sets_are_quarantined_and_refused(node: _Nod
 def test_a_local_failure_is_not_acknowledged(
     node: _Node, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def disk_full(path: Path) -> object:
+    def disk_full(path: Path, expect: object = None) -> object:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(node.receiver.spool, "take", disk_full)

@@ -9,6 +9,8 @@ instances      instances received by the daemon (spool), one per SOPInstanceUID
 jobs           the work queue of the daemon: one job per study
 deliveries     one row per (outcome, destination): sending SEG/SR/key images back
 audit_events   the web app's audit trail: who viewed which study, who exported what
+retrievals     the series a running `cxrbatch pull` asked a PACS to send (C-MOVE): what
+               a receiver may take in from that pull's retrieval
 """
 
 from __future__ import annotations
@@ -267,3 +269,27 @@ class AuditEvent(Base):
     action: Mapped[str] = mapped_column(String(32))
     study_instance_uid: Mapped[str | None] = mapped_column(String(64))
     detail: Mapped[str | None] = mapped_column(Text)
+
+
+class Retrieval(Base):
+    """A series a `cxrbatch pull` asked a PACS to send by C-MOVE, open while the retrieval
+    runs: the receiver (the daemon's or the pull's own) takes in only instances of an open
+    retrieval from a C-MOVE that this pull started; others are quarantined as "not
+    requested" and counted here."""
+
+    __tablename__ = "retrievals"
+    __table_args__ = (Index("ix_retrievals_originator", "originator"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # The AE title the pull's C-MOVE came from (what the standard puts in the C-STOREs'
+    # Move Originator AE Title), and the PACS's (the C-STOREs' calling AE title; some
+    # PACS, pynetdicom's SCP among them, also put their own in Move Originator).
+    originator: Mapped[str] = mapped_column(String(16))
+    source_ae_title: Mapped[str] = mapped_column(String(16))
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    opened_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # A retrieval left open by a killed pull stops counting after this.
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    # Instances of other studies or series that arrived during it (quarantined).
+    refused: Mapped[int] = mapped_column(Integer, default=0)

@@ -14,12 +14,14 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700  # the receiver could not keep the instance: the sender retries
 CANNOT_UNDERSTAND = 0xC000  # an unusable data set: quarantined
 CONFLICT = 0xC001  # in the 0xCxxx "cannot understand" range: same UID, other content
+NOT_REQUESTED = 0xC002  # a retrieval's instance of another study or series: quarantined
 
 # What cxrbatch's receiver means by the codes it answers (pynetdicom's text is generic).
 OURS: dict[int, str] = {
     OUT_OF_RESOURCES: "Refused: Out of Resources (disk or database failed; retry later)",
     CANNOT_UNDERSTAND: "Cannot Understand (unusable data set; quarantined)",
     CONFLICT: "Cannot Understand (SOP Instance UID received before with other content)",
+    NOT_REQUESTED: "Cannot Understand (not the study or series requested; quarantined)",
 }
 
 

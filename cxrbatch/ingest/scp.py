@@ -3,6 +3,11 @@
     association request -> allowed host? calling AE title (pynetdicom's
                            require_calling_aet)? else A-ASSOCIATE-RJ, logged with the
                            calling AE title and the host
+    C-STORE of a C-MOVE -> (Move Originator AE Title: a `cxrbatch pull` of this site) the
+                           instance must belong to a series that pull asked for (the
+                           `retrievals` table), else it is quarantined as "not requested"
+                           and answered 0xC002; a receiver a pull runs for itself is
+                           strict: every instance must belong to an open retrieval
     C-ECHO              -> success
     C-STORE             -> the encoded data set, with its file meta information, written
                            to OUT/_incoming/ (temporary file, fsync, rename) -> Spool.take
@@ -36,10 +41,12 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from cxrbatch.config import DicomSettings
+from cxrbatch.db import retrievals
 from cxrbatch.dicom import status
+from cxrbatch.domain import InstanceHeader
 from cxrbatch.errors import ConfigError, one_line
 from cxrbatch.files import atomic_write
-from cxrbatch.ingest.spool import Spool, Taken
+from cxrbatch.ingest.spool import Expectation, Spool, Taken
 from cxrbatch.network import is_loopback
 
 log = logging.getLogger(__name__)
@@ -47,6 +54,7 @@ log = logging.getLogger(__name__)
 # The statuses answered (cxrbatch/dicom/status.py describes them, for senders too).
 SUCCESS, OUT_OF_RESOURCES = status.SUCCESS, status.OUT_OF_RESOURCES
 CANNOT_UNDERSTAND, CONFLICT = status.CANNOT_UNDERSTAND, status.CONFLICT
+NOT_REQUESTED = status.NOT_REQUESTED
 
 _STATUS = {
     Taken.RECEIVED: SUCCESS,
@@ -54,6 +62,7 @@ _STATUS = {
     Taken.CORRECTED: SUCCESS,
     Taken.REJECTED: CANNOT_UNDERSTAND,
     Taken.CONFLICT: CONFLICT,
+    Taken.NOT_REQUESTED: NOT_REQUESTED,
     Taken.CHANGED: OUT_OF_RESOURCES,
     Taken.GONE: OUT_OF_RESOURCES,
 }
@@ -90,8 +99,13 @@ def _ssl_context(settings: DicomSettings) -> ssl.SSLContext | None:
 class DicomReceiver:
     """A Storage and Verification SCP whose every instance goes through `Spool.take`."""
 
-    def __init__(self, settings: DicomSettings, spool: Spool, incoming: Path) -> None:
+    def __init__(
+        self, settings: DicomSettings, spool: Spool, incoming: Path, *, strict: bool = False
+    ) -> None:
+        """`strict`: the receiver a pull runs for its own C-MOVEs; every instance must
+        belong to one of the open retrievals."""
         self.settings = settings
+        self.strict = strict
         self.spool = spool
         self.incoming = incoming
         self._networks = _networks(settings.allowed_hosts)
@@ -204,22 +218,47 @@ class DicomReceiver:
         return SUCCESS
 
     def _on_store(self, event: evt.Event) -> int:
-        return self.answer(self.take_event(event))
+        originator = str(getattr(event.request, "MoveOriginatorApplicationEntityTitle", "") or "")
+        sender = str(event.assoc.requestor.ae_title or "")
+        return self.answer(self.take_event(event, self._retrieval_check(sender, originator)))
 
-    def take_event(self, event: evt.Event) -> Taken | None:
+    def _retrieval_check(self, sender: str, originator: str) -> Expectation | None:
+        """For a C-STORE of a pull's C-MOVE (or any, when strict): the instance must be of
+        a series that pull asked for."""
+        if not originator.strip() and not self.strict:
+            return None
+        sessions = self.spool.sessions
+
+        def expect(header: InstanceHeader) -> str | None:
+            with sessions.begin() as session:
+                return retrievals.verdict(
+                    session,
+                    sender,
+                    originator.strip() or None,
+                    header.study_instance_uid,
+                    header.series_instance_uid,
+                    strict=self.strict,
+                )
+
+        return expect
+
+    def take_event(self, event: evt.Event, expect: Expectation | None = None) -> Taken | None:
         """Take a C-STORE request's data set in (also a C-GET's sub-operations, on a pull's
         association); None when it could not be taken (a local failure, logged)."""
-        return self.take_data(lambda: event.encoded_dataset(include_meta=True))
+        return self.take_data(lambda: event.encoded_dataset(include_meta=True), expect)
 
-    def take_data(self, encode: Callable[[], bytes]) -> Taken | None:
+    def take_data(
+        self, encode: Callable[[], bytes], expect: Expectation | None = None
+    ) -> Taken | None:
         """Take in one instance, as the Part 10 bytes `encode` gives (a C-STORE's data set,
-        an instance fetched by WADO-RS): written to the incoming folder, then `Spool.take`."""
+        an instance fetched by WADO-RS): written to the incoming folder, then `Spool.take`
+        (with `expect`: refused and quarantined when not what was asked for)."""
         path = self.incoming / f"{uuid.uuid4().hex}.dcm"
         try:
             data = encode()
             atomic_write(path, lambda handle: handle.write(data))
             with self._lock:
-                taken = self.spool.take(path)
+                taken = self.spool.take(path, expect)
         except Exception as exc:  # never let one instance take the receiver down
             log.error("received instance not taken in (answered 0xA700): %s", one_line(exc))
             log.debug("received instance not taken in", exc_info=True)

@@ -25,6 +25,7 @@ import errno
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -48,8 +49,13 @@ class Taken(enum.StrEnum):
     CONFLICT = "conflict"  # same SOPInstanceUID, other content; quarantined and recorded
     CORRECTED = "corrected"  # same SOPInstanceUID, new content, accepted as a correction
     REJECTED = "rejected"  # not usable DICOM; quarantined and recorded
+    NOT_REQUESTED = "not-requested"  # not what a pull asked for; quarantined and recorded
     CHANGED = "changed"  # the file changed while it was taken; offered again later
     GONE = "gone"  # the file disappeared before it could be taken
+
+
+# Why an instance is not what was asked for (the reason it is quarantined), or None.
+Expectation = Callable[[InstanceHeader], str | None]
 
 
 class Spool:
@@ -92,14 +98,29 @@ class Spool:
             accept_corrections=site.settings.ingest.accept_corrections,
         )
 
-    def take(self, path: Path) -> Taken:
-        """Take one complete file in. Never raises on bad input; OS errors propagate."""
+    def take(self, path: Path, expect: Expectation | None = None) -> Taken:
+        """Take one complete file in. Never raises on bad input; OS errors propagate.
+
+        `expect`: for an instance a pull asked for, why this one is refused (another study
+        or series than requested) or None; a refused one is quarantined with the reason."""
         if not path.exists():
             return Taken.GONE
         header = read_header(path)
         if isinstance(header, RejectedFile):
             self._reject(header)
             return Taken.REJECTED
+        refusal = expect(header) if expect is not None else None
+        if refusal:
+            self._reject(
+                RejectedFile(
+                    path,
+                    refusal,
+                    header.sha256,
+                    study_instance_uid=header.study_instance_uid,
+                    sop_instance_uid=header.sop_instance_uid,
+                )
+            )
+            return Taken.NOT_REQUESTED
         with self.sessions() as session:
             known = instances.known(session, header.sop_instance_uid, self.roots)
         if known is not None and known.purged and known.sha256 != header.sha256:

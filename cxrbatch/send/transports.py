@@ -1,52 +1,56 @@
 """Transports that deliver results to a destination: DICOM files by C-STORE (DIMSE) or
-STOW-RS; reports (cxrbatch/send/messages.py) by HL7 v2 over MLLP or a FHIR transaction.
+STOW-RS (dicomweb-client); reports (cxrbatch/send/messages.py) by HL7 v2 over MLLP or a
+FHIR transaction.
 
 Each raises `SendError` with the reason when the destination does not acknowledge all of a
 delivery; the delivery is then retried as a whole (a PACS stores an identical SOP instance
 again without harm; an HL7 receiver sees the same accession's result again; the FHIR
 Bundle's conditional updates replace what an earlier attempt stored).
+
+`Destination.timeout_seconds` bounds the whole exchange (cxrbatch/exchange.py): a peer that
+trickles its answer or keeps an association busy is cut off at that deadline. HTTP
+redirects are never followed: a 3xx answer is a failed attempt with its reason, and the
+credentials go only to the configured origin.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import socket
-import ssl
-import urllib.error
-import urllib.request
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import requests
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
+from cxrbatch import exchange
 from cxrbatch.config import Destination, password_from
 from cxrbatch.dicom import status as dimse_status
-from cxrbatch.errors import CxrBatchError
+from cxrbatch.errors import PeerError, printable
 
 log = logging.getLogger(__name__)
 
-# STOW-RS (PS3.18 10.5.3): FailedSOPSequence in the response lists what was not stored.
-_FAILED_SOP_SEQUENCE = "00081198"
 
-
-class SendError(CxrBatchError):
+class SendError(PeerError):
     """A destination did not acknowledge every object of a delivery."""
 
 
 def send(destination: Destination, files: Sequence[Path], calling_ae_title: str) -> None:
-    """Deliver `files` to `destination`; raises SendError with the reason otherwise."""
+    """Deliver `files` to `destination` within its timeout; SendError with the reason
+    otherwise."""
     datasets = [_read(path) for path in files]
-    if destination.transport == "dimse":
-        c_store(destination, datasets, calling_ae_title)
-    else:
-        stow_rs(destination, files)
+    what = f"delivery to {destination.name}"
+    with exchange.deadline(destination.timeout_seconds, what):
+        if destination.transport == "dimse":
+            c_store(destination, datasets, calling_ae_title)
+        else:
+            stow_rs(destination, datasets)
 
 
 def _read(path: Path) -> Dataset:
@@ -58,27 +62,30 @@ def _read(path: Path) -> Dataset:
         raise SendError(f"output file unreadable: {path.name}: {exc}") from exc
 
 
-def _basic_auth(request: urllib.request.Request, destination: Destination) -> None:
-    if destination.username:
-        password = password_from(destination.password_env)
-        token = base64.b64encode(f"{destination.username}:{password}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
+def _session(destination: Destination) -> exchange.BoundedSession:
+    """The HTTP session of one delivery: basic auth, TLS verified, no redirects."""
+    password = password_from(destination.password_env) if destination.username else None
+    try:
+        return exchange.http_session(
+            destination.username, password, destination.tls_ca_certificates
+        )
+    except OSError as exc:
+        raise SendError(f"TLS CA file cannot be used: {exc}") from exc
 
 
-def _client_ssl_context(destination: Destination) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    if destination.tls_ca_certificates:
-        try:
-            context.load_verify_locations(destination.tls_ca_certificates)
-        except (OSError, ssl.SSLError) as exc:
-            raise SendError(f"TLS CA file cannot be used: {exc}") from exc
-    return context
+def _client_ssl_context(destination: Destination) -> Any:
+    try:
+        return exchange.bounded_ssl_context(destination.tls_ca_certificates)
+    except OSError as exc:
+        raise SendError(f"TLS CA file cannot be used: {exc}") from exc
 
 
 def c_store(destination: Destination, datasets: Sequence[Dataset], calling_ae_title: str) -> None:
-    """One association, one C-STORE per data set."""
+    """One association, one C-STORE per data set (aborted at the current deadline)."""
     ae = AE(ae_title=calling_ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = destination.timeout_seconds
+    timeout = exchange.seconds_left(destination.timeout_seconds)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.connection_timeout = timeout
     for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     tls_args = (_client_ssl_context(destination), destination.host) if destination.tls else None
@@ -96,14 +103,21 @@ def c_store(destination: Destination, datasets: Sequence[Dataset], calling_ae_ti
         raise SendError(f"association with {where} {what}")
     refused: list[str] = []
     try:
-        for ds in datasets:
-            status = assoc.send_c_store(ds)
-            code = int(status.Status) if "Status" in status else None
-            if code is None:
-                refused.append(f"{ds.Modality} {ds.SOPInstanceUID}: no response")
-                break  # the association is gone
-            if not dimse_status.stored(code):
-                refused.append(f"{ds.Modality} {ds.SOPInstanceUID}: {dimse_status.describe(code)}")
+        with exchange.association_deadline(assoc):
+            for ds in datasets:
+                status = assoc.send_c_store(ds)
+                code = int(status.Status) if "Status" in status else None
+                if code is None:
+                    bound = exchange.expired()
+                    refused.append(
+                        f"{ds.Modality} {ds.SOPInstanceUID}: "
+                        + (bound.message if bound else "no response")
+                    )
+                    break  # the association is gone
+                if not dimse_status.stored(code):
+                    refused.append(
+                        f"{ds.Modality} {ds.SOPInstanceUID}: {dimse_status.describe(code)}"
+                    )
     finally:
         if assoc.is_established:
             assoc.release()
@@ -114,71 +128,28 @@ def c_store(destination: Destination, datasets: Sequence[Dataset], calling_ae_ti
         )
 
 
-def stow_rs(destination: Destination, files: Sequence[Path]) -> None:
-    """One STOW-RS request (POST {url}/studies, multipart/related application/dicom)."""
-    boundary = uuid.uuid4().hex
-    parts: list[bytes] = []
-    for path in files:
-        parts.append(
-            f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + path.read_bytes()
-        )
-    body = b"\r\n".join(parts) + f"\r\n--{boundary}--\r\n".encode()
-    url = destination.url.rstrip("/") + "/studies"
-    status, payload = _post(
-        destination,
-        url,
-        body,
-        f'multipart/related; type="application/dicom"; boundary={boundary}',
-        "application/dicom+json",
-        "STOW-RS to",
-        lambda answer: answer[:300].decode("utf-8", "replace"),
-    )
-    failed = _failed_sops(payload)
+def stow_rs(destination: Destination, datasets: Sequence[Dataset]) -> None:
+    """One STOW-RS request (dicomweb-client's store_instances: POST {url}/studies,
+    multipart/related application/dicom); every instance must be stored."""
+    from dicomweb_client.api import DICOMwebClient
+
+    session = _session(destination)
+    answers: list[requests.Response] = []
+    session.hooks["response"].append(lambda response, *args, **kwargs: answers.append(response))
+    url = destination.url.rstrip("/")
+    client = DICOMwebClient(url, session=session, timeout=destination.timeout_seconds)
+    client.set_http_retry_params(retry=False)  # the delivery queue retries, with backoff
+    what = f"STOW-RS to {url}/studies"
+    try:
+        stored = client.store_instances(list(datasets))
+    except Exception as exc:  # requests' errors, a redirect, the deadline, a bad answer
+        raise SendError(exchange.http_failure(exc, what)) from exc
+    finally:
+        session.close()
+    status = answers[-1].status_code if answers else 0
+    failed = len(stored.get("FailedSOPSequence", []) or [])
     if status not in (200, 202) or failed:
-        raise SendError(
-            f"STOW-RS to {url}: HTTP {status}, {failed} of {len(files)} objects not stored"
-        )
-
-
-def _post(
-    destination: Destination,
-    url: str,
-    body: bytes,
-    content_type: str,
-    accept: str,
-    what: str,
-    detail: Callable[[bytes], str],
-) -> tuple[int, bytes]:
-    """One HTTP POST (basic auth, TLS as configured): the status and the answer; SendError
-    naming `what` and the URL for an HTTP error (with `detail` of its body) or no answer."""
-    request = urllib.request.Request(url, data=body, method="POST")
-    request.add_header("Content-Type", content_type)
-    request.add_header("Accept", accept)
-    _basic_auth(request, destination)
-    context = _client_ssl_context(destination) if url.startswith("https") else None
-    try:
-        with urllib.request.urlopen(
-            request, timeout=destination.timeout_seconds, context=context
-        ) as response:
-            return int(response.status), bytes(response.read())
-    except urllib.error.HTTPError as exc:
-        raise SendError(
-            f"{what} {url}: HTTP {exc.code} {exc.reason}: {detail(exc.read())}"
-        ) from exc
-    except (urllib.error.URLError, OSError) as exc:
-        raise SendError(f"{what} {url}: {getattr(exc, 'reason', exc)}") from exc
-
-
-def _failed_sops(payload: bytes) -> int:
-    """The number of items in the response's FailedSOPSequence (0 when there is none)."""
-    try:
-        document = json.loads(payload or b"{}")
-    except ValueError:
-        return 0  # a non-JSON 200 answer: nothing reported as failed
-    if isinstance(document, list):
-        document = document[0] if document else {}
-    failed = document.get(_FAILED_SOP_SEQUENCE, {}) if isinstance(document, dict) else {}
-    return len(failed.get("Value", [])) if isinstance(failed, dict) else 0
+        raise SendError(f"{what}: HTTP {status}, {failed} of {len(datasets)} objects not stored")
 
 
 # -- HL7 v2 over MLLP ---------------------------------------------------------------------------
@@ -191,24 +162,29 @@ _ACCEPTED = ("AA", "CA")
 
 
 def mllp_exchange(host: str, port: int, message: str, timeout: float) -> str:
-    """Send one framed message and return the framed answer's text. SendError when the
-    connection fails, is closed before a whole answer came, or the answer is not MLLP."""
+    """Send one framed message and return the framed answer's text, all within `timeout`
+    seconds. SendError when the connection fails, is closed before a whole answer came,
+    the answer is not MLLP, or the deadline passes."""
     where = f"MLLP {host}:{port}"
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as connection:
-            connection.sendall(MLLP_START + message.encode("utf-8") + MLLP_END)
-            received = b""
-            while MLLP_END not in received:
-                chunk = connection.recv(65536)
-                if not chunk:
-                    raise SendError(f"{where} closed the connection before an ACK")
-                received += chunk
-                if len(received) > 1 << 20:
-                    raise SendError(f"{where} answered over 1 MiB without an MLLP end")
-    except TimeoutError as exc:
-        raise SendError(f"{where}: no ACK within {timeout:g} s") from exc
-    except OSError as exc:
-        raise SendError(f"{where}: {exc}") from exc
+    with exchange.deadline(timeout, where) as bound:
+        try:
+            raw = socket.create_connection((host, port), timeout=bound.left())
+            with exchange.adopt(raw) as connection:
+                connection.sendall(MLLP_START + message.encode("utf-8") + MLLP_END)
+                received = b""
+                while MLLP_END not in received:
+                    chunk = connection.recv(65536)
+                    if not chunk:
+                        raise SendError(f"{where} closed the connection before an ACK")
+                    received += chunk
+                    if len(received) > 1 << 20:
+                        raise SendError(f"{where} answered over 1 MiB without an MLLP end")
+        except TimeoutError as exc:  # DeadlineExceeded is one, and a socket timeout
+            raise SendError(
+                f"{where}: no complete ACK within its total deadline of {timeout:g} s"
+            ) from exc
+        except OSError as exc:
+            raise SendError(f"{where}: {exc}") from exc
     start = received.find(MLLP_START)
     if start < 0:
         raise SendError(f"{where} answered without an MLLP start block")
@@ -246,27 +222,39 @@ def mllp(destination: Destination, message: str, control_id: str) -> None:
 
 
 def fhir_transaction(destination: Destination, bundle: dict[str, object]) -> None:
-    """POST a transaction Bundle to the FHIR base URL; every entry must answer 2xx."""
+    """POST a transaction Bundle to the FHIR base URL; every entry must answer 2xx, all
+    within the destination's timeout."""
     url = destination.url.rstrip("/")
-    status, payload = _post(
-        destination,
-        url,
-        json.dumps(bundle).encode(),
-        "application/fhir+json; charset=utf-8",
-        "application/fhir+json",
-        "FHIR",
-        _operation_outcome,
-    )
+    what = f"FHIR {url}"
+    session = _session(destination)
+    with exchange.deadline(destination.timeout_seconds, what):
+        try:
+            response = session.post(
+                url,
+                data=json.dumps(bundle).encode(),
+                headers={
+                    "Content-Type": "application/fhir+json; charset=utf-8",
+                    "Accept": "application/fhir+json",
+                },
+                timeout=destination.timeout_seconds,
+            )
+            status, payload = response.status_code, response.content
+        except Exception as exc:  # requests' errors, a redirect, the deadline
+            raise SendError(exchange.http_failure(exc, what)) from exc
+        finally:
+            session.close()
+    if status >= 400:
+        raise SendError(f"{what}: HTTP {status} {response.reason}: {_operation_outcome(payload)}")
     try:
         answer = json.loads(payload)
         entries = answer.get("entry", [])
         statuses = [str(e.get("response", {}).get("status", "")) for e in entries]
     except (ValueError, AttributeError) as exc:
-        raise SendError(f"FHIR {url}: HTTP {status}, the answer is not a Bundle") from exc
+        raise SendError(f"{what}: HTTP {status}, the answer is not a Bundle") from exc
     refused = [s for s in statuses if not s.startswith("2")]
     if status not in (200, 201) or refused or len(statuses) != len(bundle["entry"]):  # type: ignore[arg-type]
         raise SendError(
-            f"FHIR {url}: HTTP {status}, {len(refused)} of {len(statuses)} entries not "
+            f"{what}: HTTP {status}, {len(refused)} of {len(statuses)} entries not "
             f"stored ({', '.join(refused[:3]) or 'answer without entries'})"
         )
 
@@ -278,4 +266,4 @@ def _operation_outcome(payload: bytes) -> str:
         text = "; ".join(str(i.get("diagnostics") or i.get("code")) for i in issues)
     except (ValueError, AttributeError):
         text = ""
-    return (text or payload[:300].decode("utf-8", "replace"))[:300]
+    return printable(text or payload[:300].decode("utf-8", "replace"), 300)
