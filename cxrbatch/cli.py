@@ -885,8 +885,7 @@ def serve(
     """The results web app: worklist, study pages with lung overlays, operations, /metrics.
     Reads the results database; writes only its audit trail. Beyond loopback it needs
     authentication ([[web.users]] or web.trusted_proxy_header)."""
-    import uvicorn
-
+    from cxrbatch.web import serving
     from cxrbatch.web.app import create_app
     from cxrbatch.web.auth import check_binding
 
@@ -898,17 +897,12 @@ def serve(
     site = _site(config, db, out, web=web)
     check_binding(site.settings.web, site.settings.web.host)
     application = create_app(site)
+    sock = serving.bind(site.settings.web.host, site.settings.web.port)
     out_console.print(
         f"cxrbatch web app on http://{site.settings.web.host}:{site.settings.web.port}/ "
         "(NOT FOR DIAGNOSTIC USE)"
     )
-    uvicorn.run(
-        application,
-        host=site.settings.web.host,
-        port=site.settings.web.port,
-        log_config=None,  # our logging (logs.configure): no patient data at INFO
-        access_log=True,
-    )
+    serving.server(application, site.settings.web.host, site.settings.web.port).run(sockets=[sock])
 
 
 @app.command("web-password")
@@ -919,9 +913,29 @@ def web_password(
     from cxrbatch.web.auth import hash_password
 
     password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
-    out_console.print(
-        f'[[web.users]]\nname = "{name}"\npassword_hash = "{hash_password(password)}"'
+    # Plain output: no console wrapping at any width, so the entry pastes as printed.
+    sys.stdout.write(
+        "[[web.users]]\n"
+        f"name = {_toml_string(name)}\n"
+        f"password_hash = {_toml_string(hash_password(password))}\n"
     )
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string of `text` (quotes, backslashes and control characters escaped;
+    an unpaired surrogate, which TOML cannot hold, becomes U+FFFD)."""
+    out = []
+    for char in text:
+        code = ord(char)
+        if char in ('"', "\\"):
+            out.append("\\" + char)
+        elif code < 0x20 or code == 0x7F:
+            out.append(f"\\u{code:04x}")
+        elif 0xD800 <= code <= 0xDFFF:
+            out.append("\ufffd")
+        else:
+            out.append(char)
+    return '"' + "".join(out) + '"'
 
 
 @app.command()

@@ -126,18 +126,18 @@ class Service:
     def _start_web(self) -> Any:
         """The results web app in a thread of this process (web.with_watch), as
         `cxrbatch serve` would run it; it imports no torch."""
-        import uvicorn
-
+        from cxrbatch.web import serving
         from cxrbatch.web.app import create_app
         from cxrbatch.web.auth import check_binding
 
         web = self.settings.web
         check_binding(web, web.host)
-        server = uvicorn.Server(
-            uvicorn.Config(create_app(self.site), host=web.host, port=web.port, log_config=None)
-        )
+        sock = serving.bind(web.host, web.port)
+        server = serving.server(create_app(self.site), web.host, web.port)
         # In a thread uvicorn leaves the signals alone: SIGTERM stays the daemon's drain.
-        threading.Thread(target=server.run, name="cxrbatch-web", daemon=True).start()
+        threading.Thread(
+            target=server.run, kwargs={"sockets": [sock]}, name="cxrbatch-web", daemon=True
+        ).start()
         log.info("web app on http://%s:%d/", web.host, web.port)
         return server
 

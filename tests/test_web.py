@@ -112,7 +112,8 @@ def test_study_page_overlays_downloads_and_audit(processed: Site) -> None:
     html = page.text
     assert 'class="overlay"' in html and 'class="findings"' in html
     assert "Segmentation QC: passed" in html and "SYNTHETIC" in html
-    assert "weights SHA-256" in html and "/files/sr" in html and "/files/json" in html
+    assert "weights SHA-256" in html and "/files/json" in html
+    assert "/files/sr" not in html and "signed-in users only" in html  # anonymous
     sop = html.split("/overlay/")[1].split(".png")[0]
     for size in ("thumb", "large"):
         picture = client.get(f"/studies/{uid}/overlay/{sop}.png?size={size}")
@@ -122,18 +123,21 @@ def test_study_page_overlays_downloads_and_audit(processed: Site) -> None:
     again = client.get(f"/studies/{uid}/overlay/{sop}.png?size=thumb")
     assert again.content == client.get(f"/studies/{uid}/overlay/{sop}.png").content
     assert client.get(f"/studies/{uid}/overlay/{sop}.png?size=huge").status_code == 400
-    sr = client.get(f"/studies/{uid}/files/sr")
-    assert sr.status_code == 200 and sr.content[128:132] == b"DICM"
-    seg = client.get(f"/studies/{uid}/files/seg-{sop}")
-    assert seg.status_code == 200 and seg.content[128:132] == b"DICM"
-    assert client.get(f"/studies/{uid}/files/key-{sop}").status_code == 200
+    # Anonymous: the DICOM files carry patient identifiers and are refused; result.json
+    # (no patient data) is served.
+    for kind in ("sr", f"seg-{sop}", f"key-{sop}"):
+        refused = client.get(f"/studies/{uid}/files/{kind}")
+        assert refused.status_code == 403 and "patient identifiers" in refused.text, kind
+        assert SECRET_NAME.encode() not in refused.content
     document = json.loads(client.get(f"/studies/{uid}/files/json").content)
     assert document["study_instance_uid"] == uid
+    assert SECRET_NAME not in json.dumps(document) and "SYN-" not in json.dumps(document)
     assert client.get(f"/studies/{uid}/files/nothing").status_code == 404
     assert client.get("/studies/1.2.3.4.5").status_code == 404
     events = _audit(processed)
     assert ("anonymous", "study_viewed", uid) in events
-    assert sum(1 for e in events if e[1] == "file_downloaded") == 4
+    assert ("anonymous", "image_viewed", uid) in events  # the overlays show the radiograph
+    assert sum(1 for e in events if e[1] == "file_downloaded") == 1
 
 
 def test_csv_export_operations_health_and_metrics(processed: Site) -> None:
@@ -182,8 +186,16 @@ def test_authentication_refusals_and_patient_data_for_users(
     page = client.get("/", headers=basic("reader", PASSWORD))
     assert page.status_code == 200 and SECRET_NAME in page.text  # authenticated: shown
     uid = _uids(processed)[1]
-    assert client.get(f"/studies/{uid}", headers=basic("reader", PASSWORD)).status_code == 200
+    study = client.get(f"/studies/{uid}", headers=basic("reader", PASSWORD))
+    assert study.status_code == 200
     assert ("reader", "study_viewed", uid) in _audit(processed)
+    # A signed-in user downloads the SEG and SR (with the patient's identity in them).
+    sop = study.text.split("/overlay/")[1].split(".png")[0]
+    for kind in ("sr", f"seg-{sop}"):
+        got = client.get(f"/studies/{uid}/files/{kind}", headers=basic("reader", PASSWORD))
+        assert got.status_code == 200 and got.content[128:132] == b"DICM", kind
+        assert SECRET_NAME.encode() in got.content
+    assert ("reader", "worklist_viewed", None) in _audit(processed)
     # /healthz and /metrics carry no patient data and stay open to the monitoring system.
     assert client.get("/healthz").status_code == 200 and client.get("/metrics").status_code == 200
 

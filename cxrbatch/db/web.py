@@ -105,8 +105,9 @@ def _filtered(session: Session, statement: Select[Any], where: WorklistFilter) -
 
 def worklist_page(
     session: Session, where: WorklistFilter, sort: str, page: int, size: int
-) -> tuple[list[WorklistRow], int]:
-    """One page (1-based) of current outcomes and the number of all that match."""
+) -> tuple[list[WorklistRow], int, int]:
+    """One page (1-based; past the last: the last) of current outcomes, the number of all
+    that match, and the page number served."""
     base = (
         select(models.Outcome)
         .join(models.Study, models.Study.id == models.Outcome.study_id)
@@ -114,6 +115,7 @@ def worklist_page(
     )
     base = _filtered(session, base, where)
     total = int(session.scalar(select(func.count()).select_from(base.subquery())) or 0)
+    page = max(1, min(page, -(-total // size)))
     statement = (
         _ordered(base, sort if sort in SORTS else "screening")
         .options(
@@ -123,7 +125,7 @@ def worklist_page(
         .offset(max(0, page - 1) * size)
         .limit(size)
     )
-    return [_row(o) for o in session.scalars(statement)], total
+    return [_row(o) for o in session.scalars(statement)], total, page
 
 
 def _row(outcome: models.Outcome) -> WorklistRow:

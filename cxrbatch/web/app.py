@@ -5,14 +5,18 @@
     GET /studies/{uid}                  one study: overlays, findings, QC, models, history,
                                         deliveries, downloads (audited)
     GET /studies/{uid}/overlay/{sop}.png?size=thumb|large
-    GET /studies/{uid}/files/{kind}     kind: sr | json | seg-<sop> | key-<sop> (audited)
+    GET /studies/{uid}/files/{kind}     kind: sr | json | seg-<sop> | key-<sop> (audited;
+                                        the DICOM files carry patient identifiers: refused
+                                        to anonymous users, who may have result.json)
     GET /operations                     queue, throughput, failures, deliveries, quarantine,
                                         disk, workers
     GET /healthz  /readyz  /metrics
 
 The results are read through a read-only engine; the only writes are audit events (a
 second engine) and the overlay cache. Patient names, IDs and accession numbers appear
-only to authenticated users, never in URLs or the log.
+only to authenticated users, never in URLs or the log. Every response carries the
+security headers of cxrbatch/web/security.py; every value printed into a page shows
+control and text-reordering characters as escapes (`errors.printable`).
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the routes' annotations, and
@@ -31,6 +35,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse, Response
+from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -39,7 +44,7 @@ from cxrbatch.db import DatabaseError, Session
 from cxrbatch.db import web as rows
 from cxrbatch.db.session import Database, open_existing
 from cxrbatch.domain import FINDING_LABELS, OutcomeStatus, Triage
-from cxrbatch.errors import CxrBatchError, DatabaseNotReady
+from cxrbatch.errors import CxrBatchError, DatabaseNotReady, printable
 from cxrbatch.files import sha256_file
 from cxrbatch.metrics import ResultsCollector
 from cxrbatch.models.preflight import bundle_files
@@ -47,10 +52,21 @@ from cxrbatch.paths import resolve_stored
 from cxrbatch.site import Site
 from cxrbatch.web.auth import Authenticator, User
 from cxrbatch.web.render import SIZES, OverlayError, cached_overlay
+from cxrbatch.web.security import SecurityHeaders
 
 log = logging.getLogger(__name__)
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
+STATIC = Path(__file__).resolve().parent / "static"
+# A page number past the last page shows the last page (numbers are capped here first, so
+# no offset overflows the database's integers).
+MAX_PAGE = 1_000_000
+
+
+def _shown(value: Any) -> Any:
+    """What a template prints: text with control and bidirectional-override characters
+    (NUL, U+202E, ...) as visible escapes; Jinja's autoescape then escapes the HTML."""
+    return printable(value) if isinstance(value, str) else value
 
 
 @dataclass(frozen=True)
@@ -107,6 +123,7 @@ def create_app(site: Site) -> FastAPI:
     thresholds = bundle_thresholds(site)
     cache_dir = Path(settings.cache_dir) if settings.cache_dir else site.out_dir / "_web_cache"
     templates = Jinja2Templates(directory=str(TEMPLATES))
+    templates.env.finalize = _shown
     templates.env.globals.update(
         version=__version__, labels=FINDING_LABELS, triages=[t.value for t in Triage]
     )
@@ -122,6 +139,8 @@ def create_app(site: Site) -> FastAPI:
     app = FastAPI(
         title="cxrbatch", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan
     )
+    app.add_middleware(SecurityHeaders)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     def user(request: Request) -> User:
         found = authenticator.user(
@@ -175,7 +194,8 @@ def create_app(site: Site) -> FastAPI:
 
     def page_of(
         session: Session, where: rows.WorklistFilter, sort: str, number: int, size: int
-    ) -> tuple[list[rows.WorklistRow], int]:
+    ) -> tuple[list[rows.WorklistRow], int, int]:
+        """One page, the number of matches, and the page number shown (at most the last)."""
         try:
             return rows.worklist_page(session, where, sort, number, size)
         except CxrBatchError as exc:  # an unknown label: say which are known
@@ -190,9 +210,12 @@ def create_app(site: Site) -> FastAPI:
         page_number: Annotated[int, Query(alias="page", ge=1)] = 1,
     ) -> HTMLResponse:
         with reading() as session:
-            found, total = page_of(session, where, sort, page_number, settings.page_size)
+            found, total, page_number = page_of(
+                session, where, sort, min(page_number, MAX_PAGE), settings.page_size
+            )
         query = dict(request.query_params)
         query.pop("page", None)
+        audited(who, "worklist_viewed", None, f"page {page_number}")
         return page(
             request, "worklist.html", who,
             rows=found, total=total, page=page_number, size=settings.page_size,
@@ -214,7 +237,7 @@ def create_app(site: Site) -> FastAPI:
         with reading() as session:
             number, exported = 1, 0
             while True:
-                found, total = page_of(session, where, sort, number, 1000)
+                found, total, _ = page_of(session, where, sort, number, 1000)
                 for r in found:
                     person = [r.accession_number, r.patient_id, r.patient_name]
                     writer.writerow(
@@ -227,7 +250,7 @@ def create_app(site: Site) -> FastAPI:
                         )
                     )  # fmt: skip
                 exported += len(found)
-                if exported >= total or not found:
+                if exported >= total or not found or len(found) < 1000:
                     break
                 number += 1
         audited(who, "worklist_exported", None, f"{exported} studies")
@@ -266,7 +289,8 @@ def create_app(site: Site) -> FastAPI:
             data = cached_overlay(cache_dir, source, resolve_stored(image.seg_path, roots), size)
         except (OverlayError, OSError) as exc:
             raise HTTPException(404, f"overlay not available: {exc}") from exc
-        return Response(data, media_type="image/png", headers={"Cache-Control": "private"})
+        audited(who, "image_viewed", uid, f"{sop} {size}")
+        return Response(data, media_type="image/png")
 
     @app.get("/studies/{uid}/files/{kind}")
     def download(uid: str, kind: str, who: Viewer) -> FileResponse:
@@ -279,6 +303,14 @@ def create_app(site: Site) -> FastAPI:
             stored = (outputs.get(group) or {}).get(kind[4:])
         if not stored:
             raise HTTPException(404, "no such file")
+        if kind != "json" and not who.authenticated:
+            # SEG, SR and key images carry the patient's name, ID and birth date.
+            raise HTTPException(
+                403,
+                "the DICOM files carry patient identifiers: they are served to signed-in "
+                "users only (configure [[web.users]] or a trusted proxy); result.json is "
+                "available",
+            )
         path = resolve_stored(stored, site.roots)
         if not path.is_file():
             raise HTTPException(404, "the file is no longer there")
