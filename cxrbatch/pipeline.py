@@ -342,7 +342,13 @@ def write_dicom_outputs(
             )
             for item, ds, seg, _ in built
         ]
-        sr = build_sr(sr_items, hd.UID(), hd.UID())
+        sr = export.carry_identity(build_sr(sr_items, hd.UID(), hd.UID()), processed[0].dataset)
+        # Built from reference headers (one value where the IOD defines one); the patient
+        # and study values go back as received once every object is built.
+        for image, (_, _, seg, key) in zip(processed, built, strict=True):
+            export.carry_identity(seg, image.dataset)
+            if key is not None:
+                export.carry_identity(key, image.dataset)
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         # highdicom copies the patient, study and series modules from the source: a value
         # there that is not valid DICOM (a corrupt time, a missing UID) stops the outputs.

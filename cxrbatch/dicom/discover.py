@@ -17,6 +17,7 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from cxrbatch.dicom import export
 from cxrbatch.dicom.identity import same_instance
 from cxrbatch.domain import InstanceHeader, RejectedFile, StudyInput
 from cxrbatch.errors import one_line
@@ -69,10 +70,8 @@ def iter_files(root: Path) -> Iterator[Path]:
 
 
 def _text(value: object) -> str | None:
-    if value is None:
-        return None
-    text = str(value).strip()
-    return text or None
+    """A header value as DICOM writes it (several values joined by a backslash), or None."""
+    return export.text(value).strip() or None
 
 
 def read_header(path: Path) -> InstanceHeader | RejectedFile:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 from cxrbatch.files import atomic_write
 from cxrbatch.paths import inside, uid_path_component
@@ -33,13 +34,47 @@ PATIENT_STUDY_TYPE2 = (
 
 
 def reference_header(source: Dataset) -> Dataset:
-    """A copy of a source header to build outputs from: missing Type 2 patient and study
-    attributes present and empty (as the standard has it for unknown values)."""
-    header = copy.copy(source)
+    """A copy of a source header to build outputs from (the source is left as it is):
+    missing Type 2 patient and study attributes present and empty (as the standard has it
+    for unknown values), and one that holds several values where the IOD defines one (a
+    PatientName with a backslash, seen in real data) reduced to its first, which the
+    builders validate; `carry_identity` puts the received values back afterwards."""
+    # A new element table (Dataset(source) and copy.copy share the source's); elements
+    # are replaced, never assigned to (that would change the source's element).
+    header = Dataset(dict(source.items()))
+    if hasattr(source, "file_meta"):
+        header.file_meta = source.file_meta
+    implicit, little = source.original_encoding
+    if implicit is not None and little is not None:
+        header.set_original_encoding(implicit, little, source.original_character_set)
     for keyword in PATIENT_STUDY_TYPE2:
         if keyword not in header:
             setattr(header, keyword, "")
+        elif header[keyword].VM > 1:
+            first = header[keyword].value[0]
+            del header[keyword]  # a new element: the source's keeps its values
+            setattr(header, keyword, first)
     return header
+
+
+def carry_identity(output: Dataset, source: Dataset) -> Dataset:
+    """The output's patient and study attributes exactly as the source holds them where
+    the source has several values in one (value multiplicity kept, as received): a PACS
+    files the output with its source's patient only when they are identical."""
+    for keyword in PATIENT_STUDY_TYPE2:
+        if keyword in source and source[keyword].VM > 1 and keyword in output:
+            setattr(output, keyword, copy.deepcopy(source[keyword].value))
+    return output
+
+
+def text(value: object) -> str:
+    """A header value as text, as DICOM encodes it: several values joined by a backslash
+    (never a Python list's repr); None is empty."""
+    if value is None:
+        return ""
+    if isinstance(value, MultiValue | list | tuple):
+        return "\\".join(text(v) for v in value)
+    return str(value)
 
 
 def study_dir(out_root: Path, study_instance_uid: str) -> Path:

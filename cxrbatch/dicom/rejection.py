@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 import cxrbatch
-from cxrbatch.dicom.export import PATIENT_STUDY_TYPE2
+from cxrbatch.dicom.export import PATIENT_STUDY_TYPE2, carry_identity, reference_header
 from cxrbatch.dicom.seg import MANUFACTURER, NOT_FOR_DIAGNOSIS, processing_equipment
 from cxrbatch.domain import ModelRef
 
@@ -39,6 +39,7 @@ def build_rejection(
     studies = {str(ds.StudyInstanceUID) for ds in withdrawn}
     if len(studies) != 1:
         raise ValueError(f"a rejection note rejects objects of one study, found {len(studies)}")
+    received, withdrawn = withdrawn[0], [reference_header(ds) for ds in withdrawn]
     content = hd.ko.KeyObjectSelection(
         document_title=REJECTED_FOR_QUALITY_REASONS,
         referenced_objects=withdrawn,
@@ -76,7 +77,7 @@ def build_rejection(
         ],
     )
     note.SeriesDescription = f"cxrbatch withdrawn results - {NOT_FOR_DIAGNOSIS}"[:64]
-    return note
+    return carry_identity(note, received)
 
 
 def identities(paths: list[Path]) -> list[dict[str, str]]:

@@ -17,6 +17,7 @@ Observation elements used here are the same in R4 and R4B.
 from __future__ import annotations
 
 import datetime as dt
+import unicodedata
 import uuid
 from typing import Any
 
@@ -58,11 +59,32 @@ def _hl7_time(value: dt.datetime) -> str:
 
 
 def _hl7_text(value: str | None) -> str:
-    """Free text in an HL7 field: the delimiters escaped (HL7 2.5 section 2.7)."""
+    """Free text in an HL7 field (HL7 2.5 section 2.7): the delimiters escaped (\\F\\,
+    \\S\\, \\T\\, \\R\\, \\E\\), line breaks as spaces, and every other control or
+    text-reordering character (NUL, the MLLP frame bytes 0x0B and 0x1C, U+202E ...)
+    replaced by U+FFFD: nothing in a value can end a segment or an MLLP frame. (The
+    hexadecimal escape \\Xhh\\ would keep them, but hl7apy, which builds and validates the
+    message, re-escapes every escape sequence but the delimiters' and \\H\\ \\N\\.)"""
     if not value:
         return ""
     escapes = {"\\": "\\E\\", "|": "\\F\\", "^": "\\S\\", "&": "\\T\\", "~": "\\R\\"}
-    return "".join(escapes.get(c, c) for c in value).replace("\r", " ").replace("\n", " ")
+    out = []
+    for char in value:
+        if char in escapes:
+            out.append(escapes[char])
+        elif char in "\r\n":
+            out.append(" ")
+        elif unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp"):
+            out.append("\ufffd")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def _values(value: str | None) -> list[str]:
+    """A header value's DICOM values (text joined by backslashes, as read): each becomes an
+    HL7 repetition."""
+    return value.split("\\") if value else []
 
 
 def _call_flag(finding: ReportedFinding, report: Report) -> str:
@@ -99,9 +121,14 @@ def oru_r01(
     result = message.add_group("ORU_R01_PATIENT_RESULT")
     patient = result.add_group("ORU_R01_PATIENT")
     patient.pid.pid_1 = "1"
-    patient.pid.pid_3 = _hl7_text(report.patient_id)
+    # A DICOM value with several values (a backslash in the header) becomes repetitions.
+    for index, value in enumerate(_values(report.patient_id) or [""]):
+        field = patient.pid.pid_3 if index == 0 else patient.pid.add_field("PID_3")
+        field.value = _hl7_text(value)
     # A DICOM person name's components (family^given^...) are HL7 XPN's, in the same order.
-    patient.pid.pid_5 = "^".join(_hl7_text(p) for p in (report.patient_name or "").split("^"))
+    for index, name in enumerate(_values(report.patient_name) or [""]):
+        field = patient.pid.pid_5 if index == 0 else patient.pid.add_field("PID_5")
+        field.value = "^".join(_hl7_text(p) for p in name.split("^"))
     order = result.add_group("ORU_R01_ORDER_OBSERVATION")
     order.orc.orc_1 = "RE"
     order.orc.orc_3 = _hl7_text(report.accession_number)
