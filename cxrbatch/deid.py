@@ -6,12 +6,17 @@ Level Confidentiality Profile, plus tables a research team and the training subs
         source images, SEG, SR  -> dicognito: UIDs, names, IDs, addresses, institution,
                                    station, dates replaced, the same way in every object,
                                    so the SEG's and SR's references still resolve
-                                -> the Basic Profile's removals dicognito does not make
-                                   (`_REMOVED`: descriptions, comments, free text, patient
-                                   characteristics), private attributes removed
+                                -> PS3.15 Table E.1-1 (DICOM 2026c, `table()`), attribute
+                                   by attribute at any depth of sequences: X removed, Z
+                                   emptied, D dummy, U a keyed new UID (dicognito's pseudonym
+                                   stands for D, Z and U where it made one); composite
+                                   actions keep what the exported IOD requires; curve and
+                                   overlay groups (50xx, 60xx: burned-in text in their bits)
+                                   and private attributes removed; Software Versions too
                                 -> dates: shifted by one offset per key when
                                    deid.retain_modified_dates (Retain Longitudinal Temporal
-                                   Information with Modified Dates, E.3.6), else dummies
+                                   Information with Modified Dates, E.3.6), else the table's
+                                   action (removed, emptied or a dummy)
                                 -> PatientIdentityRemoved YES, DeidentificationMethod and its
                                    code sequence (113100, and 113107 with modified dates)
         OUT/dicom/<study>/<object>.dcm, OUT/images/<image>.png (what the training reads)
@@ -32,12 +37,15 @@ from __future__ import annotations
 import copy
 import csv
 import datetime as dt
+import functools
 import hashlib
+import hmac
+import importlib
 import io
 import logging
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -45,15 +53,17 @@ from typing import IO
 import cv2
 import pydicom
 from dicognito.anonymizer import Anonymizer
+from pydicom import valuerep
 from pydicom.dataset import Dataset
 
+import cxrbatch
 from cxrbatch.config import DeidSettings
 from cxrbatch.db import Sessions, repository
 from cxrbatch.dicom.decode import decode_dataset
 from cxrbatch.dicom.discover import read_header
 from cxrbatch.dicom.export import write_dicom
 from cxrbatch.domain import InstanceHeader, OutcomeStatus
-from cxrbatch.errors import ConfigError
+from cxrbatch.errors import ConfigError, one_line
 from cxrbatch.files import atomic_write
 from cxrbatch.paths import StorageRoots, is_inside, resolve_stored, uid_path_component
 
@@ -61,58 +71,61 @@ log = logging.getLogger(__name__)
 
 LABELS = ("Mass", "Nodule", "Pneumonia", "Edema", "Fibrosis", "No Finding")
 
-# PS3.15 Table E.1-1 attributes with action X (or X/Z) that dicognito leaves alone: free
-# text and patient characteristics. Attributes required by the SEG and SR IODs are not
-# here (dicognito replaces those that identify). PatientSex (Z) is emptied.
-_REMOVED = (
-    "AcquisitionComments",
-    "AdditionalPatientHistory",
-    "AdmissionID",
-    "AdmittingDiagnosesDescription",
-    "Allergies",
-    "Arbitrary",
-    "AuthorObserverSequence",
-    "ContributionDescription",
-    "CountryOfResidence",
-    "CurrentPatientLocation",
-    "DerivationDescription",
-    "EthnicGroup",
-    "FrameComments",
-    "IdentifyingComments",
-    "ImageComments",
-    "InterpretationText",
-    "MedicalAlerts",
-    "OtherPatientIDsSequence",
-    "OtherPatientNames",
-    "PatientAge",
-    "PatientComments",
-    "PatientMotherBirthName",
-    "PatientSize",
-    "PatientState",
-    "PatientWeight",
-    "PatientAddress",
-    "PatientBirthName",
-    "PatientBirthTime",
-    "PerformedProcedureStepDescription",
-    "PregnancyStatus",
-    "ProtocolName",
-    "ReasonForTheRequestedProcedure",
-    "RequestAttributesSequence",
-    "RequestedProcedureDescription",
-    "SeriesDescription",
-    "SmokingStatus",
-    "SpecialNeeds",
-    "StudyComments",
-    "StudyDescription",
-    "TextComments",
-    "TextString",
-)
-_EMPTIED = ("PatientSex",)
-# Action D where the SEG's Enhanced General Equipment module requires a value (Type 1).
-_DUMMIED = {"DeviceSerialNumber": "DEIDENTIFIED"}
+# PS3.15 Table E.1-1, attribute by attribute, as transcribed from DICOM 2026c by
+# dicom-anonymizer (Kitware; cross-checked against innolitics' independent transcription:
+# the same attributes, 2026c adds 34 newer ones). Its actions: D dummy, Z empty, X remove,
+# U new UID, and the composite ones (X/Z, X/D, X/Z/D, Z/D, X/Z/U*) that remove unless the
+# object's IOD requires the attribute. Masks cover the curve (50xx) and overlay (60xx)
+# groups.
+TABLE_SOURCE = "dicomfields_2026c"
+# Beyond the table: text that identifies a site's device, seen in real exports.
+BEYOND_TABLE = {0x00181020: "X/D"}  # Software Versions (the source's; also in SEG/SR
+# Contributing Equipment, copied there by highdicom)
+# Attributes of the exported IODs (CR/DX image, SEG, Comprehensive 3D SR) that the table
+# lists and the IOD requires at the top level: Type 1 get a dummy, Type 2 an empty value.
+_TYPE1 = {
+    0x00080023,  # Content Date (SEG, SR)
+    0x00080033,  # Content Time
+    0x00181000,  # Device Serial Number (SEG Enhanced General Equipment)
+    0x00181020,  # Software Versions (SEG Enhanced General Equipment)
+}
+_TYPE2 = {
+    0x00080020,  # Study Date
+    0x00080030,  # Study Time
+    0x00080050,  # Accession Number
+    0x00080090,  # Referring Physician's Name
+    0x00100010,  # Patient's Name
+    0x00100020,  # Patient ID
+    0x00100030,  # Patient's Birth Date
+    0x00100040,  # Patient's Sex
+    0x00200010,  # Study ID
+    0x00081111,  # Referenced Performed Procedure Step Sequence (SR)
+    0x0040A370,  # Referenced Request Sequence (SR)
+}
+# Kept, as cleaned (the Clean Structured Content / Graphics options): the content cxrbatch
+# itself wrote into its SR and SEG (its items pass through the table like any other).
+_CLEANED = {
+    0x0040A730,  # Content Sequence (the SR's findings, made here)
+    0x00700001,  # Graphic Annotation Sequence (made here)
+}
+_BURNED_IN_GROUPS = (0x5000, 0x6000)
+# Type 1C attributes present only with another one that the table removes (PS3.3
+# Clinical Trial Subject: the committee's name only with its approval number).
+_PRESENT_ONLY_WITH = {0x00120081: 0x00120082}
+# What an item of a reference sequence (Source Image, Referenced Image: X/Z/U*) keeps.
+_REFERENCE = {
+    "ReferencedSOPClassUID",
+    "ReferencedSOPInstanceUID",
+    "ReferencedFrameNumber",
+    "ReferencedSegmentNumber",
+    "PurposeOfReferenceCodeSequence",
+    "SpatialLocationsPreserved",
+}  # curves and overlays: whole repeating groups removed
 BASIC_PROFILE = ("113100", "Basic Application Confidentiality Profile")
 MODIFIED_DATES = ("113107", "Retain Longitudinal Temporal Information Modified Dates Option")
+CLEAN_STRUCTURED_CONTENT = ("113104", "Clean Structured Content Option")
 DUMMY = {"DA": "19000101", "TM": "000000", "DT": "19000101000000"}
+_DATES = frozenset(DUMMY)
 SPLITS = (("train", 0.70), ("val", 0.15), ("test", 0.15))
 
 
@@ -137,31 +150,34 @@ class Deidentifier:
             )
         self.keyed = bool(key)
         # dicognito derives every pseudonym from the seed: the key must stay secret.
-        self._anonymizer = Anonymizer(seed=key or secrets.token_hex(32))
+        seed = key or secrets.token_hex(32)
+        self._anonymizer = Anonymizer(seed=seed)
+        self._uid_key = hashlib.sha256(("uid:" + seed).encode()).digest()
         self.settings = settings
 
-    def __call__(self, ds: Dataset) -> Dataset:
+    def __call__(self, ds: Dataset, produced: bool = False) -> Dataset:
+        """A de-identified copy of `ds`: dicognito's pseudonyms (the same in every object
+        of the export), then Table E.1-1's action for every attribute it lists, at any
+        depth; private attributes, curves and overlays removed; the profile recorded.
+        `produced`: an object cxrbatch wrote (SEG, SR), whose structured content is its
+        own and is kept (cleaned) where the table says D."""
+        original = copy.deepcopy(ds)
         ds = copy.deepcopy(ds)
+        _dates_that_parse(ds)
         self._anonymizer.anonymize(ds)  # shifts dates by the key's offset
-        if not self.settings.retain_modified_dates:
-            _dummy_dates(ds)
+        changed = _changed(original, ds)
+        if produced:
+            _uids_in_text(original, ds)
         ds.remove_private_tags()
-        for keyword in _REMOVED:
-            for item in _datasets(ds):
-                if keyword in item:
-                    delattr(item, keyword)
-        for keyword in _EMPTIED:
-            if keyword in ds:
-                ds.data_element(keyword).value = ""  # type: ignore[union-attr]
-        for keyword, dummy in _DUMMIED.items():
-            for item in _datasets(ds):
-                if keyword in item:
-                    item.data_element(keyword).value = dummy  # type: ignore[union-attr]
+        _apply_table(
+            ds, changed, self.settings.retain_modified_dates, self._new_uid, produced, top=True
+        )
         ds.PatientIdentityRemoved = "YES"
         methods = [BASIC_PROFILE]
         if self.settings.retain_modified_dates:
             methods.append(MODIFIED_DATES)
-        ds.DeidentificationMethod = "PS3.15 E.1 Basic Profile (cxrbatch, dicognito)" + (
+        methods.append(CLEAN_STRUCTURED_CONTENT)
+        ds.DeidentificationMethod = "PS3.15 E.1 Basic Profile, Table E.1-1 (cxrbatch)" + (
             ", modified dates" if self.settings.retain_modified_dates else ""
         )
         ds.DeidentificationMethodCodeSequence = [
@@ -172,6 +188,203 @@ class Deidentifier:
         )
         return ds
 
+    def _new_uid(self, uid: str) -> str:
+        """A UID the table says to replace that dicognito left: a keyed one (the same in
+        every object of the export, so references between them hold)."""
+        digest = hmac.new(self._uid_key, uid.encode(), hashlib.sha256).hexdigest()
+        return f"2.25.{int(digest[:30], 16)}"
+
+
+def _dates_that_parse(ds: Dataset) -> None:
+    """A date or time that is none (archives send "20261301", "1700000523") becomes the
+    dummy: dicognito cannot shift it, and it tells nothing worth keeping."""
+    parsers = {"DA": valuerep.DA, "TM": valuerep.TM, "DT": valuerep.DT}
+
+    def fix(_dataset: Dataset, element: pydicom.DataElement) -> None:
+        if element.VR not in parsers or element.value in (None, ""):
+            return
+        values = element.value if element.VM > 1 else [element.value]
+        try:
+            for value in values:
+                parsers[element.VR](str(value))
+        except ValueError:
+            element.value = DUMMY[element.VR]
+
+    ds.walk(fix)
+
+
+def table() -> tuple[dict[int, str], list[tuple[int, int, int, int, str]]]:
+    """PS3.15 Table E.1-1: {tag: action} and the masked entries (group, element, group
+    mask, element mask, action), from dicom-anonymizer's transcription."""
+    return _table()
+
+
+@functools.cache
+def _table() -> tuple[dict[int, str], list[tuple[int, int, int, int, str]]]:
+    module = importlib.import_module(
+        f"dicomanonymizer.dicom_anonymization_databases.{TABLE_SOURCE}"
+    )
+    groups = {
+        "D_TAGS": "D", "Z_TAGS": "Z", "X_TAGS": "X", "U_TAGS": "U", "Z_D_TAGS": "Z/D",
+        "X_Z_TAGS": "X/Z", "X_D_TAGS": "X/D", "X_Z_D_TAGS": "X/Z/D",
+        "X_Z_U_STAR_TAGS": "X/Z/U*",
+    }  # fmt: skip
+    tags: dict[int, str] = {}
+    masks: list[tuple[int, int, int, int, str]] = []
+    for name, action in groups.items():
+        for entry in getattr(module, name):
+            if len(entry) == 2:
+                tags[(entry[0] << 16) | entry[1]] = action
+            else:
+                masks.append((entry[0], entry[1], entry[2], entry[3], action))
+    tags.update(BEYOND_TABLE)
+    return tags, masks
+
+
+Where = tuple[int, ...]  # where an element is: tags and item numbers down to it
+
+
+def _walk(ds: Dataset, path: Where = ()) -> Iterator[tuple[Where, pydicom.DataElement]]:
+    for element in ds:
+        here = (*path, int(element.tag))
+        yield here, element
+        if element.VR == "SQ":
+            for index, item in enumerate(element.value):
+                yield from _walk(item, (*here, index))
+
+
+_TEXT = frozenset({"ST", "LT", "UT", "LO", "SH", "UC"})
+
+
+def _uids_in_text(before: Dataset, after: Dataset) -> None:
+    """Text cxrbatch wrote that names an instance by its UID (the SR's QC notes) names it
+    by its new UID: dicognito replaces UIDs in UID attributes, not inside text."""
+    old = {path: element.value for path, element in _walk(before) if element.VR == "UI"}
+    mapping = {
+        str(old[path]): str(element.value)
+        for path, element in _walk(after)
+        if element.VR == "UI" and path in old and old[path] != element.value
+    }
+    if not mapping:
+        return
+    for _, element in _walk(after):
+        if element.VR in _TEXT and isinstance(element.value, str):
+            for uid, new in mapping.items():
+                if uid in element.value:
+                    element.value = element.value.replace(uid, new)
+
+
+def _changed(before: Dataset, after: Dataset) -> set[Where]:
+    """Where dicognito replaced a value (a pseudonym, a new UID, a shifted date)."""
+    old = {path: element.value for path, element in _walk(before) if element.VR != "SQ"}
+    return {
+        path
+        for path, element in _walk(after)
+        if element.VR != "SQ" and path in old and old[path] != element.value
+    }
+
+
+def _action(tag: int) -> str | None:
+    tags, masks = table()
+    found = tags.get(tag)
+    if found is not None:
+        return found
+    group, element = tag >> 16, tag & 0xFFFF
+    for g, e, gmask, emask, action in masks:
+        if group & gmask == g and element & emask == e:
+            return action
+    return None
+
+
+def _apply_table(
+    ds: Dataset,
+    changed: set[Where],
+    modified_dates: bool,
+    new_uid: Callable[[str], str],
+    produced: bool,
+    top: bool,
+    path: Where = (),
+) -> None:
+    """Table E.1-1's action on every listed attribute of `ds` and of its items."""
+
+    def inside(element: pydicom.DataElement, here: Where) -> None:
+        for index, item in enumerate(element.value):
+            _apply_table(item, changed, modified_dates, new_uid, produced, False, (*here, index))
+
+    for element in list(ds):
+        tag = int(element.tag)
+        here = (*path, tag)
+        if (tag >> 16) & 0xFF00 in _BURNED_IN_GROUPS:
+            del ds[tag]  # a curve or overlay plane: its data, text and labels
+            continue
+        action = _action(tag)
+        if action is None or (produced and tag in _CLEANED):
+            if element.VR == "SQ":
+                inside(element, here)
+            continue
+        if element.VR in _DATES and modified_dates and here in changed:
+            continue  # the modified dates option: dicognito's shift kept
+        resolved = _resolve(action, tag, top)
+        pseudonym = here in changed and element.VR not in _DATES
+        if resolved == "X":
+            del ds[tag]
+        elif pseudonym and resolved in ("D", "Z", "U"):
+            continue  # dicognito's pseudonym is the dummy (consistent across objects)
+        elif resolved == "Z" and element.VR in _DATES:
+            element.value = DUMMY[element.VR]  # Z allows a dummy: dates stay readable
+        elif resolved == "Z":
+            element.value = [] if element.VR == "SQ" else ""
+        elif resolved == "U":
+            element.value = new_uid(str(element.value))
+        elif element.VR == "SQ" and resolved == "U*":
+            # References kept: each item holds only what points at the instance, its UIDs
+            # replaced.
+            for item in element.value:
+                for kept in list(item):
+                    if kept.keyword not in _REFERENCE:
+                        del item[kept.tag]
+            inside(element, here)
+        elif element.VR == "SQ":  # D on someone else's sequence: an empty one
+            element.value = []
+        else:
+            element.value = _dummy(element.VR, tag)
+    for tag, condition in _PRESENT_ONLY_WITH.items():
+        if tag in ds and condition not in ds:
+            del ds[tag]
+
+
+def _resolve(action: str, tag: int, top: bool) -> str:
+    """One action of a composite one: X unless the IOD requires the attribute (top level:
+    Type 1 gets D, Type 2 gets Z); X/Z/U*: kept, its UIDs replaced."""
+    if "/" not in action:
+        return action
+    if action == "X/Z/U*":
+        # References to other instances (Source Image, Referenced Image): kept, the UIDs
+        # in their items replaced (U), so a SEG still points at its exported image.
+        return "U*"
+    options = action.split("/")
+    if top and tag in _TYPE1 and "D" in options:
+        return "D"
+    if top and (tag in _TYPE2 or tag in _TYPE1) and "Z" in options:
+        return "Z"
+    if "X" in options:
+        return "X"
+    return "D" if top and tag in _TYPE1 else options[0]
+
+
+def _dummy(vr: str, tag: int) -> object:
+    if vr in DUMMY:
+        return DUMMY[vr]
+    if tag == 0x00181020:
+        return f"cxrbatch {cxrbatch.__version__}"  # this software's, not the site's
+    if vr in ("US", "SS", "UL", "SL", "FL", "FD", "IS", "DS", "SV", "UV"):
+        return 0
+    if vr == "UI":
+        return "2.25.0"
+    if vr in ("OB", "OW", "OF", "OD", "OL", "OV", "UN"):
+        return b""
+    return "DEIDENTIFIED" if vr != "AS" else "000Y"
+
 
 def _code(value: str, meaning: str) -> Dataset:
     item = Dataset()
@@ -179,24 +392,6 @@ def _code(value: str, meaning: str) -> Dataset:
     item.CodingSchemeDesignator = "DCM"
     item.CodeMeaning = meaning
     return item
-
-
-def _datasets(ds: Dataset) -> Iterator[Dataset]:
-    yield ds
-    for element in list(ds):
-        if element.VR == "SQ":
-            for item in element.value:
-                yield from _datasets(item)
-
-
-def _dummy_dates(ds: Dataset) -> None:
-    """Dates, times and date-times replaced by dummies (PS3.15 action D), everywhere."""
-
-    def replace(_dataset: Dataset, element: pydicom.DataElement) -> None:
-        if element.VR in DUMMY and element.value not in (None, ""):
-            element.value = DUMMY[element.VR]
-
-    ds.walk(replace)
 
 
 def _split(pseudonymous_patient: str) -> str:
@@ -238,7 +433,17 @@ def export(
     table: list[dict[str, object]] = []
     mapped: list[dict[str, str]] = []
     for study in studies:
-        written = _export_study(study, deidentify, out, done)
+        files: list[Path] = []
+        try:
+            written = _export_study(study, deidentify, out, done, files)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            # A header the de-identification cannot handle: that study is left out (the
+            # files already written for it are removed), the export goes on.
+            for path in files:
+                path.unlink(missing_ok=True)
+            done.left_out.append(f"study {study.study_instance_uid}: {one_line(exc)}")
+            log.warning("study left out of the export: %s", one_line(exc))
+            continue
         if written is None:
             continue
         done.studies += 1
@@ -342,8 +547,10 @@ class _Written:
 
 
 def _export_study(
-    study: _StudyRow, deidentify: Deidentifier, out: Path, done: Exported
+    study: _StudyRow, deidentify: Deidentifier, out: Path, done: Exported, files: list[Path]
 ) -> _Written | None:
+    """Write one study's de-identified objects and images (`files` lists what was written,
+    so a failure part way can take them back)."""
     sources: list[tuple[str, Dataset, InstanceHeader, dict[str, float]]] = []
     ds: Dataset
     for sop_uid, path, probabilities in study.images:
@@ -371,13 +578,15 @@ def _export_study(
         clean = deidentify(ds)
         first = first or clean
         folder = out / "dicom" / uid_path_component(str(clean.StudyInstanceUID))
-        write_dicom(folder / f"{uid_path_component(str(clean.SOPInstanceUID))}.dcm", clean)
+        files.append(folder / f"{uid_path_component(str(clean.SOPInstanceUID))}.dcm")
+        write_dicom(files[-1], clean)
         image_index = f"{uid_path_component(str(clean.SOPInstanceUID))}.png"
         pixels = decode_dataset(clean, header).pixels
         ok, png = cv2.imencode(".png", pixels)
         if not ok:
             raise OSError(f"image {sop_uid} cannot be encoded as PNG")
-        _write_bytes(out / "images" / image_index, png.tobytes())
+        files.append(out / "images" / image_index)
+        _write_bytes(files[-1], png.tobytes())
         patient = str(clean.get("PatientID", ""))
         labels.append(
             {
@@ -402,9 +611,10 @@ def _export_study(
         )
         done.images += 1
     for ds in objects:
-        clean = deidentify(ds)
+        clean = deidentify(ds, produced=True)
         folder = out / "dicom" / uid_path_component(str(clean.StudyInstanceUID))
-        write_dicom(folder / f"{uid_path_component(str(clean.SOPInstanceUID))}.dcm", clean)
+        files.append(folder / f"{uid_path_component(str(clean.SOPInstanceUID))}.dcm")
+        write_dicom(files[-1], clean)
         done.objects += 1
     assert first is not None
     return _Written(

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pydicom import valuerep
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
@@ -36,9 +38,10 @@ PATIENT_STUDY_TYPE2 = (
 def reference_header(source: Dataset) -> Dataset:
     """A copy of a source header to build outputs from (the source is left as it is):
     missing Type 2 patient and study attributes present and empty (as the standard has it
-    for unknown values), and one that holds several values where the IOD defines one (a
-    PatientName with a backslash, seen in real data) reduced to its first, which the
-    builders validate; `carry_identity` puts the received values back afterwards."""
+    for unknown values); one that the builders would refuse, though archives send it (a
+    PatientName with a backslash: several values where the IOD defines one; a StudyDate
+    that is no date), given a value they accept: its first value, or empty.
+    `carry_identity` puts the received values back afterwards."""
     # A new element table (Dataset(source) and copy.copy share the source's); elements
     # are replaced, never assigned to (that would change the source's element).
     header = Dataset(dict(source.items()))
@@ -50,19 +53,37 @@ def reference_header(source: Dataset) -> Dataset:
     for keyword in PATIENT_STUDY_TYPE2:
         if keyword not in header:
             setattr(header, keyword, "")
-        elif header[keyword].VM > 1:
-            first = header[keyword].value[0]
+            continue
+        accepted = _accepted(header[keyword])
+        if accepted is not None:
             del header[keyword]  # a new element: the source's keeps its values
-            setattr(header, keyword, first)
+            setattr(header, keyword, accepted)
     return header
+
+
+def _accepted(element: DataElement) -> object | None:
+    """A value the output builders accept in place of the received one, or None when the
+    received one is fine."""
+    if element.VM > 1:
+        first: object = element.value[0]
+        return first
+    if element.keyword == "PatientSex" and str(element.value).strip() not in ("M", "F", "O", ""):
+        return ""  # "U", "Unknown" ... are seen; the enumerated values are M, F, O
+    if element.VR in ("DA", "TM") and element.value:
+        try:
+            (valuerep.DA if element.VR == "DA" else valuerep.TM)(str(element.value))
+        except ValueError:
+            return ""
+    return None
 
 
 def carry_identity(output: Dataset, source: Dataset) -> Dataset:
     """The output's patient and study attributes exactly as the source holds them where
-    the source has several values in one (value multiplicity kept, as received): a PACS
-    files the output with its source's patient only when they are identical."""
+    `reference_header` had to give the builders another value (value multiplicity and
+    text kept as received): a PACS files an output with its source's patient and study
+    only when they are identical."""
     for keyword in PATIENT_STUDY_TYPE2:
-        if keyword in source and source[keyword].VM > 1 and keyword in output:
+        if keyword in source and keyword in output and _accepted(source[keyword]) is not None:
             setattr(output, keyword, copy.deepcopy(source[keyword].value))
     return output
 
