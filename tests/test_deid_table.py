@@ -180,8 +180,7 @@ def test_no_sentinel_of_table_e_1_1_survives_process_and_export_deid(
     # patient and trial modules are copied); the export adds no error to them. (A source
     # that is valid gives a SEG and SR with none: tests/test_deid.py.)
     made = {
-        pydicom.dcmread(p).Modality: set(dciodvfy_errors(p))
-        for p in site.out_dir.glob("*/*.dcm")
+        pydicom.dcmread(p).Modality: set(dciodvfy_errors(p)) for p in site.out_dir.glob("*/*.dcm")
     }
     for path in export.rglob("*.dcm"):
         ds = pydicom.dcmread(path)
