@@ -313,6 +313,10 @@ def _abort(assoc: Any) -> None:
     with contextlib.suppress(Exception):
         if assoc.is_established:
             assoc.abort()
+        # A thread waiting for the peer's next DIMSE message (a C-FIND or C-MOVE response)
+        # waits out its per-message timeout after a local abort; pynetdicom wakes it with
+        # (None, None) when the peer aborts (fsm AA-2..AA-4): the same, for ours.
+        assoc.dimse.msg_queue.put((None, None))
 
 
 def seconds_left(default: float) -> float:
