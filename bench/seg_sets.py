@@ -14,6 +14,18 @@ scored against the same outline:
 - ``noisy``: Gaussian noise of 12 grey levels (a low-dose film);
 - ``cropped``: a tighter collimation (8 % off the sides, 5 % off the top);
 - ``half-size``: half the resolution.
+
+The portable families (`portable_cases`, issue 32) are what a hospital sends at night from
+ICU and ward films, each over a range: magnified 1.05-1.25x about the centre (AP
+portable), rotated up to +/-15 degrees, bases cropped 10-30 %, apices cropped 5-15 %, a
+header window or VOI LUT far narrower than the data (decoded from the DICOM by the
+product's decoder), a pleural effusion covering 20-70 % of a hemithorax (a meniscus of
+fluid density), a lobar consolidation at a base, and mirrored films whose orientation was
+left as ``L\\F``. The reference stays the lung field (the effusion and consolidation are
+inside it: a mask that leaves them out misses the lower zone a classifier must see). The
+same families are made from hard phantoms (`portable_phantom_cases`), and films that are
+not frontal chests at all (a tibia, a CT and an MR slice, an ultrasound frame) labelled as
+one (`not_chest_cases`).
 """
 
 from __future__ import annotations
@@ -32,19 +44,48 @@ from cxrbatch.domain import DecodedImage, InstanceHeader
 from cxrbatch.models.qc import dice
 from cxrbatch.synthetic import Phantom, make_hard_phantom
 
-__all__ = ["Case", "dice", "hard_phantom_cases", "lung_lost_cases", "reference_masks", "rg1_cases"]
+__all__ = [
+    "Case",
+    "dice",
+    "hard_phantom_cases",
+    "lung_lost_cases",
+    "not_chest_cases",
+    "portable_cases",
+    "portable_phantom_cases",
+    "reference_masks",
+    "rg1_cases",
+]
 
 REFERENCE = Path(__file__).resolve().parent.parent / "tests" / "data" / "rg1_lung_fields.json"
 
 
 @dataclass(frozen=True, eq=False)
 class Case:
-    """One film with its reference lung fields (the patient's right and left)."""
+    """One film with its reference lung fields (the patient's right and left).
+
+    `family` groups the portable sets' films; `sides_wrong`: the header's orientation says
+    the opposite of the anatomy (a mirrored film left as L\\F), which the gate must flag."""
 
     name: str
     image: DecodedImage
     right_lung: np.ndarray
     left_lung: np.ndarray
+    family: str = ""
+    sides_wrong: bool = False
+
+    @property
+    def cut_off(self) -> bool:
+        """A base runs off the film: the reference lies along the film's bottom edge over
+        more than a tenth of its width (a costophrenic angle not imaged), which the gate
+        must flag whatever the Dice against the part that is on the film."""
+        for lung in (self.right_lung, self.left_lung):
+            columns = np.nonzero(lung.any(axis=0))[0]
+            if len(columns) == 0:
+                continue
+            width = columns.max() - columns.min() + 1
+            if lung[-2:].any(axis=0).sum() > 0.1 * width:
+                return True
+        return False
 
 
 def pydicom_data_folder() -> Path:
@@ -83,9 +124,11 @@ def _warp(
     pixels = op(case.image.pixels, cv2.INTER_AREA)
     right = op(case.right_lung.astype(np.uint8) * 255, cv2.INTER_LINEAR) > 127
     left = op(case.left_lung.astype(np.uint8) * 255, cv2.INTER_LINEAR) > 127
+    seg = case.image.segmentation_pixels
     image = replace(
         case.image,
         pixels=np.ascontiguousarray(pixels),
+        segmentation_pixels=None if seg is None else np.ascontiguousarray(op(seg, cv2.INTER_AREA)),
         image_left_is_patient_right=case.image.image_left_is_patient_right ^ side_flip,
     )
     return Case(name, image, right, left)
@@ -103,8 +146,18 @@ def _rotate(degrees: float) -> Callable[[np.ndarray, int], np.ndarray]:
 
 
 def _intensity(case: Case, name: str, fn: Callable[[np.ndarray], np.ndarray]) -> Case:
-    pixels = np.clip(np.round(fn(case.image.pixels.astype(np.float64))), 0, 255).astype(np.uint8)
-    return Case(name, replace(case.image, pixels=pixels), case.right_lung, case.left_lung)
+    """An exposure or noise change: of the film itself, so of both 8-bit copies."""
+
+    def change(a: np.ndarray) -> np.ndarray:
+        return np.clip(np.round(fn(a.astype(np.float64))), 0, 255).astype(np.uint8)
+
+    seg = case.image.segmentation_pixels
+    image = replace(
+        case.image,
+        pixels=change(case.image.pixels),
+        segmentation_pixels=None if seg is None else change(seg),
+    )
+    return Case(name, image, case.right_lung, case.left_lung)
 
 
 def rg1_cases(folder: Path | None = None) -> list[Case]:
@@ -182,3 +235,271 @@ def lung_lost_cases(count: int, size: int = 1024, seed: int = 0) -> Iterator[Cas
             left_lung=np.ascontiguousarray(phantom.left_lung[:, start:stop]),
         )
         yield _phantom_case(f"cutoff-{side}-{index:03d}", cut)
+
+
+# -- the portable families (issue 32) -----------------------------------------------------
+
+
+def _magnify(factor: float) -> Callable[[np.ndarray, int], np.ndarray]:
+    def op(a: np.ndarray, interpolation: int) -> np.ndarray:
+        rows, cols = a.shape
+        cx, cy = cols / 2, rows / 2
+        matrix = np.array([[factor, 0, (1 - factor) * cx], [0, factor, (1 - factor) * cy]])
+        return cv2.warpAffine(
+            a, matrix, (cols, rows), flags=interpolation, borderMode=cv2.BORDER_REPLICATE
+        )
+
+    return op
+
+
+def _crop_rows(top: float, bottom: float) -> Callable[[np.ndarray, int], np.ndarray]:
+    def op(a: np.ndarray, _interpolation: int) -> np.ndarray:
+        rows = a.shape[0]
+        return a[round(top * rows) : rows - round(bottom * rows)]
+
+    return op
+
+
+def _opacity(
+    case: Case,
+    name: str,
+    family: str,
+    region: np.ndarray,
+    strength: float,
+    seed: int,
+) -> Case:
+    """`region` made denser: blended towards the soft-tissue grey of the film (the median
+    below the lungs) by `strength`, with a soft edge and film grain."""
+    lungs = case.right_lung | case.left_lung
+    rows = np.nonzero(lungs.any(axis=1))[0]
+    soft = cv2.GaussianBlur(region.astype(np.float32), (0, 0), max(lungs.shape) / 250)
+    grain = np.random.default_rng(seed).normal(0.0, 4.0, lungs.shape).astype(np.float32)
+
+    def denser(image: np.ndarray) -> np.ndarray:
+        pixels = image.astype(np.float32)
+        below = pixels[min(pixels.shape[0] - 1, int(rows.max()) + 5) :]
+        tissue = float(np.percentile(below, 70) if below.size else np.percentile(pixels, 80))
+        blended = pixels + soft * strength * (tissue - pixels) + soft * grain
+        return np.clip(np.round(blended), 0, 255).astype(np.uint8)
+
+    seg = case.image.segmentation_pixels
+    image = replace(
+        case.image,
+        pixels=denser(case.image.pixels),
+        segmentation_pixels=None if seg is None else denser(seg),
+    )
+    return Case(name, image, case.right_lung, case.left_lung, family)
+
+
+def _effusion_region(lung: np.ndarray, share: float) -> np.ndarray:
+    """The lowest part of `lung` holding `share` of its area under a meniscus (the fluid
+    climbs laterally), plus the costophrenic recess just outside it."""
+    ys, xs = np.nonzero(lung)
+    top, bottom = ys.min(), ys.max()
+    centre = xs.mean()
+    half = max(1.0, (xs.max() - xs.min()) / 2)
+    yy, xx = np.mgrid[0 : lung.shape[0], 0 : lung.shape[1]]
+    lateral = np.clip(np.abs(xx - centre) / half, 0, 1)  # 0 medial-centre, 1 at the edge
+    meniscus = 0.12 * (bottom - top) * lateral**2
+    total = float(lung.sum())
+    low, high = float(top), float(bottom)
+    for _ in range(30):  # the fluid level that covers `share` of the lung
+        level = (low + high) / 2
+        covered = float((lung & (yy >= level - meniscus)).sum()) / total
+        low, high = (low, level) if covered < share else (level, high)
+    region = lung & (yy >= (low + high) / 2 - meniscus)
+    recess = cv2.dilate(region.astype(np.uint8), np.ones((15, 15), np.uint8)).astype(bool)
+    return region | (recess & (yy >= (low + high) / 2))
+
+
+def _consolidation_region(lung: np.ndarray, seed: int) -> np.ndarray:
+    """A lobar consolidation in the lower third of `lung`: an irregular blob over half its
+    width there."""
+    rng = np.random.default_rng(seed)
+    ys = np.nonzero(lung.any(axis=1))[0]
+    top, bottom = ys.min(), ys.max()
+    height = bottom - top
+    y0 = top + 0.62 * height
+    band = lung & (np.arange(lung.shape[0])[:, None] >= y0)
+    if not band.any():
+        return band
+    bx = np.nonzero(band.any(axis=0))[0]
+    cx = float(
+        rng.uniform(bx.min() + 0.3 * (bx.max() - bx.min()), bx.max() - 0.3 * (bx.max() - bx.min()))
+    )
+    cy = float(y0 + 0.5 * (bottom - y0))
+    yy, xx = np.mgrid[0 : lung.shape[0], 0 : lung.shape[1]]
+    radius = 0.28 * (bx.max() - bx.min())
+    angle = np.arctan2(yy - cy, xx - cx)
+    wobble = 1 + 0.2 * np.sin(3 * angle + rng.uniform(0, 6.28))
+    blob = np.hypot((xx - cx) / 1.2, yy - cy) < radius * wobble
+    return blob & lung
+
+
+def _narrow_window(folder: Path, share: float, centre_percentile: float) -> DecodedImage:
+    """RG1 decoded by the product's decoder with a header window `share` of the data's
+    range wide, centred at a percentile of its values."""
+    import pydicom
+
+    from cxrbatch.dicom.decode import decode_dataset
+
+    path = folder / "RG1_UNCR.dcm"
+    ds = pydicom.dcmread(path)
+    values = ds.pixel_array.astype(np.float64)
+    low, high = np.percentile(values, [0.5, 99.5])
+    ds.WindowCenter = float(np.percentile(values, centre_percentile))
+    ds.WindowWidth = max(2.0, share * float(high - low))
+    header = read_header(path)
+    assert isinstance(header, InstanceHeader)
+    return decode_dataset(ds, header)
+
+
+def _voi_lut(folder: Path, steepness: float) -> DecodedImage:
+    """RG1 with a VOI LUT (a steep sigmoid over the middle of the data) in the header."""
+    import pydicom
+    from pydicom.dataset import Dataset
+
+    from cxrbatch.dicom.decode import decode_dataset
+
+    path = folder / "RG1_UNCR.dcm"
+    ds = pydicom.dcmread(path)
+    values = ds.pixel_array.astype(np.float64)
+    first, last = int(values.min()), int(values.max())
+    centre = float(np.percentile(values, 50))
+    spread = steepness * float(np.percentile(values, 95) - np.percentile(values, 5))
+    entries = np.arange(first, last + 1, dtype=np.float64)
+    lut = np.round(4095 / (1 + np.exp(-(entries - centre) / max(1.0, spread)))).astype(np.uint16)
+    item = Dataset()
+    item.LUTDescriptor = [len(lut) if len(lut) < 65536 else 0, first, 12]
+    item.LUTData = lut.tolist()
+    ds.VOILUTSequence = [item]
+    header = read_header(path)
+    assert isinstance(header, InstanceHeader)
+    return decode_dataset(ds, header)
+
+
+def portable_cases(folder: Path | None = None) -> list[Case]:
+    """RG1 as portable and ICU films come: each family over a range (module docstring)."""
+    folder = folder or pydicom_data_folder()
+    image = _decoded(folder / "RG1_UNCR.dcm")
+    right, left = reference_masks(image.pixels.shape)
+    base = Case("original", image, right, left)
+
+    def fam(case: Case, family: str) -> Case:
+        return replace(case, family=family)
+
+    cases: list[Case] = []
+    for factor in (1.05, 1.10, 1.15, 1.20, 1.25):
+        cases.append(fam(_warp(base, f"magnified{factor:.2f}", _magnify(factor)), "magnified"))
+    for degrees in (-15, -12, -9, 9, 12, 15):
+        cases.append(fam(_warp(base, f"rotated{degrees:+d}", _rotate(degrees)), "rotated"))
+    for share in (0.10, 0.15, 0.20, 0.25, 0.30):
+        cut = _warp(base, f"bases-cut{share:.2f}", _crop_rows(0.0, share))
+        cases.append(fam(cut, "bases cropped"))
+    for share in (0.05, 0.10, 0.15):
+        cut = _warp(base, f"apices-cut{share:.2f}", _crop_rows(share, 0.0))
+        cases.append(fam(cut, "apices cropped"))
+    for share, centre in ((0.05, 50), (0.05, 30), (0.10, 50), (0.20, 40), (0.40, 60)):
+        windowed = _narrow_window(folder, share, centre)
+        cases.append(
+            Case(f"window{share:.2f}@p{centre}", windowed, right, left, "narrow header window")
+        )
+    for steepness in (0.05, 0.15):
+        cases.append(Case(f"voi-lut{steepness:.2f}", _voi_lut(folder, steepness), right, left,
+                          "narrow header window"))  # fmt: skip
+    for index, (share, side) in enumerate(
+        ((0.2, "left"), (0.35, "left"), (0.5, "left"), (0.6, "right"), (0.7, "left"))
+    ):
+        lung = left if side == "left" else right
+        region = _effusion_region(lung, share)
+        cases.append(
+            _opacity(base, f"effusion-{side}{share:.2f}", "effusion", region, 0.85, 100 + index)
+        )
+    for index, side in enumerate(("right", "left")):
+        lung = right if side == "right" else left
+        region = _consolidation_region(lung, 200 + index)
+        cases.append(
+            _opacity(base, f"consolidation-{side}-base", "consolidation", region, 0.7, 200 + index)
+        )
+    for degrees in (0, 8):
+        flipped = _warp(
+            _warp(base, "tmp", _rotate(degrees)) if degrees else base,
+            f"mirrored-wrong{degrees:+d}",
+            lambda a, _i: a[:, ::-1],
+        )
+        # The film is mirrored but its header still says L\F: by anatomy the lung on the
+        # image's left is now the patient's left.
+        cases.append(replace(flipped, family="mirrored, orientation wrong", sides_wrong=True))
+    return cases
+
+
+def portable_phantom_cases(count: int, size: int = 1024, seed: int = 0) -> Iterator[Case]:
+    """The portable families made from hard phantoms, `count` films in turn over them;
+    the effusion and consolidation are drawn into the phantom's lung field (whose
+    reference is the whole field, fluid included)."""
+    kinds = ("magnified", "rotated", "bases cropped", "apices cropped", "effusion",
+             "consolidation", "mirrored, orientation wrong")  # fmt: skip
+    for index in range(count):
+        number = seed * 1_000_003 + 700_000 + index
+        phantom = make_hard_phantom(number, (size, size))
+        base = _phantom_case(f"phantom-{index:03d}", phantom)
+        # The phantom's own effusion fluid is outside its reference; put it back in, as the
+        # lung field the portable families score against.
+        kind = kinds[index % len(kinds)]
+        rng = np.random.default_rng(number)
+        if kind == "magnified":
+            factor = float(rng.uniform(1.10, 1.25))
+            case = _warp(base, f"p{index:03d}-magnified{factor:.2f}", _magnify(factor))
+        elif kind == "rotated":
+            degrees = float(rng.choice([-1, 1]) * rng.uniform(9, 15))
+            case = _warp(base, f"p{index:03d}-rotated{degrees:+.0f}", _rotate(degrees))
+        elif kind == "bases cropped":
+            share = float(rng.uniform(0.15, 0.30))
+            case = _warp(base, f"p{index:03d}-bases-cut{share:.2f}", _crop_rows(0.0, share))
+        elif kind == "apices cropped":
+            share = float(rng.uniform(0.05, 0.15))
+            case = _warp(base, f"p{index:03d}-apices-cut{share:.2f}", _crop_rows(share, 0.0))
+        elif kind == "effusion":
+            share = float(rng.uniform(0.2, 0.7))
+            side = ("right", "left")[index % 2]
+            lung = base.right_lung if side == "right" else base.left_lung
+            region = _effusion_region(lung, share)
+            case = _opacity(base, f"p{index:03d}-effusion-{side}{share:.2f}", kind, region,
+                            0.85, number)  # fmt: skip
+        elif kind == "consolidation":
+            side = ("right", "left")[index % 2]
+            lung = base.right_lung if side == "right" else base.left_lung
+            region = _consolidation_region(lung, number)
+            case = _opacity(base, f"p{index:03d}-consolidation-{side}", kind, region, 0.7, number)
+        else:
+            case = replace(
+                _warp(base, f"p{index:03d}-mirrored-wrong", lambda a, _i: a[:, ::-1]),
+                sides_wrong=True,
+            )
+        yield replace(case, family=kind)
+
+
+def not_chest_cases(folder: Path | None = None) -> list[Case]:
+    """Films that are not frontal chest radiographs, labelled CR CHEST PA: no lungs to find
+    (empty references); the gate must flag every one."""
+    from pydicom.data import get_testdata_file
+
+    folder = folder or pydicom_data_folder()
+    paths = [
+        ("tibia", folder / "RG3_UNCR.dcm"),
+        ("ct-slice", Path(str(get_testdata_file("CT_small.dcm")))),
+        ("mr-slice", folder / "MR2_UNCR.dcm"),
+        ("us-frame", folder / "US1_UNCR.dcm"),
+    ]
+    cases = []
+    for name, path in paths:
+        try:
+            image = _decoded(path)
+        except Exception:  # a colour or multi-frame file the decoder refuses: not a case
+            continue
+        empty = np.zeros(image.pixels.shape, bool)
+        cases.append(Case(name, image, empty, empty, "not a frontal chest"))
+        rotated = _warp(Case(name, image, empty, empty), f"{name}-rotated90",
+                        lambda a, _i: np.ascontiguousarray(np.rot90(a)))  # fmt: skip
+        cases.append(replace(rotated, family="not a frontal chest"))
+    return cases

@@ -147,6 +147,14 @@ class DecodedImage:
     image_left_is_patient_right: bool
     side_source: str
     notes: tuple[str, ...] = ()
+    # What the segmentation sees: the same film in a window chosen from its data (the
+    # 0.5-99.5 percentile range), not the header's, which is chosen for reading and can be
+    # far narrower than the data; None: `pixels` (an 8-bit PNG has no other).
+    segmentation_pixels: np.ndarray | None = None
+
+    @property
+    def for_segmentation(self) -> np.ndarray:
+        return self.pixels if self.segmentation_pixels is None else self.segmentation_pixels
 
 
 @dataclass(frozen=True)

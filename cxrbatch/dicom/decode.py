@@ -9,6 +9,12 @@ Intensity handling (one definition for the daemon and the training code):
    header when it is valid; otherwise the 0.5-99.5 percentile range of the pixel values.
 4. MONOCHROME1 (and Presentation LUT Shape INVERSE) inverted, so higher = brighter.
 5. Scaled to 0..255 and rounded to uint8: the same form as an 8-bit PNG export.
+
+The segmentation gets its own 8-bit copy (`DecodedImage.segmentation_pixels`), steps 2,
+4 and 5 with the 0.5-99.5 percentile window of step 3 whatever the header says: a header
+window is a reading preset, sometimes a small part of the data's range (a lung or bone
+preset), which turns the film near-binary for the model. The classifier and the key image
+keep the header's display (the classifier was trained on displayed exports).
 """
 
 from __future__ import annotations
@@ -71,10 +77,15 @@ def _voi(ds: Dataset, values: np.ndarray, notes: list[str]) -> np.ndarray:
             notes.append(f"invalid WindowWidth {width!r}; percentile window used")
     except (TypeError, ValueError):
         notes.append("unparseable window values; percentile window used")
+    notes.append("percentile window (0.5-99.5)")
+    return percentile_window(values)
+
+
+def percentile_window(values: np.ndarray) -> np.ndarray:
+    """The 0.5-99.5 percentile range of the values, to 0..1."""
     low, high = np.percentile(values, [0.5, 99.5])
     if high <= low:
         high = low + 1.0
-    notes.append("percentile window (0.5-99.5)")
     return np.asarray(np.clip((values - low) / (high - low), 0.0, 1.0))
 
 
@@ -140,14 +151,18 @@ def decode_dataset(ds: Dataset, header: InstanceHeader) -> DecodedImage:
     if not np.isfinite(values).all():
         raise InputError("Pixel values are not finite after the Modality LUT.")
     display = _voi(ds, values, notes)
+    # The header's window, or (no valid one) the percentile window already.
+    windowed_by_header = not notes[-1].startswith("percentile")
+    from_data = percentile_window(values) if windowed_by_header else display
     # MONOCHROME1 is displayed inverted. PS3.3 C.8.11.6 pairs DX MONOCHROME1 with
     # Presentation LUT Shape INVERSE: that expresses the same inversion, not a second one.
     inverse_plut = str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE"
     if photometric == "MONOCHROME1" or inverse_plut:
-        display = 1.0 - display
+        display, from_data = 1.0 - display, 1.0 - from_data
         why = "MONOCHROME1" if photometric == "MONOCHROME1" else "Presentation LUT INVERSE"
         notes.append(f"inverted ({why})")
     image_u8 = np.round(display * 255.0).astype(np.uint8)
+    segmentation_u8 = _to_u8(from_data) if windowed_by_header else image_u8
     left_is_right, side_source = patient_side_mapping(ds)
     return DecodedImage(
         instance=header,
@@ -155,7 +170,12 @@ def decode_dataset(ds: Dataset, header: InstanceHeader) -> DecodedImage:
         image_left_is_patient_right=left_is_right,
         side_source=side_source,
         notes=tuple(notes),
+        segmentation_pixels=segmentation_u8,
     )
+
+
+def _to_u8(values: np.ndarray) -> np.ndarray:
+    return np.round(values * 255.0).astype(np.uint8)
 
 
 def read_dataset(header: InstanceHeader) -> Dataset:

@@ -28,7 +28,7 @@ hard phantoms (`python -m bench.seg_quality`, docs/segmentation.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -44,6 +44,15 @@ POST_SIZE = 1024
 LATERAL_MARGIN, MEDIAL_MARGIN, TOP_MARGIN = 0.05, 0.03, 0.06
 DIAPHRAGM_LEVEL, DIAPHRAGM_PAD = 0.70, 0.07
 REFINE_PAD = 0.02
+# The chest-wall edge (`wall_bottom`): searched in the lateral WALL_BAND of each
+# hemithorax, followed while it keeps WALL_KEEP of its mid-thorax strength, across gaps
+# of WALL_GAP of the body height. A second, extended box is tried where it ends more than
+# EXTEND_MIN of the image height below the diaphragm box (padded by DIAPHRAGM_PAD), and
+# taken when the model's own IoU estimate for it is at most IOU_TOLERANCE lower.
+WALL_BAND, WALL_KEEP, WALL_GAP = 0.4, 0.35, 0.03
+EXTEND_MIN, IOU_TOLERANCE = 0.04, 0.02
+# An extended lung whose base ends more than BASE_SPREAD of the image below the other's.
+BASE_SPREAD = 0.12
 Box = tuple[float, float, float, float]
 
 
@@ -148,14 +157,51 @@ def _diaphragm_row(smooth: np.ndarray, columns: tuple[float, float], body: Box) 
     return None if len(above) == 0 else float(low + above[0])
 
 
+def wall_bottom(smooth: np.ndarray, body: Box, middle: float, side: str) -> float | None:
+    """Where the lateral lung border ends: the lowest row of the run of the chest wall's
+    edge (lung darker inside, ribs and wall brighter outside) that starts in mid-thorax,
+    in the lateral WALL_BAND of the hemithorax; the costophrenic angle of a lung whose
+    base lies lower than the diaphragm profile says (a magnified or cropped film). Gaps
+    of up to WALL_GAP of the body's height (a rib's shadow) are bridged. None when no
+    edge is found in mid-thorax."""
+    x0, y0, x1, y1 = body
+    height = y1 - y0
+    gx = cv2.Sobel(smooth, cv2.CV_32F, 1, 0, ksize=3)
+    if side == "image_left":  # the wall is to the image's left of the lung
+        a, b = int(x0), max(int(x0) + 2, int(x0 + WALL_BAND * (middle - x0)))
+        edge = -gx[:, a:b]
+    else:
+        a, b = min(int(x1) - 2, int(middle + (1 - WALL_BAND) * (x1 - middle))), int(x1)
+        edge = gx[:, a:b]
+    strength = np.convolve(np.clip(edge, 0, None).max(axis=1), np.ones(5) / 5, mode="same")
+    r0, r1 = int(y0 + 0.25 * height), int(y0 + 0.55 * height)
+    if r1 <= r0 or r1 >= len(strength):
+        return None
+    reference = float(np.median(strength[r0:r1]))
+    if reference <= 0:
+        return None
+    found = strength > WALL_KEEP * reference
+    row, gap = r1, max(1, int(WALL_GAP * height))
+    while True:
+        while row + 1 < len(found) and found[row + 1]:
+            row += 1
+        ahead = np.nonzero(found[row + 1 : row + 2 + gap])[0]
+        if len(ahead) == 0:
+            return float(row)
+        row += 1 + int(ahead[0])
+
+
 @dataclass(frozen=True)
 class Thorax:
     """What the prompts found in a working-size image: the patient's body box, the
-    mediastinum's column and one box per lung ("image_left", "image_right")."""
+    mediastinum's column, one box per lung ("image_left", "image_right") ending at the
+    diaphragm the row profile shows, and where each side's chest-wall edge ends
+    (`wall_bottoms`, None where none was found)."""
 
     body: Box
     midline: float
     boxes: dict[str, Box]
+    wall_bottoms: dict[str, float | None] = field(default_factory=dict)
 
 
 def lung_boxes(image: np.ndarray) -> Thorax:
@@ -168,6 +214,7 @@ def lung_boxes(image: np.ndarray) -> Thorax:
     width, height = x1 - x0, y1 - y0
     middle = midline(image, body)
     boxes: dict[str, Box] = {}
+    walls: dict[str, float | None] = {}
     for side, (bx0, bx1) in {
         "image_left": (x0 + LATERAL_MARGIN * width, middle - MEDIAL_MARGIN * width),
         "image_right": (middle + MEDIAL_MARGIN * width, x1 - LATERAL_MARGIN * width),
@@ -179,7 +226,27 @@ def lung_boxes(image: np.ndarray) -> Thorax:
         bottom = y0 + 0.83 * height if row is None else row + DIAPHRAGM_PAD * height
         bottom = min(rows - 1.0, max(bottom, top + 0.5 * height))
         boxes[side] = (bx0, top, max(bx1, bx0 + 1.0), bottom)
-    return Thorax(body, middle, boxes)
+        walls[side] = wall_bottom(smooth, body, middle, side)
+    return Thorax(body, middle, boxes, walls)
+
+
+def _bottom(mask: np.ndarray) -> float:
+    rows = np.nonzero(mask.any(axis=1))[0]
+    return float(rows.max()) if len(rows) else 0.0
+
+
+def _extended_boxes(thorax: Thorax, rows: int, sides: tuple[str, str]) -> list[tuple[int, Box]]:
+    """(side index, box) for each lung whose chest-wall edge ends more than EXTEND_MIN of
+    the image below its box: the box reaching down to that edge's end, padded."""
+    longer = []
+    height = thorax.body[3] - thorax.body[1]
+    for i, side in enumerate(sides):
+        wall = thorax.wall_bottoms.get(side)
+        x0, y0, x1, y1 = thorax.boxes[side]
+        if wall is not None and wall > y1 + EXTEND_MIN * rows:
+            bottom = min(rows - 1.0, wall + DIAPHRAGM_PAD * height)
+            longer.append((i, (x0, y0, x1, bottom)))
+    return longer
 
 
 def _refined_box(first: np.ndarray, box: np.ndarray, scale: float) -> np.ndarray:
@@ -198,7 +265,7 @@ def segment_lungs(
 ) -> LungSegmentation:
     """The patient's lungs in a decoded DICOM image."""
     return segment_pixels(
-        segmenter, image.pixels, image.image_left_is_patient_right, refine, threshold
+        segmenter, image.for_segmentation, image.image_left_is_patient_right, refine, threshold
     )
 
 
@@ -238,11 +305,37 @@ def segment_pixels(
     post_shape = (max(1, round(rows * post_scale)), max(1, round(cols * post_scale)))
     embedding = segmenter.embed(pixels)
     first_pass = None
+    alternatives: list[np.ndarray | None] = [None, None]
     if refine:
         # The first pass steers the second (and is compared with it by QC): decode it at
         # the 256-px working size.
-        first, _ = segmenter.predict(embedding, boxes, output_size=small.shape[:2])
-        first_pass = tuple(fill_holes(_largest_component(first[i] > threshold)) for i in range(2))
+        first, first_iou = segmenter.predict(embedding, boxes, output_size=small.shape[:2])
+        masks = [fill_holes(_largest_component(first[i] > threshold)) for i in range(2)]
+        # Where the chest wall's edge runs on below the diaphragm box (a magnified, rotated
+        # or cropped film), the same lung prompted down to it: the mask the model is surer
+        # of is kept, the other is what the quality gate compares it with.
+        longer = _extended_boxes(thorax, small.shape[0], sides)
+        if longer:
+            extra = np.array([[v / scale for v in box] for _, box in longer], dtype=np.float32)
+            second, second_iou = segmenter.predict(embedding, extra, output_size=small.shape[:2])
+            capped = list(masks)
+            for k, (i, _) in enumerate(longer):
+                candidate = fill_holes(_largest_component(second[k] > threshold))
+                if float(second_iou[k]) >= float(first_iou[i]) - IOU_TOLERANCE:
+                    alternatives[i], masks[i] = masks[i], candidate
+                    boxes[i] = extra[k]
+                else:
+                    alternatives[i] = candidate
+            # A base taken lower than the other lung's by more than BASE_SPREAD of the
+            # image (on a film where the other did not come down with it) has leaked into
+            # the abdomen: the diaphragm box's mask is kept.
+            for i in range(2):
+                if alternatives[i] is None or capped[i] is masks[i]:
+                    continue
+                if _bottom(masks[i]) - _bottom(masks[1 - i]) > BASE_SPREAD * small.shape[0]:
+                    alternatives[i], masks[i] = masks[i], capped[i]
+                    boxes[i] = np.array([v / scale for v in thorax.boxes[sides[i]]], np.float32)
+        first_pass = (masks[0], masks[1])
         boxes = np.stack([_refined_box(first_pass[i], boxes[i], scale) for i in range(2)])
     probs, iou = segmenter.predict(embedding, boxes, output_size=post_shape)
 
@@ -264,6 +357,7 @@ def segment_pixels(
         None if first_pass is None else (first_pass[0], first_pass[1]),
         (float(iou[0]), float(iou[1])),
         image_left_is_patient_right,
+        (alternatives[0], alternatives[1]),
     )
     image_left_mask, image_right_mask = masks
     if image_left_is_patient_right:

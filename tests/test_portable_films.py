@@ -1,0 +1,160 @@
+"""Portable-style films (issue 32): the real film RG1 magnified, rotated, with its bases cut
+off, with a reading window far narrower than its data, mirrored with the orientation left
+as it was; and a tibia labelled CHEST PA. Each is either segmented well (both lungs Dice
+>= 0.90 against the traced reference carried through) or flagged by the quality gate;
+and through `process` with a screening bundle whose threshold calls every film
+likely-normal, the gate, not the classifier, makes the flagged ones needs-review.
+
+The full families and their figures: `python -m bench.seg_quality --portable
+--portable-phantoms 28` (docs/segmentation.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from bench.seg_sets import dice, not_chest_cases, portable_cases, pydicom_data_folder
+from cxrbatch import pipeline
+from cxrbatch.batch import run_batch
+from cxrbatch.config import Settings, load_settings
+from cxrbatch.models import qc
+from cxrbatch.models.bundle import load_bundle
+from cxrbatch.models.prompts import segment_lungs
+from cxrbatch.site import Site
+from tests.conftest import make_tiny_bundle
+
+pytest.importorskip("data_store", reason="pydicom-data ships the real chest film RG1")
+
+# Films of the families that must come out good or flagged, and those that must be flagged.
+GOOD_OR_FLAGGED = ("magnified1.15", "rotated-12", "rotated+15", "bases-cut0.20",
+                   "window0.05@p50", "window0.20@p40", "voi-lut0.05")  # fmt: skip
+MUST_FLAG = ("bases-cut0.30", "mirrored-wrong+0")
+
+
+@pytest.mark.slow
+def test_portable_copies_of_rg1_are_segmented_well_or_flagged(models: pipeline.Models) -> None:
+    segmenter = models.segmenter
+    cases = {c.name: c for c in portable_cases()}
+    results = {}
+    for name in (*GOOD_OR_FLAGGED, *MUST_FLAG):
+        case = cases[name]
+        seg = segment_lungs(segmenter, case.image)
+        assert seg.qc is not None
+        right, left = dice(seg.right_lung, case.right_lung), dice(seg.left_lung, case.left_lung)
+        results[name] = (round(right, 3), round(left, 3), seg.qc.reason)
+        if name in MUST_FLAG:
+            assert not seg.qc.passed, (name, results[name])
+        else:
+            assert min(right, left) >= 0.90 or not seg.qc.passed, (name, results[name])
+    print(results)
+    # The narrow header windows no longer reach the model: the film it sees is the same.
+    windowed = [results[n][:2] for n in ("window0.05@p50", "window0.20@p40", "voi-lut0.05")]
+    assert all(min(pair) >= 0.92 for pair in windowed), windowed
+    assert "sides disagree with the header" in str(results["mirrored-wrong+0"][2])
+    assert "film edge" in str(results["bases-cut0.30"][2])
+
+
+@pytest.mark.slow
+def test_a_tibia_labelled_chest_is_not_taken_for_a_chest(models: pipeline.Models) -> None:
+    (tibia,) = [c for c in not_chest_cases() if c.name == "tibia"]
+    seg = segment_lungs(models.segmenter, tibia.image)
+    assert seg.qc is not None and seg.qc.reason is not None
+    assert qc.NOT_A_CHEST in seg.qc.reason, seg.qc.reason
+    assert "aspect" in seg.qc.reason
+
+
+def _write_films(folder: Path) -> dict[str, str]:
+    """RG1 as the PACS would send the hard cases (the DICOM changed, not a display copy),
+    and the tibia labelled as a chest; {name: StudyInstanceUID}."""
+    source = pydicom_data_folder()
+    studies = {}
+    for index, name in enumerate(("original", "mirrored", "bases-cut", "tibia")):
+        ds = pydicom.dcmread(source / ("RG3_UNCR.dcm" if name == "tibia" else "RG1_UNCR.dcm"))
+        pixels = ds.pixel_array
+        if name == "mirrored":
+            pixels = np.ascontiguousarray(pixels[:, ::-1])  # PatientOrientation stays L\F
+        elif name == "bases-cut":
+            pixels = np.ascontiguousarray(pixels[: int(0.7 * pixels.shape[0])])
+        if name == "tibia":
+            ds.BodyPartExamined, ds.ViewPosition = "CHEST", "PA"
+        ds.PixelData = pixels.tobytes()
+        ds.Rows, ds.Columns = pixels.shape
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+        ds.StudyInstanceUID = f"1.2.826.0.1.3680043.10.1411.32.{index}"
+        ds.SeriesInstanceUID = f"1.2.826.0.1.3680043.10.1411.32.{index}.1"
+        ds.SOPInstanceUID = f"1.2.826.0.1.3680043.10.1411.32.{index}.1.1"
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(folder / f"{name}.dcm", enforce_file_format=True)
+        studies[name] = ds.StudyInstanceUID
+    return studies
+
+
+@pytest.mark.slow
+def test_the_gate_not_the_classifier_makes_hard_films_needs_review(
+    tmp_path: Path, models: pipeline.Models
+) -> None:
+    """A screening bundle whose No Finding threshold is 0 calls every film likely-normal:
+    the original RG1 is likely-normal, so only the quality gate can make the mirrored,
+    cut-off and non-chest films needs-review, and it does, saying why."""
+    bundle = make_tiny_bundle(tmp_path / "normal", "M-50", screening=0.0, seed=5)
+    settings: Settings = load_settings(
+        None,
+        segmentation={"device": "cpu"},
+        classifier={"device": "cpu", "screening_bundle": str(bundle)},
+    )
+    loaded = pipeline.Models(models.segmenter, None, load_bundle(bundle, "cpu"))
+    (tmp_path / "in").mkdir()
+    studies = _write_films(tmp_path / "in")
+    site = Site.at(settings, tmp_path / "out")
+    run_batch(tmp_path / "in", site, models=loaded)
+    import sqlite3
+
+    with sqlite3.connect(site.out_dir / "cxrbatch.sqlite") as db:
+        rows = dict(
+            db.execute(
+                "SELECT s.study_instance_uid, o.triage || ' | ' || COALESCE(i.reason, '') "
+                "FROM outcomes o JOIN studies s ON s.id = o.study_id "
+                "JOIN images i ON i.outcome_id = o.id WHERE o.is_current"
+            ).fetchall()
+        )
+    verdicts = {name: rows[uid] for name, uid in studies.items()}
+    assert verdicts["original"].startswith("likely-normal"), verdicts
+    assert verdicts["mirrored"].startswith("needs-review"), verdicts
+    assert "sides disagree with the header" in verdicts["mirrored"]
+    assert verdicts["bases-cut"].startswith("needs-review") and "film edge" in verdicts["bases-cut"]
+    assert verdicts["tibia"].startswith("needs-review") and qc.NOT_A_CHEST in verdicts["tibia"]
+
+
+def test_each_new_check_can_fail() -> None:
+    """On drawn masks: a tall thin strip fails `aspect`; a lung along the film's bottom
+    fails `film_edge`; the heart's side follows the image and flips with it."""
+    rows, cols = 256, 256
+    image = np.full((rows, cols), 200, np.uint8)
+    left = np.zeros((rows, cols), bool)
+    right = np.zeros((rows, cols), bool)
+    yy, xx = np.mgrid[0:rows, 0:cols]
+    left[40:200] = ((xx[40:200] - 70) / 45) ** 2 + ((yy[40:200] - 120) / 80) ** 2 < 1
+    right[40:200] = ((xx[40:200] - 186) / 45) ** 2 + ((yy[40:200] - 120) / 80) ** 2 < 1
+    image[left | right] = 60
+    # A heart on the image's right: bright, and indenting that lung's lower medial border.
+    heart = ((xx - 150) / 40) ** 2 + ((yy - 170) / 30) ** 2 < 1
+    image[heart] = 255
+    right &= ~heart
+    body = (10.0, 10.0, 246.0, 246.0)
+    verdict = qc.assess(image, (left, right), body, 128.0, None, (0.9, 0.9), True)
+    assert verdict.pair_measures["heart_side"] > 0.1, verdict.pair_measures
+    mirrored = qc.assess(
+        image[:, ::-1], (right[:, ::-1], left[:, ::-1]), body, 128.0, None, (0.9, 0.9), True
+    )
+    assert mirrored.pair_measures["heart_side"] < -0.1
+    assert any(qc.SIDES_DISAGREE in f for f in mirrored.pair_failures), mirrored.pair_failures
+    strip = np.zeros((rows, cols), bool)
+    strip[20:236, 30:60] = True
+    measures = qc.lung_measures(image, strip, strip | right, body, 128.0, -1, None, 0.9)
+    assert measures["aspect"] > 4.0
+    low = np.zeros((rows, cols), bool)
+    low[120:256, 20:110] = True
+    assert qc.lung_measures(image, low, low, body, 128.0, -1, None, 0.9)["film_edge"] > 0.25
