@@ -390,6 +390,10 @@ class HostileQueryRetrieve:
                     answer.QueryRetrieveLevel = "STUDY"
                     answer.StudyInstanceUID = f"1.2.826.0.1.3680043.10.1411.9.{index + 1}"
                     yield 0xFF00, answer
+                    # pynetdicom's reactor sends OR reads once per loop and sends first: a
+                    # handler that outruns its own sending never reads the C-CANCEL. A PACS
+                    # that answers at its disk's pace reads it between answers.
+                    time.sleep(0.002)
                 return
             for answer in matches(identifier):
                 yield 0xFF00, answer

@@ -25,6 +25,7 @@ from pathlib import Path
 from rich.progress import Progress
 
 from cxrbatch.config import SegmentationSettings
+from cxrbatch.dicom.decode import segmentation_view
 from cxrbatch.dicom.export import write_json
 from cxrbatch.models.masks import WORKING_SIZE, resize_mask
 from cxrbatch.models.prompts import segment_pixels
@@ -46,6 +47,7 @@ def _check_manifest(cache: Path, segmenter: BoxSegmenter, refine: bool) -> None:
         "sha256": segmenter.model.sha256,
         "refine": refine,
         "working_size": WORKING_SIZE,
+        "input": "0.5-99.5 percentile window",
     }
     path = cache / MANIFEST
     if path.is_file():
@@ -79,7 +81,8 @@ def generate_masks(
         task = bar.add_task(f"lung masks ({len(images) - len(todo)} cached)", total=len(todo))
         for name, path in todo.items():
             try:
-                pixels = load_gray(path)
+                # As the daemon segments a DICOM: the data's own window (decode.py).
+                pixels = segmentation_view(load_gray(path))
                 segmentation = segment_pixels(
                     segmenter, pixels, True, settings.refine, settings.threshold
                 )

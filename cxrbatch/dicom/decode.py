@@ -89,6 +89,13 @@ def percentile_window(values: np.ndarray) -> np.ndarray:
     return np.asarray(np.clip((values - low) / (high - low), 0.0, 1.0))
 
 
+def segmentation_view(values: np.ndarray) -> np.ndarray:
+    """What the segmenter sees of an image whatever its header window: the 0.5-99.5
+    percentile range of its values, as uint8. The daemon (`segmentation_pixels`) and the
+    training masks of 8-bit exports (training/maskgen.py) both go through here."""
+    return _to_u8(percentile_window(values))
+
+
 def patient_side_mapping(ds: Dataset) -> tuple[bool, str]:
     """Whether column 0 is the patient's right, and from what that was decided.
 
