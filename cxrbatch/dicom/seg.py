@@ -1,8 +1,17 @@
-"""DICOM Segmentation (BINARY) of the right and left lung, built with highdicom."""
+"""DICOM Segmentation of the right and left lung, built with highdicom.
+
+Encoding (`output.seg_encoding`): BINARY packs 8 pixels a byte across the whole frame; a
+frame whose width is not a multiple of 8 then starts mid-byte, which some DICOMweb servers
+cannot cut out of the object (Orthanc 1.10: "Bad number of columns for a black-and-white
+image", so OHIF loading from it gets no frame). "auto" writes BINARY where Columns is a
+multiple of 8 and otherwise FRACTIONAL (OCCUPANCY, Maximum Fractional Value 1: the same
+0/1 masks a byte a pixel), which every reader tested reads as the same label map
+(docs/conformance.md).
+"""
 
 from __future__ import annotations
 
-import copy
+from typing import Literal
 
 import highdicom as hd
 import numpy as np
@@ -11,7 +20,10 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 import cxrbatch
 from cxrbatch.dicom import codes
+from cxrbatch.dicom.contours import LEFT_COLOUR, RIGHT_COLOUR
 from cxrbatch.domain import LungSegmentation, ModelRef
+
+SegEncoding = Literal["auto", "binary", "fractional"]
 
 NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSTIC USE"
 MANUFACTURER = "cxrbatch"
@@ -45,17 +57,76 @@ def algorithm_identification(model: ModelRef, strategy: str) -> hd.AlgorithmIden
     )
 
 
-def valid_pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
-    """PixelSpacing (or ImagerPixelSpacing) when both values are positive numbers."""
-    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+SPACING_ATTRIBUTES = ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing")
+
+
+def spacing_and_source(ds: Dataset) -> tuple[tuple[float, float], str] | None:
+    """The first of SPACING_ATTRIBUTES whose two values are positive numbers, and its
+    keyword; None when none is."""
+    for keyword in SPACING_ATTRIBUTES:
         value = ds.get(keyword)
         try:
             spacing = (float(value[0]), float(value[1])) if value is not None else None
         except (TypeError, ValueError, IndexError):
             spacing = None
         if spacing and spacing[0] > 0 and spacing[1] > 0 and all(np.isfinite(spacing)):
-            return spacing
+            return spacing, keyword
     return None
+
+
+def valid_pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
+    """PixelSpacing (or ImagerPixelSpacing, NominalScannedPixelSpacing) when both values
+    are positive numbers."""
+    found = spacing_and_source(ds)
+    return None if found is None else found[0]
+
+
+# The plane the SEG declares for a projection radiograph (its own Frame of Reference):
+# the cosines viewers assume for an image without an Image Plane module, as the CR/DX
+# source is (cornerstone, and so OHIF, give such an image 1\0\0 and 0\1\0), so that
+# the SEG lies in its source's plane in their model. It says nothing about the patient:
+# the film's anatomical directions are its PatientOrientation, copied to the SEG.
+# docs/conformance.md has why not the cosines PatientOrientation would give.
+PROJECTION_PLANE = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+NOMINAL_SLICE_THICKNESS = 1.0
+
+
+def planar_header(source: Dataset) -> tuple[Dataset, str]:
+    """A copy of `source` that gives highdicom the plane to put in the SEG (Frame of
+    Reference, Pixel Measures, Plane Orientation and Position): the source's own where it
+    has a Frame of Reference; else a new Frame of Reference for the film with
+    PROJECTION_PLANE, the first pixel at (0, 0, 0), and the source's pixel spacing (or 1 mm
+    when it gives none). Also, in words, where the spacing came from."""
+    header = Dataset(dict(source.items()))
+    for keyword in SPACING_ATTRIBUTES:
+        if keyword in header:
+            del header[keyword]  # replaced below; a corrupt value must not stop the SEG
+    found = spacing_and_source(source)
+    if "FrameOfReferenceUID" in source and "ImageOrientationPatient" in source:
+        if found is not None:
+            header.PixelSpacing = list(found[0])
+        return header, (
+            f"the source's Frame of Reference; Pixel Measures from its {found[1]}"
+            if found
+            else "the source's Frame of Reference; it gives no valid pixel spacing"
+        )
+    header.FrameOfReferenceUID = hd.UID()
+    header.PositionReferenceIndicator = ""
+    header.ImageOrientationPatient = list(PROJECTION_PLANE)
+    header.ImagePositionPatient = [0.0, 0.0, 0.0]
+    # A projection has no slice; dciodvfy (the macro's Type 1C in a SEG with a Frame of
+    # Reference) and highdicom's reader ask for one: a nominal 1 mm, said in ImageComments.
+    header.SliceThickness = NOMINAL_SLICE_THICKNESS
+    if found is not None:
+        header.PixelSpacing = list(found[0])
+        why = f"Pixel Measures from the source's {found[1]}"
+        if found[1] == "ImagerPixelSpacing":
+            why += " (at the detector: not corrected for geometric magnification)"
+    else:
+        header.PixelSpacing = [1.0, 1.0]
+        why = "Pixel Measures 1\\1 mm: the source gives no valid pixel spacing (pixel units)"
+    why += f"; slice thickness {NOMINAL_SLICE_THICKNESS:g} mm nominal (a projection has none)"
+    return header, f"a Frame of Reference of its own for the film; {why}"
 
 
 def build_seg(
@@ -64,8 +135,10 @@ def build_seg(
     model: ModelRef,
     series_instance_uid: str,
     sop_instance_uid: str,
+    encoding: SegEncoding = "auto",
 ) -> Dataset:
-    """A BINARY SEG with segment 1 = right lung and segment 2 = left lung (patient sides)."""
+    """A SEG with segment 1 = right lung and segment 2 = left lung (patient sides), BINARY
+    or FRACTIONAL as `encoding` says (module docstring)."""
     algorithm = algorithm_identification(model, "auto-box lungs")
     description = f"Algorithm output ({model.name}). {NOT_FOR_DIAGNOSTIC_USE_SHORT}"
     if not segmentation.qc_passed:  # the reasons are in the SR and result.json
@@ -80,14 +153,18 @@ def build_seg(
             algorithm_identification=algorithm,
             tracking_uid=hd.UID(),
             tracking_id=f"{label} (cxrbatch)",
+            display_color=hd.color.CIELabColor.from_rgb(*colour),
         )
-        for number, label, code in (
-            (1, "Right lung", codes.RIGHT_LUNG),
-            (2, "Left lung", codes.LEFT_LUNG),
+        for number, label, code, colour in (
+            (1, "Right lung", codes.RIGHT_LUNG, RIGHT_COLOUR),
+            (2, "Left lung", codes.LEFT_LUNG, LEFT_COLOUR),
         )
     ]
+    fractional = encoding == "fractional" or (encoding == "auto" and int(source.Columns) % 8 != 0)
     right, left = segmentation.right_lung, segmentation.left_lung
-    if (right & left).any():
+    if fractional:
+        pixel_array = np.stack([right, left], axis=-1)[None].astype(np.float32)
+    elif (right & left).any():
         pixel_array = np.stack([right, left], axis=-1)[None]
     else:
         # Disjoint lungs (as the segmenter makes them): the label map 1 = right, 2 = left
@@ -96,16 +173,17 @@ def build_seg(
         pixel_array = right.astype(np.uint8)
         pixel_array[left] = 2
         pixel_array = pixel_array[None]
-    # highdicom would copy (and parse) the source's spacing into Pixel Measures, which are
-    # removed below anyway: a corrupt spacing value must not stop the SEG.
-    spacing_free = copy.copy(source)
-    for keyword in ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing"):
-        if keyword in spacing_free:
-            delattr(spacing_free, keyword)
+    planar, plane_note = planar_header(source)
     seg = hd.seg.Segmentation(
-        source_images=[spacing_free],
-        pixel_array=pixel_array.astype(np.uint8),
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        source_images=[planar],
+        pixel_array=pixel_array if fractional else pixel_array.astype(np.uint8),
+        segmentation_type=(
+            hd.seg.SegmentationTypeValues.FRACTIONAL
+            if fractional
+            else hd.seg.SegmentationTypeValues.BINARY
+        ),
+        fractional_type=hd.seg.SegmentationFractionalTypeValues.OCCUPANCY,
+        max_fractional_value=1,
         segment_descriptions=descriptions,
         series_instance_uid=series_instance_uid,
         series_number=9901,
@@ -121,18 +199,10 @@ def build_seg(
         transfer_syntax_uid=ExplicitVRLittleEndian,
         omit_empty_frames=False,
     )
-    # No Pixel Measures: a projection radiograph has no frame of reference, and the SEG maps
-    # pixel for pixel onto its source, whose spacing stays the one reference. highdicom
-    # copies the source's PixelSpacing, which is often invalid (zero, as in the RG1 export)
-    # and, without the Type 1C SliceThickness that a projection lacks, makes the SEG
-    # unreadable by highdicom itself. The SR reports lung areas in mm2 where the source's
-    # spacing is valid.
-    for group in seg.SharedFunctionalGroupsSequence:
-        if "PixelMeasuresSequence" in group:
-            del group.PixelMeasuresSequence
-    # General Image module: Type 2C without a frame of reference; copied from the source.
+    # General Image module: the film's anatomical directions, copied from the source.
     orientation = source.get("PatientOrientation")
     seg.PatientOrientation = list(orientation) if orientation else ""
+    seg.ImageComments = f"Plane: {plane_note}."[:10240]
     seg.SeriesDescription = f"cxrbatch lungs - ALGORITHM - {NOT_FOR_DIAGNOSIS}"[:64]
     return seg
 

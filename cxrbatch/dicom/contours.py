@@ -1,0 +1,50 @@
+"""Outlines of masks as DICOM graphic data: the SR's SCOORD POLYLINEs, the presentation
+state's graphic objects (lung fields and the regions a classifier looked at).
+
+DICOM image coordinates (PS3.3 C.10.5.1.2, C.18.6.1.2): column then row, in pixels, the
+top left corner of the top left pixel at (0, 0), so a pixel's centre at (c + 0.5, r + 0.5).
+A closed POLYLINE repeats its first point last.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+# The colours of the lungs and finding regions in every picture and object (sRGB): the
+# key image, the web overlays, the SEG's recommended display colours, the GSPS layers.
+RIGHT_COLOUR = (255, 160, 0)  # orange: the patient's right lung
+LEFT_COLOUR = (0, 200, 255)  # light blue: the left lung
+REGION_COLOUR = (255, 255, 0)  # yellow: a finding map's region
+
+MAX_POINTS = 256  # per outline: a lung's border at this many points is within a pixel or two
+
+
+def outlines(
+    mask: np.ndarray, max_points: int = MAX_POINTS, min_area: float = 0.0
+) -> list[np.ndarray]:
+    """The outer border of each connected region of `mask` (largest first; regions under
+    `min_area` pixels left out) as closed polylines, (n, 2) float arrays of (column, row),
+    simplified to at most `max_points` points."""
+    found, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    regions = sorted(
+        (c for c in found if cv2.contourArea(c) >= min_area and len(c) >= 3),
+        key=cv2.contourArea,
+        reverse=True,
+    )
+    lines = []
+    for contour in regions:
+        tolerance = 0.5
+        simplified = contour
+        while len(simplified) > max_points:
+            simplified = cv2.approxPolyDP(contour, tolerance, True)
+            tolerance *= 1.5
+        points = simplified.reshape(-1, 2).astype(np.float64) + 0.5
+        lines.append(np.vstack([points, points[:1]]))
+    return lines
+
+
+def outline(mask: np.ndarray, max_points: int = MAX_POINTS) -> np.ndarray | None:
+    """The border of the largest region of `mask`, or None when it is empty."""
+    found = outlines(mask, max_points)
+    return found[0] if found else None

@@ -1,0 +1,128 @@
+"""Our SEG and presentation state read by readers someone else wrote.
+
+dcmqi's `segimage2itkimage` (pip `dcmqi`, the QIICR converter 3D Slicer uses) on a
+phantom (1024 columns: BINARY) and on the real film RG1 (1841 columns: FRACTIONAL under
+`seg_encoding = "auto"`): each segment it writes equals the mask we wrote, pixel for
+pixel (Dice 1.0). Before issue 33 dcmqi refused the SEG ("Plane Orientation (Patient) is
+missing, cannot parse input"). dcmtk checks and applies the presentation state."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+
+from cxrbatch import pipeline
+from cxrbatch.config import Settings
+from cxrbatch.dicom.discover import discover
+from cxrbatch.domain import OutcomeStatus
+from cxrbatch.synthetic import write_study
+from tests.conftest import dciodvfy_errors, real_file
+
+
+def _segimage2itkimage() -> str:
+    found = shutil.which("segimage2itkimage") or str(
+        Path(__import__("sys").executable).parent / "segimage2itkimage"
+    )
+    if not Path(found).exists():
+        pytest.skip("dcmqi is not installed (pip install dcmqi; in the dev extras)")
+    return found
+
+
+def _dcmqi_segments(seg_path: Path, folder: Path) -> dict[int, np.ndarray]:
+    """Segment number -> the 2-D label image dcmqi writes (NRRD, read with pynrrd)."""
+    import nrrd  # pynrrd
+
+    folder.mkdir()
+    done = subprocess.run(
+        [_segimage2itkimage(), "--inputDICOM", str(seg_path), "--outputDirectory", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    segments = {}
+    for path in sorted(folder.glob("*.nrrd")):
+        data, _ = nrrd.read(str(path))
+        # NRRD's first axis is the column (x): back to rows x columns.
+        segments[int(path.stem)] = np.squeeze(np.asarray(data)).T > 0
+    return segments
+
+
+@pytest.mark.parametrize("case", ["phantom-1024", "RG1_UNCR"])
+def test_dcmqi_reads_each_segment_as_written(
+    tmp_path: Path, settings: Settings, models: pipeline.Models, case: str
+) -> None:
+    folder = tmp_path / "in"
+    if case == "RG1_UNCR":
+        folder.mkdir()
+        shutil.copyfile(real_file("RG1_UNCR.dcm"), folder / "IM0001")
+    else:
+        write_study(folder, 0, seed=61, size=(1024, 1024))
+    (study,), _ = discover(folder)
+    result = pipeline.run(study, models, settings, tmp_path / "out")
+    assert result.status is OutcomeStatus.PROCESSED, result.reason
+    assert result.outputs is not None
+    (seg_path,) = result.outputs.seg_files.values()
+    assert dciodvfy_errors(seg_path) == []
+    seg = dcmread(seg_path)
+    expected_type = "FRACTIONAL" if int(seg.Columns) % 8 else "BINARY"
+    assert seg.SegmentationType == expected_type
+    (image,) = result.images
+    written = {1: image.segmentation.right_lung, 2: image.segmentation.left_lung}
+    read = _dcmqi_segments(seg_path, tmp_path / "dcmqi")
+    assert set(read) == {1, 2}
+    for number, mask in written.items():
+        assert read[number].shape == mask.shape, number
+        overlap = np.logical_and(read[number], mask).sum()
+        dice = 2.0 * overlap / (read[number].sum() + mask.sum())
+        assert dice == 1.0, (number, dice)
+
+
+def test_dcmtk_checks_and_applies_the_presentation_state(
+    tmp_path: Path, settings: Settings, models: pipeline.Models
+) -> None:
+    """dcmtk (Debian package dcmtk): `dcmpschk` checks the GSPS against PS3.3 and passes it;
+    `dcmp2pgm` applies it to the source film, naming both lungs' layers with one closed
+    outline each and rendering a film of the source's size."""
+    if shutil.which("dcmpschk") is None or shutil.which("dcmp2pgm") is None:
+        if __import__("os").environ.get("CI"):
+            pytest.fail("dcmtk (Debian package) is required in CI")
+        pytest.skip("dcmtk is not installed (apt-get install dcmtk)")
+    write_study(tmp_path / "in", 0, seed=61, size=(512, 512))
+    (study,), _ = discover(tmp_path / "in")
+    result = pipeline.run(study, models, settings, tmp_path / "out")
+    assert result.outputs is not None
+    (gsps,) = result.outputs.presentation_state_files.values()
+    assert dciodvfy_errors(gsps) == []
+    checked = subprocess.run(["dcmpschk", str(gsps)], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0 and "Test passed" in checked.stdout + checked.stderr
+    assert "E:" not in checked.stdout + checked.stderr
+    picture = tmp_path / "applied.pgm"
+    source = study.instances[0].path
+    applied = subprocess.run(
+        ["dcmp2pgm", "-v", "-p", str(gsps), str(source), str(picture)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    text = applied.stdout + applied.stderr
+    assert applied.returncode == 0, text[-2000:]
+    for layer in ("[RIGHT LUNG]", "[LEFT LUNG]"):
+        block = text.split("Graphic Layer #")[1:]
+        (found,) = [b for b in block if b.split("\n", 1)[0].strip().endswith(layer)]
+        assert "type=polyline" in found and "Number of graphic objects: 1" in found, found[:400]
+    # The SR, read strictly by dcmtk's SR module: no error, no warning.
+    assert result.outputs.sr_file is not None
+    dumped = subprocess.run(
+        ["dsrdump", str(result.outputs.sr_file)], capture_output=True, text=True, timeout=60
+    )
+    assert dumped.returncode == 0 and "Comprehensive SR Document" in dumped.stdout
+    assert not [line for line in dumped.stderr.splitlines() if line[:2] in ("E:", "W:")]
+    header = picture.read_bytes()[:20].split()
+    assert header[0] == b"P5" and (int(header[1]), int(header[2])) == (512, 512)
