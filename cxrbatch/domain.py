@@ -151,6 +151,9 @@ class DecodedImage:
     # 0.5-99.5 percentile range), not the header's, which is chosen for reading and can be
     # far narrower than the data; None: `pixels` (an 8-bit PNG has no other).
     segmentation_pixels: np.ndarray | None = None
+    # The window `pixels` were displayed in, (center, width) in Modality LUT units: the
+    # header's or the percentile one; None: a VOI LUT, or an 8-bit PNG.
+    display_window: tuple[float, float] | None = None
 
     @property
     def for_segmentation(self) -> np.ndarray:
@@ -254,6 +257,19 @@ class ModelRef:
             document["role"] = self.role
         return document
 
+    @classmethod
+    def from_dict(cls, document: dict[str, object]) -> ModelRef:
+        """The ModelRef `as_dict` described."""
+        mask_mode, role = document.get("mask_mode"), document.get("role")
+        return cls(
+            name=str(document["name"]),
+            version=str(document["version"]),
+            sha256=str(document["sha256"]),
+            synthetic_training_data=bool(document.get("synthetic_training_data", False)),
+            mask_mode=None if mask_mode is None else str(mask_mode),
+            role=None if role is None else str(role),
+        )
+
 
 @dataclass(frozen=True)
 class Findings:
@@ -266,6 +282,9 @@ class Findings:
     threshold: float | None = None
     # The bundle's per-label operating thresholds (labels without one get no call).
     thresholds: dict[str, float] = field(default_factory=dict)
+    # The part of the image the network was given, (top, left, height, width) in pixels:
+    # all of it, or the centred square of a centre-cropping bundle; None: not recorded.
+    box: tuple[int, int, int, int] | None = None
 
     @property
     def calls(self) -> dict[str, bool]:
@@ -275,6 +294,45 @@ class Findings:
             for label, t in self.thresholds.items()
             if label in self.probabilities
         }
+
+
+# A finding map's region: where its activation is at least this fraction of its peak.
+REGION_LEVEL = 0.5
+
+
+@dataclass(frozen=True, eq=False)
+class FindingMap:
+    """Where a classifier's evidence for one label lies on one image: Grad-CAM on the
+    masked input the network saw (cxrbatch/models/heatmaps.py), for a label at or above its
+    threshold. `activation` is in [0, 1] (1 at its peak, 0 where the mask hid the film)
+    over `box` = (top, left, height, width) of the image, at the network's input size."""
+
+    label: str
+    probability: float
+    threshold: float
+    model: ModelRef
+    activation: np.ndarray  # float32 (size, size)
+    box: tuple[int, int, int, int]
+
+    def on_image(self, shape: tuple[int, int], scale: float = 1.0) -> np.ndarray:
+        """The activation on an image of `shape` (rows, columns): the film itself
+        (`scale` 1) or a copy resized by `scale`; float32, 0 outside the box."""
+        import cv2
+
+        top, left, height, width = (round(v * scale) for v in self.box)
+        height = max(1, min(height, shape[0] - top))
+        width = max(1, min(width, shape[1] - left))
+        full = np.zeros(shape, dtype=np.float32)
+        full[top : top + height, left : left + width] = cv2.resize(
+            self.activation, (width, height), interpolation=cv2.INTER_LINEAR
+        )
+        return full
+
+    def region(
+        self, shape: tuple[int, int], scale: float = 1.0, level: float = REGION_LEVEL
+    ) -> np.ndarray:
+        """Where the activation reaches `level` of its peak (bool, `shape`)."""
+        return self.on_image(shape, scale) >= level
 
 
 @dataclass(frozen=True, eq=False)
@@ -287,10 +345,12 @@ class ImageResult:
     # The shadow candidates' answers on the same masks (recorded, never written or sent).
     shadow: Findings | None = None
     shadow_screening: Findings | None = None
+    # The classifier's maps for its labels at or above threshold (output.finding_maps).
+    finding_maps: tuple[FindingMap, ...] = ()
 
     def shadowed(self) -> ImageResult:
         """This image as the shadow models saw it (their findings in the live places)."""
-        return replace(self, findings=self.shadow, screening=self.shadow_screening)
+        return replace(self, findings=self.shadow, screening=self.shadow_screening, finding_maps=())
 
     @property
     def qc_reason(self) -> str | None:
@@ -313,6 +373,12 @@ class ImageFailure:
     reason: str
 
 
+# The per-image groups of an outcome's `outputs` document (source SOP Instance UID ->
+# stored path): the DICOM objects sent to destinations, then the web app's own files.
+DICOM_IMAGE_OUTPUTS = ("seg", "key_images", "presentation_states")
+IMAGE_OUTPUTS = (*DICOM_IMAGE_OUTPUTS, "finding_maps")
+
+
 @dataclass(frozen=True)
 class OutputFiles:
     seg_files: dict[str, Path]  # SOPInstanceUID of the source image -> SEG file
@@ -320,10 +386,18 @@ class OutputFiles:
     json_file: Path | None
     # SOPInstanceUID of the source image -> Secondary Capture key image (output.key_image)
     key_image_files: dict[str, Path] = field(default_factory=dict)
+    # -> Grayscale Softcopy Presentation State (output.presentation_state)
+    presentation_state_files: dict[str, Path] = field(default_factory=dict)
+    # -> the finding maps for the web study page (not DICOM, never sent)
+    finding_map_files: dict[str, Path] = field(default_factory=dict)
 
     def dicom_files(self) -> list[Path]:
         """Every DICOM object written for the study (what is sent to destinations)."""
-        files = [*self.seg_files.values(), *self.key_image_files.values()]
+        files = [
+            *self.seg_files.values(),
+            *self.key_image_files.values(),
+            *self.presentation_state_files.values(),
+        ]
         return files + ([self.sr_file] if self.sr_file else [])
 
 

@@ -50,7 +50,9 @@ def _window(values: np.ndarray, center: float, width: float, function: str) -> n
     return np.clip((values - (center - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0)
 
 
-def _voi(ds: Dataset, values: np.ndarray, notes: list[str]) -> np.ndarray:
+def _voi(
+    ds: Dataset, values: np.ndarray, notes: list[str], window: list[tuple[float, float]]
+) -> np.ndarray:
     lut_seq = ds.get("VOILUTSequence")
     if lut_seq:
         try:
@@ -72,20 +74,27 @@ def _voi(ds: Dataset, values: np.ndarray, notes: list[str]) -> np.ndarray:
         if center is not None and width is not None and float(width) >= 1.0:
             function = str(ds.get("VOILUTFunction", "LINEAR")).upper() or "LINEAR"
             notes.append("window from header")
+            window.append((float(center), float(width)))
             return _window(values, float(center), float(width), function)
         if width is not None:
             notes.append(f"invalid WindowWidth {width!r}; percentile window used")
     except (TypeError, ValueError):
         notes.append("unparseable window values; percentile window used")
     notes.append("percentile window (0.5-99.5)")
-    return percentile_window(values)
+    low, high = percentile_bounds(values)
+    window.append(((low + high) / 2, high - low))
+    return percentile_window(values, (low, high))
 
 
-def percentile_window(values: np.ndarray) -> np.ndarray:
-    """The 0.5-99.5 percentile range of the values, to 0..1."""
-    low, high = np.percentile(values, [0.5, 99.5])
-    if high <= low:
-        high = low + 1.0
+def percentile_bounds(values: np.ndarray) -> tuple[float, float]:
+    """The 0.5 and 99.5 percentiles of the values (the second above the first)."""
+    low, high = (float(v) for v in np.percentile(values, [0.5, 99.5]))
+    return low, (high if high > low else low + 1.0)
+
+
+def percentile_window(values: np.ndarray, bounds: tuple[float, float] | None = None) -> np.ndarray:
+    """The 0.5-99.5 percentile range of the values (or `bounds`), to 0..1."""
+    low, high = bounds or percentile_bounds(values)
     return np.asarray(np.clip((values - low) / (high - low), 0.0, 1.0))
 
 
@@ -157,7 +166,8 @@ def decode_dataset(ds: Dataset, header: InstanceHeader) -> DecodedImage:
         values = pixels.astype(np.float64)
     if not np.isfinite(values).all():
         raise InputError("Pixel values are not finite after the Modality LUT.")
-    display = _voi(ds, values, notes)
+    window: list[tuple[float, float]] = []
+    display = _voi(ds, values, notes, window)
     # The header's window, or (no valid one) the percentile window already.
     windowed_by_header = not notes[-1].startswith("percentile")
     from_data = percentile_window(values) if windowed_by_header else display
@@ -178,6 +188,7 @@ def decode_dataset(ds: Dataset, header: InstanceHeader) -> DecodedImage:
         side_source=side_source,
         notes=tuple(notes),
         segmentation_pixels=segmentation_u8,
+        display_window=window[0] if window else None,
     )
 
 

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydicom import valuerep
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
+from cxrbatch.domain import FindingMap, ModelRef
 from cxrbatch.files import atomic_write
 from cxrbatch.paths import inside, uid_path_component
 
@@ -109,3 +112,41 @@ def write_dicom(path: Path, ds: Dataset) -> Path:
 def write_json(path: Path, document: dict[str, Any]) -> Path:
     text = json.dumps(document, indent=2, sort_keys=False).encode("utf-8")
     return atomic_write(path, lambda handle: handle.write(text))
+
+
+def write_maps(path: Path, maps: Sequence[FindingMap]) -> Path:
+    """One image's finding maps for the web study page (`read_maps`): each activation as
+    float16 at the network's input size, and what it says in a JSON header. Not DICOM and
+    never sent: the DICOM objects carry the regions."""
+    header = [
+        {
+            "label": m.label,
+            "probability": m.probability,
+            "threshold": m.threshold,
+            "box": list(m.box),
+            "model": m.model.as_dict(),
+        }
+        for m in maps
+    ]
+    arrays: dict[str, Any] = {
+        f"map{i}": m.activation.astype(np.float16) for i, m in enumerate(maps)
+    }
+    arrays["header"] = np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8)
+    return atomic_write(path, lambda handle: np.savez_compressed(handle, **arrays))
+
+
+def read_maps(path: Path) -> list[FindingMap]:
+    """The finding maps `write_maps` wrote (ValueError or OSError when it cannot)."""
+    with np.load(path, allow_pickle=False) as data:
+        header = json.loads(bytes(data["header"]).decode("utf-8"))
+        return [
+            FindingMap(
+                label=str(entry["label"]),
+                probability=float(entry["probability"]),
+                threshold=float(entry["threshold"]),
+                model=ModelRef.from_dict(entry["model"]),
+                activation=data[f"map{i}"].astype(np.float32),
+                box=tuple(int(v) for v in entry["box"]),  # type: ignore[arg-type]
+            )
+            for i, entry in enumerate(header)
+        ]

@@ -79,6 +79,14 @@ class ClassifierInputs:
     def _source(self, crop: Crop) -> np.ndarray:
         return center_crop(self.gray) if crop == "center" else self.gray
 
+    def box(self, crop: Crop = "none") -> tuple[int, int, int, int]:
+        """The part of the image a bundle with `crop` is given: (top, left, height, width)."""
+        rows, columns = self.gray.shape
+        if crop == "center":
+            side = min(rows, columns)
+            return rows // 2 - side // 2, columns // 2 - side // 2, side, side
+        return 0, 0, rows, columns
+
     def resized(self, size: int, crop: Crop = "none") -> np.ndarray:
         """The image at size x size (area interpolation), float32 in [0, 1]."""
         if (size, crop) not in self._resized:
