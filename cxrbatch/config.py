@@ -94,9 +94,22 @@ class OutputSettings(_Section):
     # paths are kept).
     quarantine_original_paths: bool = False
     write_json: bool = True
-    # A Secondary Capture per processed image (the radiograph with the lung contours and
-    # the scores burned in, NOT FOR DIAGNOSTIC USE) for viewers without SEG support.
-    key_image: bool = False
+    # A Secondary Capture per processed image (the radiograph with the lung contours, the
+    # finding maps and the scores burned in, NOT FOR DIAGNOSTIC USE): what every viewer
+    # shows, SEG support or not.
+    key_image: bool = True
+    # A Grayscale Softcopy Presentation State per processed image: the lung contours, the
+    # finding regions and a text layer over the original film (viewers that show neither
+    # SEG nor SR; PACS that keep the original image on screen).
+    presentation_state: bool = True
+    # Where the classifier found its evidence, for each label at or above its threshold
+    # (Grad-CAM on the masked input it saw; cxrbatch/models/heatmaps.py): drawn on the key
+    # image and the web study page, its region outlined in the SR and the presentation state.
+    finding_maps: bool = True
+    # SEG pixel encoding: "auto" = BINARY where the width is a multiple of 8, else
+    # FRACTIONAL (occupancy, maximum 1), which DICOMweb servers can cut into frames
+    # (cxrbatch/dicom/seg.py); or always "binary" / "fractional".
+    seg_encoding: Literal["auto", "binary", "fractional"] = "auto"
 
 
 class IngestSettings(_Section):
@@ -190,6 +203,15 @@ class Destination(_Section):
     receiving_application: Annotated[str, Field(max_length=64)] = ""
     receiving_facility: Annotated[str, Field(max_length=64)] = ""
     timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    # dimse, stow-rs: which of a study's objects this node gets (a viewer that shows
+    # GSPS but not SEG, a PACS that refuses Secondary Captures). The IOCM rejection note
+    # withdrawing objects it acknowledged earlier is sent whatever this says.
+    objects: tuple[Literal["seg", "sr", "key_image", "presentation_state"], ...] = (
+        "seg",
+        "sr",
+        "key_image",
+        "presentation_state",
+    )
 
     @property
     def sends_report(self) -> bool:
@@ -201,6 +223,8 @@ class Destination(_Section):
             raise ValueError(
                 f"destination {self.name!r}: transport 'dimse' needs ae_title and host"
             )
+        if not self.objects and not self.sends_report:
+            raise ValueError(f"destination {self.name!r}: objects is empty (nothing to send)")
         if self.transport == "hl7-mllp" and not self.host:
             raise ValueError(f"destination {self.name!r}: transport 'hl7-mllp' needs host")
         if self.transport in ("stow-rs", "fhir") and not self.url.startswith(

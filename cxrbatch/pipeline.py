@@ -4,9 +4,10 @@
     for each: decode -> segment lungs (auto box prompts, QC verdict)
               -> classify (bundle's mask mode; a masked bundle skips masks that failed QC)
               -> screening (M-50 bundle's No Finding score and threshold)
+              -> finding maps (Grad-CAM) for the classifier's labels at or above threshold
     study-level triage (worst image: abnormal > needs-review > likely-normal) and No Finding score
-    write SEG per image, one SR, key images (optional) and result.json (dicom/result_json.py),
-    atomically
+    write SEG, key image and presentation state per image (the last two optional), one SR,
+    the finding maps for the web app and result.json (dicom/result_json.py), atomically
 
 Models are loaded once (`load_models`) and passed in; `run` touches no database.
 """
@@ -28,6 +29,7 @@ from pydicom.dataset import Dataset
 from cxrbatch.config import Settings
 from cxrbatch.dicom import export
 from cxrbatch.dicom.decode import decode
+from cxrbatch.dicom.gsps import build_presentation_state
 from cxrbatch.dicom.keyimage import build_key_image
 from cxrbatch.dicom.result_json import result_document
 from cxrbatch.dicom.seg import build_seg
@@ -35,6 +37,7 @@ from cxrbatch.dicom.select import select
 from cxrbatch.dicom.sr import SrImage, build_sr
 from cxrbatch.domain import (
     DecodedImage,
+    FindingMap,
     Findings,
     ImageFailure,
     ImageResult,
@@ -50,6 +53,7 @@ from cxrbatch.files import remove_stale_temporaries
 from cxrbatch.models import prompts, qc
 from cxrbatch.models.batching import batch_size
 from cxrbatch.models.bundle import ClassifierBundle, load_bundle
+from cxrbatch.models.heatmaps import finding_maps
 from cxrbatch.models.preprocess import ClassifierInputs
 from cxrbatch.models.prompts import segment_lungs
 from cxrbatch.models.segmenter import BoxSegmenter, load_segmenter
@@ -145,7 +149,8 @@ def input_fingerprint(study: StudyInput, models: Models, settings: Settings) -> 
     # The prompt, clean-up and QC code decide the masks and the verdict as much as the
     # weights do: a new version of them makes a new outcome.
     digest.update(f"segmentation-code:{SEGMENTATION_CODE_SHA256}\n".encode())
-    digest.update(settings.output.model_dump_json(include={"key_image"}).encode())
+    written = {"key_image", "presentation_state", "finding_maps", "seg_encoding"}
+    digest.update(settings.output.model_dump_json(include=written).encode())
     return digest.hexdigest()
 
 
@@ -176,6 +181,7 @@ def classify(
         spec.mask_mode, spec.input_size, spec.mean, spec.std, spec.crop, spec.resize
     )
     findings = bundle.findings(bundle.predict(network_input[None])[0])
+    findings = replace(findings, box=inputs.box(spec.crop))
     if not masks_passed_qc and findings.triage is Triage.LIKELY_NORMAL:
         # An unmasked screening model still ran; its "normal" is not trusted either.
         findings = replace(findings, triage=Triage.NEEDS_REVIEW)
@@ -205,13 +211,17 @@ def _process_image(
         passed = segmentation.qc_passed
         findings = classify(models.classifier, inputs, passed)
         screening = classify(models.screening, inputs, passed)
+    maps: tuple[FindingMap, ...] = ()
+    if settings.output.finding_maps and findings is not None and models.classifier is not None:
+        with timer.stage("finding_maps"):
+            maps = finding_maps(models.classifier, inputs, findings)
     shadow = shadow_screening = None
     if models.shadow is not None or models.shadow_screening is not None:
         with timer.stage("shadow"):  # timed only where a candidate runs
             shadow = classify(models.shadow, inputs, passed)
             shadow_screening = classify(models.shadow_screening, inputs, passed)
     result = ImageResult(
-        image.instance, image, segmentation, findings, screening, shadow, shadow_screening
+        image.instance, image, segmentation, findings, screening, shadow, shadow_screening, maps
     )
     return ProcessedImage(result, ds)
 
@@ -306,11 +316,9 @@ def run(
     folder = export.study_dir(out_dir, study.study_instance_uid)
     remove_stale_temporaries(folder)
     with timer.stage("write"):
-        seg_files, sr_file, key_files = write_dicom_outputs(
-            processed, models, folder, settings.output.key_image
-        )
+        outputs = write_dicom_outputs(processed, models, folder, settings)
     json_file = folder / "result.json" if settings.output.write_json else None
-    outputs = OutputFiles(seg_files, sr_file, json_file, key_files)
+    outputs = replace(outputs, json_file=json_file)
     result = replace(result, outputs=outputs, timings=dict(timer.seconds))
     if json_file is not None:
         export.write_json(json_file, result_document(result, outputs))
@@ -318,49 +326,72 @@ def run(
 
 
 def write_dicom_outputs(
-    processed: list[ProcessedImage], models: Models, folder: Path, key_image: bool = False
-) -> tuple[dict[str, Path], Path | None, dict[str, Path]]:
-    """One SEG per processed image, one SR for the study and, with `key_image`, one
-    Secondary Capture per processed image; nothing for ineligible studies."""
+    processed: list[ProcessedImage], models: Models, folder: Path, settings: Settings
+) -> OutputFiles:
+    """One SEG per processed image, one SR for the study and, as `settings.output` says,
+    one key image (Secondary Capture) and one presentation state per processed image and
+    its finding maps; nothing for ineligible studies (no result.json: the caller's)."""
     if not processed:
-        return {}, None, {}
-    seg_series, key_series = hd.UID(), hd.UID()
-    built: list[tuple[ImageResult, Dataset, Dataset, Dataset | None]] = []
+        return OutputFiles({}, None, None)
+    output = settings.output
+    seg_series, key_series, gsps_series = hd.UID(), hd.UID(), hd.UID()
+    built: list[tuple[ImageResult, Dataset, Dataset, Dataset | None, Dataset | None]] = []
     try:
         for number, image in enumerate(processed, 1):
             item, ds = image.result, export.reference_header(image.dataset)
-            seg = build_seg(ds, item.segmentation, models.segmenter.model, seg_series, hd.UID())
+            seg = build_seg(
+                ds, item.segmentation, models.segmenter.model, seg_series, hd.UID(),
+                output.seg_encoding,
+            )  # fmt: skip
             key = (
                 build_key_image(ds, item, models.refs, key_series, hd.UID(), number)
-                if key_image
+                if output.key_image
                 else None
             )
-            built.append((item, ds, seg, key))
+            gsps = (
+                build_presentation_state(ds, item, models.refs, gsps_series, hd.UID(), number)
+                if output.presentation_state
+                else None
+            )
+            built.append((item, ds, seg, key, gsps))
         sr_items = [
             SrImage(
-                ds, seg, item.segmentation, models.segmenter.model, item.findings, item.screening
+                ds,
+                seg,
+                item.segmentation,
+                models.segmenter.model,
+                item.findings,
+                item.screening,
+                item.finding_maps,
             )
-            for item, ds, seg, _ in built
+            for item, ds, seg, _, _ in built
         ]
         sr = export.carry_identity(build_sr(sr_items, hd.UID(), hd.UID()), processed[0].dataset)
         # Built from reference headers (one value where the IOD defines one); the patient
         # and study values go back as received once every object is built.
-        for image, (_, _, seg, key) in zip(processed, built, strict=True):
-            export.carry_identity(seg, image.dataset)
-            if key is not None:
-                export.carry_identity(key, image.dataset)
+        for image, (_, _, *made) in zip(processed, built, strict=True):
+            for output_ds in made:
+                if output_ds is not None:
+                    export.carry_identity(output_ds, image.dataset)
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         # highdicom copies the patient, study and series modules from the source: a value
         # there that is not valid DICOM (a corrupt time, a missing UID) stops the outputs.
         raise InputError(
-            f"the source header has values that cannot be copied into the SEG/SR: {one_line(exc)}"
+            f"the source header has values that cannot be copied into the outputs: {one_line(exc)}"
         ) from exc
-    seg_files: dict[str, Path] = {}
-    key_files: dict[str, Path] = {}
-    for item, _, seg, key in built:
+    files = OutputFiles({}, None, None)
+    for item, _, seg, key, gsps in built:
         uid = item.instance.sop_instance_uid
         name = uid_path_component(uid)
-        seg_files[uid] = export.write_dicom(folder / f"seg_{name}.dcm", seg)
+        files.seg_files[uid] = export.write_dicom(folder / f"seg_{name}.dcm", seg)
         if key is not None:
-            key_files[uid] = export.write_dicom(folder / f"key_{name}.dcm", key)
-    return seg_files, export.write_dicom(folder / "sr.dcm", sr), key_files
+            files.key_image_files[uid] = export.write_dicom(folder / f"key_{name}.dcm", key)
+        if gsps is not None:
+            files.presentation_state_files[uid] = export.write_dicom(
+                folder / f"gsps_{name}.dcm", gsps
+            )
+        if item.finding_maps:
+            files.finding_map_files[uid] = export.write_maps(
+                folder / f"maps_{name}.npz", item.finding_maps
+            )
+    return replace(files, sr_file=export.write_dicom(folder / "sr.dcm", sr))

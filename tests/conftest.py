@@ -52,16 +52,22 @@ def models(settings: Settings) -> pipeline.Models:
 
 
 def make_tiny_bundle(
-    directory: Path, mask_mode: str = "M-50", screening: float | None = 0.5, seed: int = 0
+    directory: Path,
+    mask_mode: str = "M-50",
+    screening: float | None = 0.5,
+    seed: int = 0,
+    thresholds: dict[str, float] | None = None,
+    input_size: int = 64,
 ) -> Path:
-    """A randomly initialised ResNet50 bundle at 64 px, flagged as synthetic (untrained)."""
+    """A randomly initialised ResNet50 bundle (64 px unless asked), flagged as synthetic
+    (untrained); operating thresholds Mass 0.5 unless `thresholds` says otherwise."""
     torch.manual_seed(seed)
     network = build_network("resnet50", 5)
     spec = BundleSpec(
         architecture="resnet50",
-        input_size=64,
+        input_size=input_size,
         mask_mode=mask_mode,  # type: ignore[arg-type]
-        thresholds={"Mass": 0.5},
+        thresholds={"Mass": 0.5} if thresholds is None else thresholds,
         screening=Screening(no_finding_threshold=screening) if screening is not None else None,
         training_data=TrainingData(description="untrained test network", synthetic=True),
     )

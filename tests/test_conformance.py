@@ -147,7 +147,7 @@ def test_corpus_outputs_are_conformant(
     assert result.status is OutcomeStatus.PROCESSED, result.reason
     assert result.outputs is not None
     files = result.outputs.dicom_files()
-    assert len(files) == 3  # SEG, key image, SR
+    assert len(files) == 4  # SEG, key image, presentation state, SR
     for path in files:
         assert dciodvfy_errors(path) == [], path.name
     source = dcmread(study.instances[0].path, stop_before_pixels=True)
@@ -162,7 +162,13 @@ def test_corpus_outputs_are_conformant(
     )[0]
     assert np.array_equal(masks[..., 0].astype(bool), image.segmentation.right_lung)
     sr = hd.sr.srread(result.outputs.sr_file)  # type: ignore[arg-type]
-    assert sr.content.get_image_measurement_groups()
+    tracking = [g.tracking_identifier for g in sr.content.get_planar_roi_measurement_groups()]
+    assert any(t.startswith("classifier image 1:") for t in tracking), tracking
+    (gsps_path,) = result.outputs.presentation_state_files.values()
+    gsps = dcmread(gsps_path)
+    assert gsps.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID == (
+        image.instance.sop_instance_uid
+    )
     key = hd.imread(key_path)
     assert key.BurnedInAnnotation == "YES" and key.StudyInstanceUID == source.StudyInstanceUID
     assert key.PatientName == source.PatientName

@@ -33,8 +33,9 @@ from tests.test_daemon import _Daemon, daemons  # noqa: F401 (fixture)
 from tests.test_scp import _free_port
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage
-SR = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR Storage
+SR = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR Storage
 SC = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
+GSPS = "1.2.840.10008.5.1.4.1.1.11.1"  # Grayscale Softcopy Presentation State Storage
 
 
 @pytest.fixture()
@@ -73,7 +74,7 @@ def _check_returned_study(pacs: Orthanc, source_path: Path, tmp_path: Path) -> N
         assert ds.StudyInstanceUID == source.StudyInstanceUID
         assert ds.PatientID == source.PatientID
         found[str(ds.SOPClassUID)] = (ds, path)
-    assert set(found) == {SEG, SR, SC}, sorted(found)
+    assert set(found) == {SEG, SR, SC, GSPS}, sorted(found)
     seg = hd.seg.segread(found[SEG][1])
     referenced = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
     assert referenced.ReferencedSOPInstanceUID == source.SOPInstanceUID
@@ -88,6 +89,9 @@ def _check_returned_study(pacs: Orthanc, source_path: Path, tmp_path: Path) -> N
     key = found[SC][0]
     assert key.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     assert key.BurnedInAnnotation == "YES" and "NOT FOR DIAGNOSTIC USE" in key.SeriesDescription
+    state = found[GSPS][0]
+    shown = state.ReferencedSeriesSequence[0].ReferencedImageSequence[0]
+    assert shown.ReferencedSOPInstanceUID == source.SOPInstanceUID
 
 
 def test_orthanc_pushes_studies_and_receives_seg_sr_and_key_images(
@@ -178,6 +182,7 @@ backoff_base_seconds = 0.0
 name = "web"
 transport = "stow-rs"
 url = "{orthanc.url}/dicom-web"
+objects = ["seg", "sr"]
 [[send.destinations]]
 name = "archive"
 transport = "dimse"
@@ -192,7 +197,8 @@ timeout_seconds = 5
     assert processed.returncode == 0, processed.stderr[-2000:]
     assert "1 sent" in processed.stdout and "1 failed" in processed.stdout, processed.stdout
 
-    # STOW-RS stored the SEG and SR in the study in Orthanc.
+    # STOW-RS stored the SEG and SR in the study in Orthanc (its `objects`), not the key
+    # image or the presentation state (the archive gets them).
     study_id = orthanc.study_id(phantom.study_instance_uid)
     assert study_id is not None
     modalities = sorted(dcmread(io.BytesIO(f)).Modality for f in orthanc.instance_files(study_id))
@@ -217,7 +223,7 @@ timeout_seconds = 5
         assert "1 sent" in revived.stdout
     finally:
         scp.stop()
-    assert sorted(scp.received) == sorted([SEG, SR])
+    assert sorted(scp.received) == sorted([SEG, SR, SC, GSPS])
     status = json.loads(_cli("status", "--out", str(out), "--format", "json").stdout)
     assert status["deliveries"]["archive"]["sent"] == 1 and status["undelivered"] == []
 

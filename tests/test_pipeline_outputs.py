@@ -43,9 +43,11 @@ def _single_file_run(
 def _sr_groups(path: Path) -> dict[str, dict[str, float]]:
     sr = hd.sr.srread(path)
     groups: dict[str, dict[str, float]] = {}
-    for group in sr.content.get_image_measurement_groups():
+    for group in sr.content.get_planar_roi_measurement_groups():
         values = {m.name.meaning: float(m.value) for m in group.get_measurements()}
-        groups[group.tracking_identifier] = values
+        # "classifier image 1: flagged Mass (SYNTHETIC)": the role and image, then in
+        # words what was flagged (what OHIF lists).
+        groups[group.tracking_identifier.split(":")[0]] = values
     return groups
 
 
@@ -108,8 +110,10 @@ def test_real_chest_cr_with_classifier_and_screening(
     assert classifier["Mass operating threshold"] == 0.5
     sr_calls = {
         evaluation.name.meaning: evaluation.value.meaning
-        for group in hd.sr.srread(result.outputs.sr_file).content.get_image_measurement_groups()
-        if group.tracking_identifier == "classifier image 1"
+        for group in hd.sr.srread(
+            result.outputs.sr_file
+        ).content.get_planar_roi_measurement_groups()
+        if group.tracking_identifier.startswith("classifier image 1:")
         for evaluation in group.get_qualitative_evaluations()
     }
     assert sr_calls == {"Mass": "Present" if mass >= 0.5 else "Absent"}

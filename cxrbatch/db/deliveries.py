@@ -26,7 +26,7 @@ from cxrbatch.config import Destination, SendSettings
 from cxrbatch.db import repository
 from cxrbatch.db.leased import LeasedWork, RetryPolicy
 from cxrbatch.db.models import Delivery, Outcome, utcnow
-from cxrbatch.domain import DeliveryStatus, OutcomeStatus, Triage
+from cxrbatch.domain import DICOM_IMAGE_OUTPUTS, DeliveryStatus, OutcomeStatus, Triage
 from cxrbatch.paths import StorageRoots, resolve_stored
 
 UNSENT = (DeliveryStatus.PENDING, DeliveryStatus.FAILED, DeliveryStatus.DEAD)
@@ -87,12 +87,26 @@ class Report:
     corrects_earlier: bool
 
 
-def stored_files(outputs: dict[str, Any]) -> list[str]:
+# A destination's `objects` names -> the keys of an outcome's outputs document.
+OBJECT_KINDS = {
+    "seg": "seg",
+    "key_image": "key_images",
+    "presentation_state": "presentation_states",
+    "sr": "sr",
+}
+
+
+def stored_files(outputs: dict[str, Any], kinds: Sequence[str] | None = None) -> list[str]:
     """The DICOM objects of an outcome's `outputs` document, as stored: SEGs, key images,
-    the SR."""
-    files = [str(p) for p in (outputs.get("seg") or {}).values()]
-    files += [str(p) for p in (outputs.get("key_images") or {}).values()]
-    if outputs.get("sr"):
+    presentation states, the SR (only those of `kinds`, a destination's `objects`)."""
+    keys = {OBJECT_KINDS[k] for k in kinds} if kinds is not None else None
+    files = [
+        str(p)
+        for key in DICOM_IMAGE_OUTPUTS
+        if keys is None or key in keys
+        for p in (outputs.get(key) or {}).values()
+    ]
+    if outputs.get("sr") and (keys is None or "sr" in keys):
         files.append(str(outputs["sr"]))
     return files
 
@@ -127,11 +141,15 @@ def enqueue(
     that received objects now withdrawn gets the `withdrawal` note first, in the same
     delivery (one association or request, in order).
     """
-    files = stored_files(outcome.outputs or {})
+    outputs = outcome.outputs or {}
+    files = stored_files(outputs)
     if outcome.status != OutcomeStatus.PROCESSED or not destinations:
         return 0
-    # Report transports (HL7, FHIR) send what the outcome says, the others its files.
-    destinations = [d for d in destinations if d.sends_report or files]
+    # `objects` lists the identities of `files`, in their order.
+    identity = dict(zip(files, objects, strict=True)) if objects else {}
+    chosen = {d.name: stored_files(outputs, d.objects) for d in destinations}
+    # Report transports (HL7, FHIR) send what the outcome says, the others their files.
+    destinations = [d for d in destinations if d.sends_report or chosen[d.name]]
     study_uid = outcome.study.study_instance_uid
     now = utcnow()
     session.execute(
@@ -140,7 +158,7 @@ def enqueue(
         .values(status=DeliveryStatus.SUPERSEDED, updated_at=now)
     )
     for destination in destinations:
-        sent = [] if destination.sends_report else files
+        sent = [] if destination.sends_report else chosen[destination.name]
         note = withdrawal if withdrawal and destination.name in withdrawal.destinations else None
         session.add(
             Delivery(
@@ -152,7 +170,9 @@ def enqueue(
                 attempts=0,
                 run_after=now,
                 files=[note.file, *sent] if note else sent,
-                objects=None if destination.sends_report else list(objects),
+                objects=None
+                if destination.sends_report
+                else [identity[f] for f in sent if f in identity],
                 withdraws=list(note.objects) if note else None,
                 created_at=now,
                 updated_at=now,

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, selectinload
 from cxrbatch.db import models
 from cxrbatch.domain import (
     FINDING_LABELS,
+    IMAGE_OUTPUTS,
     ImageResult,
     InstanceHeader,
     JobStatus,
@@ -146,11 +147,17 @@ def outcome_document(result: StudyResult, roots: StorageRoots | None = None) -> 
             return store_path(path, roots) if path else None
 
         outputs = {
-            "seg": {k: store_path(v, roots) for k, v in made.seg_files.items()},
             "sr": stored(made.sr_file),
             "json": stored(made.json_file),
-            "key_images": {k: store_path(v, roots) for k, v in made.key_image_files.items()},
         }
+        groups = (
+            made.seg_files,
+            made.key_image_files,
+            made.presentation_state_files,
+            made.finding_map_files,
+        )
+        for key, files in zip(IMAGE_OUTPUTS, groups, strict=True):
+            outputs[key] = {k: store_path(v, roots) for k, v in files.items()}
     return outputs
 
 

@@ -21,7 +21,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from cxrbatch.db.models import Delivery, Image, Instance, Job, Outcome, RejectedFile, utcnow
-from cxrbatch.domain import DeliveryStatus, JobStatus
+from cxrbatch.domain import IMAGE_OUTPUTS, DeliveryStatus, JobStatus
 
 UNSENT = (
     DeliveryStatus.PENDING,
@@ -36,7 +36,7 @@ SPOOL_RELEASED = (JobStatus.DONE, JobStatus.INELIGIBLE)
 def _document_paths(outputs: dict[str, Any] | None) -> set[str]:
     if not outputs:
         return set()
-    paths = {str(p) for key in ("seg", "key_images") for p in (outputs.get(key) or {}).values()}
+    paths = {str(p) for key in IMAGE_OUTPUTS for p in (outputs.get(key) or {}).values()}
     paths |= {str(outputs[key]) for key in ("sr", "json", "rejection") if outputs.get(key)}
     return paths
 

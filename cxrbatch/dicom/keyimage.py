@@ -1,13 +1,18 @@
-"""Key image for viewers without SEG support: a Secondary Capture (highdicom) of the
-radiograph with the lung contours and the scores burned in, marked NOT FOR DIAGNOSTIC USE.
+"""Key image, what every viewer shows: a Secondary Capture (highdicom) of the radiograph
+with the lung contours, the finding maps and the scores burned in, marked NOT FOR
+DIAGNOSTIC USE.
 
 The radiograph (display form, at most KEY_IMAGE_SIZE px on its long side) keeps its
-orientation; a text band above it carries the disclaimer, the synthetic-training warning
-where it applies, the triage and the scores. BurnedInAnnotation is YES. The models (name,
+orientation; a text band above it carries a headline legible on a PACS thumbnail (the
+triage or the flagged labels, and AI OUTPUT - NOT FOR DIAGNOSIS), then the disclaimer, the
+synthetic-training warning where it applies, the triage and the findings against their
+thresholds (cxrbatch/dicom/captions.py). BurnedInAnnotation is YES. The models (name,
 version, weights SHA-256) are in DerivationDescription and the Contributing Equipment.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import cv2
 import highdicom as hd
@@ -17,67 +22,72 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
 import cxrbatch
+from cxrbatch.dicom.captions import Caption, caption
+from cxrbatch.dicom.contours import LEFT_COLOUR, REGION_COLOUR, RIGHT_COLOUR
 from cxrbatch.dicom.seg import MANUFACTURER, NOT_FOR_DIAGNOSIS, processing_equipment
-from cxrbatch.domain import Findings, ImageResult, ModelRef
+from cxrbatch.domain import FindingMap, ImageResult, ModelRef
 
 KEY_IMAGE_SIZE = 1024
 SERIES_NUMBER = 9903
-# BGR is not used: the array is RGB as DICOM stores it.
-RIGHT_COLOUR = (255, 160, 0)  # orange
-LEFT_COLOUR = (0, 200, 255)  # light blue
 TEXT_COLOUR = (255, 255, 255)
 WARNING_COLOUR = (255, 80, 80)
+CALM_COLOUR = (120, 230, 120)
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+# The headline's letters are this fraction of the picture's width high: about 8 pixels on
+# a 128-pixel PACS thumbnail (bench/viewer_objects.py looks at one).
+HEADLINE_HEIGHT = 0.065
+MAP_FLOOR = 0.2  # activation below this fraction of a map's peak is not tinted
 
 
-def _scores_line(role: str, findings: Findings) -> str:
-    scores = "  ".join(f"{label} {p:.2f}" for label, p in findings.probabilities.items())
-    return f"{role}: {scores}  | No Finding {findings.no_finding_score:.2f}"
+def _fit_scale(text: str, width: int, height: int, thickness: int) -> float:
+    """The font scale at which `text` is `height` pixels high, or narrower than `width`."""
+    (w, h), _ = cv2.getTextSize(text, FONT, 1.0, thickness)
+    return min(height / max(h, 1), (width - 12) / max(w, 1))
 
 
-def text_lines(
-    item: ImageResult, models: tuple[ModelRef, ...]
-) -> list[tuple[str, tuple[int, int, int]]]:
-    """The lines burned into the band, with their colours."""
-    lines: list[tuple[str, tuple[int, int, int]]] = [
-        (f"cxrbatch algorithm output - {NOT_FOR_DIAGNOSIS}", WARNING_COLOUR)
-    ]
-    if any(m.synthetic_training_data for m in models):
-        warning = "MODEL TRAINED ON SYNTHETIC DATA - scores are not clinically meaningful"
-        lines.append((warning, WARNING_COLOUR))
-    screening = item.screening
-    if screening is not None and screening.triage is not None:
-        lines.append(
-            (
-                f"Screening triage: {screening.triage.value.upper()} (No Finding "
-                f"{screening.no_finding_score:.2f}, threshold {screening.threshold:.2f})",
-                TEXT_COLOUR,
-            )
-        )
-    qc = item.segmentation.qc
-    if qc is not None and not qc.passed:
-        lines.append(
-            ("NEEDS REVIEW: segmentation failed QC (masked models not run):", WARNING_COLOUR)
-        )
-        lines.extend(("  " + failure, WARNING_COLOUR) for failure in qc.failures)
-    if item.findings is not None:
-        lines.append((_scores_line("Findings", item.findings), TEXT_COLOUR))
-    if item.findings is None and screening is None and item.qc_reason is None:
-        lines.append(("Segmentation only: no classifier configured", TEXT_COLOUR))
-    lines.append(("Contours: patient's right lung (orange), left lung (blue)", TEXT_COLOUR))
-    return lines
+def _tint(picture: np.ndarray, maps: Sequence[FindingMap], scale: float) -> None:
+    """Blend the finding maps (their maximum) over `picture` in a jet colour map, and
+    outline and name each map's region."""
+    shape = picture.shape[:2]
+    activation = np.zeros(shape, dtype=np.float32)
+    for finding in maps:
+        activation = np.maximum(activation, finding.on_image(shape, scale))
+    coloured = cv2.applyColorMap(np.round(activation * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    coloured = cv2.cvtColor(coloured, cv2.COLOR_BGR2RGB).astype(np.float32)
+    alpha = np.where(activation >= MAP_FLOOR, 0.25 + 0.35 * activation, 0.0)[..., None]
+    blended = picture.astype(np.float32) * (1 - alpha) + coloured * alpha
+    picture[...] = np.round(blended).astype(np.uint8)
+    thickness = max(1, shape[1] // 500)
+    for finding in maps:
+        region = finding.region(shape, scale).astype(np.uint8)
+        contours, _ = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        if not contours:
+            continue
+        cv2.drawContours(picture, contours, -1, REGION_COLOUR, thickness, lineType=cv2.LINE_AA)
+        x, y, _, _ = cv2.boundingRect(max(contours, key=cv2.contourArea))
+        cv2.putText(
+            picture, f"{finding.label} {finding.probability:.2f}", (x, max(y - 4, 12)),
+            FONT, shape[1] / 1600, REGION_COLOUR, thickness, cv2.LINE_AA,
+        )  # fmt: skip
 
 
 def contour_picture(
-    pixels: np.ndarray, right_lung: np.ndarray, left_lung: np.ndarray, max_size: int
+    pixels: np.ndarray,
+    right_lung: np.ndarray,
+    left_lung: np.ndarray,
+    max_size: int,
+    maps: Sequence[FindingMap] = (),
 ) -> np.ndarray:
     """The radiograph (uint8 grey) at most `max_size` pixels on its long side, RGB, with
-    the patient's right lung contoured in orange and the left in blue, each lettered (the
-    key image and the web app's overlays)."""
+    the patient's right lung contoured in orange and the left in blue, each lettered, and
+    the finding maps tinted over it (the key image and the web app's overlays)."""
     rows, cols = pixels.shape
     scale = min(1.0, max_size / max(rows, cols))
     size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
     grey = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA) if scale < 1 else pixels
     picture = np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=2))
+    if maps:
+        _tint(picture, maps, scale)
     thickness = max(2, size[0] // 400)
     for mask, colour, letter in (
         (right_lung, RIGHT_COLOUR, "R"),
@@ -89,41 +99,60 @@ def contour_picture(
         ys, xs = np.nonzero(small)
         if len(xs):
             cv2.putText(
-                picture,
-                letter,
-                (int(xs.mean()), int(ys.mean())),
-                cv2.FONT_HERSHEY_SIMPLEX,
-                size[0] / 700,
-                colour,
-                thickness,
-                cv2.LINE_AA,
-            )
+                picture, letter, (int(xs.mean()), int(ys.mean())), FONT, size[0] / 700,
+                colour, thickness, cv2.LINE_AA,
+            )  # fmt: skip
     return picture
+
+
+def _band(width: int, caption: Caption, legend: list[str]) -> np.ndarray:
+    """The text above the picture: the headline and the warning in letters a thumbnail
+    keeps legible, then the details."""
+    big = max(12, round(width * HEADLINE_HEIGHT))
+    heavy = max(2, big // 12)
+    warning = "AI OUTPUT - NOT FOR DIAGNOSIS"
+    headline_colour = WARNING_COLOUR if caption.headline_warning else CALM_COLOUR
+    big_lines = [(caption.headline, headline_colour, big), (warning, WARNING_COLOUR, big * 2 // 3)]
+    small_scale = max(0.35, width / 2000)
+    small_height = int(32 * small_scale) + 8
+    details = [
+        (line.text, WARNING_COLOUR if line.warning else TEXT_COLOUR) for line in caption.lines
+    ]
+    details += [(text, TEXT_COLOUR) for text in legend]
+    top = sum(round(h * 1.5) for _, _, h in big_lines)
+    band = np.zeros((top + small_height * len(details) + 8, width, 3), dtype=np.uint8)
+    y = 0
+    for text, colour, height in big_lines:
+        y += round(height * 1.5)
+        scale = _fit_scale(text, width, height, heavy)
+        cv2.putText(band, text, (6, y - height // 4), FONT, scale, colour, heavy, cv2.LINE_AA)
+    for index, (text, colour) in enumerate(details):
+        cv2.putText(
+            band, text, (6, top + small_height * (index + 1)), FONT, small_scale, colour, 1,
+            cv2.LINE_AA,
+        )  # fmt: skip
+    return band
 
 
 def render(item: ImageResult, models: tuple[ModelRef, ...]) -> np.ndarray:
     """The key image's RGB pixels (rows, columns, 3) uint8."""
     segmentation = item.segmentation
     picture = contour_picture(
-        item.image.pixels, segmentation.right_lung, segmentation.left_lung, KEY_IMAGE_SIZE
+        item.image.pixels,
+        segmentation.right_lung,
+        segmentation.left_lung,
+        KEY_IMAGE_SIZE,
+        item.finding_maps,
     )
-    size = (picture.shape[1], picture.shape[0])
-    lines = text_lines(item, models)
-    font_scale = max(0.35, size[0] / 2000)
-    line_height = int(32 * font_scale) + 8
-    band = np.zeros((line_height * len(lines) + 8, size[0], 3), dtype=np.uint8)
-    for index, (text, colour) in enumerate(lines):
-        cv2.putText(
-            band,
-            text,
-            (6, line_height * (index + 1)),
-            cv2.FONT_HERSHEY_SIMPLEX,
-            font_scale,
-            colour,
-            1,
-            cv2.LINE_AA,
+    legend = ["Contours: patient's right lung (orange), left lung (blue)"]
+    if item.finding_maps:
+        model = item.finding_maps[0].model
+        synthetic = " - SYNTHETIC MODEL" if model.synthetic_training_data else ""
+        legend.append(
+            "Colour: where the classifier found each flagged label (Grad-CAM), yellow "
+            f"outline at half its peak{synthetic}"
         )
-    return np.concatenate([band, picture], axis=0)
+    return np.concatenate([_band(picture.shape[1], caption(item, models), legend), picture])
 
 
 def build_key_image(

@@ -108,6 +108,8 @@ def result_document(result: StudyResult, outputs: OutputFiles) -> dict[str, obje
             "seg": [p.name for p in outputs.seg_files.values()],
             "sr": outputs.sr_file.name if outputs.sr_file else None,
             "key_images": [p.name for p in outputs.key_image_files.values()],
+            "presentation_states": [p.name for p in outputs.presentation_state_files.values()],
+            "finding_maps": [p.name for p in outputs.finding_map_files.values()],
         },
         "cxrbatch_version": cxrbatch.__version__,
     }

@@ -1,10 +1,18 @@
-"""DICOM Comprehensive 3D SR (TID 1500 Measurement Report) with the study's findings.
+"""DICOM Comprehensive SR (TID 1500 Measurement Report) with the study's findings.
 
 Per processed image:
-- one measurement group (TID 1501) referencing the source image, with each label's
-  probability, the No Finding score (1 - max p) and, in screening mode, the triage category;
+- per classifier role (classifier, screening), one planar ROI group (TID 1410) whose
+  region is the part of the film the network was given (a closed SCOORD POLYLINE around
+  it), with each label's probability, its operating threshold and call (Present/Absent),
+  the No Finding score (1 - max p) and, in screening mode, the triage category; its
+  tracking identifier says in words what was flagged, which is what OHIF lists;
+- per finding map (a label at or above its threshold), one planar ROI group around the
+  region where the classifier found it (Grad-CAM at half its peak; the largest
+  MAX_REGIONS islands), the label as finding, its probability and threshold;
 - one planar ROI group (TID 1410) per lung referencing its SEG segment, with the lung's
   area in mm2 when the source has a valid pixel spacing;
+- one planar ROI group (TID 1410) per lung with its border as a closed SCOORD POLYLINE on
+  the source image and the lung as finding site (what viewers such as OHIF draw);
 - one group (TID 1501) with the segmentation quality gate's verdict and, when the masks
   failed it, the triage category needs-review.
 The reasons of failed verdicts ("segmentation failed QC: ...") are TEXT items in TID 1500's
@@ -17,13 +25,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import highdicom as hd
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
 
 import cxrbatch
 from cxrbatch.dicom import codes
+from cxrbatch.dicom.captions import called
+from cxrbatch.dicom.contours import outline, outlines
 from cxrbatch.dicom.seg import MANUFACTURER, NOT_FOR_DIAGNOSIS, valid_pixel_spacing
-from cxrbatch.domain import Findings, LungSegmentation, ModelRef
+from cxrbatch.domain import FindingMap, Findings, LungSegmentation, ModelRef
+
+MAX_REGIONS = 2  # per finding map: its largest islands
+MIN_REGION_PIXELS = 16
 
 
 @dataclass(frozen=True, eq=False)
@@ -36,6 +50,7 @@ class SrImage:
     segmenter: ModelRef
     findings: Findings | None
     screening: Findings | None
+    finding_maps: tuple[FindingMap, ...] = ()
 
 
 def _algorithm(model: ModelRef) -> hd.sr.AlgorithmIdentification:
@@ -50,9 +65,16 @@ def _algorithm(model: ModelRef) -> hd.sr.AlgorithmIdentification:
     )
 
 
+def _box_outline(findings: Findings, item: SrImage) -> np.ndarray:
+    """A closed POLYLINE around the part of the film the network was given."""
+    top, left, height, width = findings.box or (0, 0, item.source.Rows, item.source.Columns)
+    corners = [(left, top), (left + width, top), (left + width, top + height), (left, top + height)]
+    return np.array([*corners, corners[0]], dtype=np.float64)
+
+
 def _finding_group(
     item: SrImage, findings: Findings, role: str, uid_seed: int
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
     algorithm = _algorithm(findings.model)
     measurements = [
         hd.sr.Measurement(
@@ -93,17 +115,80 @@ def _finding_group(
                 name=codes.TRIAGE_CATEGORY, value=codes.TRIAGE_VALUES[findings.triage.value]
             )
         )
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
+    flagged = called(findings)
+    if findings.triage is not None:
+        summary = findings.triage.value
+    elif flagged:
+        summary = "flagged " + ", ".join(flagged)
+    else:
+        summary = "nothing flagged" if findings.thresholds else "no thresholds"
+    synthetic = " (SYNTHETIC)" if findings.model.synthetic_training_data else ""
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=hd.UID(), identifier=f"{role} image {uid_seed}"
+            uid=hd.UID(), identifier=f"{role} image {uid_seed}: {summary}{synthetic}"
+        ),
+        referenced_region=hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=_box_outline(findings, item),
+            source_image=hd.sr.SourceImageForRegion.from_source_image(item.source),
         ),
         finding_type=codes.CLASSIFICATION,
         algorithm_id=algorithm,
         finding_sites=[hd.sr.FindingSite(codes.CHEST)],
         measurements=measurements,
         qualitative_evaluations=evaluations or None,
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(item.source)],
     )
+
+
+def _map_groups(
+    item: SrImage, index: int
+) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    """Each finding map's region(s): where the classifier found a label it flagged."""
+    groups = []
+    shape = (int(item.source.Rows), int(item.source.Columns))
+    for finding in item.finding_maps:
+        algorithm = _algorithm(finding.model)
+        lines = outlines(finding.region(shape), min_area=MIN_REGION_PIXELS)[:MAX_REGIONS]
+        synthetic = " (SYNTHETIC)" if finding.model.synthetic_training_data else ""
+        for line in lines:
+            groups.append(
+                hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=hd.sr.TrackingIdentifier(
+                        uid=hd.UID(),
+                        identifier=(
+                            f"{finding.label} {finding.probability:.2f} >= "
+                            f"{finding.threshold:.2f}: where found, image {index}{synthetic}"
+                        ),
+                    ),
+                    referenced_region=hd.sr.ImageRegion(
+                        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                        graphic_data=line,
+                        source_image=hd.sr.SourceImageForRegion.from_source_image(item.source),
+                    ),
+                    finding_type=codes.finding_code(finding.label),
+                    algorithm_id=algorithm,
+                    measurements=[
+                        hd.sr.Measurement(
+                            name=codes.finding_code(finding.label),
+                            value=round(finding.probability, 6),
+                            unit=codes.UNIT_PROBABILITY,
+                            algorithm_id=algorithm,
+                        ),
+                        hd.sr.Measurement(
+                            name=codes.threshold_code(finding.label),
+                            value=round(finding.threshold, 6),
+                            unit=codes.UNIT_PROBABILITY,
+                            algorithm_id=algorithm,
+                        ),
+                    ],
+                    qualitative_evaluations=[
+                        hd.sr.QualitativeEvaluation(
+                            name=codes.finding_code(finding.label), value=codes.PRESENT
+                        )
+                    ],
+                )
+            )
+    return groups
 
 
 def _lung_groups(
@@ -142,6 +227,44 @@ def _lung_groups(
                 ),
                 referenced_segment=referenced,
                 finding_type=code,
+                algorithm_id=_algorithm(item.segmenter),
+                measurements=measurements or None,
+            )
+        )
+    return groups
+
+
+def _lung_outline_groups(
+    item: SrImage, index: int
+) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    """Each lung's border as a planar ROI (TID 1410) on the source image: a closed SCOORD
+    POLYLINE, the lung as finding site and its area (mm2, where the spacing is known), so
+    viewers that draw SR regions (OHIF) show the contours over the film."""
+    spacing = valid_pixel_spacing(item.source)
+    groups = []
+    for side, code in (("right", codes.RIGHT_LUNG), ("left", codes.LEFT_LUNG)):
+        mask = item.segmentation.right_lung if side == "right" else item.segmentation.left_lung
+        line = outline(mask)
+        if line is None:
+            continue
+        measurements = []
+        if spacing is not None:
+            area = float(mask.sum()) * spacing[0] * spacing[1]
+            measurements.append(
+                hd.sr.Measurement(name=codes.AREA, value=round(area, 1), unit=codes.UNIT_MM2)
+            )
+        groups.append(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=hd.UID(), identifier=f"{side} lung outline image {index}"
+                ),
+                referenced_region=hd.sr.ImageRegion(
+                    graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                    graphic_data=line,
+                    source_image=hd.sr.SourceImageForRegion.from_source_image(item.source),
+                ),
+                finding_type=code,
+                finding_sites=[hd.sr.FindingSite(code)],
                 algorithm_id=_algorithm(item.segmenter),
                 measurements=measurements or None,
             )
@@ -211,7 +334,9 @@ def build_sr(items: list[SrImage], series_instance_uid: str, sop_instance_uid: s
             if findings is not None:
                 models.append(findings.model)
                 groups.append(_finding_group(item, findings, role, index))
+        groups.extend(_map_groups(item, index))
         groups.extend(_lung_groups(item, index))
+        groups.extend(_lung_outline_groups(item, index))
         if item.segmentation.qc is not None:
             groups.append(_qc_group(item, index))
     device = hd.sr.DeviceObserverIdentifyingAttributes(
@@ -235,7 +360,7 @@ def build_sr(items: list[SrImage], series_instance_uid: str, sop_instance_uid: s
     if reasons is not None:
         report[0].ContentSequence.append(reasons)
     evidence = [item.source for item in items] + [item.seg for item in items]
-    sr = hd.sr.Comprehensive3DSR(
+    sr = hd.sr.ComprehensiveSR(
         evidence=evidence,
         content=report,
         series_instance_uid=series_instance_uid,

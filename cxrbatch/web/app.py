@@ -2,12 +2,14 @@
 
     GET /                               worklist (filters, sort, pages)
     GET /worklist.csv                   the filtered worklist as CSV (audited)
-    GET /studies/{uid}                  one study: overlays, findings, QC, models, history,
+    GET /studies/{uid}?maps=0|1         one study: overlays (with the finding maps on
+                                        request), findings, QC, models, history,
                                         deliveries, downloads (audited)
-    GET /studies/{uid}/overlay/{sop}.png?size=thumb|large
-    GET /studies/{uid}/files/{kind}     kind: sr | json | seg-<sop> | key-<sop> (audited;
-                                        the DICOM files carry patient identifiers: refused
-                                        to anonymous users, who may have result.json)
+    GET /studies/{uid}/overlay/{sop}.png?size=thumb|large&maps=0|1
+    GET /studies/{uid}/files/{kind}     kind: sr | json | seg-<sop> | key-<sop> | gsps-<sop>
+                                        (audited; the DICOM files carry patient
+                                        identifiers: refused to anonymous users, who may
+                                        have result.json)
     GET /operations                     queue, throughput, failures, deliveries, quarantine,
                                         disk, workers
     GET /healthz  /readyz  /metrics
@@ -61,6 +63,8 @@ STATIC = Path(__file__).resolve().parent / "static"
 # A page number past the last page shows the last page (numbers are capped here first, so
 # no offset overflows the database's integers).
 MAX_PAGE = 1_000_000
+# /files/<prefix>-<sop>: the outputs document's per-image group it is served from.
+DOWNLOAD_GROUPS = {"seg": "seg", "key": "key_images", "gsps": "presentation_states"}
 
 
 def _shown(value: Any) -> Any:
@@ -268,28 +272,34 @@ def create_app(site: Site) -> FastAPI:
         return view
 
     @app.get("/studies/{uid}", response_class=HTMLResponse)
-    def study(request: Request, uid: str, who: Viewer) -> HTMLResponse:
+    def study(request: Request, uid: str, who: Viewer, maps: bool = False) -> HTMLResponse:
         view = _view(uid)
         audited(who, "study_viewed", uid)
         return page(
             request, "study.html", who, view=view, row=view.row, thresholds=thresholds,
-            synthetic=_synthetic_scores(view.row),
+            synthetic=_synthetic_scores(view.row), show_maps=maps,
         )  # fmt: skip
 
     @app.get("/studies/{uid}/overlay/{sop}.png")
-    def overlay(uid: str, sop: str, who: Viewer, size: str = "thumb") -> Response:
+    def overlay(
+        uid: str, sop: str, who: Viewer, size: str = "thumb", maps: bool = False
+    ) -> Response:
         if size not in SIZES:
             raise HTTPException(400, f"size is one of {', '.join(SIZES)}")
-        image = next((i for i in _view(uid).current.images if i.sop_instance_uid == sop), None)
+        outcome = _view(uid).current
+        image = next((i for i in outcome.images if i.sop_instance_uid == sop), None)
         if image is None or not image.seg_path:
             raise HTTPException(404, "no segmentation for this image")
         roots = site.roots
         source = resolve_stored(image.source_path, roots) if image.source_path else None
+        stored_maps = ((outcome.outputs or {}).get("finding_maps") or {}).get(sop) if maps else None
+        maps_file = resolve_stored(stored_maps, roots) if stored_maps else None
+        seg = resolve_stored(image.seg_path, roots)
         try:
-            data = cached_overlay(cache_dir, source, resolve_stored(image.seg_path, roots), size)
+            data = cached_overlay(cache_dir, source, seg, size, maps_file)
         except (OverlayError, OSError) as exc:
             raise HTTPException(404, f"overlay not available: {exc}") from exc
-        audited(who, "image_viewed", uid, f"{sop} {size}")
+        audited(who, "image_viewed", uid, f"{sop} {size}" + (" maps" if maps else ""))
         return Response(data, media_type="image/png")
 
     @app.get("/studies/{uid}/files/{kind}")
@@ -298,9 +308,11 @@ def create_app(site: Site) -> FastAPI:
         stored: str | None = None
         if kind in ("sr", "json"):
             stored = outputs.get(kind)
-        elif kind.startswith(("seg-", "key-")):
-            group = "seg" if kind.startswith("seg-") else "key_images"
-            stored = (outputs.get(group) or {}).get(kind[4:])
+        else:
+            prefix, _, sop = kind.partition("-")
+            group = DOWNLOAD_GROUPS.get(prefix)
+            if group is not None:
+                stored = (outputs.get(group) or {}).get(sop)
         if not stored:
             raise HTTPException(404, "no such file")
         if kind != "json" and not who.authenticated:

@@ -1,5 +1,6 @@
-"""Overlays for the study page: the radiograph with the lung contours of its SEG, rendered
-server-side as PNG and cached (keyed by the SEG and source files' identity and the size).
+"""Overlays for the study page: the radiograph with the lung contours of its SEG (and, on
+request, the classifier's finding maps), rendered server-side as PNG and cached (keyed by
+the SEG, source and maps files' identity and the size).
 
 The radiograph is decoded as the pipeline decodes it (VOI window, MONOCHROME1 inverted,
 in its own pixel orientation); the masks come from the SEG written for it
@@ -19,6 +20,7 @@ import pydicom
 
 from cxrbatch.dicom.decode import decode
 from cxrbatch.dicom.discover import read_header
+from cxrbatch.dicom.export import read_maps
 from cxrbatch.dicom.keyimage import WARNING_COLOUR, contour_picture
 from cxrbatch.domain import RejectedFile
 from cxrbatch.files import atomic_write
@@ -57,9 +59,16 @@ def _identity(path: Path | None) -> str:
     return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def render_overlay(source: Path | None, seg: Path, size: str) -> bytes:
-    """The PNG of one image's overlay at `size` ('thumb' or 'large')."""
+def render_overlay(source: Path | None, seg: Path, size: str, maps: Path | None = None) -> bytes:
+    """The PNG of one image's overlay at `size` ('thumb' or 'large'), with the finding
+    maps of `maps` (export.write_maps) tinted over it when given."""
     right, left = seg_masks(seg)
+    finding_maps = []
+    if maps is not None:
+        try:
+            finding_maps = read_maps(maps)
+        except (OSError, ValueError, KeyError) as exc:
+            raise OverlayError(f"the finding maps cannot be read: {type(exc).__name__}") from exc
     pixels: np.ndarray | None = None
     if source is not None and source.is_file():
         header = read_header(source)
@@ -73,10 +82,13 @@ def render_overlay(source: Path | None, seg: Path, size: str) -> bytes:
     missing = pixels is None
     if pixels is None:
         pixels = np.zeros(right.shape, dtype=np.uint8)
-    picture = contour_picture(pixels, right, left, SIZES[size])
-    if missing:
+    picture = contour_picture(pixels, right, left, SIZES[size], finding_maps)
+    notes = ["radiograph not available: contours only"] if missing else []
+    if any(m.model.synthetic_training_data for m in finding_maps):
+        notes.append("SYNTHETIC MODEL: maps not clinically meaningful")
+    for row, note in enumerate(notes):
         cv2.putText(
-            picture, "radiograph not available: contours only", (6, 18),
+            picture, note, (6, 18 + 20 * row),
             cv2.FONT_HERSHEY_SIMPLEX, 0.45, WARNING_COLOUR, 1, cv2.LINE_AA,
         )  # fmt: skip
     ok, encoded = cv2.imencode(".png", cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
@@ -85,15 +97,18 @@ def render_overlay(source: Path | None, seg: Path, size: str) -> bytes:
     return bytes(encoded.tobytes())
 
 
-def cached_overlay(cache_dir: Path, source: Path | None, seg: Path, size: str) -> bytes:
-    """`render_overlay`, kept in `cache_dir` under a key of both files' identity."""
-    key = hashlib.sha256(f"{_identity(source)}|{_identity(seg)}|{size}".encode()).hexdigest()
+def cached_overlay(
+    cache_dir: Path, source: Path | None, seg: Path, size: str, maps: Path | None = None
+) -> bytes:
+    """`render_overlay`, kept in `cache_dir` under a key of the files' identity."""
+    files = f"{_identity(source)}|{_identity(seg)}|{_identity(maps) if maps else 'no maps'}"
+    key = hashlib.sha256(f"{files}|{size}".encode()).hexdigest()
     target = cache_dir / key[:2] / f"{key}.png"
     try:
         return target.read_bytes()
     except FileNotFoundError:
         pass
-    data = render_overlay(source, seg, size)
+    data = render_overlay(source, seg, size, maps)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(target, lambda handle: handle.write(data))

@@ -1,0 +1,234 @@
+"""Grayscale Softcopy Presentation State (highdicom) over the original film: for PACS and
+viewers that show neither SEG nor SR, and for those that keep the radiograph itself on
+screen and draw a presentation state's annotations on it.
+
+Graphic layers (each with its recommended display colour):
+- RIGHT LUNG, LEFT LUNG: each lung's border, a closed POLYLINE in the image's pixels;
+- FINDINGS: the region of each finding map (the classifier's evidence for a label at or
+  above its threshold: activation at half its peak, cxrbatch/models/heatmaps.py), named
+  with its probability against its threshold;
+- TEXT: a few lines in the display's top left corner (cxrbatch/dicom/captions.py): the
+  headline, NOT FOR DIAGNOSTIC USE, the synthetic-training warning where it applies, the
+  triage and the top findings against their thresholds;
+- OUTLINES: the same lung and region borders once more as an overlay plane (group 6000,
+  one bit a pixel), for viewers that show a presentation state's overlays but not its
+  graphics (dcmtk renders presentation states this way: dcmp2pgm writes the activated
+  overlays, never the graphic or text annotations). The lines lie under the graphics.
+The VOI is the window the film was decoded with (the header's, or the data's 0.5-99.5
+percentile one), with the polarity of its Photometric Interpretation (MONOCHROME1:
+Presentation LUT Shape INVERSE), so the film looks as on the key image.
+"""
+
+from __future__ import annotations
+
+import cv2
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.pixels import pack_bits
+from pydicom.uid import ExplicitVRLittleEndian
+
+import cxrbatch
+from cxrbatch.dicom.captions import caption
+from cxrbatch.dicom.contours import LEFT_COLOUR, REGION_COLOUR, RIGHT_COLOUR, outlines
+from cxrbatch.dicom.seg import MANUFACTURER, NOT_FOR_DIAGNOSIS, processing_equipment
+from cxrbatch.domain import ImageResult, ModelRef
+
+SERIES_NUMBER = 9905
+TEXT_LINES = 6  # the caption's first lines; the findings line lists at most 3 labels
+TEXT_TOP, TEXT_LINE = 0.01, 0.035  # display units (0..1 of the displayed area)
+MIN_REGION_PIXELS = 16  # finding-map islands smaller than this are not drawn
+
+
+def _layer(
+    name: str, order: int, description: str, rgb: tuple[int, int, int]
+) -> hd.pr.GraphicLayer:
+    return hd.pr.GraphicLayer(
+        layer_name=name,
+        order=order,
+        description=description,
+        display_color=hd.color.CIELabColor.from_rgb(*rgb),
+    )
+
+
+def _polylines(mask: np.ndarray, min_area: float = 0.0) -> list[hd.pr.GraphicObject]:
+    return [
+        hd.pr.GraphicObject(
+            graphic_type=hd.pr.GraphicTypeValues.POLYLINE,
+            graphic_data=line,
+            units=hd.pr.AnnotationUnitsValues.PIXEL,
+        )
+        for line in outlines(mask, min_area=min_area)
+    ]
+
+
+OVERLAY_GROUP = 0x6000
+OVERLAY_LAYER = "OUTLINES"
+
+
+def _overlay(gsps: Dataset, masks: list[np.ndarray], order: int) -> None:
+    """The borders of `masks` as overlay plane OVERLAY_GROUP of `gsps` (Overlay Plane
+    module, PS3.3 C.9.2), shown in its own graphic layer at full brightness."""
+    rows, columns = masks[0].shape
+    bits = np.zeros((rows, columns), dtype=np.uint8)
+    for mask in masks:
+        found, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(bits, found, -1, 1, max(1, columns // 600))
+    group = OVERLAY_GROUP
+    gsps.add_new((group, 0x0010), "US", rows)
+    gsps.add_new((group, 0x0011), "US", columns)
+    gsps.add_new((group, 0x0022), "LO", "lung and finding region borders (algorithm)")
+    gsps.add_new((group, 0x0040), "CS", "G")
+    gsps.add_new((group, 0x0050), "SS", [1, 1])
+    gsps.add_new((group, 0x0100), "US", 1)
+    gsps.add_new((group, 0x0102), "US", 0)
+    gsps.add_new((group, 0x1001), "CS", OVERLAY_LAYER)  # Overlay Activation Layer
+    gsps.add_new((group, 0x3000), "OW", pack_bits(bits.ravel()))
+    layer = Dataset()
+    layer.GraphicLayer = OVERLAY_LAYER
+    layer.GraphicLayerOrder = order
+    layer.GraphicLayerRecommendedDisplayGrayscaleValue = 0xFFFF
+    layer.GraphicLayerDescription = "the borders again, as an overlay"
+    gsps.GraphicLayerSequence.append(layer)
+
+
+def _voi(item: ImageResult) -> list[hd.pr.SoftcopyVOILUTTransformation] | None:
+    window = item.image.display_window
+    if window is None:
+        return None
+    center, width = window
+    return [
+        hd.pr.SoftcopyVOILUTTransformation(
+            window_center=[round(center, 3)],
+            window_width=[max(1.0, round(width, 3))],
+            window_explanation=["as decoded by cxrbatch"],
+        )
+    ]
+
+
+def build_presentation_state(
+    source: Dataset,
+    item: ImageResult,
+    models: tuple[ModelRef, ...],
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    instance_number: int,
+) -> Dataset:
+    """A GSPS on `source` with the lung contours, the finding regions and the text layer."""
+    segmentation = item.segmentation
+    right_layer = _layer("RIGHT LUNG", 1, "patient's right lung (algorithm)", RIGHT_COLOUR)
+    left_layer = _layer("LEFT LUNG", 2, "patient's left lung (algorithm)", LEFT_COLOUR)
+    findings_layer = _layer(
+        "FINDINGS", 3, "where the classifier found each flagged label", REGION_COLOUR
+    )
+    text_layer = _layer("TEXT", 4, "algorithm summary", (255, 255, 255))
+    layers = [right_layer, left_layer]
+    annotations = []
+    lungs = ((right_layer, segmentation.right_lung), (left_layer, segmentation.left_lung))
+    for layer, mask in lungs:
+        objects = _polylines(mask)
+        if objects:
+            annotations.append(
+                hd.pr.GraphicAnnotation(
+                    referenced_images=[source], graphic_layer=layer, graphic_objects=objects
+                )
+            )
+    outlined = [segmentation.right_lung, segmentation.left_lung]
+    region_objects: list[hd.pr.GraphicObject] = []
+    region_labels: list[hd.pr.TextObject] = []
+    shape = segmentation.right_lung.shape
+    for finding in item.finding_maps:
+        region = finding.region(shape)
+        objects = _polylines(region, MIN_REGION_PIXELS)
+        if not objects:
+            continue
+        region_objects.extend(objects)
+        outlined.append(region)
+        ys, xs = np.nonzero(region)
+        label = f"{finding.label} {finding.probability:.2f} >= {finding.threshold:.2f}"
+        if finding.model.synthetic_training_data:
+            label += " (SYNTHETIC)"
+        region_labels.append(
+            hd.pr.TextObject(
+                text_value=label,
+                units=hd.pr.AnnotationUnitsValues.PIXEL,
+                anchor_point=(float(xs.mean()), float(ys.min())),
+                anchor_point_visible=False,
+            )
+        )
+    if region_objects:
+        layers.append(findings_layer)
+        annotations.append(
+            hd.pr.GraphicAnnotation(
+                referenced_images=[source],
+                graphic_layer=findings_layer,
+                graphic_objects=region_objects,
+                text_objects=region_labels,
+            )
+        )
+    words = caption(item, models, limit=3)
+    texts = [f"AI: {words.headline}", *(line.text for line in words.lines[: TEXT_LINES - 1])]
+    layers.append(text_layer)
+    annotations.append(
+        hd.pr.GraphicAnnotation(
+            referenced_images=[source],
+            graphic_layer=text_layer,
+            text_objects=[
+                hd.pr.TextObject(
+                    text_value=text,
+                    units=hd.pr.AnnotationUnitsValues.DISPLAY,
+                    bounding_box=(
+                        0.01,
+                        TEXT_TOP + TEXT_LINE * row,
+                        0.99,
+                        TEXT_TOP + TEXT_LINE * (row + 1),
+                    ),
+                    text_justification=hd.pr.TextJustificationValues.LEFT,
+                )
+                for row, text in enumerate(texts)
+            ],
+        )
+    )
+    inverse = str(source.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
+    plut = hd.PresentationLUTTransformation(
+        presentation_lut_shape=(
+            hd.PresentationLUTShapeValues.INVERSE
+            if inverse
+            else hd.PresentationLUTShapeValues.IDENTITY
+        )
+    )
+    gsps = hd.pr.GrayscaleSoftcopyPresentationState(
+        referenced_images=[source],
+        series_instance_uid=series_instance_uid,
+        series_number=SERIES_NUMBER,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name="cxrbatch presentation state",
+        software_versions=f"cxrbatch {cxrbatch.__version__}",
+        device_serial_number="0",
+        content_label="CXRBATCH",
+        content_description=f"Algorithm output. {NOT_FOR_DIAGNOSIS}"[:64],
+        graphic_annotations=annotations,
+        graphic_layers=layers,
+        content_creator_name="cxrbatch^algorithm",
+        voi_lut_transformations=_voi(item),
+        presentation_lut_transformation=plut,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        contributing_equipment=[
+            processing_equipment("cxrbatch presentation state"),
+            # Each model: name and version, and its weights' SHA-256 as software version.
+            *(
+                processing_equipment(
+                    f"{m.name} {m.version}" + (" SYNTHETIC" if m.synthetic_training_data else ""),
+                    [m.version[:64], m.sha256],
+                )
+                for m in models
+            ),
+        ],
+    )
+    _overlay(gsps, outlined, order=len(layers) + 1)
+    # What was processed is a chest, an unpaired body part: no (Type 2C) Laterality.
+    gsps.BodyPartExamined = "CHEST"
+    gsps.SeriesDescription = f"cxrbatch annotations - ALGORITHM - {NOT_FOR_DIAGNOSIS}"[:64]
+    return gsps
