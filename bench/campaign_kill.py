@@ -115,6 +115,7 @@ def check(work: Path, expected: dict[str, str]) -> dict[str, Any]:
     """The end state: every study once, no orphaned files anywhere under OUT."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from cxrbatch.config import load_settings
+    from cxrbatch.domain import IMAGE_OUTPUTS
     from cxrbatch.site import Site
 
     site = Site.at(load_settings(work / "site.toml"), work / "out")
@@ -131,9 +132,11 @@ def check(work: Path, expected: dict[str, str]) -> dict[str, Any]:
     for uid, _status, outputs in current:
         by_study[uid] = by_study.get(uid, 0) + 1
         document = json.loads(outputs)
-        for key in ("seg", "key_images"):
+        for key in IMAGE_OUTPUTS:
             named |= {roots.resolve(p) for p in (document.get(key) or {}).values()}
-        named |= {roots.resolve(document[key]) for key in ("sr", "json") if document.get(key)}
+        named |= {
+            roots.resolve(document[key]) for key in ("sr", "json", "rejection") if document.get(key)
+        }
     lost = sorted(set(expected.values()) - set(by_study))
     duplicated = sorted(uid for uid, count in by_study.items() if count > 1)
     out = work / "out"

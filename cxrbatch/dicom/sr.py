@@ -9,12 +9,15 @@ Per processed image:
 - per finding map (a label at or above its threshold), one planar ROI group around the
   region where the classifier found it (Grad-CAM at half its peak; the largest
   MAX_REGIONS islands), the label as finding, its probability and threshold;
-- one planar ROI group (TID 1410) per lung referencing its SEG segment, with the lung's
-  area in mm2 when the source has a valid pixel spacing;
 - one planar ROI group (TID 1410) per lung with its border as a closed SCOORD POLYLINE on
-  the source image and the lung as finding site (what viewers such as OHIF draw);
-- one group (TID 1501) with the segmentation quality gate's verdict and, when the masks
-  failed it, the triage category needs-review.
+  the source image, the lung as finding site, its area in mm2 when the source has a valid
+  pixel spacing, and the segmentation quality gate's verdict on the pair (with the triage
+  category needs-review when the masks failed it).
+Every group has a region on the film: OHIF 3.13 reads `coords[0]` of every measurement
+group of an SR it displays, and a group without one (a segment reference, a TID 1501
+group) made it fail with "Cannot read properties of undefined (reading
+'ReferencedSOPSequence')" and show nothing. The SEG is referenced from the evidence
+(Current Requested Procedure Evidence Sequence).
 The reasons of failed verdicts ("segmentation failed QC: ...") are TEXT items in TID 1500's
 Qualitative Evaluations container (row 12), which highdicom does not build.
 Every group carries the algorithm's name, version and weight hash.
@@ -65,6 +68,12 @@ def _algorithm(model: ModelRef) -> hd.sr.AlgorithmIdentification:
     )
 
 
+def _significant(value: float) -> float:
+    """A probability to 6 significant digits (not 6 decimals: 0.00000031 stays itself
+    rather than 0.0, which OHIF shows as an empty value)."""
+    return float(f"{value:.6g}")
+
+
 def _box_outline(findings: Findings, item: SrImage) -> np.ndarray:
     """A closed POLYLINE around the part of the film the network was given."""
     top, left, height, width = findings.box or (0, 0, item.source.Rows, item.source.Columns)
@@ -79,7 +88,7 @@ def _finding_group(
     measurements = [
         hd.sr.Measurement(
             name=codes.finding_code(label),
-            value=round(probability, 6),
+            value=_significant(probability),
             unit=codes.UNIT_PROBABILITY,
             algorithm_id=algorithm,
         )
@@ -88,7 +97,7 @@ def _finding_group(
     measurements.append(
         hd.sr.Measurement(
             name=codes.NO_FINDING_SCORE,
-            value=round(findings.no_finding_score, 6),
+            value=_significant(findings.no_finding_score),
             unit=codes.UNIT_PROBABILITY,
             algorithm_id=algorithm,
         )
@@ -170,7 +179,7 @@ def _map_groups(
                     measurements=[
                         hd.sr.Measurement(
                             name=codes.finding_code(finding.label),
-                            value=round(finding.probability, 6),
+                            value=_significant(finding.probability),
                             unit=codes.UNIT_PROBABILITY,
                             algorithm_id=algorithm,
                         ),
@@ -191,56 +200,16 @@ def _map_groups(
     return groups
 
 
-def _lung_groups(
-    item: SrImage, index: int
-) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
-    spacing = valid_pixel_spacing(item.source)
-    groups = []
-    for segment_number, side, code in (
-        (1, "right", codes.RIGHT_LUNG),
-        (2, "left", codes.LEFT_LUNG),
-    ):
-        mask = item.segmentation.right_lung if side == "right" else item.segmentation.left_lung
-        measurements = []
-        if spacing is not None:
-            area = float(mask.sum()) * spacing[0] * spacing[1]
-            measurements.append(
-                hd.sr.Measurement(name=codes.AREA, value=round(area, 1), unit=codes.UNIT_MM2)
-            )
-        referenced = hd.sr.ReferencedSegmentationFrame(
-            sop_class_uid=item.seg.SOPClassUID,
-            sop_instance_uid=item.seg.SOPInstanceUID,
-            frame_number=segment_number,
-            segment_number=segment_number,
-            source_image=hd.sr.SourceImageForSegmentation.from_source_image(item.source),
-        )
-        # A SEG is referenced by segment number alone: PS3.3 C.18.3 forbids the frame
-        # number beside the segment number, and highdicom writes both.
-        for content_item in referenced:
-            for sop_item in content_item.get("ReferencedSOPSequence", []):
-                if "ReferencedSegmentNumber" in sop_item and "ReferencedFrameNumber" in sop_item:
-                    del sop_item.ReferencedFrameNumber
-        groups.append(
-            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=hd.UID(), identifier=f"{side} lung image {index}"
-                ),
-                referenced_segment=referenced,
-                finding_type=code,
-                algorithm_id=_algorithm(item.segmenter),
-                measurements=measurements or None,
-            )
-        )
-    return groups
-
-
 def _lung_outline_groups(
     item: SrImage, index: int
 ) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
     """Each lung's border as a planar ROI (TID 1410) on the source image: a closed SCOORD
-    POLYLINE, the lung as finding site and its area (mm2, where the spacing is known), so
-    viewers that draw SR regions (OHIF) show the contours over the film."""
+    POLYLINE, the lung as finding site, its area (mm2, where the spacing is known) and the
+    quality gate's verdict on the pair, so viewers that draw SR regions (OHIF) show the
+    contours over the film. Where neither lung has a border, the verdict stands on a group
+    around the whole film: every group has a region (module docstring)."""
     spacing = valid_pixel_spacing(item.source)
+    evaluations = _qc_evaluations(item)
     groups = []
     for side, code in (("right", codes.RIGHT_LUNG), ("left", codes.LEFT_LUNG)):
         mask = item.segmentation.right_lung if side == "right" else item.segmentation.left_lung
@@ -267,14 +236,36 @@ def _lung_outline_groups(
                 finding_sites=[hd.sr.FindingSite(code)],
                 algorithm_id=_algorithm(item.segmenter),
                 measurements=measurements or None,
+                qualitative_evaluations=evaluations or None,
+            )
+        )
+    if not groups and evaluations:
+        rows, columns = int(item.source.Rows), int(item.source.Columns)
+        corners = [(0, 0), (columns, 0), (columns, rows), (0, rows), (0, 0)]
+        groups.append(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=hd.UID(), identifier=f"lungs image {index}: no lung outline"
+                ),
+                referenced_region=hd.sr.ImageRegion(
+                    graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                    graphic_data=np.array(corners, dtype=np.float64),
+                    source_image=hd.sr.SourceImageForRegion.from_source_image(item.source),
+                ),
+                finding_type=codes.SEGMENTATION_QC,
+                finding_sites=[hd.sr.FindingSite(codes.CHEST)],
+                algorithm_id=_algorithm(item.segmenter),
+                qualitative_evaluations=evaluations,
             )
         )
     return groups
 
 
-def _qc_group(item: SrImage, index: int) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def _qc_evaluations(item: SrImage) -> list[hd.sr.QualitativeEvaluation]:
+    """The quality gate's verdict (and needs-review when it failed)."""
     qc = item.segmentation.qc
-    assert qc is not None
+    if qc is None:
+        return []
     evaluations = [
         hd.sr.QualitativeEvaluation(name=codes.SEGMENTATION_QC, value=codes.QC_VALUES[qc.passed])
     ]
@@ -284,16 +275,7 @@ def _qc_group(item: SrImage, index: int) -> hd.sr.MeasurementsAndQualitativeEval
                 name=codes.TRIAGE_CATEGORY, value=codes.TRIAGE_VALUES["needs-review"]
             )
         )
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=hd.UID(), identifier=f"segmentation QC image {index}"
-        ),
-        finding_type=codes.SEGMENTATION_QC,
-        algorithm_id=_algorithm(item.segmenter),
-        finding_sites=[hd.sr.FindingSite(codes.CHEST)],
-        qualitative_evaluations=evaluations or None,
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(item.source)],
-    )
+    return evaluations
 
 
 def _qc_reasons(items: list[SrImage]) -> hd.sr.ContainerContentItem | None:
@@ -335,10 +317,7 @@ def build_sr(items: list[SrImage], series_instance_uid: str, sop_instance_uid: s
                 models.append(findings.model)
                 groups.append(_finding_group(item, findings, role, index))
         groups.extend(_map_groups(item, index))
-        groups.extend(_lung_groups(item, index))
         groups.extend(_lung_outline_groups(item, index))
-        if item.segmentation.qc is not None:
-            groups.append(_qc_group(item, index))
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=hd.UID(),
         name="cxrbatch",
