@@ -38,6 +38,8 @@ from tests.test_scp import _free_port
 KOS = "1.2.840.10008.5.1.4.1.1.88.59"
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 SR = "1.2.840.10008.5.1.4.1.1.88.33"
+SC = "1.2.840.10008.5.1.4.1.1.7"
+GSPS = "1.2.840.10008.5.1.4.1.1.11.1"
 
 
 @pytest.fixture()
@@ -95,7 +97,7 @@ def test_a_late_image_withdraws_the_results_orthanc_holds(
     assert site.process_and_send() == {"sent": 1}
     (delivered,) = site.deliveries()
     old = {item["sop_instance"]: item["sop_class"] for item in delivered.objects or []}
-    assert sorted(old.values()) == [SEG, SR] and delivered.withdraws is None
+    assert sorted(old.values()) == sorted([SEG, SC, GSPS, SR]) and delivered.withdraws is None
 
     late = to_dataset(make_phantom(6, (256, 256)), "51/0", instance=2)
     orthanc.upload(save(late, tmp_path / "in" / "IM2"))
@@ -115,7 +117,7 @@ def test_a_late_image_withdraws_the_results_orthanc_holds(
         if ds.SOPClassUID == KOS:
             note_path = tmp_path / f"kos_{index}.dcm"
             note_path.write_bytes(data)
-    assert new <= set(held)  # the new SEGs and SR
+    assert new <= set(held)  # the new SEGs, key images, presentation states and SR
     (note,) = [ds for ds in held.values() if ds.SOPClassUID == KOS]
     assert dciodvfy_errors(note_path) == []
     assert note.StudyInstanceUID == late.StudyInstanceUID
