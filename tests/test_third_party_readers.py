@@ -4,12 +4,17 @@ dcmqi's `segimage2itkimage` (pip `dcmqi`, the QIICR converter 3D Slicer uses) on
 phantom (1024 columns: BINARY) and on the real film RG1 (1841 columns: FRACTIONAL under
 `seg_encoding = "auto"`): each segment it writes equals the mask we wrote, pixel for
 pixel (Dice 1.0). Before issue 33 dcmqi refused the SEG ("Plane Orientation (Patient) is
-missing, cannot parse input"). dcmtk checks and applies the presentation state."""
+missing, cannot parse input"). pydicom-seg 0.4.1 (pip; it needs pydicom < 3, so it runs in
+a virtual environment of its own, made once per test session) reads both the same way
+(before: "Pixel measures FG is missing!"). dcmtk checks and applies the presentation
+state and reads the SR."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +31,57 @@ from tests.conftest import dciodvfy_errors, real_file
 
 def _segimage2itkimage() -> str:
     found = shutil.which("segimage2itkimage") or str(
-        Path(__import__("sys").executable).parent / "segimage2itkimage"
+        Path(sys.executable).parent / "segimage2itkimage"
     )
     if not Path(found).exists():
         pytest.skip("dcmqi is not installed (pip install dcmqi; in the dev extras)")
     return found
+
+
+PYDICOM_SEG_READER = """
+import sys
+import numpy as np, pydicom, pydicom_seg
+result = pydicom_seg.SegmentReader().read(pydicom.dcmread(sys.argv[1]))
+for number in result.available_segments:
+    np.save(f"{sys.argv[2]}/{number}.npy", np.squeeze(np.asarray(result.segment_data(number))) > 0)
+"""
+
+
+@pytest.fixture(scope="session")
+def pydicom_seg_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Python with pydicom-seg 0.4.1 and pydicom < 3 (its requirement), from the package
+    index; skipped where that cannot be installed, failed in CI."""
+    folder = tmp_path_factory.mktemp("pydicom-seg")
+    python = folder / "venv" / "bin" / "python"
+    made = subprocess.run(
+        [sys.executable, "-m", "venv", str(folder / "venv")], capture_output=True, text=True
+    )
+    installed = made.returncode == 0 and (
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "pydicom<3", "pydicom-seg==0.4.1"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        ).returncode
+        == 0
+    )
+    if not installed:
+        if os.environ.get("CI"):
+            pytest.fail("pydicom-seg 0.4.1 could not be installed from the package index")
+        pytest.skip("pydicom-seg 0.4.1 could not be installed from the package index")
+    return python
+
+
+def _pydicom_seg_segments(python: Path, seg_path: Path, folder: Path) -> dict[int, np.ndarray]:
+    folder.mkdir()
+    done = subprocess.run(
+        [str(python), "-c", PYDICOM_SEG_READER, str(seg_path), str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return {int(p.stem): np.load(p) for p in sorted(folder.glob("*.npy"))}
 
 
 def _dcmqi_segments(seg_path: Path, folder: Path) -> dict[int, np.ndarray]:
@@ -54,8 +105,12 @@ def _dcmqi_segments(seg_path: Path, folder: Path) -> dict[int, np.ndarray]:
 
 
 @pytest.mark.parametrize("case", ["phantom-1024", "RG1_UNCR"])
-def test_dcmqi_reads_each_segment_as_written(
-    tmp_path: Path, settings: Settings, models: pipeline.Models, case: str
+def test_dcmqi_and_pydicom_seg_read_each_segment_as_written(
+    tmp_path: Path,
+    settings: Settings,
+    models: pipeline.Models,
+    pydicom_seg_python: Path,
+    case: str,
 ) -> None:
     folder = tmp_path / "in"
     if case == "RG1_UNCR":
@@ -74,13 +129,17 @@ def test_dcmqi_reads_each_segment_as_written(
     assert seg.SegmentationType == expected_type
     (image,) = result.images
     written = {1: image.segmentation.right_lung, 2: image.segmentation.left_lung}
-    read = _dcmqi_segments(seg_path, tmp_path / "dcmqi")
-    assert set(read) == {1, 2}
-    for number, mask in written.items():
-        assert read[number].shape == mask.shape, number
-        overlap = np.logical_and(read[number], mask).sum()
-        dice = 2.0 * overlap / (read[number].sum() + mask.sum())
-        assert dice == 1.0, (number, dice)
+    readers = {
+        "dcmqi": _dcmqi_segments(seg_path, tmp_path / "dcmqi"),
+        "pydicom-seg": _pydicom_seg_segments(pydicom_seg_python, seg_path, tmp_path / "pyseg"),
+    }
+    for reader, read in readers.items():
+        assert set(read) == {1, 2}, reader
+        for number, mask in written.items():
+            assert read[number].shape == mask.shape, (reader, number)
+            overlap = np.logical_and(read[number], mask).sum()
+            dice = 2.0 * overlap / (read[number].sum() + mask.sum())
+            assert dice == 1.0, (reader, number, dice)
 
 
 def test_dcmtk_checks_and_applies_the_presentation_state(
@@ -90,7 +149,7 @@ def test_dcmtk_checks_and_applies_the_presentation_state(
     `dcmp2pgm` applies it to the source film, naming both lungs' layers with one closed
     outline each and rendering a film of the source's size."""
     if shutil.which("dcmpschk") is None or shutil.which("dcmp2pgm") is None:
-        if __import__("os").environ.get("CI"):
+        if os.environ.get("CI"):
             pytest.fail("dcmtk (Debian package) is required in CI")
         pytest.skip("dcmtk is not installed (apt-get install dcmtk)")
     write_study(tmp_path / "in", 0, seed=61, size=(512, 512))

@@ -7,7 +7,8 @@ for a phantom and for the real film RG1:
 - no page error, no console error and no failed DICOMweb request while each series opens;
 - the SR draws each lung's outline, the classifier's region and the flagged regions (SVG
   polylines with finite points) with the labels and scores as text;
-- the SEG paints both lungs in their segment colours;
+- the SEG paints both lungs in their segment colours, and once opened its panel lists
+  the segments "Right lung" and "Left lung";
 - the key image (SC) opens; OHIF's default mode does not apply presentation states (it
   lists ours and says it is unsupported, without an error).
 Screenshots of each series go to artifacts/ (CI keeps them).
@@ -146,7 +147,13 @@ def test_ohif_shows_seg_sr_and_key_image_without_an_error(
                 thumbnail = thumbnails.nth(index)
                 modality = thumbnail.inner_text().split("\n")[0].strip()
                 thumbnail.dblclick()
-                page.wait_for_timeout(6000)
+                page.wait_for_timeout(4000)
+                if modality == "SR":  # drawn once loaded: wait for it (shared, slow hosts)
+                    with contextlib.suppress(Exception):
+                        page.wait_for_function(
+                            "document.querySelectorAll('svg text').length > 0", timeout=60_000
+                        )
+                    page.wait_for_timeout(2000)
                 shot = ARTIFACTS / f"ohif_{case}_{modality}.png"
                 page.screenshot(path=str(shot))
                 points = page.eval_on_selector_all(
@@ -154,6 +161,15 @@ def test_ohif_shows_seg_sr_and_key_image_without_an_error(
                 )
                 texts = page.eval_on_selector_all("svg text", "els => els.map(e => e.textContent)")
                 opened[modality] = {"shot": shot, "points": points, "texts": " ".join(texts)}
+                if modality == "SEG":
+                    # Accept OHIF's offer to open it, then its segmentation panel: the
+                    # segments are listed by their labels.
+                    page.get_by_role("button", name="Yes").first.click(timeout=10_000)
+                    page.wait_for_timeout(4000)
+                    page.locator("[data-cy='panelSegmentation-btn']").first.click()
+                    page.wait_for_timeout(3000)
+                    page.screenshot(path=str(ARTIFACTS / f"ohif_{case}_SEG_panel.png"))
+                    opened["SEG"]["panel"] = page.inner_text("body")
             browser.close()
     finally:
         pacs.stop()
@@ -167,6 +183,9 @@ def test_ohif_shows_seg_sr_and_key_image_without_an_error(
     assert len(points) >= 4, len(points)
     for words in ("Right lung", "Left lung", "Mass:", "operating threshold"):
         assert words in str(sr["texts"]), (words, sr["texts"])
+    panel = str(opened["SEG"]["panel"])
+    listed = panel[panel.index("Segmentations") :]
+    assert "Right lung" in listed and "Left lung" in listed, listed[:400]
     seg = cv2.imread(str(opened["SEG"]["shot"]))
     for colour in (RIGHT_COLOUR, LEFT_COLOUR):
         assert _colour_share(seg, colour) > 0.02, colour
