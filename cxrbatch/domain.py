@@ -380,6 +380,14 @@ IMAGE_OUTPUTS = (*DICOM_IMAGE_OUTPUTS, "finding_maps")
 
 
 @dataclass(frozen=True)
+class NotAccepted:
+    """An object a destination does not take at all (its SOP class), and why."""
+
+    sop_instance_uid: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class OutputFiles:
     seg_files: dict[str, Path]  # SOPInstanceUID of the source image -> SEG file
     sr_file: Path | None

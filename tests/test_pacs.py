@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -147,12 +148,15 @@ port = {orthanc.dicom_port}
 class _StorageScp:
     """A storage SCP answering every C-STORE with `status`; keeps what it stored."""
 
-    def __init__(self, port: int, status: int = 0x0000) -> None:
+    def __init__(
+        self, port: int, status: int = 0x0000, refuse: frozenset[str] = frozenset()
+    ) -> None:
         self.port, self.status = port, status
         self.received: list[str] = []
         ae = AE(ae_title="DOWNSTREAM")
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax)
+            if context.abstract_syntax not in refuse:  # a PACS that does not take these
+                ae.add_supported_context(context.abstract_syntax)
         self.server = ae.start_server(
             ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]
         )
@@ -263,3 +267,45 @@ def test_the_example_site_config_loads_with_its_destinations() -> None:
     assert [(s.name, s.kind, s.retrieve) for s in settings.pull.sources] == [
         ("pacs", "dimse", "c-move")
     ]
+
+
+def test_a_pacs_that_does_not_take_seg_gets_the_other_objects(tmp_path: Path) -> None:
+    """A node that rejects the SEG's presentation context (many PACS do not store SEG): the
+    SR, key image and presentation state are delivered, the delivery is sent (not retried
+    until dead), and the SEG is recorded as not accepted and not as delivered."""
+    write_studies(tmp_path / "in", 1, seed=45, size=(256, 256))
+    port = _free_port()
+    config = tmp_path / "site.toml"
+    config.write_text(
+        f"""
+[segmentation]
+device = "cpu"
+[[send.destinations]]
+name = "no-seg"
+transport = "dimse"
+ae_title = "DOWNSTREAM"
+host = "127.0.0.1"
+port = {port}
+timeout_seconds = 30
+"""
+    )
+    scp = _StorageScp(port, refuse=frozenset({SEG}))
+    out = tmp_path / "out"
+    try:
+        processed = _cli(
+            "process", str(tmp_path / "in"), "--out", str(out), "--config", str(config)
+        )
+    finally:
+        scp.stop()
+    assert processed.returncode == 0, processed.stdout + processed.stderr[-2000:]
+    assert "1 sent" in processed.stdout, processed.stdout
+    assert sorted(scp.received) == sorted([SR, SC, GSPS])
+    with sqlite3.connect(out / "cxrbatch.sqlite") as db:
+        ((status, objects, last_error),) = db.execute(
+            "SELECT status, objects, last_error FROM deliveries"
+        ).fetchall()
+    assert status == "sent"
+    assert sorted(o["sop_class"] for o in json.loads(objects)) == sorted([SR, SC, GSPS])
+    assert last_error.startswith("not accepted by the destination: SEG")
+    # The operator is told, with what to change.
+    assert "does not accept 1 object(s)" in processed.stderr, processed.stderr[-2000:]

@@ -26,7 +26,13 @@ from cxrbatch.config import Destination, SendSettings
 from cxrbatch.db import repository
 from cxrbatch.db.leased import LeasedWork, RetryPolicy
 from cxrbatch.db.models import Delivery, Outcome, utcnow
-from cxrbatch.domain import DICOM_IMAGE_OUTPUTS, DeliveryStatus, OutcomeStatus, Triage
+from cxrbatch.domain import (
+    DICOM_IMAGE_OUTPUTS,
+    DeliveryStatus,
+    NotAccepted,
+    OutcomeStatus,
+    Triage,
+)
 from cxrbatch.paths import StorageRoots, resolve_stored
 
 UNSENT = (DeliveryStatus.PENDING, DeliveryStatus.FAILED, DeliveryStatus.DEAD)
@@ -290,8 +296,11 @@ def finish(
     claimed: DeliveryClaim,
     policy: RetryPolicy,
     error: str | None = None,
+    not_accepted: Sequence[NotAccepted] = (),
 ) -> DeliveryStatus | None:
-    """Sent (no error), failed with a backoff, or dead; None when the lease was lost."""
+    """Sent (no error), failed with a backoff, or dead; None when the lease was lost.
+    Objects the destination does not accept are left out of what the delivery records as
+    delivered (no rejection note will withdraw them there), and named in last_error."""
     with sessions.begin() as session:
         row = DELIVERIES.held_row(session, claimed.delivery_id, claimed.owner)
         if row is None:
@@ -300,6 +309,12 @@ def finish(
         status = DeliveryStatus(DELIVERIES.close(row, done, policy, error))
         if status is DeliveryStatus.SENT:
             row.sent_at = row.updated_at
+            if not_accepted:
+                skipped = {n.sop_instance_uid for n in not_accepted}
+                row.objects = [o for o in row.objects or [] if o["sop_instance"] not in skipped]
+                row.last_error = "not accepted by the destination: " + "; ".join(
+                    sorted({n.reason for n in not_accepted})
+                )
         return status
 
 

@@ -15,7 +15,7 @@ from cxrbatch.config import Destination, Settings
 from cxrbatch.db import Sessions, deliveries
 from cxrbatch.db.leased import new_owner
 from cxrbatch.db.models import utcnow
-from cxrbatch.domain import DeliveryRunStatus, DeliveryStatus
+from cxrbatch.domain import DeliveryRunStatus, DeliveryStatus, NotAccepted
 from cxrbatch.errors import one_line
 from cxrbatch.paths import StorageRoots
 from cxrbatch.send import messages
@@ -58,6 +58,7 @@ class Sender:
     def deliver(self, claimed: deliveries.DeliveryClaim) -> DeliveryStatus | None:
         destination = self.destinations.get(claimed.destination)
         error: str | None = None
+        not_accepted: list[NotAccepted] = []
         if destination is None:
             error = f"destination {claimed.destination!r} is no longer configured"
         else:
@@ -65,13 +66,24 @@ class Sender:
                 if destination.sends_report:
                     self._send_report(destination, claimed)
                 else:
-                    send(destination, claimed.files, self._calling_ae_title(destination))
+                    not_accepted = send(
+                        destination, claimed.files, self._calling_ae_title(destination)
+                    )
             except SendError as exc:
                 error = str(exc)
             except Exception as exc:  # one delivery must never stop the sender
                 log.exception("delivery %d failed", claimed.delivery_id)
                 error = f"internal error: {one_line(exc)}"
-        status = deliveries.finish(self.sessions, claimed, self.policy, error)
+        status = deliveries.finish(self.sessions, claimed, self.policy, error, not_accepted)
+        if not_accepted and error is None:
+            log.warning(
+                "study %s: %s does not accept %d object(s), not sent (%s): leave that kind "
+                "out of its `objects`",
+                claimed.study_instance_uid,
+                claimed.destination,
+                len(not_accepted),
+                "; ".join(sorted({n.reason for n in not_accepted})),
+            )
         fields = {
             "event": "delivery",
             "delivery_id": claimed.delivery_id,

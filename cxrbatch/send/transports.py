@@ -3,7 +3,12 @@ STOW-RS (dicomweb-client); reports (cxrbatch/send/messages.py) by HL7 v2 over ML
 FHIR transaction.
 
 Each raises `SendError` with the reason when the destination does not acknowledge all of a
-delivery; the delivery is then retried as a whole (a PACS stores an identical SOP instance
+delivery; the delivery is then retried as a whole. One exception: a DICOM node that does not
+take a kind of object at all (C-STORE: it rejects the SOP class's presentation context, or
+answers 0x0122 "SOP Class not supported") is not sent that object again and again: the
+others are delivered, and `send` returns what was not accepted (the delivery records it;
+the destination's `objects` can leave that kind out). A node that takes none of them fails
+the delivery (a PACS stores an identical SOP instance
 again without harm; an HL7 receiver sees the same accession's result again; the FHIR
 Bundle's conditional updates replace what an earlier attempt stored).
 
@@ -32,25 +37,29 @@ from pynetdicom import AE
 from cxrbatch import exchange
 from cxrbatch.config import Destination, password_from
 from cxrbatch.dicom import status as dimse_status
+from cxrbatch.domain import NotAccepted
 from cxrbatch.errors import PeerError, printable
 
 log = logging.getLogger(__name__)
+SOP_CLASS_NOT_SUPPORTED = 0x0122  # PS3.7 C.5: Refused: SOP Class not supported
 
 
 class SendError(PeerError):
     """A destination did not acknowledge every object of a delivery."""
 
 
-def send(destination: Destination, files: Sequence[Path], calling_ae_title: str) -> None:
+def send(
+    destination: Destination, files: Sequence[Path], calling_ae_title: str
+) -> list[NotAccepted]:
     """Deliver `files` to `destination` within its timeout; SendError with the reason
-    otherwise."""
+    otherwise. Returns the objects whose kind the destination does not accept."""
     datasets = [_read(path) for path in files]
     what = f"delivery to {destination.name}"
     with exchange.deadline(destination.timeout_seconds, what):
         if destination.transport == "dimse":
-            c_store(destination, datasets, calling_ae_title)
-        else:
-            stow_rs(destination, datasets)
+            return c_store(destination, datasets, calling_ae_title)
+        stow_rs(destination, datasets)
+        return []
 
 
 def _read(path: Path) -> Dataset:
@@ -80,8 +89,11 @@ def _client_ssl_context(destination: Destination) -> Any:
         raise SendError(f"TLS CA file cannot be used: {exc}") from exc
 
 
-def c_store(destination: Destination, datasets: Sequence[Dataset], calling_ae_title: str) -> None:
-    """One association, one C-STORE per data set (aborted at the current deadline)."""
+def c_store(
+    destination: Destination, datasets: Sequence[Dataset], calling_ae_title: str
+) -> list[NotAccepted]:
+    """One association, one C-STORE per data set (aborted at the current deadline); the
+    objects whose SOP class the peer does not accept are skipped and returned."""
     ae = AE(ae_title=calling_ae_title)
     timeout = exchange.seconds_left(destination.timeout_seconds)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
@@ -102,9 +114,17 @@ def c_store(destination: Destination, datasets: Sequence[Dataset], calling_ae_ti
         )
         raise SendError(f"association with {where} {what}")
     refused: list[str] = []
+    accepted = {str(context.abstract_syntax) for context in assoc.accepted_contexts}
+    not_accepted = [
+        NotAccepted(str(ds.SOPInstanceUID), f"{ds.Modality}: SOP class {ds.SOPClassUID} rejected")
+        for ds in datasets
+        if str(ds.SOPClassUID) not in accepted
+    ]
     try:
         with exchange.association_deadline(assoc):
             for ds in datasets:
+                if str(ds.SOPClassUID) not in accepted:
+                    continue
                 status = assoc.send_c_store(ds)
                 code = int(status.Status) if "Status" in status else None
                 if code is None:
@@ -114,18 +134,23 @@ def c_store(destination: Destination, datasets: Sequence[Dataset], calling_ae_ti
                         + (bound.message if bound else "no response")
                     )
                     break  # the association is gone
-                if not dimse_status.stored(code):
+                if code == SOP_CLASS_NOT_SUPPORTED:
+                    reason = f"{ds.Modality}: {dimse_status.describe(code)}"
+                    not_accepted.append(NotAccepted(str(ds.SOPInstanceUID), reason))
+                elif not dimse_status.stored(code):
                     refused.append(
                         f"{ds.Modality} {ds.SOPInstanceUID}: {dimse_status.describe(code)}"
                     )
     finally:
         if assoc.is_established:
             assoc.release()
-    if refused:
+    if refused or len(not_accepted) == len(datasets):
+        reasons = refused + [n.reason for n in not_accepted]
         raise SendError(
-            f"{where} stored {len(datasets) - len(refused)} of {len(datasets)} objects; "
-            + "; ".join(refused[:3])
+            f"{where} stored {len(datasets) - len(reasons)} of {len(datasets)} objects; "
+            + "; ".join(reasons[:3])
         )
+    return not_accepted
 
 
 def stow_rs(destination: Destination, datasets: Sequence[Dataset]) -> None:
