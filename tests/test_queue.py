@@ -121,11 +121,14 @@ def test_job_of_a_dead_local_process_is_recovered_at_once(
 ) -> None:
     import socket
 
+    from cxrbatch.db.leased import process_space
+
     child = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(0,))
     child.start()
     child.join()
     _enqueue(sessions, "1.2.4")
-    owner = f"{socket.gethostname()}:{child.pid}:dead"
+    # A process of this host, boot and PID namespace that has exited.
+    owner = f"{socket.gethostname()}:{child.pid}:dead:{process_space()}"
     assert jobs.claim(sessions, owner, lease_seconds=3600) is not None
     assert jobs.recover_stalled(sessions, POLICY) == 1
     assert _job(sessions, "1.2.4").status == "queued"

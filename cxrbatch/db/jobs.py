@@ -17,8 +17,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from cxrbatch.db.leased import LeasedWork, RetryPolicy, new_owner
-from cxrbatch.db.models import Job, utcnow
+from cxrbatch.db.leased import LeasedWork, RetryPolicy, db_now, new_owner
+from cxrbatch.db.models import Job
 from cxrbatch.domain import JobStatus
 
 __all__ = ["Claim", "RetryPolicy", "claim", "enqueue_study", "finish", "new_owner"]
@@ -54,7 +54,7 @@ def enqueue_study(session: Session, study_instance_uid: str, stable_seconds: flo
     running job keeps running and re-queues itself when it finishes (its generation is
     then older than the job's). The caller commits.
     """
-    now = utcnow()
+    now = db_now(session)
     run_after = now + dt.timedelta(seconds=stable_seconds)
     job = session.scalar(
         select(Job).where(Job.study_instance_uid == study_instance_uid).with_for_update()

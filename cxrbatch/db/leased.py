@@ -19,6 +19,7 @@ import socket
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from sqlalchemy import ColumnElement, and_, func, or_, select, update
@@ -52,15 +53,33 @@ class RetryPolicy:
         return dt.timedelta(seconds=min(seconds, self.backoff_max_seconds))
 
 
+def process_space() -> str:
+    """Where a process id means this process: the kernel's boot and the PID namespace.
+    Containers started with the host's network share its hostname but not its process
+    ids, so a hostname and a pid alone name another container's process as well."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return "unknown"
+    return f"{boot}-{namespace}"
+
+
 def new_owner() -> str:
-    """A lease owner name: host, process id and a nonce (pids are reused)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    """A lease owner name: host, process id, a nonce (pids are reused) and the process
+    space the pid belongs to (`process_space`)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}:{process_space()}"
 
 
 def owner_is_dead_local_process(owner: str) -> bool:
-    host, _, rest = owner.partition(":")
-    pid_text = rest.partition(":")[0]
+    """True only when `owner` names a process of this host, boot and PID namespace that
+    no longer runs: its lease can be recovered at once. Anything else (another host, a
+    container sharing the hostname, an owner name without its process space) waits for
+    the lease to expire."""
+    host, pid_text, _, space = [*owner.split(":"), "", "", "", ""][:4]
     if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    if space == "unknown" or space != process_space():
         return False
     try:
         os.kill(int(pid_text), 0)
@@ -69,6 +88,19 @@ def owner_is_dead_local_process(owner: str) -> bool:
     except PermissionError:
         return False
     return False
+
+
+def db_now(session: Session) -> dt.datetime:
+    """The time every lease is measured by: the database server's clock on PostgreSQL
+    (`statement_timestamp()`), so that a host whose clock runs ahead cannot see live leases
+    as expired, nor one running behind keep a dead one; on SQLite, which one host uses,
+    that host's clock."""
+    bind = session.get_bind()
+    if bind.dialect.name == "postgresql":
+        value = session.scalar(select(func.statement_timestamp()))
+        if value is not None:
+            return as_utc(value)
+    return utcnow()
 
 
 def as_utc(value: dt.datetime) -> dt.datetime:
@@ -100,7 +132,7 @@ class LeasedWork:
         """Take the next due row in the caller's transaction, or None: status leased,
         one more attempt, a lease of `lease_seconds`."""
         t = self.table
-        now = utcnow()
+        now = db_now(session)
         due: ColumnElement[bool] = and_(t.status.in_(self.due), t.run_after <= (due_by or now))
         if self.claim_expired:
             due = or_(due, and_(t.status == self.leased, t.lease_expires_at < now))
@@ -129,7 +161,7 @@ class LeasedWork:
     ) -> bool:
         """Renew a lease; False when it was lost (recovered by someone else)."""
         with sessions.begin() as session:
-            now = utcnow()
+            now = db_now(session)
             values: dict[str, Any] = {"lease_expires_at": now + dt.timedelta(seconds=lease_seconds)}
             if hasattr(self.table, "heartbeat_at"):
                 values["heartbeat_at"] = now
@@ -151,7 +183,8 @@ class LeasedWork:
         """End a held row's attempt: `done` (a final status), or None for a failure, which
         is retried after a backoff or `dead` after `policy.max_attempts`. Returns the
         status set (the caller may still change it, e.g. to re-queue)."""
-        now = utcnow()
+        session = Session.object_session(row)
+        now = db_now(session) if session is not None else utcnow()
         row.lease_owner = None
         row.lease_expires_at = None
         row.updated_at = now
@@ -170,7 +203,7 @@ class LeasedWork:
         """Give a held row back unfinished (shutdown): status `to`, the attempt uncounted."""
         t = self.table
         with sessions.begin() as session:
-            now = utcnow()
+            now = db_now(session)
             released = session.execute(
                 update(t)
                 .where(self._held(row_id, owner))
@@ -197,7 +230,7 @@ class LeasedWork:
         `dead` after `policy.max_attempts`. Returns how many."""
         recovered = 0
         with sessions.begin() as session:
-            now = utcnow()
+            now = db_now(session)
             leased = session.scalars(
                 select(self.table)
                 .where(self.table.status == self.leased)
@@ -228,7 +261,7 @@ class LeasedWork:
         """Dead rows (all, or those matching `where`) due again with fresh attempts."""
         t = self.table
         with sessions.begin() as session:
-            now = utcnow()
+            now = db_now(session)
             values: dict[str, Any] = {
                 "status": self.revived,
                 "attempts": 0,

@@ -1,0 +1,130 @@
+"""The queue across hosts (issue 34, first part): leases are timed by the database's clock,
+and a worker is not taken for dead because a process of the same hostname and pid is gone.
+
+- A worker on a host whose clock runs 125 s ahead (libfaketime, as a real skewed host)
+  recovers and claims nothing that another worker holds: before, both live jobs of the
+  other hosts were taken.
+- Containers that share the host's hostname (`--net=host`) but not its PID namespace
+  (`unshare --pid`): a lease owner from the other namespace is never judged dead by a pid
+  lookup here (before, a live job was re-queued at once).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from cxrbatch.db import jobs
+from cxrbatch.db import models as tables
+from cxrbatch.db.leased import RetryPolicy, new_owner, owner_is_dead_local_process, process_space
+from cxrbatch.db.session import make_engine, session_factory, upgrade
+
+ROOT = Path(__file__).resolve().parent.parent
+POLICY = RetryPolicy(max_attempts=3, backoff_base_seconds=10.0, backoff_max_seconds=60.0)
+
+SKEWED_WORKER = """
+import json, sys
+from cxrbatch.db import jobs
+from cxrbatch.db.leased import RetryPolicy
+from cxrbatch.db.session import make_engine, session_factory
+sessions = session_factory(make_engine(sys.argv[1]))
+recovered = jobs.recover_stalled(sessions, RetryPolicy(max_attempts=3))
+claimed = jobs.claim(sessions, jobs.new_owner(), 60)
+taken = None if claimed is None else claimed.study_instance_uid
+print(json.dumps({"recovered": recovered, "claimed": taken}))
+"""
+
+
+def _faketime() -> str:
+    found = shutil.which("faketime")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("faketime (Debian package) is required in CI for the clock-skew test")
+        pytest.skip("faketime is not installed (apt-get install faketime)")
+    return found
+
+
+@pytest.mark.postgres
+def test_a_host_whose_clock_runs_ahead_takes_no_live_lease(postgres_url: str) -> None:
+    faketime = _faketime()
+    upgrade(postgres_url)
+    sessions = session_factory(make_engine(postgres_url))
+    with sessions.begin() as session:
+        for uid in ("1.2.34.1", "1.2.34.2"):
+            jobs.enqueue_study(session, uid, 0.0)
+    held = [jobs.claim(sessions, new_owner(), 60) for _ in range(2)]
+    assert all(h is not None for h in held)
+
+    skewed = subprocess.run(
+        [faketime, "-f", "+125s", sys.executable, "-c", SKEWED_WORKER, postgres_url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert skewed.returncode == 0, skewed.stderr[-2000:]
+    # The subprocess did run 125 s ahead (libfaketime took effect).
+    probe = subprocess.run(
+        [faketime, "-f", "+125s", sys.executable, "-c", "import time; print(time.time())"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert float(probe.stdout) - time.time() > 100
+    assert json.loads(skewed.stdout.splitlines()[-1]) == {"recovered": 0, "claimed": None}
+    with sessions() as session:
+        rows = session.scalars(select(tables.Job)).all()
+        assert {r.status for r in rows} == {"running"}
+        assert {r.lease_owner for r in rows} == {h.owner for h in held if h is not None}
+
+
+def test_an_owner_from_another_pid_namespace_is_never_judged_dead_here() -> None:
+    ours = new_owner()
+    host, _, nonce, space = ours.split(":")
+    assert space == process_space() != "unknown"
+    # A pid that no longer runs here.
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    assert owner_is_dead_local_process(f"{host}:{gone.pid}:{nonce}:{space}")
+    # The same hostname and pid in another PID namespace (a container sharing the
+    # hostname), or an owner name that does not say its namespace: not ours to judge.
+    assert not owner_is_dead_local_process(f"{host}:{gone.pid}:{nonce}:00000000-1")
+    assert not owner_is_dead_local_process(f"{host}:{gone.pid}:{nonce}")
+
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("unshare (util-linux) is not installed")
+    inside = subprocess.run(
+        [
+            unshare,
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            "--uts",
+            sys.executable,
+            "-c",
+            "from cxrbatch.db.leased import new_owner; print(new_owner())",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    if inside.returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail(f"unshare --pid needs root in CI: {inside.stderr[-500:]}")
+        pytest.skip(f"unshare --pid is not allowed here: {inside.stderr[-300:]}")
+    other = inside.stdout.strip().split(":")
+    assert other[0] == host and other[3] != space  # same hostname, another PID namespace
+    # Its pid means nothing here, even if no process of that number runs on this side.
+    assert not owner_is_dead_local_process(f"{host}:{gone.pid}:{other[2]}:{other[3]}")
