@@ -74,11 +74,19 @@ def _significant(value: float) -> float:
     return float(f"{value:.6g}")
 
 
-def _box_outline(findings: Findings, item: SrImage) -> np.ndarray:
-    """A closed POLYLINE around the part of the film the network was given."""
-    top, left, height, width = findings.box or (0, 0, item.source.Rows, item.source.Columns)
+def _rectangle(top: float, left: float, height: float, width: float) -> np.ndarray:
+    """A closed POLYLINE (column, row points) around a rectangle of the film."""
     corners = [(left, top), (left + width, top), (left + width, top + height), (left, top + height)]
     return np.array([*corners, corners[0]], dtype=np.float64)
+
+
+def _region(item: SrImage, line: np.ndarray) -> hd.sr.ImageRegion:
+    """A closed POLYLINE on the source image: every group's region (module docstring)."""
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=line,
+        source_image=hd.sr.SourceImageForRegion.from_source_image(item.source),
+    )
 
 
 def _finding_group(
@@ -136,10 +144,9 @@ def _finding_group(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=hd.UID(), identifier=f"{role} image {uid_seed}: {summary}{synthetic}"
         ),
-        referenced_region=hd.sr.ImageRegion(
-            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-            graphic_data=_box_outline(findings, item),
-            source_image=hd.sr.SourceImageForRegion.from_source_image(item.source),
+        # The part of the film the network was given.
+        referenced_region=_region(
+            item, _rectangle(*(findings.box or (0, 0, item.source.Rows, item.source.Columns)))
         ),
         finding_type=codes.CLASSIFICATION,
         algorithm_id=algorithm,
@@ -169,11 +176,7 @@ def _map_groups(
                             f"{finding.threshold:.2f}: where found, image {index}{synthetic}"
                         ),
                     ),
-                    referenced_region=hd.sr.ImageRegion(
-                        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-                        graphic_data=line,
-                        source_image=hd.sr.SourceImageForRegion.from_source_image(item.source),
-                    ),
+                    referenced_region=_region(item, line),
                     finding_type=codes.finding_code(finding.label),
                     algorithm_id=algorithm,
                     measurements=[
@@ -227,11 +230,7 @@ def _lung_outline_groups(
                 tracking_identifier=hd.sr.TrackingIdentifier(
                     uid=hd.UID(), identifier=f"{side} lung outline image {index}"
                 ),
-                referenced_region=hd.sr.ImageRegion(
-                    graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-                    graphic_data=line,
-                    source_image=hd.sr.SourceImageForRegion.from_source_image(item.source),
-                ),
+                referenced_region=_region(item, line),
                 finding_type=code,
                 finding_sites=[hd.sr.FindingSite(code)],
                 algorithm_id=_algorithm(item.segmenter),
@@ -240,17 +239,13 @@ def _lung_outline_groups(
             )
         )
     if not groups and evaluations:
-        rows, columns = int(item.source.Rows), int(item.source.Columns)
-        corners = [(0, 0), (columns, 0), (columns, rows), (0, rows), (0, 0)]
         groups.append(
             hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
                     uid=hd.UID(), identifier=f"lungs image {index}: no lung outline"
                 ),
-                referenced_region=hd.sr.ImageRegion(
-                    graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-                    graphic_data=np.array(corners, dtype=np.float64),
-                    source_image=hd.sr.SourceImageForRegion.from_source_image(item.source),
+                referenced_region=_region(
+                    item, _rectangle(0, 0, int(item.source.Rows), int(item.source.Columns))
                 ),
                 finding_type=codes.SEGMENTATION_QC,
                 finding_sites=[hd.sr.FindingSite(codes.CHEST)],
