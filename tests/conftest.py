@@ -9,6 +9,7 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 import torch
@@ -140,13 +141,40 @@ def real_file(name: str) -> Path:
     return Path(str(path))
 
 
+def unavailable(skip_reason: str, ci_reason: str) -> NoReturn:
+    """Something a test needs is missing: a failure in CI (which installs it), a skip with
+    the reason elsewhere."""
+    if os.environ.get("CI"):
+        pytest.fail(ci_reason)
+    pytest.skip(skip_reason)
+
+
+def tool(*names: str, skip_reason: str, ci_reason: str) -> str:
+    """The first of the commands `names` on PATH, or `unavailable`."""
+    for name in names:
+        found = shutil.which(name)
+        if found is not None:
+            return found
+    unavailable(skip_reason, ci_reason)
+
+
+def chromium_executable(test: str) -> str:
+    """Debian's chromium, which playwright drives (`test`: what it is needed for)."""
+    return tool(
+        "chromium",
+        "chromium-browser",
+        skip_reason="chromium is not installed (apt-get install chromium)",
+        ci_reason=f"chromium (Debian package) is required in CI for the {test}",
+    )
+
+
 def dciodvfy_errors(path: Path) -> list[str]:
     """Error lines of dciodvfy for one file. Fails (not skips) in CI when it is missing."""
-    exe = shutil.which("dciodvfy")
-    if exe is None:
-        if os.environ.get("CI"):
-            pytest.fail("dciodvfy (dicom3tools) is required in CI")
-        pytest.skip("dciodvfy (Debian package dicom3tools) is not installed")
+    exe = tool(
+        "dciodvfy",
+        skip_reason="dciodvfy (Debian package dicom3tools) is not installed",
+        ci_reason="dciodvfy (dicom3tools) is required in CI",
+    )
     proc = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=120)
     return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
 
@@ -163,9 +191,10 @@ def postgres_url() -> Iterator[str]:
             connection.execute(text(f'CREATE DATABASE "{name}"'))
     except Exception as exc:
         admin.dispose()
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL at {POSTGRES_ADMIN_URL} is required in CI: {exc}")
-        pytest.skip(f"PostgreSQL not reachable: {exc}")
+        unavailable(
+            f"PostgreSQL not reachable: {exc}",
+            f"PostgreSQL at {POSTGRES_ADMIN_URL} is required in CI: {exc}",
+        )
     url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
     try:
         yield url

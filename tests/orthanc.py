@@ -5,8 +5,6 @@ installs it) and are skipped elsewhere with the reason."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import time
 import urllib.error
@@ -14,7 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import pytest
+from tests.conftest import tool
 
 DICOMWEB_PLUGINS = (
     Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so"),
@@ -23,12 +21,11 @@ DICOMWEB_PLUGINS = (
 
 
 def orthanc_executable() -> str:
-    exe = shutil.which("Orthanc")
-    if exe is None:
-        if os.environ.get("CI"):
-            pytest.fail("Orthanc (Debian packages orthanc, orthanc-dicomweb) is required in CI")
-        pytest.skip("Orthanc is not installed (apt-get install orthanc orthanc-dicomweb)")
-    return exe
+    return tool(
+        "Orthanc",
+        skip_reason="Orthanc is not installed (apt-get install orthanc orthanc-dicomweb)",
+        ci_reason="Orthanc (Debian packages orthanc, orthanc-dicomweb) is required in CI",
+    )
 
 
 class Orthanc:

@@ -26,6 +26,7 @@ from cxrbatch.db import jobs
 from cxrbatch.db import models as tables
 from cxrbatch.db.leased import RetryPolicy, new_owner, owner_is_dead_local_process, process_space
 from cxrbatch.db.session import make_engine, session_factory, upgrade
+from tests.conftest import tool, unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICY = RetryPolicy(max_attempts=3, backoff_base_seconds=10.0, backoff_max_seconds=60.0)
@@ -44,12 +45,11 @@ print(json.dumps({"recovered": recovered, "claimed": taken}))
 
 
 def _faketime() -> str:
-    found = shutil.which("faketime")
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("faketime (Debian package) is required in CI for the clock-skew test")
-        pytest.skip("faketime is not installed (apt-get install faketime)")
-    return found
+    return tool(
+        "faketime",
+        skip_reason="faketime is not installed (apt-get install faketime)",
+        ci_reason="faketime (Debian package) is required in CI for the clock-skew test",
+    )
 
 
 @pytest.mark.postgres
@@ -121,9 +121,10 @@ def test_an_owner_from_another_pid_namespace_is_never_judged_dead_here() -> None
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     if inside.returncode != 0:
-        if os.environ.get("CI"):
-            pytest.fail(f"unshare --pid needs root in CI: {inside.stderr[-500:]}")
-        pytest.skip(f"unshare --pid is not allowed here: {inside.stderr[-300:]}")
+        unavailable(
+            f"unshare --pid is not allowed here: {inside.stderr[-300:]}",
+            f"unshare --pid needs root in CI: {inside.stderr[-500:]}",
+        )
     other = inside.stdout.strip().split(":")
     assert other[0] == host and other[3] != space  # same hostname, another PID namespace
     # Its pid means nothing here, even if no process of that number runs on this side.

@@ -5,8 +5,6 @@ failure that must not be acknowledged."""
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import socket
 import ssl
 import subprocess
@@ -34,6 +32,7 @@ from cxrbatch.ingest import scp
 from cxrbatch.ingest.spool import Spool
 from cxrbatch.send.transports import SendError, c_store
 from cxrbatch.synthetic import make_phantom, save, to_dataset
+from tests.conftest import tool
 
 
 def _free_port() -> int:
@@ -275,11 +274,11 @@ def test_instances_a_crash_left_in_incoming_are_taken_at_start(tmp_path: Path) -
 
 def _certificates(folder: Path) -> dict[str, Path]:
     """A throwaway CA, and certificates it signed for the node (127.0.0.1) and a PACS client."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        if os.environ.get("CI"):
-            pytest.fail("openssl is required in CI for the TLS tests")
-        pytest.skip("the openssl command is not installed")
+    openssl = tool(
+        "openssl",
+        skip_reason="the openssl command is not installed",
+        ci_reason="openssl is required in CI for the TLS tests",
+    )
     folder.mkdir()
 
     def run(*args: str) -> None:

@@ -11,7 +11,6 @@ state and reads the SR."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from cxrbatch.config import Settings
 from cxrbatch.dicom.discover import discover
 from cxrbatch.domain import OutcomeStatus
 from cxrbatch.synthetic import write_study
-from tests.conftest import dciodvfy_errors, real_file
+from tests.conftest import dciodvfy_errors, real_file, tool, unavailable
 
 
 def _segimage2itkimage() -> str:
@@ -66,9 +65,8 @@ def pydicom_seg_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
         == 0
     )
     if not installed:
-        if os.environ.get("CI"):
-            pytest.fail("pydicom-seg 0.4.1 could not be installed from the package index")
-        pytest.skip("pydicom-seg 0.4.1 could not be installed from the package index")
+        message = "pydicom-seg 0.4.1 could not be installed from the package index"
+        unavailable(message, message)
     return python
 
 
@@ -148,10 +146,12 @@ def test_dcmtk_checks_and_applies_the_presentation_state(
     """dcmtk (Debian package dcmtk): `dcmpschk` checks the GSPS against PS3.3 and passes it;
     `dcmp2pgm` applies it to the source film, naming both lungs' layers with one closed
     outline each and rendering a film of the source's size."""
-    if shutil.which("dcmpschk") is None or shutil.which("dcmp2pgm") is None:
-        if os.environ.get("CI"):
-            pytest.fail("dcmtk (Debian package) is required in CI")
-        pytest.skip("dcmtk is not installed (apt-get install dcmtk)")
+    for command in ("dcmpschk", "dcmp2pgm", "dsrdump"):
+        tool(
+            command,
+            skip_reason="dcmtk is not installed (apt-get install dcmtk)",
+            ci_reason="dcmtk (Debian package) is required in CI",
+        )
     write_study(tmp_path / "in", 0, seed=61, size=(512, 512))
     (study,), _ = discover(tmp_path / "in")
     result = pipeline.run(study, models, settings, tmp_path / "out")

@@ -21,9 +21,6 @@ gives its copy a valid spacing of 0.2 mm and says so.
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import socket
 from pathlib import Path
 
 import cv2
@@ -38,27 +35,13 @@ from cxrbatch.dicom.discover import discover
 from cxrbatch.domain import OutcomeStatus
 from cxrbatch.models.bundle import LABELS, load_bundle
 from cxrbatch.synthetic import write_study
-from tests.conftest import make_tiny_bundle, real_file
+from tests.conftest import chromium_executable, make_tiny_bundle, real_file
 from tests.ohif import OhifServer, ohif_dist
 from tests.orthanc import Orthanc
+from tests.test_scp import _free_port
 
 pytestmark = pytest.mark.viewer
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium (Debian package) is required in CI for the viewer test")
-        pytest.skip("chromium is not installed (apt-get install chromium)")
-    return found
 
 
 def _study(tmp_path: Path, case: str, settings: Settings, models: pipeline.Models) -> list[Path]:
@@ -97,7 +80,7 @@ def test_ohif_shows_seg_sr_and_key_image_without_an_error(
 ) -> None:
     from playwright.sync_api import sync_playwright
 
-    dist, executable = ohif_dist(), _chromium()
+    dist, executable = ohif_dist(), chromium_executable("viewer test")
     bundle = make_tiny_bundle(
         tmp_path / "bundle", "M-15", thresholds=dict.fromkeys(LABELS, 0.3), input_size=224
     )

@@ -26,6 +26,7 @@ from cxrbatch.site import Site
 from cxrbatch.synthetic import write_studies
 from cxrbatch.web.app import create_app
 from cxrbatch.web.auth import check_binding, hash_password
+from tests.conftest import chromium_executable
 
 SECRET_NAME = "WEBTEST^SECRET"  # the phantoms' PatientName is replaced by this
 PASSWORD = "correct horse battery"
@@ -256,18 +257,6 @@ def test_cxrbatch_audit_lists_the_events(processed: Site) -> None:
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 
 
-def _chromium() -> str:
-    import os
-    import shutil
-
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium (Debian package) is required in CI for the browser test")
-        pytest.skip("chromium is not installed (apt-get install chromium)")
-    return found
-
-
 def test_a_real_browser_follows_the_worklist_to_a_study_with_its_overlay(processed: Site) -> None:
     """Headless Chromium (Debian's, driven by playwright) opens the worklist, follows a
     study link and finds the overlay loaded and the findings table; screenshots of the
@@ -279,7 +268,7 @@ def test_a_real_browser_follows_the_worklist_to_a_study_with_its_overlay(process
     import uvicorn
     from playwright.sync_api import sync_playwright
 
-    executable = _chromium()
+    executable = chromium_executable("browser test")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
