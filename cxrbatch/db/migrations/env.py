@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from alembic import context
+from sqlalchemy import text
 
 from cxrbatch.db.models import Base
 from cxrbatch.db.session import make_engine
 
 config = context.config
 target_metadata = Base.metadata
+
+# PostgreSQL advisory lock key taken by every upgrade (any 64-bit number no other
+# program on the database uses: "cxrbatch" in ASCII).
+MIGRATION_LOCK = 0x6378726261746368
 
 
 def run_migrations_offline() -> None:
@@ -33,6 +38,14 @@ def run_migrations_online() -> None:
             render_as_batch=connection.dialect.name == "sqlite",
         )
         with context.begin_transaction():
+            if connection.dialect.name == "postgresql":
+                # Hosts started together on an empty database: one migrates, the others
+                # wait here, then find the schema at head and do nothing (without it two
+                # of three exited with UniqueViolation on alembic_version). Held to the
+                # end of the transaction; SQLite's IMMEDIATE transactions serialise anyway.
+                connection.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK}
+                )
             context.run_migrations()
     engine.dispose()
 
