@@ -96,6 +96,8 @@ class Outcome(Base):
     shadow: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     outputs: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     timings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # The worker process that ran it: host:pid:nonce:process space (db.leased.new_owner).
+    processed_by: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     superseded_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
@@ -194,7 +196,17 @@ class Job(Base):
     """One study's work in the queue. Status values: cxrbatch.domain.JobStatus."""
 
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_claim", "status", "run_after"),)
+    __table_args__ = (
+        Index("ix_jobs_claim", "status", "run_after"),
+        # The due rows only, in claim order (migration 0011).
+        Index(
+            "ix_jobs_due",
+            "run_after",
+            "id",
+            postgresql_where=text("status IN ('queued', 'failed')"),
+            sqlite_where=text("status IN ('queued', 'failed')"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
