@@ -368,8 +368,11 @@ class ProcessingSettings(_Section):
 class QueueSettings(_Section):
     """The job queue and its workers (`cxrbatch watch` and `cxrbatch worker`)."""
 
-    lease_seconds: Annotated[float, Field(gt=0)] = 120.0
-    heartbeat_seconds: Annotated[float, Field(gt=0)] = 20.0
+    # A worker's claim on a job, renewed every heartbeat_seconds. Short, so that the studies
+    # of a killed host are taken again within lease + heartbeat seconds (workers look for
+    # expired leases every heartbeat); at least three heartbeats fit in it.
+    lease_seconds: Annotated[float, Field(gt=0)] = 40.0
+    heartbeat_seconds: Annotated[float, Field(gt=0)] = 10.0
     max_attempts: Annotated[int, Field(ge=1)] = 5
     backoff_base_seconds: Annotated[float, Field(ge=0)] = 30.0
     backoff_max_seconds: Annotated[float, Field(ge=0)] = 3600.0
@@ -378,6 +381,16 @@ class QueueSettings(_Section):
     drain_grace_seconds: Annotated[float, Field(ge=0)] = 120.0
     # Workers stop claiming while the output (or spool) file system has less free space.
     min_free_disk_mb: Annotated[float, Field(ge=0)] = 1024.0
+
+    @model_validator(mode="after")
+    def _heartbeats_fit_in_lease(self) -> QueueSettings:
+        # One late heartbeat (a busy database, a paused VM) must not lose a live lease.
+        if self.heartbeat_seconds * 3 > self.lease_seconds:
+            raise ValueError(
+                f"queue.heartbeat_seconds ({self.heartbeat_seconds:g}) must be at most a "
+                f"third of queue.lease_seconds ({self.lease_seconds:g})"
+            )
+        return self
 
 
 class RetentionSettings(_Section):

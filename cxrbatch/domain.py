@@ -408,6 +408,21 @@ class OutputFiles:
         ]
         return files + ([self.sr_file] if self.sr_file else [])
 
+    def moved_to(self, folder: Path) -> OutputFiles:
+        """The same outputs under the same names in `folder` (published from staging)."""
+
+        def each(files: dict[str, Path]) -> dict[str, Path]:
+            return {uid: folder / path.name for uid, path in files.items()}
+
+        return OutputFiles(
+            each(self.seg_files),
+            folder / self.sr_file.name if self.sr_file else None,
+            folder / self.json_file.name if self.json_file else None,
+            each(self.key_image_files),
+            each(self.presentation_state_files),
+            each(self.finding_map_files),
+        )
+
 
 @dataclass(frozen=True)
 class StudyResult:
@@ -425,6 +440,9 @@ class StudyResult:
     timings: dict[str, float] = field(default_factory=dict)
     outputs: OutputFiles | None = None
     input_fingerprint: str = ""
+    # The worker that ran it (`cxrbatch.db.leased.new_owner`: host, pid, nonce, process
+    # space), recorded on the outcome; None where no worker identity applies.
+    processed_by: str | None = None
 
     @property
     def segmentation_only(self) -> bool:

@@ -272,9 +272,12 @@ def run(
     settings: Settings,
     out_dir: Path,
     fingerprint: str | None = None,
+    staging: Path | None = None,
 ) -> StudyResult:
     """Process one study and write its outputs; never raises for bad input. `fingerprint`:
-    the study's `input_fingerprint` when the caller has computed it already."""
+    the study's `input_fingerprint` when the caller has computed it already; `staging`:
+    write the outputs there instead of the study's folder (`export.staging_dir`), for the
+    caller to publish once it knows it still holds the study."""
     timer = _Timer()
     selection = select(study, settings.selection)
     processed: list[ProcessedImage] = []
@@ -313,7 +316,7 @@ def run(
         timings=timer.seconds,
         input_fingerprint=fingerprint or input_fingerprint(study, models, settings),
     )
-    folder = export.study_dir(out_dir, study.study_instance_uid)
+    folder = staging or export.study_dir(out_dir, study.study_instance_uid)
     remove_stale_temporaries(folder)
     with timer.stage("write"):
         outputs = write_dicom_outputs(processed, models, folder, settings)

@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -125,6 +125,8 @@ class StudyProcessor:
             models if models is not None else pipeline.load_models(site.settings, in_flight)
         )
         self.synthetic = any(m.synthetic_training_data for m in self.models.refs)
+        # This process's identity: recorded on each outcome, and a queue worker's lease owner.
+        self.worker = jobs.new_owner()
 
     def close(self) -> None:
         self.database.close()
@@ -133,11 +135,16 @@ class StudyProcessor:
         return pipeline.input_fingerprint(study, self.models, self.settings)
 
     def run(
-        self, study: StudyInput, force: bool = False, fingerprint: str | None = None
+        self,
+        study: StudyInput,
+        force: bool = False,
+        fingerprint: str | None = None,
+        staging: Path | None = None,
     ) -> StudyResult | Unchanged:
         """Process one study (its own failures become a failed result; nothing is
         recorded). `fingerprint`: its input fingerprint when the caller computed it
-        already (computed once per study)."""
+        already (computed once per study); `staging`: where to write the outputs for the
+        caller to publish (`export.staging_dir`), instead of the study's folder."""
         uid = study.study_instance_uid
         fingerprint = fingerprint or self.fingerprint(study)
         with self.sessions() as session:
@@ -153,18 +160,21 @@ class StudyProcessor:
             ):
                 return Unchanged(uid, current.id, OutcomeStatus(current.status))
         try:
-            return pipeline.run(study, self.models, self.settings, self.site.out_dir, fingerprint)
+            result = pipeline.run(
+                study, self.models, self.settings, self.site.out_dir, fingerprint, staging
+            )
         except CxrBatchError as exc:  # e.g. an output that cannot be written (disk full)
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else one_line(exc)
             log.error("study %s failed: %s", uid, reason)
             log.debug("study %s failed", uid, exc_info=True)
-            return failed_result(uid, reason, fingerprint, self.models.refs)
+            result = failed_result(uid, reason, fingerprint, self.models.refs)
         except Exception as exc:  # one study must never stop the batch
             log.error("study %s failed: internal error: %s", uid, one_line(exc))
             log.debug("study %s failed", uid, exc_info=True)
-            return failed_result(
+            result = failed_result(
                 uid, f"internal error: {one_line(exc)}", fingerprint, self.models.refs
             )
+        return replace(result, processed_by=self.worker)
 
     def record(self, session: Session, ran: StudyResult | Unchanged) -> Recorded:
         """Record what `run` gave in the caller's session (the caller commits)."""
@@ -312,7 +322,11 @@ def _withdrawal(
 
 
 def failed_result(
-    study_instance_uid: str, reason: str, fingerprint: str, models: tuple[ModelRef, ...]
+    study_instance_uid: str,
+    reason: str,
+    fingerprint: str,
+    models: tuple[ModelRef, ...],
+    processed_by: str | None = None,
 ) -> StudyResult:
     """The outcome of a study that failed as a whole."""
     return StudyResult(
@@ -326,6 +340,7 @@ def failed_result(
         no_finding_score=None,
         models=models,
         input_fingerprint=fingerprint,
+        processed_by=processed_by,
     )
 
 
@@ -409,7 +424,7 @@ class QueueWorker:
         self.processor = StudyProcessor(site, models, in_flight=self.slots)
         self.sessions = self.processor.sessions
         self.policy = jobs.RetryPolicy.from_settings(settings.queue)
-        self.owner = jobs.new_owner()
+        self.owner = self.processor.worker
         self.stopping = threading.Event()
         self.current: list[jobs.Claim] = []  # the claims in hand
         self._lock = threading.Lock()
@@ -520,15 +535,31 @@ class QueueWorker:
                     self.current.remove(claimed)
 
     def process_claim(self, claimed: jobs.Claim) -> StudyReport:
-        """Run the claimed study, then record its outcome and close its job in one
-        transaction this worker owns: both or neither (a lease lost meanwhile rolls the
-        record back: the job belongs to another worker now)."""
+        """Run the claimed study into a staging folder of this attempt, then, holding the
+        job (owner and attempt, the fencing token, checked under the row's lock), publish
+        the outputs, record the outcome and close the job in one transaction: all or
+        nothing. A worker whose lease was taken over meanwhile discards its staging
+        folder and records nothing: the job belongs to another worker now."""
         uid = claimed.study_instance_uid
         with self.sessions.begin() as session:
             study, missing = received_study(session, uid, self.site.roots)
             record_rejected_at(session, self.site, missing)
-        ran = self.processor.run(study)
+        staging = export.staging_dir(self.site.out_dir, uid, claimed.attempts)
+        ran = self.processor.run(study, staging=staging)
         with recording(uid), self.sessions() as session:
+            if not jobs.holds(session, claimed):
+                session.rollback()
+                export.discard(staging)
+                return self.processor.report(ran, None)
+            if isinstance(ran, StudyResult):
+                try:
+                    ran = replace(ran, outputs=export.publish(ran.outputs, staging))
+                except CxrBatchError as exc:  # a full disk, a storage gone read-only
+                    log.error("study %s failed: %s", uid, exc)
+                    export.discard(staging)
+                    ran = failed_result(
+                        uid, str(exc), ran.input_fingerprint, ran.models, self.owner
+                    )
             recorded = self.processor.record(session, ran)
             status = JOB_STATUS_OF_OUTCOME[recorded.status]
             # An unchanged study is never a failed one (failures are always run again).
@@ -541,7 +572,7 @@ class QueueWorker:
                 error=error if status is JobStatus.FAILED else None,
                 outcome_id=recorded.outcome_id,
             )
-            if closed is None:
+            if closed is None:  # cannot happen while the row is locked; never record then
                 session.rollback()
                 return self.processor.report(ran, None)
             session.commit()
@@ -564,7 +595,7 @@ class QueueWorker:
     def _recover_if_due(self) -> None:
         with self._lock:  # one of the claim loops does it
             now = time.monotonic()
-            due = now - self._last_recovery >= self.settings.queue.lease_seconds / 2
+            due = now - self._last_recovery >= self.settings.queue.heartbeat_seconds
             if due:
                 self._last_recovery = now
         if due:

@@ -338,10 +338,10 @@ def test_a_worker_keeps_study_threads_studies_in_flight(
     real = worker.processor.run
     claims_in_hand: list[int] = []
 
-    def meet_then_run(study: Any, force: bool = False, fingerprint: Any = None) -> Any:
+    def meet_then_run(study: Any, **kwargs: Any) -> Any:
         barrier.wait()
         claims_in_hand.append(len(worker.current))
-        return real(study, force, fingerprint)
+        return real(study, **kwargs)
 
     monkeypatch.setattr(worker.processor, "run", meet_then_run)
     assert worker.run(until_idle=True) == 4

@@ -116,6 +116,38 @@ def test_expired_lease_is_recovered_and_the_old_owner_cannot_finish(
     assert _finish(sessions, second, JobStatus.DONE) is JobStatus.DONE
 
 
+def test_the_attempt_is_the_fencing_token_and_a_recovered_job_keeps_its_place(
+    sessions: sessionmaker[Session],
+) -> None:
+    for uid, due_since in (("1.2.5", 60), ("1.2.6", 30)):
+        _enqueue(sessions, uid)
+        with sessions.begin() as session:
+            session.execute(
+                update(tables.Job)
+                .where(tables.Job.study_instance_uid == uid)
+                .values(run_after=tables.utcnow() - dt.timedelta(seconds=due_since))
+            )
+    first = jobs.claim(sessions, "host-a:1:x", 30)
+    assert first is not None and first.study_instance_uid == "1.2.5"
+    with sessions.begin() as session:  # the lease ran out (a long pause), then ...
+        session.execute(
+            update(tables.Job)
+            .where(tables.Job.id == first.job_id)
+            .values(lease_expires_at=tables.utcnow() - dt.timedelta(seconds=1))
+        )
+    assert jobs.recover_stalled(sessions, POLICY) == 1
+    # The recovered job goes first again (before, it went behind 1.2.6), and the same
+    # owner name holding it again is a new attempt: the first attempt's claim can neither
+    # record nor finish.
+    again = jobs.claim(sessions, "host-a:1:x", 30)
+    assert again is not None and again.study_instance_uid == "1.2.5" and again.attempts == 2
+    with sessions() as session:
+        assert not jobs.holds(session, first)
+        assert jobs.holds(session, again)
+    assert _finish(sessions, first, JobStatus.DONE) is None
+    assert _finish(sessions, again, JobStatus.DONE) is JobStatus.DONE
+
+
 def test_job_of_a_dead_local_process_is_recovered_at_once(
     sessions: sessionmaker[Session],
 ) -> None:

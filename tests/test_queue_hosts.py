@@ -1,5 +1,6 @@
-"""The queue across hosts (issue 34, first part): leases are timed by the database's clock,
-and a worker is not taken for dead because a process of the same hostname and pid is gone.
+"""The queue across hosts (issue 34): leases are timed by the database's clock, a worker
+is not taken for dead because a process of the same hostname and pid is gone, hosts
+started together migrate once, and a worker that lost its lease leaves nothing behind.
 
 - A worker on a host whose clock runs 125 s ahead (libfaketime, as a real skewed host)
   recovers and claims nothing that another worker holds: before, both live jobs of the
@@ -7,10 +8,15 @@ and a worker is not taken for dead because a process of the same hostname and pi
 - Containers that share the host's hostname (`--net=host`) but not its PID namespace
   (`unshare --pid`): a lease owner from the other namespace is never judged dead by a pid
   lookup here (before, a live job was re-queued at once).
+- Three processes upgrading an empty PostgreSQL database at once all start (an advisory
+  lock; before, two of three exited with UniqueViolation on alembic_version).
+- A worker whose lease is taken over while it runs: it publishes no file and records no
+  outcome (its staging folder is discarded); the new holder's outcome names its worker.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import shutil
@@ -18,14 +24,23 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 
+from cxrbatch import pipeline
+from cxrbatch.config import Settings
 from cxrbatch.db import jobs
 from cxrbatch.db import models as tables
 from cxrbatch.db.leased import RetryPolicy, new_owner, owner_is_dead_local_process, process_space
-from cxrbatch.db.session import make_engine, session_factory, upgrade
+from cxrbatch.db.session import head_revision, make_engine, session_factory, upgrade
+from cxrbatch.dicom import export
+from cxrbatch.domain import StudyInput, StudyRunStatus
+from cxrbatch.ingest.spool import Spool, Taken
+from cxrbatch.site import Site
+from cxrbatch.synthetic import make_phantom, save, to_dataset
+from cxrbatch.worker import QueueWorker
 from tests.conftest import tool, unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,3 +144,90 @@ def test_an_owner_from_another_pid_namespace_is_never_judged_dead_here() -> None
     assert other[0] == host and other[3] != space  # same hostname, another PID namespace
     # Its pid means nothing here, even if no process of that number runs on this side.
     assert not owner_is_dead_local_process(f"{host}:{gone.pid}:{other[2]}:{other[3]}")
+
+
+UPGRADE = """
+import sys
+from cxrbatch.db.session import current_revision, upgrade
+upgrade(sys.argv[1])
+print(current_revision(sys.argv[1]))
+"""
+
+
+@pytest.mark.postgres
+def test_three_hosts_started_together_on_an_empty_database_all_start(postgres_url: str) -> None:
+    # Each start runs the migrations; before the advisory lock, two of three exited with
+    # UniqueViolation on alembic_version.
+    starts = [
+        subprocess.Popen(
+            [sys.executable, "-c", UPGRADE, postgres_url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        for _ in range(3)
+    ]
+    answers = [start.communicate(timeout=180) for start in starts]
+    assert [s.returncode for s in starts] == [0, 0, 0], [err[-1500:] for _, err in answers]
+    assert {out.split()[-1] for out, _ in answers} == {head_revision()}
+
+
+def test_a_worker_whose_lease_was_taken_records_nothing_and_leaves_no_files(
+    tmp_path: Path, settings: Settings, models: pipeline.Models
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    url = f"sqlite:///{out / 'cxrbatch.sqlite'}"
+    upgrade(url)
+    sessions = session_factory(make_engine(url))
+    quiet = settings.ingest.model_copy(update={"study_stable_seconds": 0.0})
+    site = Site(settings.model_copy(update={"ingest": quiet}), out, url)
+    source = save(to_dataset(make_phantom(5, (256, 256)), "61/0"), tmp_path / "in" / "IM1")
+    assert Spool.for_site(site, sessions).take(source) is Taken.RECEIVED
+
+    slow, other = QueueWorker(site, models), QueueWorker(site, models)
+    held = jobs.claim(sessions, slow.owner, 60)
+    assert held is not None
+    staged: list[Path] = []
+    taken: list[jobs.Claim | None] = []
+    run = slow.processor.run
+
+    def run_and_lose_the_lease(study: StudyInput, **kwargs: Any) -> Any:
+        ran = run(study, **kwargs)
+        staged.extend(ran.outputs.dicom_files() if ran.outputs else [])
+        # Its lease ran out while it worked (a long GC pause, a frozen VM): another worker
+        # recovered the job and holds it now.
+        with sessions.begin() as session:
+            session.execute(
+                update(tables.Job).values(
+                    lease_expires_at=tables.utcnow() - dt.timedelta(seconds=1)
+                )
+            )
+        assert jobs.recover_stalled(sessions, POLICY) == 1
+        taken.append(jobs.claim(sessions, other.owner, 60))
+        return ran
+
+    slow.processor.run = run_and_lose_the_lease  # type: ignore[method-assign]
+    report = slow.process_claim(held)
+
+    assert report.status is StudyRunStatus.LOST
+    assert staged and all(p.parent.name.startswith(export.STAGING_PREFIX) for p in staged)
+    folder = export.study_dir(out, held.study_instance_uid)
+    assert sorted(p.name for p in folder.iterdir()) == []  # nothing left, staged or not
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(tables.Outcome)) == 0
+
+    # The new holder publishes and records, and the outcome names it.
+    (claimed,) = taken
+    assert claimed is not None and claimed.attempts == 2
+    assert other.process_claim(claimed).status is StudyRunStatus.PROCESSED
+    names = sorted(p.name for p in folder.iterdir())
+    assert "sr.dcm" in names and "result.json" in names
+    assert not [n for n in names if n.startswith(export.STAGING_PREFIX)]
+    with sessions() as session:
+        (outcome,) = session.scalars(select(tables.Outcome)).all()
+        assert outcome.processed_by == other.owner != slow.owner
+        job = session.scalar(select(tables.Job))
+        assert job is not None and job.status == "done"

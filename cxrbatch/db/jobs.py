@@ -21,7 +21,7 @@ from cxrbatch.db.leased import LeasedWork, RetryPolicy, db_now, new_owner
 from cxrbatch.db.models import Job
 from cxrbatch.domain import JobStatus
 
-__all__ = ["Claim", "RetryPolicy", "claim", "enqueue_study", "finish", "new_owner"]
+__all__ = ["Claim", "RetryPolicy", "claim", "enqueue_study", "finish", "holds", "new_owner"]
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,13 @@ def heartbeat(sessions: sessionmaker[Session], claimed: Claim, lease_seconds: fl
     return JOBS.renew(sessions, claimed.job_id, claimed.owner, lease_seconds)
 
 
+def holds(session: Session, claimed: Claim) -> bool:
+    """Whether the claimer still holds the job in the attempt it claimed, locking the row
+    to the end of the caller's transaction (nobody can take it over meanwhile): checked
+    before its outputs are published and its outcome recorded."""
+    return JOBS.held_row(session, claimed.job_id, claimed.owner, claimed.attempts) is not None
+
+
 def finish(
     session: Session,
     claimed: Claim,
@@ -114,7 +121,7 @@ def finish(
     queued again. Returns the status set, or None when the lease was lost: the caller
     must then roll back, since another worker owns the job.
     """
-    job = JOBS.held_row(session, claimed.job_id, claimed.owner)
+    job = JOBS.held_row(session, claimed.job_id, claimed.owner, claimed.attempts)
     if job is None:
         return None
     job.outcome_id = outcome_id if outcome_id is not None else job.outcome_id

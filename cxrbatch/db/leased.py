@@ -170,10 +170,16 @@ class LeasedWork:
             )
             return bool(renewed.rowcount)  # type: ignore[attr-defined]
 
-    def held_row(self, session: Session, row_id: int, owner: str) -> Any | None:
-        """The row, locked, if `owner` still holds its lease; None when it was lost."""
+    def held_row(
+        self, session: Session, row_id: int, owner: str, attempt: int | None = None
+    ) -> Any | None:
+        """The row, locked to the end of the caller's transaction, if `owner` still holds
+        its lease in attempt `attempt` (the fencing token: a lease lost and taken again
+        by the same owner name is another attempt); None when it was lost."""
         row = session.scalar(select(self.table).where(self.table.id == row_id).with_for_update())
         if row is None or row.lease_owner != owner or row.status != self.leased:
+            return None
+        if attempt is not None and row.attempts != attempt:
             return None
         return row
 
@@ -250,8 +256,10 @@ class LeasedWork:
                     if hasattr(row, "finished_at"):
                         row.finished_at = now
                 else:
+                    # Back at the front: its place in the queue is the time it was due
+                    # (or, where new instances came in while it ran, their quiet period).
                     row.status = requeue
-                    row.run_after = now
+                    row.run_after = min(as_utc(row.run_after), now)
                 recovered += 1
                 if on_recovered is not None:
                     on_recovered(row, reason)

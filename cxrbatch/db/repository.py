@@ -201,6 +201,7 @@ def record_study(
         shadow=result.shadow,
         outputs=outcome_document(result, roots),
         timings={k: round(v, 4) for k, v in result.timings.items()},
+        processed_by=result.processed_by,
         images=_image_rows(result, roots),
     )
     session.add(outcome)
@@ -397,6 +398,7 @@ def outcome_row(outcome: models.Outcome) -> dict[str, Any]:
         "synthetic_model": outcome.synthetic_model,
         "reason": outcome.reason,
         "created_at": outcome.created_at.isoformat() if outcome.created_at else None,
+        "processed_by": outcome.processed_by,
         "models": deciding_models(outcome),
         "probabilities": probabilities(outcome),
         "calls": calls(outcome),

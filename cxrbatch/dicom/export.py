@@ -2,12 +2,21 @@
 
 Every file is written to a temporary name in the same folder, fsynced and renamed, so a
 reader (or a crash) never sees a half-written file.
+
+A queue worker writes into a staging folder of its attempt instead
+(OUT/<StudyInstanceUID>/.staging-<attempt>-<nonce>/) and publishes the files into the
+study's folder only while it holds the job's lease, in the transaction that records the
+outcome (`cxrbatch.worker.QueueWorker.process_claim`): a worker whose lease was taken
+over discards its staging folder and leaves nothing beside the new holder's outputs.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +27,8 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from cxrbatch.domain import FindingMap, ModelRef
+from cxrbatch.domain import FindingMap, ModelRef, OutputFiles
+from cxrbatch.errors import OutputError
 from cxrbatch.files import atomic_write
 from cxrbatch.paths import inside, uid_path_component
 
@@ -103,6 +113,49 @@ def text(value: object) -> str:
 
 def study_dir(out_root: Path, study_instance_uid: str) -> Path:
     return inside(out_root, out_root / uid_path_component(study_instance_uid))
+
+
+STAGING_PREFIX = ".staging-"
+
+
+def staging_dir(out_root: Path, study_instance_uid: str, attempt: int) -> Path:
+    """A new staging folder name for one attempt at a study (created by the first write)."""
+    folder = study_dir(out_root, study_instance_uid)
+    return folder / f"{STAGING_PREFIX}{attempt}-{uuid.uuid4().hex[:12]}"
+
+
+def publish(outputs: OutputFiles | None, staging: Path) -> OutputFiles | None:
+    """Move a staged attempt's files into the study's folder (each an atomic rename on
+    one file system), remove the staging folder and any other attempt's leftovers (the
+    caller holds the job, so they belong to workers that lost it). Returns the outputs
+    at their published paths."""
+    folder = staging.parent
+    published = None if outputs is None else outputs.moved_to(folder)
+    try:
+        if outputs is not None and published is not None:
+            staged = [*outputs.dicom_files(), *outputs.finding_map_files.values()]
+            staged += [outputs.json_file] if outputs.json_file else []
+            for path in staged:
+                os.replace(path, folder / path.name)
+            _fsync_dir(folder)
+    except OSError as exc:
+        raise OutputError(f"Cannot publish the outputs into {folder.name}: {exc}") from exc
+    for leftover in folder.glob(f"{STAGING_PREFIX}*") if folder.is_dir() else ():
+        shutil.rmtree(leftover, ignore_errors=True)
+    return published
+
+
+def discard(staging: Path) -> None:
+    """Remove a staged attempt that must not be published (its lease was lost)."""
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def write_dicom(path: Path, ds: Dataset) -> Path:
