@@ -14,6 +14,7 @@ import random
 import sys
 
 LABELS = ("Mass", "Nodule", "Pneumonia", "Edema", "Fibrosis")
+CHUNK = 20_000  # studies inserted per statement
 
 
 def populate(url: str, count: int, seed: int = 0, synthetic: bool = True) -> None:
@@ -54,6 +55,9 @@ def populate(url: str, count: int, seed: int = 0, synthetic: bool = True) -> Non
                 "synthetic_model": synthetic, "input_fingerprint": f"{sid:064d}",
                 "models": [ref], "outputs": {}, "timings": {"segment": 1.0, "classify": 0.2},
                 "created_at": created,
+                **models.worklist_keys(
+                    triage, screening, no_finding, (created - dt.timedelta(days=1)).date()
+                ),
             })  # fmt: skip
             images.append({
                 "id": sid, "outcome_id": sid, "sop_instance_uid": f"1.2.3.{sid}.1",
@@ -66,10 +70,12 @@ def populate(url: str, count: int, seed: int = 0, synthetic: bool = True) -> Non
                 {"image_id": sid, "role": "classifier", "label": label, "probability": p}
                 for label, p in probs.items()
             )
-        connection.execute(insert(models.Study), studies)
-        connection.execute(insert(models.Outcome), outcomes)
-        connection.execute(insert(models.Image), images)
-        connection.execute(insert(models.Finding), findings)
+            if len(studies) == CHUNK or n == count - 1:  # bounded memory at 1,000,000
+                connection.execute(insert(models.Study), studies)
+                connection.execute(insert(models.Outcome), outcomes)
+                connection.execute(insert(models.Image), images)
+                connection.execute(insert(models.Finding), findings)
+                studies, outcomes, images, findings = [], [], [], []
     engine.dispose()
 
 

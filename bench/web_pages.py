@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -67,12 +68,21 @@ def main(argv: list[str] | None = None) -> int:
         response = client.get("/" + query)
         assert response.status_code == 200, response.text[:300]
 
+    def after(query: str, pages: int) -> str:
+        """The query of the page `pages` after the first (following the next links)."""
+        for _ in range(pages):
+            link = re.search(r'href="/\?[^"]*after=([\w-]+)"', client.get("/" + query).text)
+            assert link is not None, "fewer pages than asked"
+            query = re.sub(r"&?after=[\w-]+", "", query)
+            query = f"{query}{'&' if '?' in query else '?'}after={link.group(1)}"
+        return query
+
     filtered = {
         "screening order, page 1": "",
-        "triage abnormal, page 5": "?triage=abnormal&page=5",
+        "triage abnormal, page 5": after("?triage=abnormal", 4),
         "Mass >= 0.7, last 7 days": "?label=Mass&min_probability=0.7&from="
         + time.strftime("%Y-%m-%d", time.gmtime(time.time() - 7 * 86400)),
-        "newest first, page 200": "?sort=recorded&page=200",
+        "newest first, page 200": after("?sort=recorded", 199),
     }
     pages = {name: _median_ms(lambda q=q: page(q), args.repeats) for name, q in filtered.items()}
     with site.database() as database, database.sessions() as session:

@@ -31,6 +31,8 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    event,
+    select,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -38,6 +40,29 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+NO_DATE = dt.date(1, 1, 1)  # the sort date of a study without a date: after all others
+
+
+def worklist_keys(
+    triage: str | None,
+    screening_score: float | None,
+    no_finding_score: float | None,
+    study_date: dt.date | None,
+) -> dict[str, Any]:
+    """An outcome's worklist sort keys (its columns screening_rank ... sort_date)."""
+    score = screening_score if screening_score is not None else no_finding_score
+    return {
+        "screening_rank": 0
+        if triage in ("abnormal", "needs-review")
+        else 1
+        if triage is None
+        else 2,
+        "score_missing": score is None,
+        "sort_score": 0.0 if score is None else float(score),
+        "sort_date": study_date or NO_DATE,
+    }
 
 
 class Base(DeclarativeBase):
@@ -75,6 +100,20 @@ class Outcome(Base):
         Index("ix_outcomes_study_current", "study_id", "is_current"),
         Index("ix_outcomes_current_status", "is_current", "status"),
         Index("ix_outcomes_created_at", "created_at"),
+        # The worklist's orders over current outcomes, one per sort, each read in key
+        # order from where the last page ended (keyset pages; migration 0012).
+        *(
+            Index(
+                name, *columns, sqlite_where=text("is_current"), postgresql_where=text("is_current")
+            )
+            for name, columns in (
+                ("ix_outcomes_screening", ("screening_rank", "score_missing", "sort_score", "id")),
+                ("ix_outcomes_no_finding", ("score_missing", "sort_score", "id")),
+                ("ix_outcomes_recorded", ("created_at", "id")),
+                ("ix_outcomes_study_date", ("sort_date", "id")),
+                ("ix_outcomes_current_triage", ("status", "triage")),
+            )
+        ),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -98,6 +137,14 @@ class Outcome(Base):
     timings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     # The worker process that ran it: host:pid:nonce:process space (db.leased.new_owner).
     processed_by: Mapped[str | None] = mapped_column(String(200))
+    # The worklist's sort keys, set from the columns above when the row is inserted
+    # (`worklist_keys`): screening rank (0 abnormal or needs review, 1 not screened, 2
+    # likely normal), whether it has no No Finding score, that score (0 when none), and
+    # the study date (0001-01-01 when none), so each order is an index.
+    screening_rank: Mapped[int] = mapped_column(Integer, default=1)
+    score_missing: Mapped[bool] = mapped_column(Boolean, default=True)
+    sort_score: Mapped[float] = mapped_column(Float, default=0.0)
+    sort_date: Mapped[dt.date] = mapped_column(Date, default=NO_DATE)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     superseded_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
@@ -305,3 +352,15 @@ class Retrieval(Base):
     expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     # Instances of other studies or series that arrived during it (quarantined).
     refused: Mapped[int] = mapped_column(Integer, default=0)
+
+
+@event.listens_for(Outcome, "before_insert")
+def _set_worklist_keys(_mapper: Any, connection: Any, outcome: Outcome) -> None:
+    """Every outcome inserted through the ORM gets its sort keys from its own columns and
+    its study's date (the study row exists: the outcome references it)."""
+    study_date = connection.scalar(select(Study.study_date).where(Study.id == outcome.study_id))
+    keys = worklist_keys(
+        outcome.triage, outcome.screening_no_finding_score, outcome.no_finding_score, study_date
+    )
+    for name, value in keys.items():
+        setattr(outcome, name, value)

@@ -1,25 +1,27 @@
 """The rows the web app shows (cxrbatch/web/): the worklist page by page, one study with
 its history and deliveries, the operations figures, and the audit trail it writes.
 
-The worklist is one indexed query per page: current outcomes (ix_outcomes_current_status)
-filtered in SQL, ordered in SQL, counted once, with the findings of that page's studies
-loaded in one more query.
+The worklist is one indexed query per page: current outcomes filtered in SQL and read in
+the order's index (ix_outcomes_screening, ...) from where the previous page ended (a
+cursor of the last row's key, never an OFFSET), counted up to COUNT_CAP, with the
+findings of that page's studies loaded in one more query.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Select, case, func, select
+from sqlalchemy import Select, func, select, tuple_
 from sqlalchemy.orm import Session, selectinload
 
 from cxrbatch.db import models
 from cxrbatch.db.repository import OutcomeFilter, deciding_models, filter_outcomes, probabilities
-from cxrbatch.domain import DeliveryStatus, JobStatus, Triage
-
-SORTS = ("screening", "recorded", "study_date", "no_finding")
+from cxrbatch.domain import DeliveryStatus, JobStatus
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class WorklistFilter:
 @dataclass(frozen=True)
 class WorklistRow:
     study_instance_uid: str
+    study_number: int  # the study's row number in this database: stable, no patient data
     accession_number: str | None
     patient_id: str | None
     patient_name: str | None
@@ -57,29 +60,58 @@ class WorklistRow:
     decided_by: str | None = None
 
 
-def _score() -> Any:
-    return func.coalesce(models.Outcome.screening_no_finding_score, models.Outcome.no_finding_score)
+# Each order's key: columns of the outcome, all ascending or all descending, ending with
+# the id so that every row has its own place. Screening order: abnormal and needs-review
+# first, then the unscreened (failed, ineligible, segmentation only), then likely-normal;
+# least normal first within each, rows without a score last.
+_O = models.Outcome
+ORDERS: dict[str, tuple[tuple[Any, ...], bool]] = {
+    "screening": ((_O.screening_rank, _O.score_missing, _O.sort_score, _O.id), False),
+    "no_finding": ((_O.score_missing, _O.sort_score, _O.id), False),
+    "recorded": ((_O.created_at, _O.id), True),
+    "study_date": ((_O.sort_date, _O.id), True),
+}
+# Matches are counted exactly up to this many; past it the page says "more than".
+COUNT_CAP = 10_000
 
 
-def _ordered(statement: Select[Any], sort: str) -> Select[Any]:
-    if sort == "recorded":
-        return statement.order_by(models.Outcome.created_at.desc(), models.Outcome.id.desc())
-    if sort == "study_date":
-        return statement.order_by(
-            models.Study.study_date.desc().nulls_last(), models.Outcome.id.desc()
-        )
-    if sort == "no_finding":
-        return statement.order_by(_score().asc().nulls_last(), models.Outcome.id)
-    # Screening order: abnormal and needs-review first, then the unscreened (failed,
-    # ineligible, segmentation only), then likely-normal; least normal first within each.
-    rank = case(
-        (models.Outcome.triage.in_([Triage.ABNORMAL, Triage.NEEDS_REVIEW]), 0),
-        (models.Outcome.triage.is_(None), 1),
-        else_=2,
-    )
-    return statement.order_by(
-        rank, case((_score().is_(None), 1), else_=0), _score(), models.Outcome.id
-    )
+class CursorError(ValueError):
+    """A page cursor that this code did not write (edited, or from another sort)."""
+
+
+def _cursor(outcome: models.Outcome, sort: str) -> str:
+    values = []
+    for column in ORDERS[sort][0]:
+        value = getattr(outcome, column.key)
+        values.append(value.isoformat() if isinstance(value, dt.date) else value)
+    text = json.dumps([sort, *values], separators=(",", ":"))
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def _key(cursor: str, sort: str) -> list[Any]:
+    try:
+        decoded = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if not isinstance(decoded, list) or decoded[0] != sort:
+            raise CursorError("the page cursor belongs to another order")
+        columns = ORDERS[sort][0]
+        values = decoded[1:]
+        if len(values) != len(columns):
+            raise CursorError("the page cursor does not fit this order")
+        key = []
+        for column, value in zip(columns, values, strict=True):
+            python = column.type.python_type
+            if python is dt.datetime:
+                value = dt.datetime.fromisoformat(value)
+            elif python is dt.date:
+                value = dt.date.fromisoformat(value)
+            elif not isinstance(value, python) and not (python is float and isinstance(value, int)):
+                raise CursorError("the page cursor does not fit this order")
+            key.append(value)
+        return key
+    except (ValueError, TypeError, IndexError, binascii.Error) as exc:
+        if isinstance(exc, CursorError):
+            raise
+        raise CursorError(f"not a page cursor of this worklist: {exc}") from exc
 
 
 def _filtered(session: Session, statement: Select[Any], where: WorklistFilter) -> Select[Any]:
@@ -103,35 +135,78 @@ def _filtered(session: Session, statement: Select[Any], where: WorklistFilter) -
     return narrowed
 
 
+@dataclass(frozen=True)
+class WorklistPage:
+    """One page of the worklist and the cursors of its neighbours (None: none there)."""
+
+    rows: list[WorklistRow]
+    total: int  # matches, counted up to COUNT_CAP
+    more: bool  # more than COUNT_CAP match
+    next_cursor: str | None
+    previous_cursor: str | None
+
+
 def worklist_page(
-    session: Session, where: WorklistFilter, sort: str, page: int, size: int
-) -> tuple[list[WorklistRow], int, int]:
-    """One page (1-based; past the last: the last) of current outcomes, the number of all
-    that match, and the page number served."""
+    session: Session,
+    where: WorklistFilter,
+    sort: str,
+    size: int,
+    after: str | None = None,
+    before: str | None = None,
+) -> WorklistPage:
+    """The page of current outcomes after the cursor `after` (or before `before`; the
+    first page without either) in the order `sort`. Each page is read from the order's
+    index where the cursor points, so the 1,000th page costs what the first does; the
+    matches are counted up to COUNT_CAP (a count of every match is a scan)."""
+    sort = sort if sort in ORDERS else "screening"
+    columns, descending = ORDERS[sort]
     base = (
         select(models.Outcome)
         .join(models.Study, models.Study.id == models.Outcome.study_id)
         .where(models.Outcome.is_current)
     )
     base = _filtered(session, base, where)
-    total = int(session.scalar(select(func.count()).select_from(base.subquery())) or 0)
-    page = max(1, min(page, -(-total // size)))
-    statement = (
-        _ordered(base, sort if sort in SORTS else "screening")
-        .options(
-            selectinload(models.Outcome.study),
-            selectinload(models.Outcome.images).selectinload(models.Image.findings),
+    counted = session.scalar(
+        select(func.count()).select_from(
+            base.with_only_columns(_O.id).limit(COUNT_CAP + 1).subquery()
         )
-        .offset(max(0, page - 1) * size)
-        .limit(size)
     )
-    return [_row(o) for o in session.scalars(statement)], total, page
+    total = int(counted or 0)
+    backwards = before is not None and after is None
+    cursor = before if backwards else after
+    statement = base
+    if cursor is not None:
+        key = tuple_(*columns), tuple_(*_key(cursor, sort))
+        forward_is_less = descending != backwards
+        statement = statement.where(key[0] < key[1] if forward_is_less else key[0] > key[1])
+    reverse = descending != backwards
+    statement = statement.order_by(*(c.desc() if reverse else c.asc() for c in columns))
+    statement = statement.options(
+        selectinload(models.Outcome.study),
+        selectinload(models.Outcome.images).selectinload(models.Image.findings),
+    ).limit(size + 1)
+    found = list(session.scalars(statement))
+    beyond = len(found) > size
+    found = found[:size]
+    if backwards:
+        found.reverse()
+        has_previous, has_next = beyond, True
+    else:
+        has_previous, has_next = after is not None, beyond
+    return WorklistPage(
+        rows=[_row(o) for o in found],
+        total=min(total, COUNT_CAP),
+        more=total > COUNT_CAP,
+        next_cursor=_cursor(found[-1], sort) if has_next and found else None,
+        previous_cursor=_cursor(found[0], sort) if has_previous and found else None,
+    )
 
 
 def _row(outcome: models.Outcome) -> WorklistRow:
     study = outcome.study
     return WorklistRow(
         study_instance_uid=study.study_instance_uid,
+        study_number=study.id,
         accession_number=study.accession_number,
         patient_id=study.patient_id,
         patient_name=study.patient_name,
@@ -303,20 +378,17 @@ def audit_events(
 def metric_counts(session: Session) -> dict[str, dict[str, int]]:
     """Counts for /metrics: current outcomes by status and by triage, jobs by status,
     deliveries by status, rejected files."""
-    by_status = dict(
-        session.execute(
-            select(models.Outcome.status, func.count())
-            .where(models.Outcome.is_current)
-            .group_by(models.Outcome.status)
-        ).all()
-    )
-    by_triage = dict(
-        session.execute(
-            select(func.coalesce(models.Outcome.triage, "none"), func.count())
-            .where(models.Outcome.is_current)
-            .group_by(models.Outcome.triage)
-        ).all()
-    )
+    # One pass over the current outcomes' (status, triage) index (ix_outcomes_current_triage:
+    # an index-only scan on PostgreSQL), both counts from it.
+    by_status: dict[str, int] = {}
+    by_triage: dict[str, int] = {}
+    for status, triage, n in session.execute(
+        select(models.Outcome.status, models.Outcome.triage, func.count())
+        .where(models.Outcome.is_current)
+        .group_by(models.Outcome.status, models.Outcome.triage)
+    ):
+        by_status[status] = by_status.get(status, 0) + int(n)
+        by_triage[triage or "none"] = by_triage.get(triage or "none", 0) + int(n)
     deliveries = dict(
         session.execute(
             select(models.Delivery.status, func.count()).group_by(models.Delivery.status)

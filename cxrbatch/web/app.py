@@ -60,9 +60,6 @@ log = logging.getLogger(__name__)
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 STATIC = Path(__file__).resolve().parent / "static"
-# A page number past the last page shows the last page (numbers are capped here first, so
-# no offset overflows the database's integers).
-MAX_PAGE = 1_000_000
 # /files/<prefix>-<sop>: the outputs document's per-image group it is served from.
 DOWNLOAD_GROUPS = {"seg": "seg", "key": "key_images", "gsps": "presentation_states"}
 
@@ -197,11 +194,18 @@ def create_app(site: Site) -> FastAPI:
     Filters = Annotated[rows.WorklistFilter, Depends(filters)]
 
     def page_of(
-        session: Session, where: rows.WorklistFilter, sort: str, number: int, size: int
-    ) -> tuple[list[rows.WorklistRow], int, int]:
-        """One page, the number of matches, and the page number shown (at most the last)."""
+        session: Session,
+        where: rows.WorklistFilter,
+        sort: str,
+        size: int,
+        after: str | None = None,
+        before: str | None = None,
+    ) -> rows.WorklistPage:
+        """One page after (or before) a cursor, and the cursors of its neighbours."""
         try:
-            return rows.worklist_page(session, where, sort, number, size)
+            return rows.worklist_page(session, where, sort, size, after, before)
+        except rows.CursorError as exc:
+            raise HTTPException(400, str(exc)) from exc
         except CxrBatchError as exc:  # an unknown label: say which are known
             raise HTTPException(400, str(exc)) from exc
 
@@ -211,21 +215,20 @@ def create_app(site: Site) -> FastAPI:
         who: Viewer,
         where: Filters,
         sort: str = "screening",
-        page_number: Annotated[int, Query(alias="page", ge=1)] = 1,
+        after: Annotated[str | None, Query(max_length=400)] = None,
+        before: Annotated[str | None, Query(max_length=400)] = None,
     ) -> HTMLResponse:
         with reading() as session:
-            found, total, page_number = page_of(
-                session, where, sort, min(page_number, MAX_PAGE), settings.page_size
-            )
-        query = dict(request.query_params)
-        query.pop("page", None)
-        audited(who, "worklist_viewed", None, f"page {page_number}")
+            shown = page_of(session, where, sort, settings.page_size, after, before)
+        query = {k: v for k, v in request.query_params.items() if k not in ("after", "before")}
+        audited(who, "worklist_viewed", None, f"{len(shown.rows)} rows")
         return page(
             request, "worklist.html", who,
-            rows=found, total=total, page=page_number, size=settings.page_size,
-            pages=max(1, -(-total // settings.page_size)), query=query, sort=sort,
+            rows=shown.rows, total=shown.total, more=shown.more,
+            next_cursor=shown.next_cursor, previous_cursor=shown.previous_cursor,
+            first=after is None and before is None, query=query, sort=sort,
             where=where, thresholds=thresholds,
-            synthetic=any(_synthetic_scores(r) for r in found),
+            synthetic=any(_synthetic_scores(r) for r in shown.rows),
         )  # fmt: skip
 
     @app.get("/worklist.csv")
@@ -239,10 +242,10 @@ def create_app(site: Site) -> FastAPI:
              "reason", "synthetic_model"]
         )  # fmt: skip
         with reading() as session:
-            number, exported = 1, 0
+            cursor, exported = None, 0
             while True:
-                found, total, _ = page_of(session, where, sort, number, 1000)
-                for r in found:
+                chunk = page_of(session, where, sort, 1000, after=cursor)
+                for r in chunk.rows:
                     person = [r.accession_number, r.patient_id, r.patient_name]
                     writer.writerow(
                         _cells(
@@ -253,10 +256,10 @@ def create_app(site: Site) -> FastAPI:
                              r.synthetic_model]
                         )
                     )  # fmt: skip
-                exported += len(found)
-                if exported >= total or not found or len(found) < 1000:
+                exported += len(chunk.rows)
+                if chunk.next_cursor is None:
                     break
-                number += 1
+                cursor = chunk.next_cursor
         audited(who, "worklist_exported", None, f"{exported} studies")
         return Response(
             buffer.getvalue(),
