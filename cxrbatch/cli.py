@@ -4,6 +4,8 @@
                      [--study-threads T]
     cxrbatch watch INPUT --out OUT [--config FILE] [--db URL] [--workers N]
     cxrbatch worker --out OUT --db URL [--config FILE] [--workers N]
+    cxrbatch campaign MANIFEST --out OUT [--db URL] [--config FILE] [--address HEAD:PORT]
+                      [--actors N] [--cpus-per-actor C] [--gpus-per-actor G]
     cxrbatch results [--out OUT | --db URL] [--format table|csv|json] [filters]
     cxrbatch worklist [--out OUT | --db URL] [--format table|csv|json]
     cxrbatch status [--out OUT | --db URL]
@@ -20,7 +22,8 @@ Exit codes (every command):
     0  it ran; for `process` every study was processed, ineligible or unchanged (bad input
        files are quarantined and counted, not an error)
     1  it ran, but `process` failed one or more studies (or lost them to another worker), or
-       `send` left a delivery failed, dead or lost: a nightly job should alert
+       `send` left a delivery failed, dead or lost, or a `campaign` left studies failed,
+       dead or unfinished: a nightly job should alert
     2  it could not run (bad configuration, missing input folder, output inside the input,
        database away or older than the code, model that cannot be loaded), one line saying why
 """
@@ -395,6 +398,66 @@ def worker(
 ) -> None:
     """Run workers only, on the queue of --db (extra hosts beside a `watch`)."""
     _serve(_site(config, db, out), workers, None)
+
+
+@app.command()
+def campaign(
+    manifest: Annotated[
+        Path,
+        typer.Argument(
+            help="A folder of DICOM files, or a file listing their paths (one per line, or "
+            "a CSV with a 'path' column). The files are read in place, never moved."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Output folder (shared by every node).")],
+    config: ConfigOption = None,
+    db: DbOption = None,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="The Ray cluster's head (HOST:PORT, or 'auto' for the one this host "
+            "belongs to); default: a Ray instance on this host only."
+        ),
+    ] = None,
+    actors: Annotated[
+        int | None, typer.Option(min=1, help="Queue workers (default: CPUs / cpus-per-actor).")
+    ] = None,
+    cpus_per_actor: Annotated[float, typer.Option(min=0.5, help="CPUs per worker.")] = 1.0,
+    gpus_per_actor: Annotated[float, typer.Option(min=0.0, help="GPUs per worker.")] = 0.0,
+) -> None:
+    """Re-process an archive on a Ray cluster (pip install 'cxrbatch[ray]'): the files are
+    taken in by Ray tasks and the studies processed by Ray actors through the same queue
+    as `watch`. Run it again to resume: nothing already recorded is done twice."""
+    from cxrbatch.campaign import run_campaign
+
+    site = _site(config, db, out)
+    try:
+        with _progress("studies") as progress:
+            task = progress.add_task("studies", total=None)
+
+            def advance(done: int, total: int) -> None:
+                progress.update(task, completed=done, total=total)
+
+            summary = run_campaign(
+                site, manifest, address=address, actors=actors, cpus_per_actor=cpus_per_actor,
+                gpus_per_actor=gpus_per_actor, on_progress=advance,
+            )  # fmt: skip
+    except CxrBatchError as exc:
+        raise _fail(str(exc)) from exc
+    except DatabaseError as exc:
+        raise _fail(_database_error(exc)) from exc
+    table = Table(title=f"cxrbatch campaign: {summary.files} files in {summary.seconds:.1f}s")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    for answer, count in sorted(summary.taken.items()):
+        table.add_row(f"files {answer}", str(count))
+    for status, count in summary.jobs.items():
+        table.add_row(f"studies {status}", str(count))
+    table.add_row("worker actors (lost)", f"{summary.actors} ({summary.actors_lost})")
+    out_console.print(table)
+    unfinished = sum(summary.jobs.get(s, 0) for s in ("failed", "dead", "queued", "running"))
+    if unfinished:
+        raise typer.Exit(code=1)
 
 
 def _with_database(site: Site, work: Callable[[Sessions], T], *, readonly: bool = True) -> T:
