@@ -74,6 +74,11 @@ def manifest_files(source: Path) -> Iterator[Path]:
 
 
 def _ray() -> Any:
+    # Ray >= 2.59 starts clusters with token authentication (the token in ~/.ray/auth_token,
+    # or RAY_AUTH_TOKEN, the same on every node); a driver that connects to one must say
+    # so, or it is refused. Ray reads the mode when it is imported. A site that runs Ray
+    # without authentication sets RAY_AUTH_MODE=disabled.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     try:
         import ray
     except ImportError as exc:
@@ -143,10 +148,6 @@ def run_campaign(
         update={"ingest": site.settings.ingest.model_copy(update={"study_stable_seconds": 0.0})}
     )
     site = site.with_settings(settings)
-    # Ray >= 2.59 starts clusters with token authentication (the token in ~/.ray/auth_token,
-    # or RAY_AUTH_TOKEN, the same on every node); a driver that connects to one must say
-    # so, or it is refused. A site that runs Ray without it sets RAY_AUTH_MODE=disabled.
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     ray.init(address=address, include_dashboard=False, log_to_driver=True, logging_level="WARNING")
     try:
         files = [str(p) for p in manifest_files(source)]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -99,9 +100,10 @@ def test_a_campaign_on_two_ray_nodes_survives_a_lost_node_and_matches_process(
     studies = write_studies(tmp_path / "in", 6, seed=41, size=(256, 256))
     config = tmp_path / "site.toml"
     config.write_text(CONFIG)
-    # Token authentication on every node and the driver, as OPERATIONS.md says to run it.
+    # Token authentication on every node and the driver, as OPERATIONS.md says to run it,
+    # with this test's own token.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_AUTH_MODE": "token"}  # fmt: skip
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # fmt: skip
     port = _free_port()
     head = subprocess.run(
         [ray, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
