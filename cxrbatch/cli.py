@@ -6,8 +6,8 @@
     cxrbatch worker --out OUT --db URL [--config FILE] [--workers N]
     cxrbatch campaign MANIFEST --out OUT [--db URL] [--config FILE] [--address HEAD:PORT]
                       [--actors N] [--cpus-per-actor C] [--gpus-per-actor G]
-    cxrbatch results [--out OUT | --db URL] [--format table|csv|json] [filters]
-    cxrbatch worklist [--out OUT | --db URL] [--format table|csv|json]
+    cxrbatch results [--out OUT | --db URL] [--format table|csv|json] [--wide] [filters]
+    cxrbatch worklist [--out OUT | --db URL] [--format table|csv|json] [--wide]
     cxrbatch status [--out OUT | --db URL]
     cxrbatch send [--out OUT | --db URL] [--config FILE] [--retry-dead]
     cxrbatch jobs retry [STUDY_UID ...] [--out OUT | --db URL]
@@ -489,9 +489,19 @@ def _flat(row: dict[str, object]) -> dict[str, object]:
     return flat
 
 
-def _print_rows(rows: list[dict[str, object]], fmt: str, title: str, columns: list[str]) -> None:
-    """JSON as recorded; CSV and table flattened (`_flat`), with a column p_<label> for each
-    label any row has, after `columns`."""
+def _print_rows(
+    rows: list[dict[str, object]],
+    fmt: str,
+    title: str,
+    columns: list[str],
+    wide: bool = True,
+) -> None:
+    """JSON as recorded; CSV and the wide table flattened (`_flat`), with a column
+    p_<label> for each label any row has, after `columns`; the narrow table (`wide`
+    False) has the columns a person scans, and fits 80 columns (`_print_narrow`)."""
+    if fmt == "table" and not wide:
+        _print_narrow(rows, title)
+        return
     if fmt == "json":
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
@@ -512,6 +522,60 @@ def _print_rows(rows: list[dict[str, object]], fmt: str, title: str, columns: li
     for row in flat:
         table.add_row(*(_table_cell(row, column) for column in shown))
     out_console.print(table)
+
+
+def _print_narrow(rows: list[dict[str, object]], title: str) -> None:
+    """One line per study at 80 columns, in the command's order: the study's number in
+    this database (stable, no patient data), accession, study date, result (the triage, or
+    the status where nothing was screened), the most probable finding with its call, and
+    the No Finding score. The rest (rank, UIDs, every probability, models, reasons) is
+    behind --wide, CSV and JSON."""
+    table = Table(
+        title=title,
+        caption="NF: No Finding score (1 - max p; the screening model's where it ran)",
+        box=None,
+        padding=(0, 1),
+        show_edge=False,
+    )
+    table.add_column("study", justify="right", no_wrap=True)
+    table.add_column("accession", no_wrap=True, overflow="ellipsis", max_width=16)
+    table.add_column("date", no_wrap=True, min_width=10)
+    table.add_column("result", no_wrap=True, min_width=8)
+    table.add_column("top finding", no_wrap=True, overflow="ellipsis")
+    table.add_column("NF", justify="right", no_wrap=True, min_width=5)
+    for row in rows:
+        table.add_row(
+            f"#{row.get('study_number')}", _cell(row.get("accession_number")),
+            _cell(row.get("study_date")), _result(row), _top_finding(row),
+            _cell(_no_finding(row)),
+        )  # fmt: skip
+    out_console.print(table)
+
+
+def _result(row: dict[str, object]) -> str:
+    """The triage; for a study nothing screened, its status (with "seg only" where only
+    the lungs were segmented)."""
+    if row.get("triage"):
+        return str(row["triage"])
+    if row.get("status") == "processed" and row.get("segmentation_only"):
+        return "seg only"
+    return str(row.get("status") or "-")
+
+
+def _top_finding(row: dict[str, object]) -> str:
+    probabilities = row.get("probabilities")
+    if not isinstance(probabilities, dict) or not probabilities:
+        return "-"
+    label, p = max(probabilities.items(), key=lambda item: float(item[1]))
+    calls = row.get("calls")
+    call = calls.get(label) if isinstance(calls, dict) else None
+    mark = " POS" if call == "positive" else " neg" if call == "negative" else ""
+    return f"{label} {float(p):.2f}{mark}"
+
+
+def _no_finding(row: dict[str, object]) -> object:
+    screening = row.get("screening_no_finding_score")
+    return screening if screening is not None else row.get("no_finding_score")
 
 
 def _table_cell(row: dict[str, object], column: str) -> str:
@@ -539,6 +603,14 @@ _IDENTITY_COLUMNS = [
     "modality",
 ]
 FormatOption = Annotated[Format, typer.Option("--format", help="Output format.")]
+WideOption = Annotated[
+    bool,
+    typer.Option(
+        "--wide",
+        help="The table with every column (UIDs, each label's probability, models, reasons); "
+        "by default it has the columns a person scans and fits 80 columns.",
+    ),
+]
 SinceOption = Annotated[
     dt.datetime | None, typer.Option(help="Outcomes recorded at or after this time.")
 ]
@@ -567,6 +639,7 @@ def results(
         float | None,
         typer.Option(min=0.0, max=1.0, help="With --label: probability at least this (0.5)."),
     ] = None,
+    wide: WideOption = False,
 ) -> None:
     """List the current outcome of every study (filters combine with AND): study identity,
     status, triage, scores and each label's highest probability."""
@@ -593,6 +666,7 @@ def results(
         fmt,
         "current study outcomes (NOT FOR DIAGNOSTIC USE)",
         [*_IDENTITY_COLUMNS, "status", "triage", "no_finding_score", "reason"],
+        wide,
     )
     _warn_synthetic(rows)
 
@@ -605,6 +679,7 @@ def worklist(
     fmt: FormatOption = Format.TABLE,
     since: SinceOption = None,
     limit: Annotated[int | None, typer.Option(min=1, help="The first N studies only.")] = None,
+    wide: WideOption = False,
 ) -> None:
     """Processed studies in screening order: abnormal and needs-review first, by No Finding
     score."""
@@ -631,6 +706,7 @@ def worklist(
             "no_finding_score",
             "models",
         ],
+        wide,
     )
     _warn_synthetic(rows)
 

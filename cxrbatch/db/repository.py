@@ -195,7 +195,10 @@ def record_study(
         no_finding_score=result.no_finding_score,
         screening_no_finding_score=min((s.no_finding_score for s in screened), default=None),
         segmentation_only=result.segmentation_only,
-        synthetic_model=any(m.synthetic_training_data for m in result.models),
+        # Only where a model scored something: an ineligible or failed study (a CT, a
+        # file that would not decode) carries no synthetic score.
+        synthetic_model=bool(result.images)
+        and any(m.synthetic_training_data for m in result.models),
         input_fingerprint=result.input_fingerprint,
         models=[m.as_dict() for m in result.models],
         shadow=result.shadow,
@@ -385,6 +388,7 @@ def outcome_row(outcome: models.Outcome) -> dict[str, Any]:
     """One current outcome as the flat record `cxrbatch results` prints."""
     study = outcome.study
     return {
+        "study_number": study.id,
         "study_instance_uid": study.study_instance_uid,
         "accession_number": study.accession_number,
         "patient_id": study.patient_id,
