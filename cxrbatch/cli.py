@@ -946,8 +946,8 @@ def status(
     table.add_column("count", justify="right")
     for name, count in report["jobs"].items():
         table.add_row(name, str(count))
-    table.add_row("finished in the last hour", str(report["finished_last_hour"]))
-    table.add_row("finished in the last 24 h", str(report["finished_last_24h"]))
+    table.add_row("studies recorded in the last hour", str(report["finished_last_hour"]))
+    table.add_row("studies recorded in the last 24 h", str(report["finished_last_24h"]))
     out_console.print(table)
     if report["deliveries"]:
         sent = Table(title="deliveries")
@@ -1424,7 +1424,7 @@ def demo_data(
         from training.demo import build_demo_bundle, write_demo_config
 
         console.print(f"training the demo classifier on synthetic phantoms into {bundle} ...")
-        build_demo_bundle(bundle, progress=console.is_terminal)
+        build_demo_bundle(bundle, progress=console.is_terminal, say=console.print)
         config = write_demo_config(bundle)
         out_console.print(
             f"demo bundle (SYNTHETIC training data) in {bundle}; use --config {config}"

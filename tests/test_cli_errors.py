@@ -58,7 +58,7 @@ def test_markup_in_header_values_reasons_and_paths_prints_as_itself(
         session.commit()
     engine.dispose()
     # The same text stays printable on every later call that shows it.
-    for command in (["results", "--out", str(out)], ["status", "--out", str(out)]):
+    for command in (["results", "--out", str(out), "--wide"], ["status", "--out", str(out)]):
         listed = RUNNER.invoke(app, command)
         assert listed.exit_code == 0, listed.output
         assert MARKUP in listed.output, listed.output

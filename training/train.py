@@ -23,6 +23,7 @@ import json
 import logging
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -263,8 +264,11 @@ def train(
     train_records: list[Record],
     val_records: list[Record],
     progress: bool = True,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> RunResult:
-    """Train (or resume, or return a finished run) in `run_dir`."""
+    """Train (or resume, or return a finished run) in `run_dir`. `on_epoch`: told each
+    epoch's history entry (epoch, train_loss, val_macro_auroc, seconds) as it ends, for a
+    caller whose output is not a terminal (no progress bar there)."""
     device = resolve_device(config.device)
     pretrained = config.pretrained and imagenet_available(config.architecture)
     if config.pretrained and not pretrained:
@@ -345,6 +349,8 @@ def train(
                     "seconds": seconds,
                 }
             )
+            if on_epoch is not None:
+                on_epoch(history[-1])
             if np.isfinite(value) and value > best:
                 best, best_epoch = value, epoch
                 save_checkpoint(best_path, network.state_dict())

@@ -422,12 +422,13 @@ def recent_failures(session: Session, limit: int = 10) -> list[models.Outcome]:
 
 
 def finished_since(session: Session, since: dt.datetime) -> int:
-    """Jobs finished (done, ineligible or dead) since `since`: the queue's throughput."""
+    """Studies recorded since `since` (outcomes, by any way in: `process`, the queue's
+    workers, a campaign): the throughput (ix_outcomes_created_at)."""
     return int(
         session.scalar(
             select(func.count())
-            .select_from(models.Job)
-            .where(models.Job.finished_at.is_not(None), models.Job.finished_at >= since)
+            .select_from(models.Outcome)
+            .where(models.Outcome.created_at >= since)
         )
         or 0
     )

@@ -275,20 +275,23 @@ def operations(session: Session, now: dt.datetime) -> dict[str, Any]:
     from cxrbatch.db import deliveries as delivery_rows
     from cxrbatch.db import jobs
 
-    day_ago = now - dt.timedelta(hours=24)
-    finished = session.scalars(
-        select(models.Job.finished_at).where(
-            models.Job.finished_at.is_not(None), models.Job.finished_at >= day_ago
-        )
+    # Studies recorded per clock hour (UTC) over the last 24, by any way in (`process`,
+    # the queue's workers, a campaign), oldest first, each labelled with its hour.
+    this_hour = now.astimezone(dt.UTC).replace(minute=0, second=0, microsecond=0)
+    first_hour = this_hour - dt.timedelta(hours=23)
+    recorded = session.scalars(
+        select(models.Outcome.created_at).where(models.Outcome.created_at >= first_hour)
     )
-    per_hour = [0] * 24
-    for at in finished:
-        if at is None:
-            continue
+    counts = [0] * 24
+    for at in recorded:
         stamp = at if at.tzinfo else at.replace(tzinfo=dt.UTC)
-        index = int((now - stamp).total_seconds() // 3600)
+        index = int((stamp - first_hour).total_seconds() // 3600)
         if 0 <= index < 24:
-            per_hour[23 - index] += 1
+            counts[index] += 1
+    per_hour = [
+        {"hour": (first_hour + dt.timedelta(hours=i)).strftime("%H:00"), "studies": n}
+        for i, n in enumerate(counts)
+    ]
     failures = list(
         session.scalars(
             select(models.Outcome)
