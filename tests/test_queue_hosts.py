@@ -12,6 +12,10 @@ started together migrate once, and a worker that lost its lease leaves nothing b
   lock; before, two of three exited with UniqueViolation on alembic_version).
 - A worker whose lease is taken over while it runs: it publishes no file and records no
   outcome (its staging folder is discarded); the new holder's outcome names its worker.
+- Two ingest hosts taking the images of the same studies at once lose none (before, the
+  second to create a study's job rolled back its instance), and two hosts on one export
+  share take each file once, the other finding it gone (before: an OSError, or a file
+  moved away mid-read quarantined as unreadable).
 """
 
 from __future__ import annotations
@@ -231,3 +235,76 @@ def test_a_worker_whose_lease_was_taken_records_nothing_and_leaves_no_files(
         assert outcome.processed_by == other.owner != slow.owner
         job = session.scalar(select(tables.Job))
         assert job is not None and job.status == "done"
+
+
+INGEST_HOST = """
+import json, sys, time
+from pathlib import Path
+from cxrbatch.config import load_settings
+from cxrbatch.db.session import make_engine, session_factory
+from cxrbatch.ingest.spool import Spool
+from cxrbatch.site import Site
+url, out, folder, start = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), float(sys.argv[4])
+site = Site(load_settings(None), out, url)
+spool = Spool.for_site(site, session_factory(make_engine(url)))
+files = sorted(folder.iterdir())
+shared = sorted((folder.parent / "shared").iterdir())
+time.sleep(max(0.0, start - time.time()))  # both hosts begin at the same moment
+print(json.dumps([spool.take(f).value for f in files]))
+print(json.dumps({f.name: spool.take(f).value for f in shared}))
+"""
+
+
+@pytest.mark.postgres
+def test_two_ingest_hosts_taking_one_study_at_once_lose_no_instance(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    # Host A receives the first image of each study, host B the second, at the same time
+    # (two C-STORE receivers, or two hosts on one export share). Before, the second host
+    # to create a study's job hit the unique job row, and its instance's row was rolled
+    # back with it: the study ran without that image.
+    upgrade(postgres_url)
+    out = tmp_path / "out"
+    studies = 40
+    for host, instance in (("a", 1), ("b", 2)):
+        for index in range(studies):
+            ds = to_dataset(make_phantom(index, (64, 64)), f"71/{index}", instance=instance)
+            save(ds, tmp_path / host / f"IM{index:03d}")
+    for index in range(30):  # one export share both hosts watch
+        ds = to_dataset(make_phantom(index, (64, 64)), f"72/{index}")
+        save(ds, tmp_path / "shared" / f"IM{index:03d}")
+    start = time.time() + 4
+    hosts = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                INGEST_HOST,
+                postgres_url,
+                str(out),
+                str(tmp_path / host),
+                str(start),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        for host in ("a", "b")
+    ]
+    answers = [host.communicate(timeout=300) for host in hosts]
+    assert [h.returncode for h in hosts] == [0, 0], [err[-2000:] for _, err in answers]
+    taken = [json.loads(out_text.splitlines()[0]) for out_text, _ in answers]
+    assert taken == [["received"] * studies, ["received"] * studies]
+    # The shared folder: each file taken by exactly one host; the other found it gone (or,
+    # once recorded, a duplicate), never an error.
+    a, b = (json.loads(out_text.splitlines()[1]) for out_text, _ in answers)
+    for name in a:
+        assert sorted([a[name], b[name]]) in (["gone", "received"], ["duplicate", "received"])
+    sessions = session_factory(make_engine(postgres_url))
+    with sessions() as session:
+        instances = session.scalar(select(func.count()).select_from(tables.Instance))
+        assert instances == 2 * studies + 30
+        assert session.scalar(select(func.count()).select_from(tables.Job)) == studies + 30
+        assert session.scalar(select(func.count()).select_from(tables.RejectedFile)) == 0

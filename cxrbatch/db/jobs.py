@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from cxrbatch.db.leased import LeasedWork, RetryPolicy, db_now, new_owner
@@ -56,11 +57,14 @@ def enqueue_study(session: Session, study_instance_uid: str, stable_seconds: flo
     """
     now = db_now(session)
     run_after = now + dt.timedelta(seconds=stable_seconds)
-    job = session.scalar(
-        select(Job).where(Job.study_instance_uid == study_instance_uid).with_for_update()
-    )
+    mine = select(Job).where(Job.study_instance_uid == study_instance_uid).with_for_update()
+    job = session.scalar(mine)
     if job is None:
-        job = Job(
+        # Two hosts (or receivers) taking the study's first instances at once: one inserts
+        # its job, the other's insert waits for that and does nothing, then both go on
+        # with the one row. A plain INSERT failed the second on the unique key and rolled
+        # back the instance it was recording with it.
+        insert = _insert(session)(Job).values(
             study_instance_uid=study_instance_uid,
             status=JobStatus.QUEUED,
             attempts=0,
@@ -69,9 +73,14 @@ def enqueue_study(session: Session, study_instance_uid: str, stable_seconds: flo
             created_at=now,
             updated_at=now,
         )
-        session.add(job)
-        session.flush()
-        return job
+        created = session.scalar(
+            insert.on_conflict_do_nothing(index_elements=["study_instance_uid"]).returning(Job.id)
+        )
+        job = session.scalar(mine.execution_options(populate_existing=True))
+        if job is None:  # cannot happen: the row exists, inserted here or by the other
+            raise RuntimeError(f"the job of study {study_instance_uid} vanished")
+        if created is not None:
+            return job
     job.generation += 1
     job.run_after = run_after
     job.updated_at = now
@@ -80,6 +89,13 @@ def enqueue_study(session: Session, study_instance_uid: str, stable_seconds: flo
             job.attempts = 0
         job.status = JobStatus.QUEUED
     return job
+
+
+def _insert(session: Session) -> Any:
+    """The dialect's INSERT, which has ON CONFLICT DO NOTHING (PostgreSQL and SQLite)."""
+    if session.get_bind().dialect.name == "postgresql":
+        return postgresql.insert
+    return sqlite.insert
 
 
 def claim(sessions: sessionmaker[Session], owner: str, lease_seconds: float) -> Claim | None:

@@ -107,6 +107,8 @@ class Spool:
             return Taken.GONE
         header = read_header(path)
         if isinstance(header, RejectedFile):
+            if not path.exists():  # moved away while read (another ingest host took it)
+                return Taken.GONE
             self._reject(header)
             return Taken.REJECTED
         refusal = expect(header) if expect is not None else None
@@ -158,8 +160,8 @@ class Spool:
             )
             return Taken.CONFLICT
         stored = self._store(path, header)
-        if stored is None:
-            return Taken.CHANGED
+        if stored is None:  # changed while read, or taken by another host meanwhile
+            return Taken.CHANGED if path.exists() else Taken.GONE
         try:
             with self.sessions.begin() as session:
                 instances.add(session, header, stored, path, self.roots)
@@ -196,8 +198,8 @@ class Spool:
                 )
                 session.commit()
         stored = self._store(path, header)
-        if stored is None:
-            return Taken.CHANGED
+        if stored is None:  # changed while read, or taken by another host meanwhile
+            return Taken.CHANGED if path.exists() else Taken.GONE
         with self.sessions.begin() as session:
             instances.replace(session, header, stored, path, self.roots)
             jobs.enqueue_study(session, header.study_instance_uid, self.study_stable_seconds)
@@ -251,6 +253,8 @@ class Spool:
         try:
             os.rename(path, target)
         except OSError as exc:
+            if exc.errno == errno.ENOENT and not path.exists():
+                return None  # another ingest host on the same share moved it first
             if exc.errno != errno.EXDEV:
                 raise
             if not _copy_verified(path, target, header.sha256):
