@@ -17,11 +17,10 @@ import multiprocessing
 import random
 import sys
 import time
-import uuid
 from multiprocessing.queues import Queue
 from typing import Any
 
-POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+from bench.postgres import ADMIN, scratch_database
 
 
 def _drain(url: str, seed: int, results: Queue[list[int]]) -> None:
@@ -48,23 +47,6 @@ def _drain(url: str, seed: int, results: Queue[list[int]]) -> None:
                 ran.append(claimed.job_id)
     engine.dispose()
     results.put(ran)
-
-
-def _fresh_database(admin_url: str) -> tuple[str, Any]:
-    """A fresh PostgreSQL database for this run, and a function dropping it."""
-    from sqlalchemy import create_engine, text
-
-    name = f"cxrbatch_campaign_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-
-    def drop() -> None:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-    return admin_url.rsplit("/", 1)[0] + f"/{name}", drop
 
 
 def run(url: str, workers: int, count: int, seed: int) -> dict[str, Any]:
@@ -111,18 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--jobs", type=int, default=1000)
-    parser.add_argument("--db", default=POSTGRES, help="PostgreSQL admin URL, or any URL")
+    parser.add_argument("--db", default=ADMIN, help="PostgreSQL admin URL, or any URL")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    drop = None
-    url = args.db
-    if url.startswith("postgresql"):
-        url, drop = _fresh_database(url)
-    try:
-        report = run(url, args.workers, args.jobs, args.seed)
-    finally:
-        if drop is not None:
-            drop()
+    if args.db.startswith("postgresql"):
+        with scratch_database(args.db, "cxrbatch_campaign") as url:
+            report = run(url, args.workers, args.jobs, args.seed)
+    else:
+        report = run(args.db, args.workers, args.jobs, args.seed)
     print(json.dumps(report))
     return 0 if report["each_exactly_once"] else 1
 

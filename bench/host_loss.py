@@ -25,10 +25,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
-ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+from bench.postgres import ADMIN, scratch_database
 
 
 def _worker(
@@ -139,20 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--db", default=ADMIN, help="an admin URL of the PostgreSQL server")
     args = parser.parse_args(argv)
 
-    from sqlalchemy import create_engine, text
-
-    admin = create_engine(args.db, isolation_level="AUTOCOMMIT")
-    name = f"cxrbatch_bench_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
     work = Path(tempfile.mkdtemp(prefix="cxrbatch-host-loss-"))
-    try:
-        figures = run(args.db.rsplit("/", 1)[0] + f"/{name}", args.studies, work)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-    shutil.rmtree(work, ignore_errors=True)
+    with scratch_database(args.db) as url:
+        figures = run(url, args.studies, work)
+    shutil.rmtree(work, ignore_errors=True)  # kept when the run failed: its workers' logs
     print(json.dumps(figures))
     return 0
 

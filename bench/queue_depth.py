@@ -17,10 +17,9 @@ import json
 import statistics
 import sys
 import time
-import uuid
 from typing import Any
 
-ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+from bench.postgres import ADMIN, scratch_database
 
 
 def measure(url: str, count: int, rounds: int) -> list[dict[str, object]]:
@@ -100,18 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--db", default=ADMIN, help="an admin URL of the PostgreSQL server")
     args = parser.parse_args(argv)
 
-    from sqlalchemy import create_engine, text
-
-    admin = create_engine(args.db, isolation_level="AUTOCOMMIT")
-    name = f"cxrbatch_bench_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        figures = measure(args.db.rsplit("/", 1)[0] + f"/{name}", args.jobs, args.rounds)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with scratch_database(args.db) as url:
+        figures = measure(url, args.jobs, args.rounds)
     for line in figures:
         print(json.dumps(line))
     return 0

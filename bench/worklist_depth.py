@@ -15,11 +15,10 @@ import json
 import statistics
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
-ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+from bench.postgres import ADMIN, scratch_database
 
 
 def _median_ms(work: Callable[[], Any], repeats: int) -> float:
@@ -141,18 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--db", default=ADMIN, help="an admin URL of the PostgreSQL server")
     args = parser.parse_args(argv)
 
-    from sqlalchemy import create_engine, text
-
-    admin = create_engine(args.db, isolation_level="AUTOCOMMIT")
-    name = f"cxrbatch_bench_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        report = measure(args.db.rsplit("/", 1)[0] + f"/{name}", args.studies, args.repeats)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with scratch_database(args.db) as url:
+        report = measure(url, args.studies, args.repeats)
     print(json.dumps(report))
     return 0 if report["worst_ratio_to_target"] < 1 else 1
 
