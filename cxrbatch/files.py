@@ -47,6 +47,16 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
     return path
 
 
+def fsync_dir(folder: Path) -> None:
+    """Make the renames into `folder` durable (its entry list on disk), as a file's own
+    fsync does not."""
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
 def remove_stale_temporaries(folder: Path, min_age_s: float = 0.0) -> int:
     """Delete temporary files a killed writer left in `folder` (never finished outputs);
     with `min_age_s`, only those untouched that long (where a live writer may share it)."""

@@ -29,7 +29,7 @@ from pydicom.multival import MultiValue
 
 from cxrbatch.domain import FindingMap, ModelRef, OutputFiles
 from cxrbatch.errors import OutputError
-from cxrbatch.files import atomic_write
+from cxrbatch.files import atomic_write, fsync_dir
 from cxrbatch.paths import inside, uid_path_component
 
 # Type 2 attributes of the Patient and General Study modules that the SEG, SR, key image
@@ -137,7 +137,7 @@ def publish(outputs: OutputFiles | None, staging: Path) -> OutputFiles | None:
             staged += [outputs.json_file] if outputs.json_file else []
             for path in staged:
                 os.replace(path, folder / path.name)
-            _fsync_dir(folder)
+            fsync_dir(folder)
     except OSError as exc:
         raise OutputError(f"Cannot publish the outputs into {folder.name}: {exc}") from exc
     for leftover in folder.glob(f"{STAGING_PREFIX}*") if folder.is_dir() else ():
@@ -148,14 +148,6 @@ def publish(outputs: OutputFiles | None, staging: Path) -> OutputFiles | None:
 def discard(staging: Path) -> None:
     """Remove a staged attempt that must not be published (its lease was lost)."""
     shutil.rmtree(staging, ignore_errors=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    handle = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
 
 
 def write_dicom(path: Path, ds: Dataset) -> Path:

@@ -33,7 +33,7 @@ from cxrbatch.db import IntegrityError, Sessions, instances, jobs
 from cxrbatch.dicom.discover import iter_files, read_header
 from cxrbatch.dicom.identity import same_instance
 from cxrbatch.domain import InstanceHeader, RejectedFile
-from cxrbatch.files import atomic_write
+from cxrbatch.files import atomic_write, fsync_dir
 from cxrbatch.paths import StorageRoots, is_inside, uid_path_component
 from cxrbatch.quarantine import record_rejected_files
 from cxrbatch.site import Site
@@ -260,7 +260,7 @@ class Spool:
             if not _copy_verified(path, target, header.sha256):
                 return None
             path.unlink(missing_ok=True)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         return target
 
 
@@ -288,11 +288,3 @@ def _copy_verified(source: Path, target: Path, sha256: str) -> bool:
         log.info("file changed while it was copied; it will be offered again")
         return False
     return True
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
