@@ -108,9 +108,9 @@ def _key(cursor: str, sort: str) -> list[Any]:
                 raise CursorError("the page cursor does not fit this order")
             key.append(value)
         return key
+    except CursorError:
+        raise
     except (ValueError, TypeError, IndexError, binascii.Error) as exc:
-        if isinstance(exc, CursorError):
-            raise
         raise CursorError(f"not a page cursor of this worklist: {exc}") from exc
 
 
@@ -174,12 +174,12 @@ def worklist_page(
     total = int(counted or 0)
     backwards = before is not None and after is None
     cursor = before if backwards else after
+    # Read the index downwards for a descending order, or to go back in an ascending one.
+    reverse = descending != backwards
     statement = base
     if cursor is not None:
-        key = tuple_(*columns), tuple_(*_key(cursor, sort))
-        forward_is_less = descending != backwards
-        statement = statement.where(key[0] < key[1] if forward_is_less else key[0] > key[1])
-    reverse = descending != backwards
+        here, there = tuple_(*columns), tuple_(*_key(cursor, sort))
+        statement = statement.where(here < there if reverse else here > there)
     statement = statement.order_by(*(c.desc() if reverse else c.asc() for c in columns))
     statement = statement.options(
         selectinload(models.Outcome.study),
