@@ -43,3 +43,13 @@ def test_results_and_worklist_read_at_80_columns(tmp_path: Path) -> None:
             assert f"{top[0]} {top[1]:.2f}" in line
     wide = _cxrbatch("results", "--out", str(out), "--wide", columns=250)
     assert wide.returncode == 0 and "study_instance_uid" in wide.stdout and "p_Mass" in wide.stdout
+
+
+def test_no_model_is_named_as_deciding_a_study_no_model_scored() -> None:
+    from cxrbatch.db import models as tables
+    from cxrbatch.db.repository import deciding_models
+
+    bundle = [{"name": "demo", "version": "1", "mask_mode": "M-50"}, {"name": "litemedsam"}]
+    assert deciding_models(tables.Outcome(status="processed", models=bundle)) == "demo 1"
+    for status in ("ineligible", "failed"):  # a CT, an unreadable film: nothing scored
+        assert deciding_models(tables.Outcome(status=status, models=bundle)) is None

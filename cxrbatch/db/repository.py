@@ -375,7 +375,10 @@ def calls(outcome: models.Outcome, role: str = "classifier") -> dict[str, str]:
 
 
 def deciding_models(outcome: models.Outcome) -> str | None:
-    """The classifier bundles that decided, as "name version" (the segmenter left out)."""
+    """The classifier bundles that decided, as "name version" (the segmenter left out);
+    None for an ineligible or failed study, which no model scored."""
+    if outcome.status != OutcomeStatus.PROCESSED:
+        return None
     names = [
         f"{m.get('name')} {m.get('version')}"
         for m in outcome.models or []
