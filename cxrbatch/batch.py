@@ -1,47 +1,61 @@
-"""`cxrbatch process`: one batch over an input folder.
+"""`cxrbatch process`: one batch over an input folder, on the study queue.
 
-discover files -> quarantine/record rejected ones -> for each study (in this process, or
-spread over worker processes that each load the models once; in each process
-`processing.study_threads` studies in flight on threads sharing its models): skip if
-already processed with the same fingerprint, else pipeline.run -> record the outcome. A
-study that fails for any reason is recorded as failed and the batch goes on, also when it
-kills its worker process (see "worker processes" below).
+discover files -> quarantine/record rejected ones -> each study's instances recorded as
+the files in the folder (left in place) and its job queued, due now -> the same
+`QueueWorker`s as `cxrbatch watch` run until the queue is idle: in this process, or in
+`workers` processes that each load the models once; each has `processing.study_threads`
+studies in flight on threads sharing its models. So `process` and `watch` share one
+failure model: a study that fails is recorded as failed (retried after the queue's
+backoff, or at the next run); a worker process that dies (killed, out of memory, a
+crash in native code) is replaced, and the studies it held go back to the front of the
+queue, each death counted as a failed attempt; a study that kills its worker
+`queue.max_attempts` times is recorded as failed with that reason, and no other study
+loses its outcome.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Generator, Iterator
-from concurrent.futures import (
-    FIRST_COMPLETED,
-    ProcessPoolExecutor,
-    ThreadPoolExecutor,
-    as_completed,
-    wait,
-)
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
 from multiprocessing.queues import SimpleQueue
 from pathlib import Path
 
+from sqlalchemy import select
+
 from cxrbatch import logs, pipeline
 from cxrbatch.cpus import threads_per_worker
+from cxrbatch.db import Sessions, instances, jobs
+from cxrbatch.db.models import Job
 from cxrbatch.db.session import ensure_local_sqlite, upgrade
 from cxrbatch.dicom.discover import discover
-from cxrbatch.domain import ModelRef, StudyInput, StudyRunStatus
-from cxrbatch.errors import CxrBatchError, RecordingError, one_line
+from cxrbatch.domain import JobStatus, StudyInput, StudyRunStatus
+from cxrbatch.errors import CxrBatchError
 from cxrbatch.files import output_lock
 from cxrbatch.models.device import limit_cpu_threads
 from cxrbatch.models.preflight import check_model_files
 from cxrbatch.paths import check_outside_input
 from cxrbatch.quarantine import record_rejected_at
 from cxrbatch.site import Site
-from cxrbatch.worker import StudyProcessor, StudyReport, failed_result, record_result
+from cxrbatch.worker import (
+    QueueWorker,
+    Started,
+    StudyReport,
+    failed_result,
+    record_result,
+    recording,
+)
+from cxrbatch.worker_entry import EXIT_CANNOT_START
 
 log = logging.getLogger(__name__)
+
+_TICK_SECONDS = 0.5
 
 
 @dataclass
@@ -78,8 +92,9 @@ def run_batch(
     cannot run.
 
     `workers` > 1 spreads studies over that many processes, each with its own models and
-    an equal share of the CPU threads; each records its outcomes itself. Each process has
-    `settings.processing.study_threads` studies in flight. Reports come in completion order.
+    an equal share of the CPU threads; `models` (already loaded) serve the one worker
+    of this process otherwise. Studies the queue held already (a batch a crash
+    interrupted, a retry that came due) are run too. Reports come in completion order.
     The output folder is locked for the run (`files.output_lock`): a second run on it
     stops with an OutputError at once.
     """
@@ -104,230 +119,192 @@ def _run_batch(
     upgrade(site.database_url, roots=site.roots)
     summary = BatchSummary()
     studies, rejected = discover(input_dir)
-    with site.database() as database, database.sessions.begin() as session:
-        recorded, quarantined = record_rejected_at(session, site, rejected)
-    summary.rejected_files += recorded
-    summary.quarantined_files += quarantined
-    summary.reasons.update(item.reason for item in rejected)
-    if workers <= 1 or len(studies) <= 1:
-        reports = _run_here(studies, site, force, models)
-    else:
-        reports = _run_in_pool(studies, site, force, workers)
-    for index, report in enumerate(reports, start=1):
-        summary.add(report)
-        if on_study:
-            on_study(report, index, len(studies))
+    lock = threading.Lock()
+
+    def tell(report: StudyReport) -> None:
+        with lock:  # from the worker's study threads
+            summary.add(report)
+            if on_study:
+                on_study(report, len(summary.reports), max(len(studies), len(summary.reports)))
+
+    with site.database() as database:
+        with database.sessions.begin() as session:
+            recorded, quarantined = record_rejected_at(session, site, rejected)
+        summary.rejected_files += recorded
+        summary.quarantined_files += quarantined
+        summary.reasons.update(item.reason for item in rejected)
+        enqueue(database.sessions, studies, site)
+        if workers <= 1 or len(studies) <= 1:
+            _run_here(site, force, models, tell)
+        else:
+            _run_in_processes(site, force, workers, database.sessions, tell)
     summary.seconds = time.perf_counter() - started
     return summary
 
 
+def enqueue(sessions: Sessions, studies: list[StudyInput], site: Site) -> None:
+    """Each study's instances recorded as the files found (left in place) and its job
+    queued, due now, one transaction a study."""
+    for study in studies:
+        with sessions.begin() as session:
+            instances.declare_study(session, study, site.roots)
+            jobs.enqueue_study(session, study.study_instance_uid, 0.0)
+
+
 def _run_here(
-    studies: list[StudyInput],
     site: Site,
     force: bool,
     models: pipeline.Models | None,
-) -> Iterator[StudyReport]:
-    threads = site.settings.processing.study_threads
-    worker = StudyProcessor(site, models, in_flight=threads)
-    try:
-        yield from process_concurrently(worker.process, studies, force, threads)
-    finally:
-        worker.close()
+    tell: Callable[[StudyReport], None],
+) -> None:
+    def told(event: Started | StudyReport) -> None:
+        if isinstance(event, StudyReport):
+            tell(event)
 
-
-def process_concurrently(
-    process: Callable[[StudyInput, bool], StudyReport],
-    studies: list[StudyInput],
-    force: bool,
-    threads: int,
-) -> Iterator[StudyReport]:
-    """Process `studies` with up to `threads` of them in flight at once (`process` is a
-    worker's, sharing its models); reports in completion order. The networks release the
-    GIL, so one study's decoding and DICOM writing run while another's networks compute."""
-    if threads <= 1 or len(studies) <= 1:
-        for study in studies:
-            yield process(study, force)
-        return
-    # An error `process` lets out means outcomes cannot be recorded (it records every
-    # study's own failure): from then on no study starts, and the first error is raised.
-    errors: list[BaseException] = []
-
-    def guarded(study: StudyInput, force: bool) -> StudyReport | None:
-        if errors:
-            return None
-        try:
-            return process(study, force)
-        except BaseException as exc:
-            errors.append(exc)
-            raise
-
-    with ThreadPoolExecutor(threads, thread_name_prefix="study") as pool:
-        futures = [pool.submit(guarded, study, force) for study in studies]
-        try:
-            for future in as_completed(futures):
-                report = future.result()
-                if report is not None:
-                    yield report
-        except BaseException as exc:
-            pool.shutdown(wait=True, cancel_futures=True)
-            if errors and not isinstance(exc, GeneratorExit):
-                raise errors[0] from None
-            raise
+    QueueWorker(site, models, force=force, tell=told).run(until_idle=True)
 
 
 # ---- worker processes -------------------------------------------------------------------
 #
-# Each worker process tells the parent on an events pipe when it starts a study (`_Started`)
-# and when it has recorded one (its `StudyReport`); a message is in the pipe once `put`
-# returns, so it outlives the worker. When a worker dies (killed, out of memory, a crash in
-# native code) the pool breaks and takes every worker with it: the studies that had not
-# started go on in a new pool, and those in flight in any worker are suspects, run
-# afterwards one at a time in a single worker process. A study that kills that worker is
-# the cause: it is recorded as failed with the reason, and no other study loses its outcome.
-
-_WORKER: StudyProcessor | None = None
-_EVENTS: SimpleQueue[_Started | StudyReport] | None = None
+# Each worker process is a QueueWorker run until the queue is idle. It tells the parent
+# on a pipe when it starts a study (`Started`) and when it has recorded one (its
+# `StudyReport`); a message is in the pipe once `put` returns, so it outlives the worker.
+# When a worker dies, the parent puts the jobs it held back in the queue at once (the
+# queue's recovery: a dead process of this host) and starts another worker.
 
 
-@dataclass(frozen=True)
-class _Started:
-    """Small (below PIPE_BUF), so that a worker killed while telling cannot leave half a
-    message in the pipe."""
-
-    study_instance_uid: str
-    fingerprint: str
-    models: tuple[ModelRef, ...]
-
-
-def _init_worker(site: Site, threads: int, events: SimpleQueue[_Started | StudyReport]) -> None:
-    global _WORKER, _EVENTS
-    settings = site.settings
-    logs.configure(settings.logging.level, settings.logging.format)
+def _batch_worker_main(
+    site: Site,
+    threads: int,
+    force: bool,
+    events: SimpleQueue[Started | StudyReport],
+    parent_pid: int,
+) -> None:
+    logs.configure(site.settings.logging.level, site.settings.logging.format)
     limit_cpu_threads(threads)
-    _EVENTS = events
-    _WORKER = StudyProcessor(site, in_flight=settings.processing.study_threads)
+    try:
+        worker = QueueWorker(site, force=force, tell=events.put)
+    except CxrBatchError as exc:
+        log.error("worker cannot start: %s", exc)
+        raise SystemExit(EXIT_CANNOT_START) from exc
+    worker.install_signal_handlers()
+    worker.run(parent_pid=parent_pid, until_idle=True)
 
 
-def _process_and_tell(study: StudyInput, force: bool) -> StudyReport:
-    assert _WORKER is not None and _EVENTS is not None, "worker process not initialised"
-    uid = study.study_instance_uid
-    fingerprint = _WORKER.fingerprint(study)
-    _EVENTS.put(_Started(uid, fingerprint, _WORKER.models.refs))
-    report = _WORKER.process(study, force, fingerprint=fingerprint)
-    _EVENTS.put(report)
-    return report
-
-
-def _work(studies: list[StudyInput], force: bool) -> None:
-    assert _WORKER is not None, "worker process not initialised"
-    threads = _WORKER.settings.processing.study_threads
-    for _ in process_concurrently(_process_and_tell, studies, force, threads):
-        pass
-
-
-def _run_in_pool(
-    studies: list[StudyInput], site: Site, force: bool, workers: int
-) -> Iterator[StudyReport]:
-    pending, suspects = studies, []
-    while pending:
-        in_flight, pending = yield from _pool_round(pending, site, force, workers)
-        suspects += [study for study in studies if study.study_instance_uid in in_flight]
-    settings = site.settings
-    alone = site.with_settings(
-        settings.model_copy(
-            update={"processing": settings.processing.model_copy(update={"study_threads": 1})}
-        )
-    )
-    while suspects:
-        in_flight, suspects = yield from _pool_round(suspects, alone, force, 1)
-        for started in in_flight.values():  # one study in one worker: it killed it
-            yield _record_worker_death(started, site)
-
-
-def _pool_round(
-    studies: list[StudyInput],
+def _run_in_processes(
     site: Site,
     force: bool,
     workers: int,
-) -> Generator[StudyReport, None, tuple[dict[str, _Started], list[StudyInput]]]:
-    """Run `studies` in one pool of `workers` processes, yielding reports as the workers
-    record studies. Returns, if a worker died, the studies in flight then and those not
-    started; ({}, []) when none did. Raises if the workers died before starting any study
-    (they could not load the models: their log says why)."""
+    sessions: Sessions,
+    tell: Callable[[StudyReport], None],
+) -> None:
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-    events: SimpleQueue[_Started | StudyReport] = context.SimpleQueue()
-    started: dict[str, _Started] = {}
+    events: SimpleQueue[Started | StudyReport] = context.SimpleQueue()
+    policy = jobs.RetryPolicy.from_settings(site.settings.queue)
+    started: dict[str, Started] = {}
     reported: set[str] = set()
+    children: list[BaseProcess] = []
+    # Deaths with no study recorded in between: bounded, so that workers that die for
+    # another reason than a study (the machine out of memory at start) end the batch.
+    deaths_in_a_row = 0
 
-    def drain() -> Iterator[StudyReport]:
+    def drain() -> None:
+        nonlocal deaths_in_a_row
         while not events.empty():
             event = events.get()
-            if isinstance(event, _Started):
+            if isinstance(event, Started):
                 started[event.study_instance_uid] = event
             else:
                 reported.add(event.study_instance_uid)
-                yield event
+                deaths_in_a_row = 0
+                tell(event)
 
-    broken = False
-    with ProcessPoolExecutor(
-        workers,
-        mp_context=context,
-        initializer=_init_worker,
-        initargs=(site, threads_per_worker(workers), events),
-    ) as pool:
-        # A process takes one task at a time: a task is as many studies as it has in flight.
-        size = site.settings.processing.study_threads
-        chunks = [studies[i : i + size] for i in range(0, len(studies), size)]
-        futures = {pool.submit(_work, chunk, force): chunk for chunk in chunks}
-        waiting = set(futures)
-        while waiting:
-            done, waiting = wait(waiting, timeout=0.5, return_when=FIRST_COMPLETED)
-            yield from drain()
-            for future in done:
-                error = future.exception()
-                if isinstance(error, BrokenProcessPool):
-                    broken = True
-                elif error is not None:
-                    # Not a death: the worker could not record outcomes (the database is
-                    # full or gone), or the task could not run. No new study is started.
-                    pool.shutdown(wait=True, cancel_futures=True)
-                    yield from drain()
-                    if isinstance(error, CxrBatchError):
-                        raise error
-                    raise RecordingError(f"a worker task failed: {one_line(error)}") from error
-    yield from drain()  # the workers are gone: everything they told is in the pipe
-    if not broken:
-        return {}, []
-    if not started:
-        raise CxrBatchError(
-            "the worker processes stopped before processing any study (see the log above "
-            "for why: e.g. the models could not be loaded)"
+    def spawn() -> None:
+        child = context.Process(
+            target=_batch_worker_main,
+            args=(site, threads_per_worker(workers), force, events, os.getpid()),
+            name="cxrbatch-worker",
+            daemon=True,
         )
-    in_flight = {uid: s for uid, s in started.items() if uid not in reported}
-    not_started = [s for s in studies if s.study_instance_uid not in started]
-    log.warning(
-        "a worker process died: %d study(ies) in flight will be retried one at a time, "
-        "%d not started go on in new worker processes",
-        len(in_flight),
-        len(not_started),
-    )
-    return in_flight, not_started
+        child.start()
+        children.append(child)
+
+    try:
+        while True:
+            drain()
+            died = False
+            for child in [c for c in children if not c.is_alive()]:
+                children.remove(child)
+                drain()  # what it told before it went
+                if child.exitcode == 0:
+                    continue
+                if not started:
+                    raise CxrBatchError(
+                        "the worker processes stopped before processing any study (see the "
+                        "log above for why: e.g. the models could not be loaded)"
+                    )
+                if child.exitcode == EXIT_CANNOT_START:
+                    raise CxrBatchError("a worker process could not start (see the log above)")
+                died = True
+                deaths_in_a_row += 1
+                log.warning("worker process %d died (exit code %s)", child.pid, child.exitcode)
+            if deaths_in_a_row > workers * (policy.max_attempts + 1):
+                raise CxrBatchError(
+                    f"worker processes died {deaths_in_a_row} times in a row without "
+                    "recording a study (see the log above)"
+                )
+            if died:
+                jobs.recover_stalled(sessions, policy)  # its jobs: due again, at the front
+            with sessions() as session:
+                pending = jobs.pending(session)
+            if not pending and not children:
+                break
+            while pending and len(children) < workers:
+                spawn()
+            time.sleep(_TICK_SECONDS)
+    finally:
+        for child in children:  # an error above: the workers stop with the batch
+            child.kill()
+            child.join(5)
+    drain()
+    for report in _record_deaths(started, reported, site, sessions):
+        tell(report)
 
 
-def _record_worker_death(started: _Started, site: Site) -> StudyReport:
-    uid = started.study_instance_uid
-    reason = (
-        "the worker process died while processing this study alone (killed: out of "
-        "memory, or a crash in native code); the study is retried at the next run"
-    )
-    log.error("study %s failed: %s", uid, reason)
-    result = failed_result(uid, reason, started.fingerprint, started.models)
-    with site.database() as database, database.sessions.begin() as session:
-        record_result(session, site, result)
-    return StudyReport(
-        uid,
-        StudyRunStatus.FAILED,
-        reason,
-        image_reasons=(reason,),
-        synthetic_model=any(m.synthetic_training_data for m in started.models),
-    )
+def _record_deaths(
+    started: dict[str, Started], reported: set[str], site: Site, sessions: Sessions
+) -> list[StudyReport]:
+    """Studies started in this batch whose job died with its workers (every attempt
+    killed the worker that held it): recorded as failed, with the reason."""
+    uids = [uid for uid in started if uid not in reported]
+    if not uids:
+        return []
+    with sessions() as session:
+        rows = session.execute(
+            select(Job.study_instance_uid, Job.attempts).where(
+                Job.study_instance_uid.in_(uids), Job.status == JobStatus.DEAD
+            )
+        )
+        dead = {uid: attempts for uid, attempts in rows}
+    reports: list[StudyReport] = []
+    for uid, attempts in dead.items():
+        start = started[uid]
+        reason = (
+            f"the worker process died each time it processed this study ({attempts} "
+            "attempts: killed, out of memory, or a crash in native code); the study is "
+            "retried at the next run"
+        )
+        log.error("study %s failed: %s", uid, reason)
+        result = failed_result(uid, reason, start.fingerprint, start.models)
+        with recording(uid), sessions.begin() as session:
+            record_result(session, site, result)
+        reports.append(
+            StudyReport(
+                uid,
+                StudyRunStatus.FAILED,
+                reason,
+                image_reasons=(reason,),
+                synthetic_model=any(m.synthetic_training_data for m in start.models),
+            )
+        )
+    return reports

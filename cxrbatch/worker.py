@@ -1,12 +1,12 @@
 """Workers: claim a study -> pipeline.run -> record the outcome; graceful shutdown.
 
-`StudyProcessor` processes one study and records it (used by `cxrbatch process` and by
-the daemon). `QueueWorker` is the daemon's loop around it: claim a job from the SQL
-queue, keep its lease alive with heartbeats, record the outcome and close the job in one
+`StudyProcessor` processes one study and records it. `QueueWorker` is the loop around it
+that `cxrbatch watch`, `worker` and `process` all run: claim a job from the SQL queue,
+keep its lease alive with heartbeats, record the outcome and close the job in one
 transaction, stop claiming when the disk runs low, and on SIGTERM finish the studies in
 hand within a grace period or give them back to the queue. A worker runs
-`processing.study_threads` such loops on threads sharing its models, as `cxrbatch process`
-does: one study's decoding and writing overlap another's networks.
+`processing.study_threads` such loops on threads sharing its models: one study's decoding
+and writing overlap another's networks.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -104,8 +104,8 @@ class StudyProcessor:
     """Models loaded once and the site's database; runs studies and records their outcomes.
 
     `run` processes one study and records nothing; `record` writes its outcome in the
-    caller's session; the caller owns the transaction (`process` is run + record in one of
-    its own, for `cxrbatch process`; the queue worker records and closes the job in one).
+    caller's session; the caller owns the transaction (the queue worker records and
+    closes the job in one).
     """
 
     def __init__(
@@ -181,15 +181,6 @@ class StudyProcessor:
         if isinstance(ran, Unchanged):
             return Recorded(ran.outcome_id, ran.status, 0)
         return record_result(session, self.site, ran)
-
-    def process(
-        self, study: StudyInput, force: bool = False, fingerprint: str | None = None
-    ) -> StudyReport:
-        """Run one study and record it in one transaction of its own."""
-        ran = self.run(study, force, fingerprint)
-        with recording(study.study_instance_uid), self.sessions.begin() as session:
-            recorded = self.record(session, ran)
-        return self.report(ran, recorded)
 
     def report(self, ran: StudyResult | Unchanged, recorded: Recorded | None) -> StudyReport:
         """The study's report, once its outcome is recorded (`recorded` None: the job was
@@ -414,11 +405,38 @@ class _Heartbeat:
         self._thread.join()
 
 
+@dataclass(frozen=True)
+class Started:
+    """A worker has begun a study (before its networks run): what its parent needs to
+    record it as failed if the study then kills the worker every time it is tried.
+    Small (below PIPE_BUF), so that a worker killed while telling leaves no half message."""
+
+    study_instance_uid: str
+    fingerprint: str
+    models: tuple[ModelRef, ...]
+
+
+# What a worker tells whoever started it, as it goes: `Started`, then the `StudyReport`.
+Tell = Callable[["Started | StudyReport"], None]
+
+
 class QueueWorker:
     """One worker: claims jobs until stopped. Models are loaded once, at construction."""
 
-    def __init__(self, site: Site, models: pipeline.Models | None = None) -> None:
+    def __init__(
+        self,
+        site: Site,
+        models: pipeline.Models | None = None,
+        *,
+        force: bool = False,
+        tell: Tell | None = None,
+    ) -> None:
+        """`force`: run studies whose outcome stands too (`cxrbatch process --force`);
+        `tell`: called with each study's `Started` and `StudyReport` (`cxrbatch process`
+        gathers them), from the thread that processed it."""
         self.site = site
+        self.force = force
+        self.tell = tell
         self.settings = settings = site.settings
         self.slots = max(1, settings.processing.study_threads)  # studies in flight
         self.processor = StudyProcessor(site, models, in_flight=self.slots)
@@ -544,8 +562,20 @@ class QueueWorker:
         with self.sessions.begin() as session:
             study, missing = received_study(session, uid, self.site.roots)
             record_rejected_at(session, self.site, missing)
+        fingerprint = self.processor.fingerprint(study)
+        if self.tell is not None:
+            self.tell(Started(uid, fingerprint, self.processor.models.refs))
         staging = export.staging_dir(self.site.out_dir, uid, claimed.attempts)
-        ran = self.processor.run(study, staging=staging)
+        ran = self.processor.run(study, self.force, fingerprint, staging)
+        report = self._publish_and_record(claimed, ran, staging)
+        if self.tell is not None:
+            self.tell(report)
+        return report
+
+    def _publish_and_record(
+        self, claimed: jobs.Claim, ran: StudyResult | Unchanged, staging: Path
+    ) -> StudyReport:
+        uid = claimed.study_instance_uid
         with recording(uid), self.sessions() as session:
             if not jobs.holds(session, claimed):
                 session.rollback()
@@ -621,8 +651,7 @@ class QueueWorker:
 
     def _work_pending(self) -> bool:
         with self.sessions() as session:
-            counted = jobs.counts(session)
-        return counted[JobStatus.QUEUED.value] + counted[JobStatus.RUNNING.value] > 0
+            return jobs.pending(session) > 0
 
 
 # Exit status of a worker process that cannot start (a model that cannot be loaded, a

@@ -212,27 +212,86 @@ def test_studies_in_flight_share_the_models_and_match_one_at_a_time(
             assert a["lungs"] == b["lungs"] and a["findings"] == b["findings"]
 
 
-def test_process_concurrently_keeps_that_many_studies_in_flight() -> None:
-    """Two studies must be in process at the same moment: each waits for the other at a
-    barrier, which one-at-a-time processing would break (timeout)."""
+def test_a_worker_keeps_study_threads_studies_in_flight(
+    tmp_path: Path,
+    settings: Settings,
+    models: pipeline.Models,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two studies must be in the pipeline at the same moment: each waits for the other at
+    a barrier, which one-at-a-time processing would break (the barrier times out, and
+    the study fails with that error)."""
     import threading
 
-    from cxrbatch.batch import process_concurrently
-    from cxrbatch.domain import StudyInput
-    from cxrbatch.worker import StudyReport
+    write_studies(tmp_path / "in", 2, seed=22, size=(256, 256))
+    run = pipeline.run
+    barrier = threading.Barrier(2)
+    wait = {"seconds": 30.0}
 
-    class Meeting:
-        def __init__(self, timeout: float) -> None:
-            self.barrier = threading.Barrier(2, timeout=timeout)
+    def meet(*args: Any, **kwargs: Any) -> Any:
+        barrier.wait(wait["seconds"])
+        return run(*args, **kwargs)
 
-        def process(self, study: StudyInput, force: bool) -> StudyReport:
-            self.barrier.wait()
-            return StudyReport(study.study_instance_uid, "processed")
+    monkeypatch.setattr(pipeline, "run", meet)
+    for threads, seconds, expected in ((2, 30.0, "processed"), (1, 0.5, "failed")):
+        barrier.reset()
+        wait["seconds"] = seconds
+        configured = settings.model_copy(
+            update={"processing": settings.processing.model_copy(update={"study_threads": threads})}
+        )
+        out = tmp_path / f"out{threads}"
+        summary = run_batch(tmp_path / "in", Site.at(configured, out), models=models)
+        assert summary.studies == {expected: 2}, threads
+        if expected == "failed":
+            assert all("BrokenBarrierError" in (r.reason or "") for r in summary.reports)
 
-    studies = [StudyInput(f"1.2.3.{i}", ()) for i in range(4)]
-    worker: Any = Meeting(timeout=10)
-    reports = list(process_concurrently(worker.process, studies, False, 2))
-    assert sorted(r.study_instance_uid for r in reports) == [s.study_instance_uid for s in studies]
-    alone: Any = Meeting(timeout=0.5)  # one at a time: nobody to meet
-    with pytest.raises(threading.BrokenBarrierError):
-        list(process_concurrently(alone.process, studies[:2], False, 1))
+
+def test_force_runs_again_the_studies_whose_outcome_stands(
+    tmp_path: Path, settings: Settings, models: pipeline.Models
+) -> None:
+    write_studies(tmp_path / "in", 2, seed=23, size=(256, 256))
+    site = Site.at(settings, tmp_path / "out")
+    assert run_batch(tmp_path / "in", site, models=models).studies == {"processed": 2}
+    assert run_batch(tmp_path / "in", site, models=models).studies == {"unchanged": 2}
+    written = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*/result.json")}
+    forced = run_batch(tmp_path / "in", site, models=models, force=True)
+    assert forced.studies == {"processed": 2}
+    assert len(written) == 2 and all(p.stat().st_mtime_ns > t for p, t in written.items())
+    counted = _counts(f"sqlite:///{tmp_path / 'out' / 'cxrbatch.sqlite'}")
+    assert counted["current"] == 2
+
+
+def test_a_batch_a_crash_interrupted_is_finished_by_the_next_run(
+    tmp_path: Path, settings: Settings, models: pipeline.Models
+) -> None:
+    """`process` killed after queueing its studies, one of them in hand: the next run (here
+    on an empty folder) takes the dead process's job back and finishes both."""
+    import socket
+
+    from cxrbatch.batch import enqueue
+    from cxrbatch.db.leased import process_space
+    from cxrbatch.dicom.discover import discover
+
+    written = write_studies(tmp_path / "in", 2, seed=24, size=(256, 256))
+    site = Site.at(settings, tmp_path / "out")
+    site.out_dir.mkdir()
+    upgrade(site.database_url)
+    studies, _ = discover(tmp_path / "in")
+    with site.database() as database:
+        enqueue(database.sessions, studies, site)
+        with database.sessions.begin() as session:
+            job = session.scalar(
+                select(tables.Job).where(
+                    tables.Job.study_instance_uid == written[0].study_instance_uid
+                )
+            )
+            assert job is not None
+            # Held by a process of this host that no longer runs (pid 2^22 + 1 cannot be).
+            job.status, job.attempts = "running", 1
+            job.lease_owner = f"{socket.gethostname()}:4194305:deadbeef:{process_space()}"
+    (tmp_path / "empty").mkdir()
+    summary = run_batch(tmp_path / "empty", site, models=models)
+    assert summary.studies == {"processed": 2}
+    assert {r.study_instance_uid for r in summary.reports} == {
+        s.study_instance_uid for s in written
+    }

@@ -13,7 +13,7 @@ from sqlalchemy.exc import OperationalError
 from typer.testing import CliRunner
 
 from cxrbatch import pipeline, worker
-from cxrbatch.batch import process_concurrently, run_batch
+from cxrbatch.batch import run_batch
 from cxrbatch.cli import app
 from cxrbatch.config import Settings
 from cxrbatch.db import models as tables
@@ -52,19 +52,32 @@ def test_a_failure_with_a_long_message_is_stored_as_one_line(
     assert outcome.reason == "internal error: RuntimeError: could not write"
 
 
-def test_no_new_study_starts_once_outcomes_cannot_be_recorded() -> None:
+def test_no_new_study_starts_once_outcomes_cannot_be_recorded(
+    tmp_path: Path, settings: Settings, models: pipeline.Models, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two studies in flight (study_threads 2) when the database fills up: both fail to
+    record, the batch stops with the error, the other six never start."""
+    write_studies(tmp_path / "in", 8, seed=33, size=(128, 128))
     started: list[str] = []
     lock = threading.Lock()
+    real_run = pipeline.run
 
-    def process(study: StudyInput, force: bool) -> object:
+    def counted(study: StudyInput, *args: object, **kwargs: object) -> object:
         with lock:
             started.append(study.study_instance_uid)
-        time.sleep(0.2)
-        raise RecordingError("the outcome cannot be recorded: database or disk is full")
+        time.sleep(0.2)  # both loops have claimed before either records
+        return real_run(study, *args, **kwargs)  # type: ignore[arg-type]
 
-    studies = [StudyInput(f"1.2.{i}", ()) for i in range(8)]
+    def full(*args: object, **kwargs: object) -> object:
+        raise OperationalError("INSERT INTO outcomes ...", {}, Exception("database is full"))
+
+    monkeypatch.setattr(pipeline, "run", counted)
+    monkeypatch.setattr(worker, "record_result", full)
+    two = settings.model_copy(
+        update={"processing": settings.processing.model_copy(update={"study_threads": 2})}
+    )
     with pytest.raises(RecordingError):
-        list(process_concurrently(process, studies, False, 2))  # type: ignore[arg-type]
+        run_batch(tmp_path / "in", Site.at(two, tmp_path / "out"), models=models)
     assert len(started) == 2, started  # the two in flight; the other six never started
 
 

@@ -1,4 +1,5 @@
-"""The `instances` table: what `cxrbatch watch` received, one row per SOPInstanceUID.
+"""The `instances` table: what `cxrbatch watch` received, or `cxrbatch process` was given,
+one row per SOPInstanceUID.
 
 The spool (cxrbatch/ingest/spool.py), the folder watcher and the workers reach these rows
 only through the functions here. `path` (where the file is now) is stored relative to the
@@ -11,11 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from cxrbatch.db.models import Instance, RejectedFile
-from cxrbatch.domain import InstanceHeader
+from cxrbatch.domain import InstanceHeader, StudyInput
 from cxrbatch.paths import StorageRoots, resolve_stored, store_path
 
 
@@ -98,6 +99,34 @@ def replace(
             purged_at=None,
         )
     )
+
+
+def declare_study(session: Session, study: StudyInput, roots: StorageRoots | None = None) -> None:
+    """`cxrbatch process`: the study's instances are the files given, left where they are
+    (its folder as it is now, as when a folder is watched in read-only mode). Rows of the
+    study that are not among them are dropped; rows of these instances point at these
+    files. The caller commits."""
+    uid = study.study_instance_uid
+    given = {header.sop_instance_uid: header for header in study.instances}
+    rows = session.scalars(
+        select(Instance).where(
+            or_(Instance.study_instance_uid == uid, Instance.sop_instance_uid.in_(list(given)))
+        )
+    ).all()
+    for row in rows:
+        header = given.pop(row.sop_instance_uid, None)
+        if header is None:
+            session.delete(row)
+            continue
+        row.study_instance_uid = uid
+        row.sha256 = header.sha256
+        row.path = store_path(header.path, roots)
+        row.source_path = str(header.path)
+        row.size = header.path.stat().st_size
+        row.purged_at = None
+    session.flush()  # the deletions before the inserts: a unique SOPInstanceUID
+    for header in given.values():
+        add(session, header, header.path, header.path, roots)
 
 
 def tally(session: Session) -> tuple[int, int, int]:

@@ -177,5 +177,12 @@ def retry_dead(sessions: sessionmaker[Session], study_instance_uids: list[str] |
     return JOBS.revive(sessions, *where)
 
 
+def pending(session: Session) -> int:
+    """Jobs queued (due or in their quiet period) or running: a worker run until the queue
+    is idle waits for these. Failed jobs waiting out their backoff are not pending."""
+    counted = counts(session)
+    return counted[JobStatus.QUEUED.value] + counted[JobStatus.RUNNING.value]
+
+
 def counts(session: Session) -> dict[str, int]:
     return JOBS.counts(session, JobStatus)

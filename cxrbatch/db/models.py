@@ -219,7 +219,8 @@ class RejectedFile(Base):
 
 
 class Instance(Base):
-    """An instance taken in by `cxrbatch watch` (moved into the spool, or left in place)."""
+    """An instance taken in by `cxrbatch watch` (moved into the spool, or left in place) or
+    given to `cxrbatch process` (left in place)."""
 
     __tablename__ = "instances"
     __table_args__ = (Index("ix_instances_study", "study_instance_uid"),)
