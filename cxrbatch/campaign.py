@@ -40,12 +40,15 @@ from cxrbatch.site import Site
 log = logging.getLogger(__name__)
 
 CHUNK = 200  # files per ingest task
+MISSING = "missing"  # a file the manifest lists that is not there (or not a file)
 
 
 @dataclass(frozen=True)
 class CampaignSummary:
     files: int
-    taken: dict[str, int]  # Spool.take's answers (received, duplicate, rejected, ...)
+    # Spool.take's answers (received, duplicate, rejected, ...), and `missing`: listed in
+    # the manifest, not found.
+    taken: dict[str, int]
     jobs: dict[str, int]  # the queue at the end, by status
     actors: int
     actors_lost: int
@@ -96,7 +99,15 @@ def _take_chunk(site: Site, paths: list[str]) -> dict[str, int]:
     database = Database(site.database_url)
     try:
         spool = Spool.for_site(site, database.sessions, mode="read-only")
-        return dict(Counter(str(spool.take(Path(p)).value) for p in paths))
+        answers: Counter[str] = Counter()
+        for text in paths:
+            path = Path(text)
+            if path.is_file():
+                answers[str(spool.take(path).value)] += 1
+            else:  # listed in the manifest, not there: not "gone" (nothing took it)
+                answers[MISSING] += 1
+                log.debug("campaign: listed file not found: %s", path)
+        return dict(answers)
     finally:
         database.close()
 

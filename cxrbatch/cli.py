@@ -23,7 +23,8 @@ Exit codes (every command):
        files are quarantined and counted, not an error)
     1  it ran, but `process` failed one or more studies (or lost them to another worker), or
        `send` left a delivery failed, dead or lost, or a `campaign` left studies failed,
-       dead or unfinished: a nightly job should alert
+       dead or unfinished or did not find files its manifest lists: a nightly job should
+       alert
     2  it could not run (bad configuration, missing input folder, output inside the input,
        database away or older than the code, model that cannot be loaded), one line saying why
 """
@@ -233,7 +234,9 @@ def process(
 ) -> None:
     """Process every study in INPUT_DIR: SEG + SR + JSON per study, one DB row per study.
 
-    Exit code 1 when one or more studies failed (their reasons are in the summary)."""
+    The studies are queued and run by the same queue workers as `watch`, until the queue
+    is idle (what an interrupted run left queued is finished too). Exit code 1 when one
+    or more studies failed (their reasons are in the summary)."""
     from cxrbatch.batch import run_batch
 
     try:
@@ -455,8 +458,14 @@ def campaign(
         table.add_row(f"studies {status}", str(count))
     table.add_row("worker actors (lost)", f"{summary.actors} ({summary.actors_lost})")
     out_console.print(table)
+    missing = summary.taken.get("missing", 0)
+    if missing:
+        console.print(
+            f"{missing} file(s) the manifest lists were not found (their paths are logged "
+            "at logging.level = DEBUG); run the campaign again once they are in place"
+        )
     unfinished = sum(summary.jobs.get(s, 0) for s in ("failed", "dead", "queued", "running"))
-    if unfinished:
+    if unfinished or missing:
         raise typer.Exit(code=1)
 
 
