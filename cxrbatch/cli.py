@@ -1060,6 +1060,8 @@ def web_password(
     """Print a [[web.users]] entry with an argon2 hash of a password read from the terminal."""
     from cxrbatch.web.auth import hash_password
 
+    if ":" in name:  # HTTP Basic sends "name:password": the first ':' ends the name
+        raise _fail("a user name for HTTP Basic cannot contain ':'")
     password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
     # Plain output: no console wrapping at any width, so the entry pastes as printed.
     sys.stdout.write(

@@ -378,7 +378,7 @@ def test_watch_serves_the_app_beside_the_daemon_by_config(tmp_path: Path) -> Non
 
 
 def test_csv_cells_that_look_like_formulas_are_neutralised() -> None:
-    from cxrbatch.web.app import _cells
+    from cxrbatch.web.pages import _cells
 
     assert _cells(["=HYPERLINK(1)", "+1", "-2", "@x", "\tx", "ok", 0.5, None]) == [
         "'=HYPERLINK(1)", "'+1", "'-2", "'@x", "'\tx", "ok", 0.5, None,

@@ -9,8 +9,6 @@ numbers. Every view of a study page and every export is audited with the user's 
 
 from __future__ import annotations
 
-import base64
-import binascii
 from dataclasses import dataclass
 
 from argon2 import PasswordHasher
@@ -58,20 +56,17 @@ class Authenticator:
         return self.settings.authentication
 
     def user(
-        self, authorization: str | None, client: str | None, proxied: str | None
+        self, credentials: tuple[str, str] | None, client: str | None, proxied: str | None
     ) -> User | None:
         """The request's user; ANONYMOUS when no authentication is configured; None when it
-        is configured and the request does not satisfy it."""
+        is configured and the request does not satisfy it. `credentials`: the HTTP Basic
+        name and password (fastapi.security.HTTPBasic parses the header)."""
         if not self.required:
             return ANONYMOUS
         if self.settings.trusted_proxy_header and proxied and client in self.proxies:
             return User(proxied.strip()[:64], authenticated=True)
-        if authorization and authorization.lower().startswith("basic ") and self.users:
-            try:
-                decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode()
-            except (binascii.Error, UnicodeDecodeError):
-                return None
-            name, _, password = decoded.partition(":")
+        if credentials is not None and self.users:
+            name, password = credentials
             stored = self.users.get(name)
             if stored is None:
                 _verify(_DUMMY, password)  # the same time for an unknown name
