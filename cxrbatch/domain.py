@@ -426,6 +426,26 @@ class OutputFiles:
 
 @dataclass(frozen=True)
 class StudyResult:
+    """What processing one study gave, valid once built.
+
+    Parameters
+    ----------
+    study_instance_uid: the study's UID (not empty).
+    status: PROCESSED when at least one image was processed; INELIGIBLE when no image
+        was eligible (nothing processed, nothing failed); FAILED when the study failed as a
+        whole or every eligible image failed (nothing processed).
+    reason: why it is ineligible or failed (required then), or what needs review.
+    images, skipped, failures: the images processed, left out by the selection, failed.
+    triage, no_finding_score: the study's screening triage and No Finding score (0-1),
+        only for a processed study.
+    models: the models that ran (name, version, weight hash).
+
+    Raises
+    ------
+    ValueError: the fields contradict each other (e.g. PROCESSED with no image, FAILED
+        without a reason, a triage on an ineligible study, a score outside 0-1).
+    """
+
     study_instance_uid: str
     status: OutcomeStatus
     reason: str | None
@@ -443,6 +463,27 @@ class StudyResult:
     # The worker that ran it (`cxrbatch.db.leased.new_owner`: host, pid, nonce, process
     # space), recorded on the outcome; None where no worker identity applies.
     processed_by: str | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        status = OutcomeStatus(self.status)  # ValueError for an unknown status
+        if not self.study_instance_uid:
+            problems.append("no StudyInstanceUID")
+        if status is OutcomeStatus.PROCESSED and not self.images:
+            problems.append("processed with no image processed")
+        if status is not OutcomeStatus.PROCESSED:
+            if self.images:
+                problems.append(f"{status.value} with {len(self.images)} image(s) processed")
+            if not self.reason:
+                problems.append(f"{status.value} without a reason")
+            if self.triage is not None or self.no_finding_score is not None:
+                problems.append(f"{status.value} with a triage or a No Finding score")
+        if status is OutcomeStatus.INELIGIBLE and self.failures:
+            problems.append("ineligible with failed images (that is failed)")
+        if self.no_finding_score is not None and not 0.0 <= self.no_finding_score <= 1.0:
+            problems.append(f"No Finding score {self.no_finding_score} outside 0-1")
+        if problems:
+            raise ValueError(f"study result {self.study_instance_uid}: " + "; ".join(problems))
 
     @property
     def segmentation_only(self) -> bool:
