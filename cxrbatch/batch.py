@@ -27,15 +27,12 @@ from multiprocessing.process import BaseProcess
 from multiprocessing.queues import SimpleQueue
 from pathlib import Path
 
-from sqlalchemy import select
-
 from cxrbatch import logs, pipeline
 from cxrbatch.cpus import threads_per_worker
 from cxrbatch.db import Sessions, instances, jobs
-from cxrbatch.db.models import Job
 from cxrbatch.db.session import ensure_local_sqlite, upgrade
 from cxrbatch.dicom.discover import discover
-from cxrbatch.domain import JobStatus, StudyInput, StudyRunStatus
+from cxrbatch.domain import StudyInput, StudyRunStatus
 from cxrbatch.errors import CxrBatchError
 from cxrbatch.files import output_lock
 from cxrbatch.models.device import limit_cpu_threads
@@ -280,12 +277,7 @@ def _record_deaths(
     if not uids:
         return []
     with sessions() as session:
-        rows = session.execute(
-            select(Job.study_instance_uid, Job.attempts).where(
-                Job.study_instance_uid.in_(uids), Job.status == JobStatus.DEAD
-            )
-        )
-        dead = {uid: attempts for uid, attempts in rows}
+        dead = jobs.dead_attempts(session, uids)
     reports: list[StudyReport] = []
     for uid, attempts in dead.items():
         start = started[uid]

@@ -566,7 +566,7 @@ class QueueWorker:
         if self.tell is not None:
             self.tell(Started(uid, fingerprint, self.processor.models.refs))
         staging = export.staging_dir(self.site.out_dir, uid, claimed.attempts)
-        ran = self.processor.run(study, self.force, fingerprint, staging)
+        ran = self.processor.run(study, force=self.force, fingerprint=fingerprint, staging=staging)
         report = self._publish_and_record(claimed, ran, staging)
         if self.tell is not None:
             self.tell(report)

@@ -184,11 +184,15 @@ def test_needs_review_is_recorded_listed_and_ranked_with_abnormal(
     url = f"sqlite:///{tmp_path / 'results.db'}"
     upgrade(url)
     engine = make_engine(url)
+    # A processed study has an image (StudyResult refuses one without): the first
+    # study's image with masks that passed QC, so it adds no needs-review image row.
+    image = results[0].images[0]
+    passed = replace(image, segmentation=replace(image.segmentation, qc=None))
     normal = replace(
         results[0],
         study_instance_uid="1.2.3.4.normal",
         triage=Triage.LIKELY_NORMAL,
-        images=(),
+        images=(passed,),
         reason=None,
         input_fingerprint="n",
     )

@@ -6,11 +6,14 @@ in the log or for anonymous users."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import re
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -269,23 +272,20 @@ def test_cxrbatch_audit_lists_the_events(processed: Site) -> None:
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 
 
-def test_a_real_browser_follows_the_worklist_to_a_study_with_its_overlay(processed: Site) -> None:
-    """Headless Chromium (Debian's, driven by playwright) opens the worklist, follows a
-    study link and finds the overlay loaded and the findings table; screenshots of the
-    three pages are kept in artifacts/ (CI keeps them)."""
+@contextlib.contextmanager
+def _served(site: Site) -> Iterator[str]:
+    """The app for `site` on a loopback port, in a thread: its base URL."""
     import socket
     import threading
     import time
 
     import uvicorn
-    from playwright.sync_api import sync_playwright
 
-    executable = chromium_executable("browser test")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = uvicorn.Server(
-        uvicorn.Config(create_app(processed), host="127.0.0.1", port=port, log_config=None)
+        uvicorn.Config(create_app(site), host="127.0.0.1", port=port, log_config=None)
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -293,32 +293,147 @@ def test_a_real_browser_follows_the_worklist_to_a_study_with_its_overlay(process
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.started
-    ARTIFACTS.mkdir(exist_ok=True)
     try:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(
-                executable_path=executable, args=["--no-sandbox", "--disable-gpu"]
-            )
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(f"http://127.0.0.1:{port}/")
-            assert "NOT FOR DIAGNOSTIC USE" in page.content()
-            page.screenshot(path=str(ARTIFACTS / "worklist.png"), full_page=True)
-            page.click("a.study >> nth=0")
-            page.wait_for_selector("img.overlay")
-            page.wait_for_function(
-                "Array.from(document.images).every(i => i.complete)", timeout=30_000
-            )
-            widths = page.eval_on_selector_all("img.overlay", "els => els.map(e => e.naturalWidth)")
-            assert widths and all(w > 0 for w in widths), widths
-            assert page.locator("table.findings").count() >= 1
-            page.screenshot(path=str(ARTIFACTS / "study.png"), full_page=True)
-            page.goto(f"http://127.0.0.1:{port}/operations")
-            page.screenshot(path=str(ARTIFACTS / "operations.png"), full_page=True)
-            browser.close()
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@contextlib.contextmanager
+def _browser() -> Iterator[Any]:
+    """Headless Chromium (Debian's, driven by playwright): a page 1400 x 1000."""
+    from playwright.sync_api import sync_playwright
+
+    executable = chromium_executable("browser test")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=executable, args=["--no-sandbox", "--disable-gpu"]
+        )
+        try:
+            yield browser.new_page(viewport={"width": 1400, "height": 1000})
+        finally:
+            browser.close()
+
+
+def test_a_real_browser_follows_the_worklist_to_a_study_with_its_overlay(processed: Site) -> None:
+    """Headless Chromium opens the worklist, follows a study link and finds the overlay
+    loaded and the findings table; screenshots of the three pages are kept in artifacts/
+    (CI keeps them)."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    with _served(processed) as base, _browser() as page:
+        page.goto(f"{base}/")
+        assert "NOT FOR DIAGNOSTIC USE" in page.content()
+        page.screenshot(path=str(ARTIFACTS / "worklist.png"), full_page=True)
+        page.click("a.study >> nth=0")
+        page.wait_for_selector("img.overlay")
+        page.wait_for_function("Array.from(document.images).every(i => i.complete)", timeout=30_000)
+        widths = page.eval_on_selector_all("img.overlay", "els => els.map(e => e.naturalWidth)")
+        assert widths and all(w > 0 for w in widths), widths
+        assert page.locator("table.findings").count() >= 1
+        page.screenshot(path=str(ARTIFACTS / "study.png"), full_page=True)
+        page.goto(f"{base}/operations")
+        page.screenshot(path=str(ARTIFACTS / "operations.png"), full_page=True)
     assert (ARTIFACTS / "study.png").stat().st_size > 10_000
+
+
+def test_the_viewer_serves_the_films_own_values_and_the_lung_layer(processed: Site) -> None:
+    """/view/<sop>/: the Modality LUT values back to within one code step, the header's
+    window, the contours on a transparent layer of the same size."""
+    import cv2
+    import numpy as np
+
+    from cxrbatch.dicom.decode import modality_image
+    from cxrbatch.dicom.discover import read_header
+    from cxrbatch.domain import InstanceHeader
+
+    client = _client(processed)
+    uid = _uids(processed)[0]
+    page = client.get(f"/studies/{uid}").text
+    base = re.search(r'data-base="([^"]+)"', page)
+    assert base is not None
+    meta = client.get(base.group(1) + "view.json").json()
+    raw = client.get(base.group(1) + "pixels")
+    assert raw.headers["content-encoding"] == "gzip"
+    codes = np.frombuffer(raw.content, dtype="<u2").reshape(meta["height"], meta["width"])
+    values = meta["low"] + codes * (meta["high"] - meta["low"]) / 65535
+    with sqlite3.connect(processed.out_dir / "cxrbatch.sqlite") as db:
+        (stored,) = db.execute(
+            "SELECT i.source_path FROM images i JOIN outcomes o ON o.id = i.outcome_id "
+            "JOIN studies s ON s.id = o.study_id WHERE s.study_instance_uid = ? AND o.is_current",
+            (uid,),
+        ).fetchone()
+    header = read_header(Path(stored))
+    assert isinstance(header, InstanceHeader)
+    truth = modality_image(header)
+    assert values.shape == truth.values.shape  # 256 px phantoms: not scaled down
+    step = (meta["high"] - meta["low"]) / 65535
+    assert np.abs(values - truth.values).max() <= step
+    assert meta["window_source"] in ("header", "percentile 0.5-99.5")
+    if truth.window is not None:
+        assert (meta["window"]["center"], meta["window"]["width"]) == truth.window
+    layer = cv2.imdecode(
+        np.frombuffer(client.get(base.group(1) + "lungs.png").content, np.uint8),
+        cv2.IMREAD_UNCHANGED,
+    )
+    assert layer is not None and layer.shape == (meta["height"], meta["width"], 4)
+    drawn = layer[..., 3] > 0
+    assert 0.005 < drawn.mean() < 0.2  # contours, not filled areas
+    assert client.get(base.group(1) + "other").status_code == 404
+    assert ("anonymous", "image_viewed", uid) in _audit(processed)
+
+
+def test_a_reader_windows_zooms_and_hides_the_lungs_in_a_real_browser(processed: Site) -> None:
+    """The study page's viewer in headless Chromium: the film drawn, the lung layer toggled,
+    window/level by right-drag, zoom by the wheel, reset by double-click; screenshots in
+    artifacts/ (looked at: study-viewer*.png)."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    with _served(processed) as base, _browser() as page:
+        page.goto(f"{base}/studies/{_uids(processed)[0]}")
+        page.wait_for_selector(".viewer.ready[data-state]", timeout=30_000)
+        viewer = page.locator(".viewer").first
+        canvas = viewer.locator("canvas")
+
+        def shown() -> str:
+            return str(canvas.evaluate("c => c.toDataURL()"))
+
+        def state() -> dict[str, Any]:
+            return dict(json.loads(viewer.get_attribute("data-state") or "{}"))
+
+        def settle() -> None:
+            page.wait_for_timeout(150)  # the next animation frame draws
+
+        first = shown()
+        assert state()["lungs"] is True and state()["zoom"] == 1
+        page.screenshot(path=str(ARTIFACTS / "study-viewer.png"), full_page=True)
+        viewer.locator("button[data-action=lungs]").click()
+        settle()
+        assert state()["lungs"] is False and shown() != first
+        box = canvas.bounding_box()
+        assert box is not None
+        middle = (box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        before = state()
+        page.mouse.move(*middle)
+        page.mouse.down(button="right")
+        page.mouse.move(middle[0] + 120, middle[1] - 60, steps=4)
+        page.mouse.up(button="right")
+        settle()
+        after = state()
+        assert after["width"] > before["width"] and after["center"] > before["center"]
+        windowed = shown()
+        assert windowed != first
+        page.mouse.wheel(0, -300)
+        settle()
+        assert state()["zoom"] > 1
+        viewer.locator("button[data-action=lungs]").click()
+        settle()
+        page.screenshot(path=str(ARTIFACTS / "study-viewer-zoomed.png"), full_page=True)
+        canvas.dblclick()
+        settle()
+        reset = state()
+        assert reset["zoom"] == 1 and reset["width"] == before["width"]
+        assert shown() == first
+    assert (ARTIFACTS / "study-viewer.png").stat().st_size > 10_000
 
 
 def test_watch_writes_the_metrics_textfile_for_node_exporter(tmp_path: Path) -> None:

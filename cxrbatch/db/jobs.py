@@ -184,5 +184,15 @@ def pending(session: Session) -> int:
     return counted[JobStatus.QUEUED.value] + counted[JobStatus.RUNNING.value]
 
 
+def dead_attempts(session: Session, study_instance_uids: list[str]) -> dict[str, int]:
+    """Of these studies, those whose job is dead, with its attempts."""
+    rows = session.execute(
+        select(Job.study_instance_uid, Job.attempts).where(
+            Job.study_instance_uid.in_(study_instance_uids), Job.status == JobStatus.DEAD
+        )
+    )
+    return {uid: attempts for uid, attempts in rows}
+
+
 def counts(session: Session) -> dict[str, int]:
     return JOBS.counts(session, JobStatus)

@@ -20,6 +20,7 @@ keep the header's display (the classifier was trained on displayed exports).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -135,7 +136,21 @@ def _integer(ds: Dataset, keyword: str, default: int) -> int:
         raise InputError(f"{keyword} is not a single integer: {str(value)[:40]!r}.") from exc
 
 
-def decode_dataset(ds: Dataset, header: InstanceHeader) -> DecodedImage:
+@dataclass(frozen=True)
+class ModalityImage:
+    """An instance's pixel values after the Modality LUT (steps 1-2 above), what a viewer
+    windows itself: `inverted` when higher values are darker (MONOCHROME1, or Presentation
+    LUT Shape INVERSE); `window` the header's (center, width) when valid."""
+
+    values: np.ndarray  # float64 (Rows, Columns)
+    inverted: bool
+    window: tuple[float, float] | None
+    notes: tuple[str, ...]
+
+
+def modality_values(ds: Dataset) -> tuple[np.ndarray, str | None, list[str]]:
+    """The Modality LUT values of the first frame, why they display inverted (None: they
+    do not), and notes; InputError for what cannot be a grayscale radiograph."""
     notes: list[str] = []
     samples = _integer(ds, "SamplesPerPixel", 1)
     if samples != 1:
@@ -166,18 +181,35 @@ def decode_dataset(ds: Dataset, header: InstanceHeader) -> DecodedImage:
         values = pixels.astype(np.float64)
     if not np.isfinite(values).all():
         raise InputError("Pixel values are not finite after the Modality LUT.")
+    # MONOCHROME1 is displayed inverted. PS3.3 C.8.11.6 pairs DX MONOCHROME1 with
+    # Presentation LUT Shape INVERSE: that expresses the same inversion, not a second one.
+    inverse_plut = str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE"
+    if photometric == "MONOCHROME1":
+        return values, "MONOCHROME1", notes
+    return values, "Presentation LUT INVERSE" if inverse_plut else None, notes
+
+
+def modality_image(header: InstanceHeader) -> ModalityImage:
+    """Read one instance's Modality LUT values and its header window (the web app's
+    viewer windows them in the browser)."""
+    ds = read_dataset(header)
+    values, inverted, notes = modality_values(ds)
+    window: list[tuple[float, float]] = []
+    _voi(ds, values, notes, window)
+    header_window = window[0] if window and "window from header" in notes else None
+    return ModalityImage(values, inverted is not None, header_window, tuple(notes))
+
+
+def decode_dataset(ds: Dataset, header: InstanceHeader) -> DecodedImage:
+    values, inverted, notes = modality_values(ds)
     window: list[tuple[float, float]] = []
     display = _voi(ds, values, notes, window)
     # The header's window, or (no valid one) the percentile window already.
     windowed_by_header = not notes[-1].startswith("percentile")
     from_data = percentile_window(values) if windowed_by_header else display
-    # MONOCHROME1 is displayed inverted. PS3.3 C.8.11.6 pairs DX MONOCHROME1 with
-    # Presentation LUT Shape INVERSE: that expresses the same inversion, not a second one.
-    inverse_plut = str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE"
-    if photometric == "MONOCHROME1" or inverse_plut:
+    if inverted:
         display, from_data = 1.0 - display, 1.0 - from_data
-        why = "MONOCHROME1" if photometric == "MONOCHROME1" else "Presentation LUT INVERSE"
-        notes.append(f"inverted ({why})")
+        notes.append(f"inverted ({inverted})")
     image_u8 = np.round(display * 255.0).astype(np.uint8)
     segmentation_u8 = _to_u8(from_data) if windowed_by_header else image_u8
     left_is_right, side_source = patient_side_mapping(ds)

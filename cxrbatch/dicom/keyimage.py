@@ -88,21 +88,32 @@ def contour_picture(
     picture = np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=2))
     if maps:
         _tint(picture, maps, scale)
-    thickness = max(2, size[0] // 400)
+    draw_lungs(picture, right_lung, left_lung)
+    return picture
+
+
+def draw_lungs(picture: np.ndarray, right_lung: np.ndarray, left_lung: np.ndarray) -> None:
+    """Contour the patient's right lung in orange and the left in blue, each lettered, on
+    `picture` (RGB, or RGBA drawn opaque), the masks resized to it: the key image, the web
+    app's overlays and its viewer's lung layer draw the same."""
+    rows, cols = picture.shape[:2]
+    size = (cols, rows)
+    thickness = max(2, cols // 400)
+    alpha = (255,) if picture.shape[2] == 4 else ()
     for mask, colour, letter in (
         (right_lung, RIGHT_COLOUR, "R"),
         (left_lung, LEFT_COLOUR, "L"),
     ):
+        paint = (*colour, *alpha)
         small = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
         contours, _ = cv2.findContours(small, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(picture, contours, -1, colour, thickness, lineType=cv2.LINE_AA)
+        cv2.drawContours(picture, contours, -1, paint, thickness, lineType=cv2.LINE_AA)
         ys, xs = np.nonzero(small)
         if len(xs):
             cv2.putText(
-                picture, letter, (int(xs.mean()), int(ys.mean())), FONT, size[0] / 700,
-                colour, thickness, cv2.LINE_AA,
+                picture, letter, (int(xs.mean()), int(ys.mean())), FONT, cols / 700,
+                paint, thickness, cv2.LINE_AA,
             )  # fmt: skip
-    return picture
 
 
 def _band(width: int, caption: Caption, legend: list[str]) -> np.ndarray:

@@ -7,7 +7,7 @@ from fastapi.responses import FileResponse, Response
 
 from cxrbatch.paths import resolve_stored
 from cxrbatch.web.deps import Reading, State, Viewer, audited, study_view
-from cxrbatch.web.render import SIZES, OverlayError, cached_overlay
+from cxrbatch.web.render import SIZES, VIEW_PARTS, OverlayError, cached_overlay, cached_view
 
 router = APIRouter()
 
@@ -41,6 +41,38 @@ def overlay(
     except (OverlayError, OSError) as exc:
         raise HTTPException(404, f"overlay not available: {exc}") from exc
     audited(web, who, "image_viewed", uid, f"{sop} {size}" + (" maps" if maps else ""))
+    return Response(data, media_type="image/png")
+
+
+@router.get("/studies/{uid}/view/{sop}/{part}")
+def view(uid: str, sop: str, part: str, web: State, who: Viewer, session: Reading) -> Response:
+    """The study page's viewer (static/viewer.js): `view.json` (size, value range, window,
+    inversion), `pixels` (the Modality LUT values as gzip-compressed little-endian uint16
+    codes) and `lungs.png` (the contours on a transparent layer). Shown to whoever sees the
+    page, as the overlays are."""
+    if part not in VIEW_PARTS:
+        raise HTTPException(404, f"part is one of {', '.join(VIEW_PARTS)}")
+    outcome = study_view(session, uid).current
+    image = next((i for i in outcome.images if i.sop_instance_uid == sop), None)
+    if image is None or not image.seg_path or not image.source_path:
+        raise HTTPException(404, "no segmented radiograph for this image")
+    roots = web.site.roots
+    try:
+        data = cached_view(
+            web.cache_dir,
+            resolve_stored(image.source_path, roots),
+            resolve_stored(image.seg_path, roots),
+            part,
+        )
+    except (OverlayError, OSError) as exc:
+        raise HTTPException(404, f"viewer not available: {exc}") from exc
+    if part == "view.json":
+        audited(web, who, "image_viewed", uid, f"{sop} viewer")
+        return Response(data, media_type="application/json")
+    if part == "pixels":
+        return Response(
+            data, media_type="application/octet-stream", headers={"Content-Encoding": "gzip"}
+        )
     return Response(data, media_type="image/png")
 
 

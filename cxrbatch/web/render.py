@@ -10,18 +10,21 @@ file, a moved input folder) gives the contours on black, said so in the PNG's co
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pydicom
 
-from cxrbatch.dicom.decode import decode
+from cxrbatch.dicom.decode import decode, modality_image, percentile_bounds
 from cxrbatch.dicom.discover import read_header
 from cxrbatch.dicom.export import read_maps
-from cxrbatch.dicom.keyimage import WARNING_COLOUR, contour_picture
+from cxrbatch.dicom.keyimage import WARNING_COLOUR, contour_picture, draw_lungs
 from cxrbatch.domain import RejectedFile
 from cxrbatch.files import atomic_write
 
@@ -103,15 +106,99 @@ def cached_overlay(
     """`render_overlay`, kept in `cache_dir` under a key of the files' identity."""
     files = f"{_identity(source)}|{_identity(seg)}|{_identity(maps) if maps else 'no maps'}"
     key = hashlib.sha256(f"{files}|{size}".encode()).hexdigest()
-    target = cache_dir / key[:2] / f"{key}.png"
+    return _cached(
+        cache_dir / key[:2] / f"{key}.png", lambda: render_overlay(source, seg, size, maps)
+    )
+
+
+def _cached(target: Path, make: Callable[[], bytes]) -> bytes:
+    """The bytes kept at `target`, or made now and kept there (atomically)."""
     try:
         return target.read_bytes()
     except FileNotFoundError:
         pass
-    data = render_overlay(source, seg, size, maps)
+    data = make()
+    _keep(target, data)
+    return data
+
+
+def _keep(target: Path, data: bytes) -> None:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(target, lambda handle: handle.write(data))
     except OSError as exc:  # a full or read-only cache: serve it uncached
-        log.warning("overlay cache not written: %s", exc.strerror)
-    return data
+        log.warning("web cache not written: %s", exc.strerror)
+
+
+# ---- the study page's viewer (static/viewer.js) -----------------------------------------
+#
+# The browser windows the film itself: it gets the Modality LUT values (not a display
+# rendering) as little-endian uint16 codes spanning [low, high], gzip-compressed, at most
+# VIEW_MAX pixels on the long side; their description (size, value range, the header's
+# window or else the 0.5-99.5 percentile one, inversion); and the lung contours as a
+# transparent PNG of the same size, drawn over the film when the reader wants them.
+
+VIEW_MAX = 2048
+VIEW_PARTS = ("view.json", "pixels", "lungs.png")
+
+
+def render_view(source: Path, seg: Path) -> dict[str, bytes]:
+    """The viewer's three parts for one image (VIEW_PARTS); OverlayError when the
+    radiograph is gone or does not decode."""
+    header = read_header(source) if source.is_file() else None
+    if header is None or isinstance(header, RejectedFile):
+        raise OverlayError("the radiograph is not available")
+    try:
+        image = modality_image(header)
+    except Exception as exc:
+        raise OverlayError(f"the radiograph does not decode: {type(exc).__name__}") from exc
+    right, left = seg_masks(seg)
+    values: np.ndarray = image.values.astype(np.float32)
+    if right.shape != values.shape:
+        raise OverlayError("the segmentation does not match the radiograph's size")
+    rows, cols = values.shape
+    scale = min(1.0, VIEW_MAX / max(rows, cols))
+    size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
+    if scale < 1:
+        values = cv2.resize(values, size, interpolation=cv2.INTER_AREA)
+    low, high = float(values.min()), float(values.max())
+    span = high - low if high > low else 1.0
+    codes = np.round((values - low) / span * 65535.0).astype("<u2")
+    p_low, p_high = percentile_bounds(values)
+    center, width = image.window or ((p_low + p_high) / 2, p_high - p_low)
+    lungs = np.zeros((size[1], size[0], 4), dtype=np.uint8)
+    draw_lungs(lungs, right, left)
+    ok, png = cv2.imencode(".png", cv2.cvtColor(lungs, cv2.COLOR_RGBA2BGRA))
+    if not ok:
+        raise OverlayError("the lung layer cannot be encoded as PNG")
+    meta = {
+        "width": size[0],
+        "height": size[1],
+        "source_rows": rows,
+        "source_columns": cols,
+        "low": low,
+        "high": high,
+        "window": {"center": center, "width": max(width, 1.0)},
+        "window_source": "header" if image.window else "percentile 0.5-99.5",
+        "percentile": {"low": p_low, "high": p_high},
+        "inverted": image.inverted,
+    }
+    return {
+        "view.json": json.dumps(meta).encode(),
+        "pixels": gzip.compress(codes.tobytes(), compresslevel=6),
+        "lungs.png": bytes(png.tobytes()),
+    }
+
+
+def cached_view(cache_dir: Path, source: Path, seg: Path, part: str) -> bytes:
+    """One part of `render_view` (VIEW_PARTS), the three kept in `cache_dir`."""
+    key = hashlib.sha256(f"{_identity(source)}|{_identity(seg)}|view".encode()).hexdigest()
+    folder = cache_dir / key[:2] / key
+    try:
+        return (folder / part).read_bytes()
+    except FileNotFoundError:
+        pass
+    parts = render_view(source, seg)
+    for name, data in parts.items():
+        _keep(folder / name, data)
+    return parts[part]
