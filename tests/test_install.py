@@ -86,3 +86,36 @@ def test_the_installed_package_upgrades_a_database_and_reads_its_defaults(
 
     listed = _cxrbatch(installed, tmp_path, "status", "--out", str(out), "--format", "json")
     assert listed.returncode == 0, listed.stderr
+
+
+def test_the_installed_web_app_serves_its_style_sheet_and_viewer(
+    installed: Path, tmp_path: Path
+) -> None:
+    """Every file the pages load is in the wheel: the app starts from an installed copy
+    (StaticFiles refuses a missing folder) and serves the style sheet and the viewer."""
+    out = tmp_path / "out"
+    assert _cxrbatch(installed, tmp_path, "db", "upgrade", "--out", str(out)).returncode == 0
+    probe = (
+        "import sys; from pathlib import Path; from fastapi.testclient import TestClient; "
+        "import cxrbatch; from cxrbatch.config import load_settings; "
+        "from cxrbatch.site import Site; from cxrbatch.web.app import create_app; "
+        "client = TestClient(create_app(Site.at(load_settings(None), Path(sys.argv[1])))); "
+        "print(cxrbatch.__file__); "
+        "[print(p, client.get(p).status_code, len(client.get(p).content)) "
+        "for p in ('/static/app.css', '/static/viewer.js', '/')]"
+    )
+    served = subprocess.run(
+        [sys.executable, "-c", probe, str(out)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(installed)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert served.returncode == 0, served.stderr[-2000:]
+    where, *answers = served.stdout.splitlines()
+    assert Path(where).is_relative_to(installed), where
+    assert len(answers) == 3, answers
+    for line in answers:
+        _path, status, size = line.split()
+        assert status == "200" and int(size) > 100, line
