@@ -170,11 +170,22 @@ def _run_here(
 # queue's recovery: a dead process of this host) and starts another worker.
 
 
+@dataclass(frozen=True)
+class _Stopped:
+    """A worker cannot go on (e.g. outcomes cannot be recorded: the database is full):
+    the batch stops with this reason instead of replacing the worker."""
+
+    reason: str
+
+
+Event = Started | StudyReport | _Stopped
+
+
 def _batch_worker_main(
     site: Site,
     threads: int,
     force: bool,
-    events: SimpleQueue[Started | StudyReport],
+    events: SimpleQueue[Event],
     parent_pid: int,
 ) -> None:
     logs.configure(site.settings.logging.level, site.settings.logging.format)
@@ -185,7 +196,11 @@ def _batch_worker_main(
         log.error("worker cannot start: %s", exc)
         raise SystemExit(EXIT_CANNOT_START) from exc
     worker.install_signal_handlers()
-    worker.run(parent_pid=parent_pid, until_idle=True)
+    try:
+        worker.run(parent_pid=parent_pid, until_idle=True)
+    except CxrBatchError as exc:
+        events.put(_Stopped(str(exc)[:2000]))
+        raise SystemExit(EXIT_CANNOT_START) from exc
 
 
 def _run_in_processes(
@@ -196,7 +211,7 @@ def _run_in_processes(
     tell: Callable[[StudyReport], None],
 ) -> None:
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-    events: SimpleQueue[Started | StudyReport] = context.SimpleQueue()
+    events: SimpleQueue[Event] = context.SimpleQueue()
     policy = jobs.RetryPolicy.from_settings(site.settings.queue)
     started: dict[str, Started] = {}
     reported: set[str] = set()
@@ -204,12 +219,15 @@ def _run_in_processes(
     # Deaths with no study recorded in between: bounded, so that workers that die for
     # another reason than a study (the machine out of memory at start) end the batch.
     deaths_in_a_row = 0
+    stopped: list[str] = []
 
     def drain() -> None:
         nonlocal deaths_in_a_row
         while not events.empty():
             event = events.get()
-            if isinstance(event, Started):
+            if isinstance(event, _Stopped):
+                stopped.append(event.reason)
+            elif isinstance(event, Started):
                 started[event.study_instance_uid] = event
             else:
                 reported.add(event.study_instance_uid)
@@ -235,6 +253,8 @@ def _run_in_processes(
                 drain()  # what it told before it went
                 if child.exitcode == 0:
                     continue
+                if stopped:  # it said why: the batch stops, as it would in this process
+                    raise CxrBatchError(stopped[0])
                 if not started:
                     raise CxrBatchError(
                         "the worker processes stopped before processing any study (see the "

@@ -121,3 +121,37 @@ def test_workers_that_cannot_load_their_models_stop_the_batch(
     )
     with pytest.raises(CxrBatchError, match="MedSAM ViT-B checkpoint not found"):
         run_batch(tmp_path / "in", Site.at(missing, tmp_path / "out2"), workers=2)
+
+
+# The spawned workers find the results database full when they record.
+FULL = """
+import os
+
+if os.environ.get("CXRBATCH_TEST_FULL_DATABASE"):
+    from sqlalchemy.exc import OperationalError
+
+    from cxrbatch import worker
+
+    def full(*args, **kwargs):
+        raise OperationalError("INSERT ...", {}, Exception("database or disk is full"))
+
+    worker.record_result = full
+"""
+
+
+def test_workers_that_cannot_record_stop_the_batch_with_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, settings: Settings
+) -> None:
+    """As in one process: the batch stops with the database's reason, at once, instead of
+    replacing worker after worker that cannot record either."""
+    write_studies(tmp_path / "in", 3, seed=33, size=(256, 256))
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(FULL)
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")]))
+    )
+    monkeypatch.setenv("CXRBATCH_TEST_FULL_DATABASE", "1")
+    with pytest.raises(CxrBatchError, match=r"cannot be recorded.*database or disk is full"):
+        run_batch(tmp_path / "in", Site.at(settings, tmp_path / "out"), workers=2)
+    assert _current_outcomes(tmp_path / "out") == {}
