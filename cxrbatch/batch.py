@@ -27,7 +27,7 @@ from multiprocessing.process import BaseProcess
 from multiprocessing.queues import SimpleQueue
 from pathlib import Path
 
-from cxrbatch import logs, pipeline
+from cxrbatch import pipeline
 from cxrbatch.cpus import threads_per_worker
 from cxrbatch.db import Sessions, instances, jobs
 from cxrbatch.db.session import ensure_local_sqlite, upgrade
@@ -35,7 +35,6 @@ from cxrbatch.dicom.discover import discover
 from cxrbatch.domain import StudyInput, StudyRunStatus
 from cxrbatch.errors import CxrBatchError
 from cxrbatch.files import output_lock
-from cxrbatch.models.device import limit_cpu_threads
 from cxrbatch.models.preflight import check_model_files
 from cxrbatch.paths import check_outside_input
 from cxrbatch.quarantine import record_rejected_at
@@ -47,6 +46,7 @@ from cxrbatch.worker import (
     failed_result,
     record_result,
     recording,
+    start_worker,
 )
 from cxrbatch.worker_entry import EXIT_CANNOT_START
 
@@ -188,14 +188,7 @@ def _batch_worker_main(
     events: SimpleQueue[Event],
     parent_pid: int,
 ) -> None:
-    logs.configure(site.settings.logging.level, site.settings.logging.format)
-    limit_cpu_threads(threads)
-    try:
-        worker = QueueWorker(site, force=force, tell=events.put)
-    except CxrBatchError as exc:
-        log.error("worker cannot start: %s", exc)
-        raise SystemExit(EXIT_CANNOT_START) from exc
-    worker.install_signal_handlers()
+    worker = start_worker(site, threads, force=force, tell=events.put)
     try:
         worker.run(parent_pid=parent_pid, until_idle=True)
     except CxrBatchError as exc:

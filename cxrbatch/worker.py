@@ -651,21 +651,30 @@ class QueueWorker:
 
     def _work_pending(self) -> bool:
         with self.sessions() as session:
-            return jobs.pending(session) > 0
+            return jobs.pending(session)
 
 
 # Exit status of a worker process that cannot start (a model that cannot be loaded, a
 # configuration error): restarting it would fail the same way.
 
 
-def worker_process_main(site: Site, threads: int, parent_pid: int | None) -> None:
-    """Entry point of a worker process (spawned by `cxrbatch watch` / `cxrbatch worker`)."""
+def start_worker(
+    site: Site, threads: int, *, force: bool = False, tell: Tell | None = None
+) -> QueueWorker:
+    """A worker process's set-up (its logging, `threads` CPU threads, its models, SIGTERM
+    and SIGINT as a drain): the process exits with EXIT_CANNOT_START when the models
+    cannot be loaded (spawned by `watch` / `worker` here, and by `process --workers N`)."""
     logs.configure(site.settings.logging.level, site.settings.logging.format)
     limit_cpu_threads(threads)
     try:
-        worker = QueueWorker(site)
+        worker = QueueWorker(site, force=force, tell=tell)
     except CxrBatchError as exc:
         log.error("worker cannot start: %s", exc)
         raise SystemExit(EXIT_CANNOT_START) from exc
     worker.install_signal_handlers()
-    worker.run(parent_pid=parent_pid)
+    return worker
+
+
+def worker_process_main(site: Site, threads: int, parent_pid: int | None) -> None:
+    """Entry point of a worker process (spawned by `cxrbatch watch` / `cxrbatch worker`)."""
+    start_worker(site, threads).run(parent_pid=parent_pid)

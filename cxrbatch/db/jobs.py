@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import exists, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -177,11 +177,12 @@ def retry_dead(sessions: sessionmaker[Session], study_instance_uids: list[str] |
     return JOBS.revive(sessions, *where)
 
 
-def pending(session: Session) -> int:
-    """Jobs queued (due or in their quiet period) or running: a worker run until the queue
-    is idle waits for these. Failed jobs waiting out their backoff are not pending."""
-    counted = counts(session)
-    return counted[JobStatus.QUEUED.value] + counted[JobStatus.RUNNING.value]
+def pending(session: Session) -> bool:
+    """Whether a job is queued (due or in its quiet period) or running: a worker run until
+    the queue is idle waits for these; failed jobs waiting out their backoff do not count.
+    One probe of the claim index, not a count of the whole table (polled every tick)."""
+    waiting = Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING))
+    return bool(session.scalar(select(exists().where(waiting))))
 
 
 def dead_attempts(session: Session, study_instance_uids: list[str]) -> dict[str, int]:

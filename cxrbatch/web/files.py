@@ -5,6 +5,8 @@
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import FileResponse, Response
 
+from cxrbatch.db import Session
+from cxrbatch.db.models import Image, Outcome
 from cxrbatch.paths import resolve_stored
 from cxrbatch.web.deps import Reading, State, Viewer, audited, study_view
 from cxrbatch.web.render import SIZES, VIEW_PARTS, OverlayError, cached_overlay, cached_view
@@ -13,6 +15,16 @@ router = APIRouter()
 
 # /files/<prefix>-<sop>: the outputs document's per-image group it is served from.
 DOWNLOAD_GROUPS = {"seg": "seg", "key": "key_images", "gsps": "presentation_states"}
+
+
+def _segmented(session: Session, uid: str, sop: str) -> tuple[Outcome, Image, str]:
+    """The study's current outcome, its image `sop` and that image's stored SEG path;
+    404 when it has no SEG."""
+    outcome = study_view(session, uid).current
+    image = next((i for i in outcome.images if i.sop_instance_uid == sop), None)
+    if image is None or not image.seg_path:
+        raise HTTPException(404, "no segmentation for this image")
+    return outcome, image, image.seg_path
 
 
 @router.get("/studies/{uid}/overlay/{sop}.png")
@@ -27,15 +39,12 @@ def overlay(
 ) -> Response:
     if size not in SIZES:
         raise HTTPException(400, f"size is one of {', '.join(SIZES)}")
-    outcome = study_view(session, uid).current
-    image = next((i for i in outcome.images if i.sop_instance_uid == sop), None)
-    if image is None or not image.seg_path:
-        raise HTTPException(404, "no segmentation for this image")
+    outcome, image, seg_path = _segmented(session, uid, sop)
     roots = web.site.roots
     source = resolve_stored(image.source_path, roots) if image.source_path else None
     stored_maps = ((outcome.outputs or {}).get("finding_maps") or {}).get(sop) if maps else None
     maps_file = resolve_stored(stored_maps, roots) if stored_maps else None
-    seg = resolve_stored(image.seg_path, roots)
+    seg = resolve_stored(seg_path, roots)
     try:
         data = cached_overlay(web.cache_dir, source, seg, size, maps_file)
     except (OverlayError, OSError) as exc:
@@ -52,16 +61,15 @@ def view(uid: str, sop: str, part: str, web: State, who: Viewer, session: Readin
     page, as the overlays are."""
     if part not in VIEW_PARTS:
         raise HTTPException(404, f"part is one of {', '.join(VIEW_PARTS)}")
-    outcome = study_view(session, uid).current
-    image = next((i for i in outcome.images if i.sop_instance_uid == sop), None)
-    if image is None or not image.seg_path or not image.source_path:
-        raise HTTPException(404, "no segmented radiograph for this image")
+    _, image, seg_path = _segmented(session, uid, sop)
+    if not image.source_path:
+        raise HTTPException(404, "no radiograph recorded for this image")
     roots = web.site.roots
     try:
         data = cached_view(
             web.cache_dir,
             resolve_stored(image.source_path, roots),
-            resolve_stored(image.seg_path, roots),
+            resolve_stored(seg_path, roots),
             part,
         )
     except (OverlayError, OSError) as exc:
