@@ -10,6 +10,7 @@ import datetime as dt
 import enum
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -388,7 +389,42 @@ class NotAccepted:
 
 
 @dataclass(frozen=True)
+class Withdrawal:
+    """An IOCM rejection note written with a study's outputs (`file`): it withdraws
+    `objects` (SOP Instance UIDs) that `destinations` acknowledged for the study's earlier
+    outcomes, and is sent to each of them before the new objects."""
+
+    file: Path
+    objects: tuple[str, ...]
+    destinations: frozenset[str]
+
+    def __post_init__(self) -> None:
+        if not self.objects or not self.destinations:
+            raise ValueError(f"rejection note {self.file.name}: withdraws nothing, nowhere")
+
+
+@dataclass(frozen=True)
 class OutputFiles:
+    """The files written for one study (in its folder, or in a staging folder of one
+    attempt until published).
+
+    Parameters
+    ----------
+    seg_files, key_image_files, presentation_state_files: per source image (its SOP
+        Instance UID), its SEG, key image and presentation state.
+    sr_file, json_file: the study's SR and result.json (None: not written).
+    finding_map_files: per source image, its finding maps for the web study page (not
+        DICOM, never sent).
+    identities: per DICOM file name, the object's study, series, SOP class and SOP
+        instance UIDs (what deliveries record as sent), given by the writer that built it.
+    withdrawal: the rejection note written with these outputs, if one is due.
+
+    Raises
+    ------
+    ValueError: a DICOM file without its identity, or a withdrawal note with nothing
+        else written.
+    """
+
     seg_files: dict[str, Path]  # SOPInstanceUID of the source image -> SEG file
     sr_file: Path | None
     json_file: Path | None
@@ -398,9 +434,19 @@ class OutputFiles:
     presentation_state_files: dict[str, Path] = field(default_factory=dict)
     # -> the finding maps for the web study page (not DICOM, never sent)
     finding_map_files: dict[str, Path] = field(default_factory=dict)
+    identities: dict[str, dict[str, str]] = field(default_factory=dict)
+    withdrawal: Withdrawal | None = None
+
+    def __post_init__(self) -> None:
+        unknown = [p.name for p in self.dicom_files() if p.name not in self.identities]
+        if unknown:
+            raise ValueError(f"DICOM outputs without their identity: {', '.join(unknown)}")
+        if self.withdrawal is not None and not self.dicom_files():
+            raise ValueError("a rejection note without the outputs that replace what it withdraws")
 
     def dicom_files(self) -> list[Path]:
-        """Every DICOM object written for the study (what is sent to destinations)."""
+        """Every DICOM object written for the study (what is sent to destinations; the
+        rejection note is sent apart, first)."""
         files = [
             *self.seg_files.values(),
             *self.key_image_files.values(),
@@ -414,6 +460,7 @@ class OutputFiles:
         def each(files: dict[str, Path]) -> dict[str, Path]:
             return {uid: folder / path.name for uid, path in files.items()}
 
+        withdrawal = self.withdrawal
         return OutputFiles(
             each(self.seg_files),
             folder / self.sr_file.name if self.sr_file else None,
@@ -421,6 +468,8 @@ class OutputFiles:
             each(self.key_image_files),
             each(self.presentation_state_files),
             each(self.finding_map_files),
+            self.identities,
+            replace(withdrawal, file=folder / withdrawal.file.name) if withdrawal else None,
         )
 
 
@@ -494,3 +543,78 @@ class StudyResult:
     @property
     def needs_review(self) -> bool:
         return any(i.qc_reason is not None for i in self.images)
+
+
+DISCLAIMER = "Algorithm output for research and triage support. NOT FOR DIAGNOSTIC USE."
+SYNTHETIC_WARNING = (
+    "A model used here was trained on SYNTHETIC data: its scores are not clinically meaningful."
+)
+NEEDS_REVIEW_NOTE = (
+    "NEEDS REVIEW: the lung masks of an image failed the segmentation quality check; "
+    "masked classifiers were not run on it and its result is not a normal call."
+)
+
+
+def outcome_notes(synthetic: bool, segmentation_only: bool, needs_review: bool) -> list[str]:
+    """The notes an outcome carries wherever it is shown (result.json, HL7, FHIR)."""
+    notes = [DISCLAIMER]
+    if synthetic:
+        notes.append(SYNTHETIC_WARNING)
+    if segmentation_only:
+        notes.append("Segmentation-only outcome: no classifier bundle was configured.")
+    if needs_review:
+        notes.append(NEEDS_REVIEW_NOTE)
+    return notes
+
+
+@dataclass(frozen=True)
+class ReportedFinding:
+    """One label of the study: the highest probability over its processed images, with the
+    bundle's threshold and call where it has one.
+
+    Raises
+    ------
+    ValueError: a probability or threshold outside 0-1, or a call without a threshold.
+    """
+
+    label: str
+    probability: float
+    threshold: float | None
+    positive: bool | None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.probability <= 1.0:
+            raise ValueError(f"{self.label}: probability {self.probability} outside 0-1")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"{self.label}: threshold {self.threshold} outside 0-1")
+        if self.positive is not None and self.threshold is None:
+            raise ValueError(f"{self.label}: a call without a threshold")
+
+
+@dataclass(frozen=True)
+class Report:
+    """What the report transports (HL7 v2, FHIR; cxrbatch/send/messages.py) say about one
+    recorded outcome: built by `cxrbatch.db.deliveries.report`, read by the messages."""
+
+    outcome_id: int
+    study_instance_uid: str
+    accession_number: str | None
+    patient_id: str | None
+    patient_name: str | None
+    study_date: dt.date | None
+    created_at: dt.datetime
+    triage: str | None
+    no_finding_score: float | None
+    screening_no_finding_score: float | None
+    findings: tuple[ReportedFinding, ...]
+    models: tuple[dict[str, Any], ...]
+    synthetic_model: bool
+    segmentation_only: bool
+    needs_review: bool
+    # An earlier outcome's report reached this destination: this one corrects it.
+    corrects_earlier: bool
+
+    @property
+    def notes(self) -> list[str]:
+        """The notes every report carries, as result.json gives them."""
+        return outcome_notes(self.synthetic_model, self.segmentation_only, self.needs_review)

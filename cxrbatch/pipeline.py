@@ -383,18 +383,21 @@ def write_dicom_outputs(
             f"the source header has values that cannot be copied into the outputs: {one_line(exc)}"
         ) from exc
     files = OutputFiles({}, None, None)
+
+    def write(name: str, ds: Dataset) -> Path:
+        files.identities[name] = export.identity(ds)
+        return export.write_dicom(folder / name, ds)
+
     for item, _, seg, key, gsps in built:
         uid = item.instance.sop_instance_uid
         name = uid_path_component(uid)
-        files.seg_files[uid] = export.write_dicom(folder / f"seg_{name}.dcm", seg)
+        files.seg_files[uid] = write(f"seg_{name}.dcm", seg)
         if key is not None:
-            files.key_image_files[uid] = export.write_dicom(folder / f"key_{name}.dcm", key)
+            files.key_image_files[uid] = write(f"key_{name}.dcm", key)
         if gsps is not None:
-            files.presentation_state_files[uid] = export.write_dicom(
-                folder / f"gsps_{name}.dcm", gsps
-            )
+            files.presentation_state_files[uid] = write(f"gsps_{name}.dcm", gsps)
         if item.finding_maps:
             files.finding_map_files[uid] = export.write_maps(
                 folder / f"maps_{name}.npz", item.finding_maps
             )
-    return replace(files, sr_file=export.write_dicom(folder / "sr.dcm", sr))
+    return replace(files, sr_file=write("sr.dcm", sr))

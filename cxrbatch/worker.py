@@ -45,10 +45,11 @@ from cxrbatch.domain import (
     StudyInput,
     StudyResult,
     StudyRunStatus,
+    Withdrawal,
 )
 from cxrbatch.errors import CxrBatchError, RecordingError, one_line
 from cxrbatch.models.device import limit_cpu_threads
-from cxrbatch.paths import StorageRoots, resolve_stored, store_path, uid_path_component
+from cxrbatch.paths import StorageRoots, resolve_stored, uid_path_component
 from cxrbatch.quarantine import record_rejected_at
 from cxrbatch.site import Site
 from cxrbatch.worker_entry import EXIT_CANNOT_START
@@ -251,7 +252,9 @@ def recording(study_instance_uid: str) -> Iterator[None]:
 
 def record_result(session: Session, site: Site, result: StudyResult) -> Recorded:
     """Record a study's outcome, quarantine the files of its failed images and queue its
-    sending, in the caller's transaction (the caller commits)."""
+    sending, in the caller's transaction (the caller commits). Nothing is written or read
+    on disk here: the writers gave the outputs, their identities and any rejection note
+    (`with_withdrawal`)."""
     failures = [
         RejectedFile(
             f.instance.path,
@@ -264,52 +267,72 @@ def record_result(session: Session, site: Site, result: StudyResult) -> Recorded
     ]
     _, quarantined = record_rejected_at(session, site, failures)
     outcome = repository.record_study(session, result, site.roots)
+    made = result.outputs
+    # The identities of the outputs, in the order the outcome's document lists them.
+    objects = (
+        [made.identities[Path(f).name] for f in deliveries.stored_files(outcome.outputs or {})]
+        if made is not None
+        else []
+    )
     # Sending is queued with the outcome, in one transaction: nothing recorded is ever
     # left unsent by a crash.
-    objects, withdrawal = _withdrawal(session, site, outcome, result)
-    deliveries.enqueue(session, outcome, site.settings.send.destinations, objects, withdrawal)
+    deliveries.enqueue(
+        session,
+        outcome,
+        site.settings.send.destinations,
+        objects,
+        made.withdrawal if made is not None else None,
+    )
     return Recorded(outcome.id, result.status, quarantined)
 
 
-def _withdrawal(
-    session: Session, site: Site, outcome: Any, result: StudyResult
-) -> tuple[list[dict[str, str]], deliveries.Withdrawal | None]:
-    """The identities of the outcome's DICOM outputs, and, when DICOM destinations hold
-    objects of the study's earlier outcomes, the IOCM rejection note that withdraws them
-    (written beside the outputs, recorded in the outcome's outputs document)."""
-    outputs = outcome.outputs or {}
-    files = deliveries.outcome_files(outputs, site.roots)
-    if result.status != OutcomeStatus.PROCESSED or not files:
-        return [], None
-    objects = rejection.identities(files)
+def with_withdrawal(sessions: Sessions, site: Site, result: StudyResult) -> StudyResult:
+    """The result with the IOCM rejection note it needs, written beside its outputs (in
+    the attempt's staging folder, published with them), when DICOM destinations hold
+    objects of the study's earlier outcomes; the result unchanged otherwise.
+
+    Runs before the record transaction (the record step only records). A delivery of an
+    earlier outcome acknowledged between this read and the record is not in the note
+    (deploy/OPERATIONS.md, "Withdrawn results").
+
+    Raises
+    ------
+    OutputError: the note cannot be written (the caller fails the study).
+    """
+    made = result.outputs
     dicom = {d.name for d in site.settings.send.destinations if not d.sends_report}
-    held = {
-        name: items
-        for name, items in deliveries.delivered_objects(session, result.study_instance_uid).items()
-        if name in dicom
-    }
+    if result.status is not OutcomeStatus.PROCESSED or made is None or not dicom:
+        return result
+    files = made.dicom_files()
+    if not files:
+        return result
+    with sessions() as session:
+        held = {
+            name: items
+            for name, items in deliveries.delivered_objects(
+                session, result.study_instance_uid
+            ).items()
+            if name in dicom
+        }
     if not held:
-        return objects, None
+        return result
     withdrawn = list({i["sop_instance"]: i for items in held.values() for i in items}.values())
+    # The patient and study attributes the note carries: those of an object just written.
     study = dcmread(files[-1], stop_before_pixels=True)
     note = rejection.build_rejection(
         rejection.evidence(withdrawn, study), result.models, hd.UID(), hd.UID()
     )
-    folder = export.study_dir(site.out_dir, result.study_instance_uid)
     path = export.write_dicom(
-        folder / f"rejection_{uid_path_component(note.SOPInstanceUID)}.dcm", note
+        files[-1].parent / f"rejection_{uid_path_component(note.SOPInstanceUID)}.dcm", note
     )
-    stored = store_path(path, site.roots)
-    outcome.outputs = {**outputs, "rejection": stored}
     log.info(
         "study %s: %d earlier object(s) withdrawn by a rejection note to %s",
         result.study_instance_uid,
         len(withdrawn),
         ", ".join(sorted(held)),
     )
-    return objects, deliveries.Withdrawal(
-        stored, tuple(i["sop_instance"] for i in withdrawn), frozenset(held)
-    )
+    withdrawal = Withdrawal(path, tuple(i["sop_instance"] for i in withdrawn), frozenset(held))
+    return replace(result, outputs=replace(made, withdrawal=withdrawal))
 
 
 def failed_result(
@@ -567,10 +590,26 @@ class QueueWorker:
             self.tell(Started(uid, fingerprint, self.processor.models.refs))
         staging = export.staging_dir(self.site.out_dir, uid, claimed.attempts)
         ran = self.processor.run(study, force=self.force, fingerprint=fingerprint, staging=staging)
+        if isinstance(ran, StudyResult):
+            ran = self._withdraw_earlier(ran, staging)
         report = self._publish_and_record(claimed, ran, staging)
         if self.tell is not None:
             self.tell(report)
         return report
+
+    def _withdraw_earlier(self, ran: StudyResult, staging: Path) -> StudyResult:
+        """`with_withdrawal` for a staged result; a note that cannot be written fails the
+        study as a publish would (a full disk)."""
+        uid = ran.study_instance_uid
+        try:
+            with recording(uid):
+                return with_withdrawal(self.sessions, self.site, ran)
+        except CxrBatchError as exc:
+            if isinstance(exc, RecordingError):
+                raise
+            log.error("study %s failed: %s", uid, exc)
+            export.discard(staging)
+            return failed_result(uid, str(exc), ran.input_fingerprint, ran.models, self.owner)
 
     def _publish_and_record(
         self, claimed: jobs.Claim, ran: StudyResult | Unchanged, staging: Path

@@ -1,10 +1,19 @@
-"""A study result is valid once built: contradictions are refused where it is made."""
+"""Domain objects are valid once built: contradictions are refused where they are made."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from cxrbatch.domain import OutcomeStatus, StudyResult, Triage
+from cxrbatch.domain import (
+    OutcomeStatus,
+    OutputFiles,
+    ReportedFinding,
+    StudyResult,
+    Triage,
+    Withdrawal,
+)
 
 
 def _result(status: OutcomeStatus, **fields: object) -> StudyResult:
@@ -50,3 +59,51 @@ def test_the_results_the_pipeline_makes_are_valid() -> None:
     assert _result(OutcomeStatus.INELIGIBLE, reason="no frontal chest radiograph").reason
     with pytest.raises(ValueError, match=r"not a valid OutcomeStatus"):
         _result("finished", reason="x")  # type: ignore[arg-type]
+
+
+def test_outputs_name_the_identity_of_every_dicom_object_they_list(tmp_path: Path) -> None:
+    """The record step queues what the writers built without reading the files back: an
+    output whose identity the writer did not give is refused where it is listed."""
+    sr = tmp_path / "sr.dcm"
+    identity = {"study": "1.2", "series": "1.2.3", "sop_class": "1.2.4", "sop_instance": "1.2.5"}
+    with pytest.raises(ValueError, match=r"without their identity: sr\.dcm"):
+        OutputFiles({}, sr, None)
+    made = OutputFiles({}, sr, None, identities={"sr.dcm": identity})
+    moved = made.moved_to(tmp_path / "published")
+    assert moved.sr_file == tmp_path / "published" / "sr.dcm"
+    assert moved.identities == made.identities
+
+
+def test_a_withdrawal_withdraws_something_somewhere_beside_new_outputs(tmp_path: Path) -> None:
+    note = tmp_path / "rejection_1.dcm"
+    with pytest.raises(ValueError, match="withdraws nothing"):
+        Withdrawal(note, (), frozenset({"pacs"}))
+    withdrawal = Withdrawal(note, ("1.2.5",), frozenset({"pacs"}))
+    with pytest.raises(ValueError, match="without the outputs"):
+        OutputFiles({}, None, None, withdrawal=withdrawal)
+    made = OutputFiles(
+        {},
+        tmp_path / "sr.dcm",
+        None,
+        identities={"sr.dcm": {"sop_instance": "1.2.6"}},
+        withdrawal=withdrawal,
+    )
+    assert made.moved_to(tmp_path / "out").withdrawal == Withdrawal(
+        tmp_path / "out" / "rejection_1.dcm", ("1.2.5",), frozenset({"pacs"})
+    )
+
+
+@pytest.mark.parametrize(
+    ("finding", "why"),
+    [
+        (("Mass", 1.2, 0.5, True), "probability 1.2 outside 0-1"),
+        (("Mass", 0.4, -0.1, False), r"threshold -0\.1 outside 0-1"),
+        (("Mass", 0.4, None, False), "a call without a threshold"),
+    ],
+)
+def test_a_reported_finding_is_a_probability_with_its_threshold(
+    finding: tuple[str, float, float | None, bool | None], why: str
+) -> None:
+    with pytest.raises(ValueError, match=why):
+        ReportedFinding(*finding)
+    assert ReportedFinding("Mass", 0.4, None, None).positive is None

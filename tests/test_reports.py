@@ -14,8 +14,7 @@ from cxrbatch import pipeline
 from cxrbatch.config import Destination, Settings
 from cxrbatch.db import models as tables
 from cxrbatch.db.session import make_engine, session_factory, upgrade
-from cxrbatch.dicom.result_json import DISCLAIMER
-from cxrbatch.domain import DeliveryStatus
+from cxrbatch.domain import DISCLAIMER, DeliveryStatus
 from cxrbatch.ingest.spool import Spool, Taken
 from cxrbatch.send.sender import Sender
 from cxrbatch.send.transports import SendError, check_ack
@@ -199,7 +198,7 @@ def test_an_oru_is_accepted_by_hl7apys_own_mllp_server() -> None:
     from hl7apy.mllp import AbstractHandler, MLLPServer
     from hl7apy.parser import parse_message
 
-    from cxrbatch.db.deliveries import Report, ReportedFinding
+    from cxrbatch.domain import Report, ReportedFinding
     from cxrbatch.send import messages
     from cxrbatch.send.transports import mllp
 

@@ -31,7 +31,10 @@ from cxrbatch.domain import (
     DeliveryStatus,
     NotAccepted,
     OutcomeStatus,
+    Report,
+    ReportedFinding,
     Triage,
+    Withdrawal,
 )
 from cxrbatch.paths import StorageRoots, resolve_stored
 
@@ -56,41 +59,6 @@ class DeliveryClaim:
     attempts: int
     owner: str
     outcome_id: int | None = None
-
-
-@dataclass(frozen=True)
-class ReportedFinding:
-    """One label of the study: the highest probability over its processed images, with the
-    bundle's threshold and call where it has one."""
-
-    label: str
-    probability: float
-    threshold: float | None
-    positive: bool | None
-
-
-@dataclass(frozen=True)
-class Report:
-    """What the report transports (HL7 v2, FHIR) say about one outcome
-    (cxrbatch/send/messages.py)."""
-
-    outcome_id: int
-    study_instance_uid: str
-    accession_number: str | None
-    patient_id: str | None
-    patient_name: str | None
-    study_date: dt.date | None
-    created_at: dt.datetime
-    triage: str | None
-    no_finding_score: float | None
-    screening_no_finding_score: float | None
-    findings: tuple[ReportedFinding, ...]
-    models: tuple[dict[str, Any], ...]
-    synthetic_model: bool
-    segmentation_only: bool
-    needs_review: bool
-    # An earlier outcome's report reached this destination: this one corrects it.
-    corrects_earlier: bool
 
 
 # A destination's `objects` names -> the keys of an outcome's outputs document.
@@ -122,16 +90,6 @@ def outcome_files(outputs: dict[str, Any], roots: StorageRoots | None = None) ->
     return [resolve_stored(p, roots) for p in stored_files(outputs)]
 
 
-@dataclass(frozen=True)
-class Withdrawal:
-    """An IOCM rejection note (its stored path) withdrawing `objects` (SOP Instance UIDs),
-    sent first to each destination in `destinations`."""
-
-    file: str
-    objects: tuple[str, ...]
-    destinations: frozenset[str]
-
-
 def enqueue(
     session: Session,
     outcome: Outcome,
@@ -145,10 +103,14 @@ def enqueue(
     DICOM destinations, their report to report destinations. Unsent deliveries of the
     study's earlier outcomes are superseded: the newer results replace them. A destination
     that received objects now withdrawn gets the `withdrawal` note first, in the same
-    delivery (one association or request, in order).
+    delivery (one association or request, in order); the outputs document holds the
+    note's stored path (`rejection`).
     """
     outputs = outcome.outputs or {}
     files = stored_files(outputs)
+    note_file = outputs.get("rejection")
+    if withdrawal is not None and not note_file:
+        raise ValueError("a withdrawal whose rejection note is not among the outcome's outputs")
     if outcome.status != OutcomeStatus.PROCESSED or not destinations:
         return 0
     # `objects` lists the identities of `files`, in their order.
@@ -175,7 +137,7 @@ def enqueue(
                 status=DeliveryStatus.PENDING,
                 attempts=0,
                 run_after=now,
-                files=[note.file, *sent] if note else sent,
+                files=[note_file, *sent] if note else sent,
                 objects=None
                 if destination.sends_report
                 else [identity[f] for f in sent if f in identity],

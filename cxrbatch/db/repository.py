@@ -150,6 +150,8 @@ def outcome_document(result: StudyResult, roots: StorageRoots | None = None) -> 
             "sr": stored(made.sr_file),
             "json": stored(made.json_file),
         }
+        if made.withdrawal is not None:
+            outputs["rejection"] = stored(made.withdrawal.file)
         groups = (
             made.seg_files,
             made.key_image_files,

@@ -135,6 +135,7 @@ def publish(outputs: OutputFiles | None, staging: Path) -> OutputFiles | None:
         if outputs is not None and published is not None:
             staged = [*outputs.dicom_files(), *outputs.finding_map_files.values()]
             staged += [outputs.json_file] if outputs.json_file else []
+            staged += [outputs.withdrawal.file] if outputs.withdrawal else []
             for path in staged:
                 os.replace(path, folder / path.name)
             fsync_dir(folder)
@@ -152,6 +153,17 @@ def discard(staging: Path) -> None:
 
 def write_dicom(path: Path, ds: Dataset) -> Path:
     return atomic_write(path, lambda handle: ds.save_as(handle, enforce_file_format=True))
+
+
+def identity(ds: Dataset) -> dict[str, str]:
+    """The UIDs of a DICOM output, as `deliveries.objects` keeps them (taken from the
+    object the writer built: nothing is read back)."""
+    return {
+        "study": str(ds.StudyInstanceUID),
+        "series": str(ds.SeriesInstanceUID),
+        "sop_class": str(ds.SOPClassUID),
+        "sop_instance": str(ds.SOPInstanceUID),
+    }
 
 
 def write_json(path: Path, document: dict[str, Any]) -> Path:

@@ -10,10 +10,7 @@ object in the study that says they are withdrawn (docs/conformance.md, deploy/OP
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import highdicom as hd
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
@@ -78,25 +75,6 @@ def build_rejection(
     )
     note.SeriesDescription = f"cxrbatch withdrawn results - {NOT_FOR_DIAGNOSIS}"[:64]
     return carry_identity(note, received)
-
-
-def identities(paths: list[Path]) -> list[dict[str, str]]:
-    """The UIDs of DICOM output files, as `deliveries.objects` keeps them."""
-    found = []
-    for path in paths:
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=_UID_TAGS)
-        found.append(
-            {
-                "study": str(ds.StudyInstanceUID),
-                "series": str(ds.SeriesInstanceUID),
-                "sop_class": str(ds.SOPClassUID),
-                "sop_instance": str(ds.SOPInstanceUID),
-            }
-        )
-    return found
-
-
-_UID_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID"]
 
 
 def evidence(objects: list[dict[str, str]], study: Dataset) -> list[Dataset]:

@@ -10,16 +10,7 @@ instances with reasons; models; timings; output file names.
 from __future__ import annotations
 
 import cxrbatch
-from cxrbatch.domain import Findings, OutputFiles, StudyResult
-
-DISCLAIMER = "Algorithm output for research and triage support. NOT FOR DIAGNOSTIC USE."
-SYNTHETIC_WARNING = (
-    "A model used here was trained on SYNTHETIC data: its scores are not clinically meaningful."
-)
-NEEDS_REVIEW_NOTE = (
-    "NEEDS REVIEW: the lung masks of an image failed the segmentation quality check; "
-    "masked classifiers were not run on it and its result is not a normal call."
-)
+from cxrbatch.domain import Findings, OutputFiles, StudyResult, outcome_notes
 
 
 def _findings_dict(findings: Findings | None) -> dict[str, object] | None:
@@ -35,18 +26,6 @@ def _findings_dict(findings: Findings | None) -> dict[str, object] | None:
         "threshold": findings.threshold,
         "triage": findings.triage.value if findings.triage else None,
     }
-
-
-def outcome_notes(synthetic: bool, segmentation_only: bool, needs_review: bool) -> list[str]:
-    """The notes an outcome carries wherever it is shown (result.json, HL7, FHIR)."""
-    notes = [DISCLAIMER]
-    if synthetic:
-        notes.append(SYNTHETIC_WARNING)
-    if segmentation_only:
-        notes.append("Segmentation-only outcome: no classifier bundle was configured.")
-    if needs_review:
-        notes.append(NEEDS_REVIEW_NOTE)
-    return notes
 
 
 def result_document(result: StudyResult, outputs: OutputFiles) -> dict[str, object]:

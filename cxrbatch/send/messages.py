@@ -23,8 +23,7 @@ from typing import Any
 
 from hl7apy.core import Message
 
-from cxrbatch.db.deliveries import Report, ReportedFinding
-from cxrbatch.dicom.result_json import outcome_notes
+from cxrbatch.domain import Report, ReportedFinding
 
 HL7_VERSION = "2.5"
 # Local code system of the observation identifiers (HL7 table 0396: "99zzz" = local).
@@ -38,11 +37,6 @@ ACCESSION_TYPE = {
     "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]
 }
 INTERPRETATION_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
-
-
-def notes(report: Report) -> list[str]:
-    """The notes every report carries, as result.json gives them."""
-    return outcome_notes(report.synthetic_model, report.segmentation_only, report.needs_review)
 
 
 def model_identity(model: dict[str, Any]) -> str:
@@ -143,7 +137,7 @@ def oru_r01(
     obr.obr_22 = _hl7_time(report.created_at)
     obr.obr_24 = "RAD"
     obr.obr_25 = status
-    for index, text in enumerate(notes(report), start=1):
+    for index, text in enumerate(report.notes, start=1):
         nte = order.add_segment("NTE")
         nte.nte_1 = str(index)
         nte.nte_2 = "L"
@@ -209,7 +203,7 @@ def fhir_bundle(report: Report) -> dict[str, Any]:
 
     status = "corrected" if report.corrects_earlier else "final"
     issued = _utc(report.created_at).isoformat()
-    texts = notes(report)
+    texts = report.notes
     annotation = [{"text": t} for t in texts]
     device = {"display": "; ".join(model_identity(m) for m in report.models) or "cxrbatch"}
     subject = {"identifier": {"value": report.patient_id}} if report.patient_id else None
