@@ -35,7 +35,7 @@ def measure(url: str, studies: int, repeats: int) -> dict[str, Any]:
 
     from bench.web_data import populate
     from cxrbatch.db import models
-    from cxrbatch.db import web as rows
+    from cxrbatch.db import reads as rows
     from cxrbatch.db.session import make_engine, session_factory
     from cxrbatch.domain import Triage
 
@@ -127,7 +127,7 @@ def measure(url: str, studies: int, repeats: int) -> dict[str, Any]:
 
 
 def _metrics(sessions: Any) -> None:
-    from cxrbatch.db import web as rows
+    from cxrbatch.db import reads as rows
 
     with sessions() as session:
         rows.metric_counts(session)

@@ -652,11 +652,11 @@ def results(
 ) -> None:
     """List the current outcome of every study (filters combine with AND): study identity,
     status, triage, scores and each label's highest probability."""
-    from cxrbatch.db import repository
+    from cxrbatch.db import reads
 
     if min_probability is not None and label is None:
         raise _fail("--min-probability needs --label (which finding's probability?)")
-    where = repository.OutcomeFilter(
+    where = reads.OutcomeFilter(
         since=_utc(since),
         until=_utc(until),
         status=status.value if status else None,
@@ -667,7 +667,7 @@ def results(
 
     def query(sessions: Sessions) -> list[dict[str, object]]:
         with sessions() as session:
-            return [repository.outcome_row(o) for o in repository.current_outcomes(session, where)]
+            return [reads.outcome_row(o) for o in reads.current_outcomes(session, where)]
 
     rows = _with_database(_site(config, db, out), query)
     _print_rows(
@@ -692,14 +692,13 @@ def worklist(
 ) -> None:
     """Processed studies in screening order: abnormal and needs-review first, by No Finding
     score."""
-    from cxrbatch.db import repository
+    from cxrbatch.db import reads
 
     def query(sessions: Sessions) -> list[dict[str, object]]:
         with sessions() as session:
-            ordered = repository.worklist(session, since=_utc(since), limit=limit)
+            ordered = reads.worklist(session, since=_utc(since), limit=limit)
             return [
-                {"rank": rank, **repository.outcome_row(o)}
-                for rank, o in enumerate(ordered, start=1)
+                {"rank": rank, **reads.outcome_row(o)} for rank, o in enumerate(ordered, start=1)
             ]
 
     rows = _with_database(_site(config, db, out), query)
@@ -907,23 +906,21 @@ def status(
         StatusFormat, typer.Option("--format", help="Output format.")
     ] = StatusFormat.TABLE,
 ) -> None:
-    """Queue depth by job status, throughput, recent failures, dead jobs and deliveries."""
-    from cxrbatch.db import deliveries, jobs, repository
+    """Queue depth by job status, throughput, recent failures, dead jobs and deliveries
+    (the operations page's figures, most recent first)."""
+    from cxrbatch.db import reads
 
     def query(sessions: Sessions) -> dict[str, Any]:
-        now = dt.datetime.now(dt.UTC)
         with sessions() as session:
+            figures = reads.operations(session, dt.datetime.now(dt.UTC))
             return {
-                "jobs": jobs.counts(session),
-                "finished_last_hour": repository.finished_since(
-                    session, now - dt.timedelta(hours=1)
-                ),
-                "finished_last_24h": repository.finished_since(
-                    session, now - dt.timedelta(hours=24)
-                ),
+                "jobs": figures.jobs,
+                "finished_last_hour": figures.finished_last_hour,
+                "finished_last_24h": figures.finished_last_24h,
+                "finished_per_hour": figures.finished_per_hour,
                 "failed_studies": [
                     {"study_instance_uid": o.study.study_instance_uid, "reason": o.reason}
-                    for o in repository.recent_failures(session)
+                    for o in figures.failures
                 ],
                 "dead_jobs": [
                     {
@@ -931,9 +928,9 @@ def status(
                         "attempts": j.attempts,
                         "last_error": j.last_error,
                     }
-                    for j in repository.dead_jobs(session)
+                    for j in figures.dead_jobs
                 ],
-                "deliveries": deliveries.counts(session),
+                "deliveries": figures.deliveries,
                 "undelivered": [
                     {
                         "study_instance_uid": d.study_instance_uid,
@@ -942,8 +939,9 @@ def status(
                         "attempts": d.attempts,
                         "last_error": d.last_error,
                     }
-                    for d in deliveries.undelivered(session)
+                    for d in figures.undelivered
                 ],
+                "quarantine_by_reason": figures.quarantine_by_reason,
             }
 
     report = _with_database(_site(config, db, out), query)
@@ -1099,7 +1097,7 @@ def audit(
     study: Annotated[str | None, typer.Option(help="Only events of this StudyInstanceUID.")] = None,
 ) -> None:
     """The web app's audit trail: who viewed which study or exported which list, and when."""
-    from cxrbatch.db import web as rows
+    from cxrbatch.db import audit
 
     def query(sessions: Sessions) -> list[dict[str, object]]:
         with sessions() as session:
@@ -1111,7 +1109,7 @@ def audit(
                     "study_instance_uid": e.study_instance_uid,
                     "detail": e.detail,
                 }
-                for e in rows.audit_events(session, _utc(since), user, study)
+                for e in audit.audit_events(session, _utc(since), user, study)
             ]
 
     events = _with_database(_site(config, db, out), query)

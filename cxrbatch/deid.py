@@ -58,14 +58,14 @@ from pydicom.dataset import Dataset
 
 import cxrbatch
 from cxrbatch.config import DeidSettings
-from cxrbatch.db import Sessions, repository
+from cxrbatch.db import Sessions, reads
 from cxrbatch.dicom.decode import decode_dataset
 from cxrbatch.dicom.discover import read_header
 from cxrbatch.dicom.export import write_dicom
 from cxrbatch.domain import InstanceHeader, OutcomeStatus
 from cxrbatch.errors import ConfigError, one_line
 from cxrbatch.files import atomic_write
-from cxrbatch.paths import StorageRoots, is_inside, resolve_stored, uid_path_component
+from cxrbatch.paths import StorageRoots, is_inside, uid_path_component
 
 log = logging.getLogger(__name__)
 
@@ -421,12 +421,9 @@ def export(
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"the export folder {out} is not empty")
     deidentify = Deidentifier(settings)
-    where = repository.OutcomeFilter(
-        since=since, triage=triage, status=OutcomeStatus.PROCESSED.value
-    )
+    where = reads.OutcomeFilter(since=since, triage=triage, status=OutcomeStatus.PROCESSED.value)
     with sessions() as session:
-        outcomes = repository.current_outcomes(session, where)
-        studies = [_StudyRow.of(o, roots) for o in outcomes]
+        studies = reads.exported_studies(session, where, roots)
     out.mkdir(parents=True, exist_ok=True)
     done = Exported()
     labels: list[dict[str, object]] = []
@@ -499,47 +496,6 @@ def export(
 
 
 @dataclass(frozen=True)
-class _StudyRow:
-    study_instance_uid: str
-    accession_number: str | None
-    patient_id: str | None
-    triage: str | None
-    no_finding_score: float | None
-    screening_no_finding_score: float | None
-    synthetic_model: bool
-    images: tuple[tuple[str, Path | None, dict[str, float]], ...]  # sop uid, source, p
-    objects: tuple[Path, ...]  # the SEGs and the SR
-
-    @classmethod
-    def of(cls, outcome: object, roots: StorageRoots) -> _StudyRow:
-        from cxrbatch.db.models import Outcome
-
-        assert isinstance(outcome, Outcome)
-        outputs = outcome.outputs or {}
-        objects = [resolve_stored(p, roots) for p in (outputs.get("seg") or {}).values()]
-        if outputs.get("sr"):
-            objects.append(resolve_stored(outputs["sr"], roots))
-        images = []
-        for image in outcome.images:
-            if image.status != "processed":
-                continue
-            p = {f.label: f.probability for f in image.findings if f.role == "classifier"}
-            source = resolve_stored(image.source_path, roots) if image.source_path else None
-            images.append((image.sop_instance_uid, source, p))
-        return cls(
-            outcome.study.study_instance_uid,
-            outcome.study.accession_number,
-            outcome.study.patient_id,
-            outcome.triage,
-            outcome.no_finding_score,
-            outcome.screening_no_finding_score,
-            outcome.synthetic_model,
-            tuple(images),
-            tuple(objects),
-        )
-
-
-@dataclass(frozen=True)
 class _Written:
     mapping: dict[str, str]
     labels: list[dict[str, object]]
@@ -547,7 +503,11 @@ class _Written:
 
 
 def _export_study(
-    study: _StudyRow, deidentify: Deidentifier, out: Path, done: Exported, files: list[Path]
+    study: reads.ExportedStudy,
+    deidentify: Deidentifier,
+    out: Path,
+    done: Exported,
+    files: list[Path],
 ) -> _Written | None:
     """Write one study's de-identified objects and images (`files` lists what was written,
     so a failure part way can take them back)."""

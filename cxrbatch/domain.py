@@ -594,7 +594,7 @@ class ReportedFinding:
 @dataclass(frozen=True)
 class Report:
     """What the report transports (HL7 v2, FHIR; cxrbatch/send/messages.py) say about one
-    recorded outcome: built by `cxrbatch.db.deliveries.report`, read by the messages."""
+    recorded outcome: built by `cxrbatch.db.reads.report`, read by the messages."""
 
     outcome_id: int
     study_instance_uid: str

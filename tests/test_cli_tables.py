@@ -47,7 +47,7 @@ def test_results_and_worklist_read_at_80_columns(tmp_path: Path) -> None:
 
 def test_no_model_is_named_as_deciding_a_study_no_model_scored() -> None:
     from cxrbatch.db import models as tables
-    from cxrbatch.db.repository import deciding_models
+    from cxrbatch.db.reads import deciding_models
 
     bundle = [{"name": "demo", "version": "1", "mask_mode": "M-50"}, {"name": "litemedsam"}]
     assert deciding_models(tables.Outcome(status="processed", models=bundle)) == "demo 1"

@@ -25,7 +25,7 @@ from cxrbatch import pipeline
 from cxrbatch.cli import app
 from cxrbatch.config import Settings
 from cxrbatch.db import models as tables
-from cxrbatch.db import repository
+from cxrbatch.db import reads, repository
 from cxrbatch.db.session import make_engine, session_factory, upgrade
 from cxrbatch.dicom import codes
 from cxrbatch.dicom.discover import discover
@@ -208,7 +208,7 @@ def test_needs_review_is_recorded_listed_and_ranked_with_abnormal(
             repository.record_study(session, result)
         session.commit()
     with session_factory(engine)() as session:
-        order = [o.study.study_instance_uid for o in repository.worklist(session)]
+        order = [o.study.study_instance_uid for o in reads.worklist(session)]
         rows = session.scalars(select(tables.Image)).all()
         image_reasons = [r.reason for r in rows if r.triage == "needs-review"]
     engine.dispose()

@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from bench.web_data import populate
 from cxrbatch.db import models
-from cxrbatch.db import web as rows
+from cxrbatch.db import reads as rows
 from cxrbatch.db.session import make_engine, session_factory, upgrade
 
 

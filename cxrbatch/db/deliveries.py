@@ -19,11 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from cxrbatch.config import Destination, SendSettings
-from cxrbatch.db import repository
 from cxrbatch.db.leased import LeasedWork, RetryPolicy
 from cxrbatch.db.models import Delivery, Outcome, utcnow
 from cxrbatch.domain import (
@@ -31,9 +30,6 @@ from cxrbatch.domain import (
     DeliveryStatus,
     NotAccepted,
     OutcomeStatus,
-    Report,
-    ReportedFinding,
-    Triage,
     Withdrawal,
 )
 from cxrbatch.paths import StorageRoots, resolve_stored
@@ -196,63 +192,6 @@ def claim(
         )
 
 
-def report(sessions: sessionmaker[Session], claimed: DeliveryClaim) -> Report:
-    """The report of a claimed delivery's outcome (LookupError when the outcome is gone)."""
-    with sessions() as session:
-        outcome = session.get(Outcome, claimed.outcome_id) if claimed.outcome_id else None
-        if outcome is None:
-            raise LookupError(f"delivery {claimed.delivery_id}: its outcome is gone")
-        study = outcome.study
-        # The study-level values `cxrbatch results` lists: each label's highest probability
-        # and its call (positive when any image reached the bundle's threshold).
-        calls = repository.calls(outcome)
-        thresholds = {
-            f.label: f.threshold
-            for image in outcome.images
-            for f in image.findings
-            if f.role == "classifier" and f.threshold is not None
-        }
-        findings = tuple(
-            ReportedFinding(
-                label,
-                probability,
-                thresholds.get(label),
-                calls[label] == "positive" if label in calls else None,
-            )
-            for label, probability in repository.probabilities(outcome).items()
-        )
-        needs_review = outcome.triage == Triage.NEEDS_REVIEW or any(
-            image.triage == Triage.NEEDS_REVIEW for image in outcome.images
-        )
-        corrects = session.scalar(
-            select(Delivery.id).where(
-                Delivery.study_instance_uid == claimed.study_instance_uid,
-                Delivery.destination == claimed.destination,
-                Delivery.status == DeliveryStatus.SENT,
-                # An earlier outcome's, or one deleted since (re-recorded in place).
-                or_(Delivery.outcome_id != outcome.id, Delivery.outcome_id.is_(None)),
-            )
-        )
-        return Report(
-            outcome_id=outcome.id,
-            study_instance_uid=study.study_instance_uid,
-            accession_number=study.accession_number,
-            patient_id=study.patient_id,
-            patient_name=study.patient_name,
-            study_date=study.study_date,
-            created_at=outcome.created_at,
-            triage=outcome.triage,
-            no_finding_score=outcome.no_finding_score,
-            screening_no_finding_score=outcome.screening_no_finding_score,
-            findings=findings,
-            models=tuple(outcome.models or ()),
-            synthetic_model=outcome.synthetic_model,
-            segmentation_only=outcome.segmentation_only,
-            needs_review=needs_review,
-            corrects_earlier=corrects is not None,
-        )
-
-
 def finish(
     sessions: sessionmaker[Session],
     claimed: DeliveryClaim,
@@ -293,15 +232,3 @@ def retry_dead(sessions: sessionmaker[Session], destination: str | None = None) 
 def counts(session: Session) -> dict[str, dict[str, int]]:
     """Deliveries per destination and status."""
     return DELIVERIES.counts(session, DeliveryStatus, by=Delivery.destination)
-
-
-def undelivered(session: Session, limit: int = 10) -> list[Delivery]:
-    """The most recent failed or dead deliveries (with their last error)."""
-    return list(
-        session.scalars(
-            select(Delivery)
-            .where(Delivery.status.in_((DeliveryStatus.FAILED, DeliveryStatus.DEAD)))
-            .order_by(Delivery.updated_at.desc())
-            .limit(limit)
-        )
-    )

@@ -1,28 +1,23 @@
-"""The only code that reads and writes rows of the results database."""
+"""The record step's rows: studies, outcomes, images, findings and rejected files, written
+in the caller's transaction (what people read about them is `cxrbatch.db.reads`)."""
 
 from __future__ import annotations
 
-import datetime as dt
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import case, func, select, update
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from cxrbatch.db import models
 from cxrbatch.domain import (
-    FINDING_LABELS,
     IMAGE_OUTPUTS,
     ImageResult,
     InstanceHeader,
-    JobStatus,
     OutcomeStatus,
     RejectedFile,
     StudyResult,
-    Triage,
 )
-from cxrbatch.errors import CxrBatchError
 from cxrbatch.paths import StorageRoots, store_path
 
 
@@ -245,205 +240,3 @@ def record_rejected(
         row.last_seen_at = models.utcnow()
         if quarantine_path:
             row.quarantine_path = store_path(quarantine_path, roots)
-
-
-@dataclass(frozen=True)
-class OutcomeFilter:
-    """Filters of `cxrbatch results` (all optional, combined with AND)."""
-
-    since: dt.datetime | None = None
-    until: dt.datetime | None = None
-    status: str | None = None
-    triage: str | None = None
-    label: str | None = None
-    min_probability: float | None = None
-
-
-def finding_labels(session: Session) -> list[str]:
-    """The five study labels, then any other label a bundle has recorded."""
-    recorded = session.scalars(select(models.Finding.label).distinct())
-    return list(FINDING_LABELS) + sorted(set(recorded) - set(FINDING_LABELS))
-
-
-def canonical_label(session: Session, label: str) -> str:
-    """`label` as recorded (case-insensitive: `edema` is Edema); a label no bundle has is an
-    error that lists the known ones."""
-    known = finding_labels(session)
-    for candidate in known:
-        if candidate.casefold() == label.strip().casefold():
-            return candidate
-    raise CxrBatchError(f"unknown finding label {label!r}: expected one of {', '.join(known)}")
-
-
-_WITH_FINDINGS = (
-    selectinload(models.Outcome.study),
-    selectinload(models.Outcome.images).selectinload(models.Image.findings),
-)
-
-
-def current_outcomes(session: Session, where: OutcomeFilter | None = None) -> list[models.Outcome]:
-    """Current outcomes, oldest first, filtered by time range, status, triage, or a label's
-    classifier probability on any image of the study (the label as `canonical_label`)."""
-    where = where or OutcomeFilter()
-    statement = (
-        select(models.Outcome)
-        .where(models.Outcome.is_current)
-        .options(*_WITH_FINDINGS)
-        .order_by(models.Outcome.created_at, models.Outcome.id)
-    )
-    return list(session.scalars(filter_outcomes(session, statement, where)))
-
-
-def filter_outcomes(session: Session, statement: Any, where: OutcomeFilter) -> Any:
-    """`statement` (a select over outcomes) narrowed by `where` (`results`, the web app)."""
-    if where.since is not None:
-        statement = statement.where(models.Outcome.created_at >= where.since)
-    if where.until is not None:
-        statement = statement.where(models.Outcome.created_at < where.until)
-    if where.status:
-        statement = statement.where(models.Outcome.status == where.status)
-    if where.triage:
-        statement = statement.where(models.Outcome.triage == where.triage)
-    if where.label:
-        matching = (
-            select(models.Image.outcome_id)
-            .join(models.Finding)
-            .where(
-                models.Finding.role == "classifier",
-                models.Finding.label == canonical_label(session, where.label),
-                models.Finding.probability >= (where.min_probability or 0.0),
-            )
-        )
-        statement = statement.where(models.Outcome.id.in_(matching))
-    return statement
-
-
-def worklist(
-    session: Session, since: dt.datetime | None = None, limit: int | None = None
-) -> list[models.Outcome]:
-    """Processed studies in screening order: abnormal and needs-review first, then
-    unscreened, then likely-normal; within each, the least normal (lowest No Finding
-    score) first, and needs-review studies without a score after those with one.
-    `since`: outcomes recorded at or after it; `limit`: the first so many."""
-    score = func.coalesce(
-        models.Outcome.screening_no_finding_score, models.Outcome.no_finding_score
-    )
-    triage_rank = case(
-        (models.Outcome.triage.in_([Triage.ABNORMAL, Triage.NEEDS_REVIEW]), 0),
-        (models.Outcome.triage.is_(None), 1),
-        else_=2,
-    )
-    statement = (
-        select(models.Outcome)
-        .where(models.Outcome.is_current, models.Outcome.status == OutcomeStatus.PROCESSED)
-        .options(*_WITH_FINDINGS)
-        .order_by(
-            triage_rank,
-            case((score.is_(None), 1), else_=0),
-            score,
-            models.Outcome.created_at,
-        )
-    )
-    if since is not None:
-        statement = statement.where(models.Outcome.created_at >= since)
-    if limit is not None:
-        statement = statement.limit(limit)
-    return list(session.scalars(statement))
-
-
-def probabilities(outcome: models.Outcome, role: str = "classifier") -> dict[str, float]:
-    """Each label's highest probability over the study's images, for one model role; the
-    five study labels first, in their order, then any other."""
-    best: dict[str, float] = {}
-    for image in outcome.images:
-        for finding in image.findings:
-            if finding.role == role:
-                best[finding.label] = max(best.get(finding.label, 0.0), finding.probability)
-    order = {label: rank for rank, label in enumerate(FINDING_LABELS)}
-    return dict(sorted(best.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
-
-
-def calls(outcome: models.Outcome, role: str = "classifier") -> dict[str, str]:
-    """Each label's study-level call for one model role: positive when any image's
-    probability reached the bundle's threshold; labels without a threshold are left out."""
-    positive: dict[str, bool] = {}
-    for image in outcome.images:
-        for finding in image.findings:
-            if finding.role == role and finding.positive is not None:
-                positive[finding.label] = positive.get(finding.label, False) or finding.positive
-    order = {label: rank for rank, label in enumerate(FINDING_LABELS)}
-    ordered = sorted(positive.items(), key=lambda item: (order.get(item[0], len(order)), item[0]))
-    return {label: "positive" if p else "negative" for label, p in ordered}
-
-
-def deciding_models(outcome: models.Outcome) -> str | None:
-    """The classifier bundles that decided, as "name version" (the segmenter left out);
-    None for an ineligible or failed study, which no model scored."""
-    if outcome.status != OutcomeStatus.PROCESSED:
-        return None
-    names = [
-        f"{m.get('name')} {m.get('version')}"
-        for m in outcome.models or []
-        if isinstance(m, dict) and m.get("mask_mode") is not None
-    ]
-    return ", ".join(names) or None
-
-
-def outcome_row(outcome: models.Outcome) -> dict[str, Any]:
-    """One current outcome as the flat record `cxrbatch results` prints."""
-    study = outcome.study
-    return {
-        "study_number": study.id,
-        "study_instance_uid": study.study_instance_uid,
-        "accession_number": study.accession_number,
-        "patient_id": study.patient_id,
-        "study_date": study.study_date.isoformat() if study.study_date else None,
-        "modality": study.modality,
-        "status": outcome.status,
-        "triage": outcome.triage,
-        "no_finding_score": outcome.no_finding_score,
-        "screening_no_finding_score": outcome.screening_no_finding_score,
-        "segmentation_only": outcome.segmentation_only,
-        "synthetic_model": outcome.synthetic_model,
-        "reason": outcome.reason,
-        "created_at": outcome.created_at.isoformat() if outcome.created_at else None,
-        "processed_by": outcome.processed_by,
-        "models": deciding_models(outcome),
-        "probabilities": probabilities(outcome),
-        "calls": calls(outcome),
-    }
-
-
-def recent_failures(session: Session, limit: int = 10) -> list[models.Outcome]:
-    return list(
-        session.scalars(
-            select(models.Outcome)
-            .where(models.Outcome.is_current, models.Outcome.status == OutcomeStatus.FAILED)
-            .options(selectinload(models.Outcome.study))
-            .order_by(models.Outcome.created_at.desc())
-            .limit(limit)
-        )
-    )
-
-
-def finished_since(session: Session, since: dt.datetime) -> int:
-    """Studies recorded since `since` (outcomes, by any way in: `process`, the queue's
-    workers, a campaign): the throughput (ix_outcomes_created_at)."""
-    return int(
-        session.scalar(
-            select(func.count())
-            .select_from(models.Outcome)
-            .where(models.Outcome.created_at >= since)
-        )
-        or 0
-    )
-
-
-def dead_jobs(session: Session) -> list[models.Job]:
-    return list(
-        session.scalars(
-            select(models.Job)
-            .where(models.Job.status == JobStatus.DEAD)
-            .order_by(models.Job.updated_at)
-        )
-    )

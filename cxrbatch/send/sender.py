@@ -12,7 +12,7 @@ import uuid
 from collections import Counter
 
 from cxrbatch.config import Destination, Settings
-from cxrbatch.db import Sessions, deliveries
+from cxrbatch.db import Sessions, deliveries, reads
 from cxrbatch.db.leased import new_owner
 from cxrbatch.db.models import utcnow
 from cxrbatch.domain import DeliveryRunStatus, DeliveryStatus, NotAccepted
@@ -117,7 +117,12 @@ class Sender:
     def _send_report(self, destination: Destination, claimed: deliveries.DeliveryClaim) -> None:
         """The outcome's report, as HL7 ORU^R01 over MLLP or a FHIR transaction Bundle."""
         try:
-            report = deliveries.report(self.sessions, claimed)
+            if claimed.outcome_id is None:
+                raise LookupError(f"delivery {claimed.delivery_id}: its outcome is gone")
+            with self.sessions() as session:
+                report = reads.report(
+                    session, claimed.outcome_id, claimed.study_instance_uid, claimed.destination
+                )
         except LookupError as exc:
             raise SendError(str(exc)) from exc
         if destination.transport == "hl7-mllp":

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
 from cxrbatch.db import models as tables
-from cxrbatch.db import web as rows
+from cxrbatch.db import reads as rows
 from cxrbatch.domain import FINDING_LABELS
 from cxrbatch.web.auth import User
 from cxrbatch.web.deps import (
@@ -133,7 +133,7 @@ class StudyDetail(Study):
     synthetic_notice: str | None
 
 
-def _study(row: rows.WorklistRow, who: User) -> dict[str, Any]:
+def _study(row: rows.OutcomeView, who: User) -> dict[str, Any]:
     uid = row.study_instance_uid
     return {
         "study_instance_uid": uid,

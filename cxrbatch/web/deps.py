@@ -19,8 +19,8 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from fastapi.templating import Jinja2Templates
 from prometheus_client import CollectorRegistry
 
-from cxrbatch.db import Session
-from cxrbatch.db import web as rows
+from cxrbatch.db import Session, audit
+from cxrbatch.db import reads as rows
 from cxrbatch.db.session import Database
 from cxrbatch.domain import OutcomeStatus, Triage
 from cxrbatch.errors import CxrBatchError
@@ -121,7 +121,7 @@ def audited(
 ) -> None:
     """One audit event (who looked at what), committed at once."""
     with web.audit.sessions.begin() as session:
-        rows.record_audit(session, who.name, action, study, detail)
+        audit.record_audit(session, who.name, action, study, detail)
 
 
 def filters(
@@ -171,7 +171,7 @@ def study_view(session: Session, uid: str) -> rows.StudyView:
     return view
 
 
-def synthetic_scores(row: rows.WorklistRow) -> bool:
+def synthetic_scores(row: rows.OutcomeView) -> bool:
     """Scores on this row came from a model trained on synthetic data (an ineligible or
     failed study has no scores, whatever models were loaded)."""
     return row.synthetic_model and bool(

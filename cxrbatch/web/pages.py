@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, Response
 
-from cxrbatch.db import web as rows
+from cxrbatch.db import reads as rows
 from cxrbatch.domain import FINDING_LABELS
 from cxrbatch.web.auth import User
 from cxrbatch.web.deps import (
