@@ -3,7 +3,7 @@ bench/seg_sets.py: the real film RG1 (pydicom-data) with its traced reference an
 transformed copies; hard phantoms; films whose lung cannot be found (a whited-out
 hemithorax, a lung cut off the film); and hard phantoms prompted with deliberately bad
 boxes. Any configured segmenter and checkpoint (LiteMedSAM, a fine-tuned LiteMedSAM from
-`python -m training finetune`, MedSAM ViT-B) can be measured.
+`cxrbatch training finetune`, MedSAM ViT-B) can be measured.
 
     python -m bench.seg_quality --phantoms 48 [--lost 16] [--bad-prompts 16] [--seed 0]
         [--portable] [--portable-phantoms 28] [--size 1024] [--device cpu]

@@ -57,6 +57,7 @@ from cxrbatch.db import DatabaseError, Sessions
 from cxrbatch.domain import DeliveryRunStatus, OutcomeStatus, StudyRunStatus, Triage
 from cxrbatch.errors import CxrBatchError
 from cxrbatch.site import Site
+from cxrbatch_training.cli import app as training_app
 
 
 class _App(typer.Typer):
@@ -1430,7 +1431,7 @@ def demo_data(
         )
     out_console.print(f"demo input written to {out} ({copied} real files)")
     if bundle is not None:
-        from training.demo import build_demo_bundle, write_demo_config
+        from cxrbatch_training.demo import build_demo_bundle, write_demo_config
 
         console.print(f"training the demo classifier on synthetic phantoms into {bundle} ...")
         build_demo_bundle(bundle, progress=console.is_terminal, say=console.print)
@@ -1438,6 +1439,10 @@ def demo_data(
         out_console.print(
             f"demo bundle (SYNTHETIC training data) in {bundle}; use --config {config}"
         )
+
+
+# The training commands (cxrbatch_training/cli.py): one CLI framework for both.
+app.add_typer(training_app, name="training")
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ Level Confidentiality Profile, plus tables a research team and the training subs
                                 -> PatientIdentityRemoved YES, DeidentificationMethod and its
                                    code sequence (113100, and 113107 with modified dates)
         OUT/dicom/<study>/<object>.dcm, OUT/images/<image>.png (what the training reads)
-    OUT/labels.csv     the curation format (training/data.py): Image Index, Patient ID, one
+    OUT/labels.csv     the curation format (cxrbatch_training/data.py): Image Index, Patient ID, one
                        column per label (left empty: reader labels, to be filled before
                        fine-tuning; model outputs are never training labels), split
     OUT/outcomes.csv   the de-identified outcome per image: triage, scores, probabilities

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from training.__main__ import main
-from training.curate import (
+from cxrbatch_training.__main__ import main
+from cxrbatch_training.curate import (
     CLASSES,
     curate,
     packaged_nih_labels,
@@ -93,3 +93,21 @@ def test_clear_errors_for_missing_or_wrong_files(tmp_path: Path) -> None:
     wrong.write_text("Image,Labels\na.png,Mass\n")
     with pytest.raises(ValueError, match="missing Image Index, Finding Labels, Patient ID"):
         read_nih_labels(wrong)
+
+
+def test_the_training_commands_are_a_group_of_the_cxrbatch_command(tmp_path: Path) -> None:
+    """One CLI framework: `cxrbatch training curate` is the command `python -m
+    cxrbatch_training curate` runs, with the same output and the same usage errors."""
+    from typer.testing import CliRunner
+
+    from cxrbatch.cli import app
+
+    via_cxrbatch, direct = tmp_path / "a.csv", tmp_path / "b.csv"
+    args = ["curate", "--seed", "7", "--split", "patient", "--out"]
+    ran = CliRunner().invoke(app, ["training", *args, str(via_cxrbatch)])
+    assert ran.exit_code == 0, ran.output
+    assert main([*args, str(direct)]) == 0
+    assert via_cxrbatch.read_bytes() == direct.read_bytes()
+    wrong = CliRunner().invoke(app, ["training", "curate", "--split", "family", "--out", "x"])
+    assert wrong.exit_code == 2 and "family" in wrong.output
+    assert main(["curate", "--split", "family", "--out", "x"]) == 2

@@ -23,8 +23,8 @@ from cxrbatch.ingest.spool import Spool, Taken
 from cxrbatch.site import Site
 from cxrbatch.synthetic import make_phantom, save, to_dataset
 from cxrbatch.worker import QueueWorker
+from cxrbatch_training.data import read_curated
 from tests.conftest import dciodvfy_errors
-from training.data import read_curated
 
 NAME, PATIENT_ID, BIRTH = "ROSSI^MARIA^LUISA", "MRN-0042-7731", "19511203"
 ACCESSION, INSTITUTION = "ACC77310042", "Ospedale San Gerardo"

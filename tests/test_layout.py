@@ -23,7 +23,10 @@ def test_sqlalchemy_is_imported_only_in_the_database_package() -> None:
     """One door to the database: every statement, engine and session lives in cxrbatch/db
     (its migrations included); the rest names sessions and errors through cxrbatch.db."""
     door = ROOT / "cxrbatch" / "db"
-    sources = [*ROOT.joinpath("cxrbatch").rglob("*.py"), *ROOT.joinpath("training").rglob("*.py")]
+    sources = [
+        *ROOT.joinpath("cxrbatch").rglob("*.py"),
+        *ROOT.joinpath("cxrbatch_training").rglob("*.py"),
+    ]
     assert len(sources) > 40
     offenders = [
         str(path.relative_to(ROOT))

@@ -21,8 +21,8 @@ from cxrbatch.dicom.discover import discover
 from cxrbatch.models.bundle import IMAGENET_MEAN, IMAGENET_STD, load_bundle
 from cxrbatch.models.preprocess import classifier_input
 from cxrbatch.synthetic import make_phantom, save, to_dataset
-from training import metrics
-from training.data import (
+from cxrbatch_training import metrics
+from cxrbatch_training.data import (
     Record,
     load_gray,
     lung_mask_pairs,
@@ -31,9 +31,9 @@ from training.data import (
     save_mask,
     split_records,
 )
-from training.maskgen import generate_masks, mask_path
-from training.phantoms import IMAGES, TRUTH_MASKS, PhantomRecipe, write_phantom_dataset
-from training.train import SMALL_CPU, DataSpec, TrainConfig, train
+from cxrbatch_training.maskgen import generate_masks, mask_path
+from cxrbatch_training.phantoms import IMAGES, TRUTH_MASKS, PhantomRecipe, write_phantom_dataset
+from cxrbatch_training.train import SMALL_CPU, DataSpec, TrainConfig, train
 
 # --- metrics -------------------------------------------------------------------------
 
@@ -252,8 +252,8 @@ def test_an_interrupted_run_resumes_to_the_same_weights(
 def test_cli_trains_evaluates_and_exports_a_run(
     tmp_path: Path, tiny_dataset: tuple[list[Record], DataSpec]
 ) -> None:
-    """`python -m training train | evaluate | export` (each with --run) end to end."""
-    from training.__main__ import main
+    """`cxrbatch training train | evaluate | export` (each with --run) end to end."""
+    from cxrbatch_training.__main__ import main
 
     _, data = tiny_dataset
     assert data.masks is not None
@@ -299,7 +299,7 @@ def test_cli_trains_evaluates_and_exports_a_run(
 
 
 def test_study_runner_writes_tables_tests_and_plots(tmp_path: Path) -> None:
-    from training.study import run_study, synthetic_small_config
+    from cxrbatch_training.study import run_study, synthetic_small_config
 
     config = synthetic_small_config(
         architectures=("resnet50",),
@@ -347,7 +347,7 @@ def test_exported_bundle_gives_the_training_probabilities_in_process(
     """Phantoms as 8-bit PNGs (what training reads) and as DICOM (what the daemon reads):
     the training code's prediction with the segmenter's cached masks equals what
     `cxrbatch process` records with the exported bundle."""
-    from training.train import dataset, make_loader, predict
+    from cxrbatch_training.train import dataset, make_loader, predict
 
     images, records, uids = {}, [], {}
     for i in range(3):
@@ -400,7 +400,7 @@ def test_litemedsam_fine_tunes_on_an_image_mask_folder_and_plugs_into_the_pipeli
 ) -> None:
     from cxrbatch.models.prompts import segment_pixels
     from cxrbatch.models.segmenter import LiteMedSAM
-    from training.finetune import FinetuneConfig, finetune, lung_prompts
+    from cxrbatch_training.finetune import FinetuneConfig, finetune, lung_prompts
 
     truths = []
     for i in range(5):  # RSUA / Shenzhen layout: images/name.png, masks/name_mask.png

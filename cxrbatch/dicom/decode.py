@@ -102,7 +102,7 @@ def percentile_window(values: np.ndarray, bounds: tuple[float, float] | None = N
 def segmentation_view(values: np.ndarray) -> np.ndarray:
     """What the segmenter sees of an image whatever its header window: the 0.5-99.5
     percentile range of its values, as uint8. The daemon (`segmentation_pixels`) and the
-    training masks of 8-bit exports (training/maskgen.py) both go through here."""
+    training masks of 8-bit exports (cxrbatch_training/maskgen.py) both go through here."""
     return _to_u8(percentile_window(values))
 
 

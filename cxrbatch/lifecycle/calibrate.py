@@ -10,7 +10,7 @@ with:
   studies, set conservatively: the largest threshold at which the lower bound of the exact
   (Clopper-Pearson) 95% confidence interval of the sensitivity measured on the site's
   labelled abnormal studies still reaches the target. A threshold at the point estimate
-  alone (training/metrics.py `screening_threshold`) misses the target on new studies about
+  alone (cxrbatch_training/metrics.py `screening_threshold`) misses the target on new studies about
   half the time; measured on held-out phantoms: 0.82 at a 0.9 target from 12 abnormal
   studies (tests/test_model_lifecycle.py);
 - per-label thresholds where the labels name the finding often enough: the F1-optimal

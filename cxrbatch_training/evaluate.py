@@ -17,9 +17,9 @@ import numpy as np
 from cxrbatch.dicom.export import write_json
 from cxrbatch.files import atomic_write
 from cxrbatch.models.device import resolve_device
-from training.curate import FINDINGS
-from training.data import Record
-from training.metrics import (
+from cxrbatch_training.curate import FINDINGS
+from cxrbatch_training.data import Record
+from cxrbatch_training.metrics import (
     auroc,
     bootstrap_ci,
     f1_optimal_thresholds,
@@ -29,7 +29,7 @@ from training.metrics import (
     screening_points,
     threshold_metrics,
 )
-from training.train import DataSpec, dataset, load_trained, make_loader, predict
+from cxrbatch_training.train import DataSpec, dataset, load_trained, make_loader, predict
 
 EVALUATION = "evaluation.json"
 PREDICTIONS = "predictions.npz"

@@ -30,7 +30,7 @@ from cxrbatch.dicom.export import write_json
 from cxrbatch.models.masks import WORKING_SIZE, resize_mask
 from cxrbatch.models.prompts import segment_pixels
 from cxrbatch.models.segmenter import BoxSegmenter, load_segmenter
-from training.data import load_gray, save_mask
+from cxrbatch_training.data import load_gray, save_mask
 
 log = logging.getLogger(__name__)
 MANIFEST = "segmenter.json"

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from cxrbatch.models.bundle import BundleSpec, Screening, TrainingData, save_bundle
-from training.curate import FINDINGS
-from training.evaluate import EVALUATION
-from training.train import load_trained
+from cxrbatch_training.curate import FINDINGS
+from cxrbatch_training.evaluate import EVALUATION
+from cxrbatch_training.train import load_trained
 
 
 def export_bundle(

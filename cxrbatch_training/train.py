@@ -44,9 +44,9 @@ from cxrbatch.models.bundle import IMAGENET_MEAN, IMAGENET_STD, IMAGENET_WEIGHTS
 from cxrbatch.models.device import resolve_device
 from cxrbatch.models.masks import MaskMode
 from cxrbatch.models.preprocess import classifier_input
-from training.data import Record, load_gray, load_mask
-from training.maskgen import mask_path
-from training.metrics import macro_auroc
+from cxrbatch_training.data import Record, load_gray, load_mask
+from cxrbatch_training.maskgen import mask_path
+from cxrbatch_training.metrics import macro_auroc
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class DataSpec:
     """Where a run's images and raw lung masks are."""
 
     images: dict[str, Path]  # Image Index -> file
-    masks: Path | None  # cache folder of raw lung masks (training.maskgen)
+    masks: Path | None  # cache folder of raw lung masks (cxrbatch_training.maskgen)
     synthetic: bool
     description: str
 
@@ -128,7 +128,7 @@ def dataset(
             if not mask.is_file():
                 raise FileNotFoundError(
                     f"No cached lung mask for {r.image_index} in {data.masks} "
-                    "(run `python -m training masks` first)"
+                    "(run `cxrbatch training masks` first)"
                 )
         items.append(
             {

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from cxrbatch.files import atomic_write
-from training.data import resolve_images, split_records
-from training.evaluate import evaluate_run
-from training.export import export_bundle
-from training.phantoms import IMAGES, TRUTH_MASKS, PhantomRecipe, write_phantom_dataset
-from training.train import SMALL_CPU, DataSpec, train
+from cxrbatch_training.data import resolve_images, split_records
+from cxrbatch_training.evaluate import evaluate_run
+from cxrbatch_training.export import export_bundle
+from cxrbatch_training.phantoms import IMAGES, TRUTH_MASKS, PhantomRecipe, write_phantom_dataset
+from cxrbatch_training.train import SMALL_CPU, DataSpec, train
 
 log = logging.getLogger(__name__)
 

@@ -35,8 +35,8 @@ from scipy import ndimage as ndi
 from cxrbatch.config import SegmentationSettings
 from cxrbatch.dicom.export import write_json
 from cxrbatch.models.segmenter import load_segmenter
-from training.data import MaskPair
-from training.train import open_run_folder, save_checkpoint, versions
+from cxrbatch_training.data import MaskPair
+from cxrbatch_training.train import open_run_folder, save_checkpoint, versions
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 `write_phantom_dataset` draws chest phantoms (cxrbatch.synthetic) with balanced labels,
 writes them as 8-bit PNGs (the NIH form), their known lung masks at the study's 512 x 512
-working resolution, and a curated table in the format of `python -m training curate`.
+working resolution, and a curated table in the format of `cxrbatch training curate`.
 
 The shortcut experiment of the study: in the splits named by `artefact_splits` a bright
 marker outside the lungs goes with abnormality (present on `artefact_rate` of the abnormal
@@ -25,8 +25,8 @@ import numpy as np
 from cxrbatch.files import atomic_write
 from cxrbatch.models.masks import WORKING_SIZE, resize_mask
 from cxrbatch.synthetic import make_phantom
-from training.curate import FINDINGS
-from training.data import Record, load_gray, save_mask, write_curated_rows
+from cxrbatch_training.curate import FINDINGS
+from cxrbatch_training.data import Record, load_gray, save_mask, write_curated_rows
 
 IMAGES = "images"
 TRUTH_MASKS = "masks_truth"

@@ -1,10 +1,10 @@
 """Datasets of the study: curated classification tables, image folders, lung-mask datasets.
 
-One table format serves real and synthetic data: the CSV that `python -m training curate`
+One table format serves real and synthetic data: the CSV that `cxrbatch training curate`
 writes (`Image Index`, `Patient ID`, a 0/1 column per label incl. No Finding, `split`).
 Images are found by file name anywhere under an image root (the NIH archive unpacks into
 images_001/images/ ... images_012/images/). Lung masks live in a mask directory as
-`<stem>.png` (0 / 255, 512 x 512: the study's working resolution, see training.maskgen).
+`<stem>.png` (0 / 255, 512 x 512: the study's working resolution, see cxrbatch_training.maskgen).
 
 Lung segmentation datasets for MedSAM fine-tuning are image/mask folder pairs: RSUA-style
 and Shenzhen layouts (one mask per image, `name.png` or `name_mask.png`), Montgomery and
@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from cxrbatch.models.preprocess import to_uint8
-from training.curate import CLASSES, FINDINGS, NO_FINDING
+from cxrbatch_training.curate import CLASSES, FINDINGS, NO_FINDING
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
 

@@ -27,13 +27,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from cxrbatch.config import SegmentationSettings
 from cxrbatch.dicom.export import write_json
 from cxrbatch.models.masks import MASK_MODES, MaskMode
-from training.curate import FINDINGS, curate, write_curated
-from training.data import Record, read_curated, resolve_images, split_records
-from training.evaluate import EVALUATION, PREDICTIONS, evaluate_run
-from training.maskgen import generate_masks
-from training.metrics import paired_tests
-from training.phantoms import IMAGES, TRUTH_MASKS, PhantomRecipe, write_phantom_dataset
-from training.train import SMALL_CPU, DataSpec, TrainConfig, train
+from cxrbatch_training.curate import FINDINGS, curate, write_curated
+from cxrbatch_training.data import Record, read_curated, resolve_images, split_records
+from cxrbatch_training.evaluate import EVALUATION, PREDICTIONS, evaluate_run
+from cxrbatch_training.maskgen import generate_masks
+from cxrbatch_training.metrics import paired_tests
+from cxrbatch_training.phantoms import IMAGES, TRUTH_MASKS, PhantomRecipe, write_phantom_dataset
+from cxrbatch_training.train import SMALL_CPU, DataSpec, TrainConfig, train
 
 log = logging.getLogger(__name__)
 
