@@ -81,7 +81,7 @@ NUMBER_FIELDS = [
 
 
 def _base(rng: random.Random, index: int) -> Any:
-    from cxrbatch.synthetic import make_phantom, to_dataset
+    from cxrbatch_training.synthetic import make_phantom, to_dataset
 
     return to_dataset(
         make_phantom(10_000 + index, (96, 96)),
@@ -93,7 +93,7 @@ def _base(rng: random.Random, index: int) -> Any:
 
 
 def _structural(rng: random.Random, index: int) -> bytes:
-    from cxrbatch.synthetic import encode
+    from cxrbatch_training.synthetic import encode
 
     ds = _base(rng, index)
     kind = rng.randrange(8)
@@ -128,7 +128,7 @@ def _structural(rng: random.Random, index: int) -> bytes:
 
 
 def _hostile_value(rng: random.Random, index: int) -> bytes:
-    from cxrbatch.synthetic import encode
+    from cxrbatch_training.synthetic import encode
 
     ds = _base(rng, index)
     if rng.random() < 0.6:

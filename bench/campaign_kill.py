@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=128, help="phantom size in pixels")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args(argv)
-    from cxrbatch.synthetic import write_studies
+    from cxrbatch_training.synthetic import write_studies
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="cxrbatch-kill-"))
     (work / "export").mkdir(parents=True, exist_ok=True)

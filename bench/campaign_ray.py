@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=512)
     args = parser.parse_args(argv)
 
-    from cxrbatch.synthetic import write_studies
+    from cxrbatch_training.synthetic import write_studies
 
     work = Path(tempfile.mkdtemp(prefix="cxrbatch-campaign-bench-"))
     write_studies(work / "in", args.studies, seed=5, size=(args.size, args.size))

@@ -28,7 +28,7 @@ from bench.harness import make_bundles
 from cxrbatch import logs, pipeline
 from cxrbatch.config import load_settings
 from cxrbatch.dicom.discover import discover
-from cxrbatch.synthetic import write_studies
+from cxrbatch_training.synthetic import write_studies
 
 
 def run_all(

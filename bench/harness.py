@@ -52,7 +52,7 @@ STAGES = ("decode", "segment", "classify", "write")
 
 
 def _generate(args: tuple[Path, int, int, int, str, int]) -> None:
-    from cxrbatch.synthetic import write_study
+    from cxrbatch_training.synthetic import write_study
 
     out, index, rows, cols, syntax, bits = args
     write_study(

@@ -55,7 +55,7 @@ def run(url: str, studies: int, work: Path) -> dict[str, object]:
     from cxrbatch.db.session import make_engine, session_factory, upgrade
     from cxrbatch.ingest.spool import Spool
     from cxrbatch.site import Site
-    from cxrbatch.synthetic import write_studies
+    from cxrbatch_training.synthetic import write_studies
 
     out = work / "out"
     out.mkdir()

@@ -40,7 +40,7 @@ def _transports(deadline: float, root: Path) -> list[dict[str, object]]:
     from pynetdicom import AE, evt
 
     from cxrbatch.send.transports import fhir_transaction, mllp, send
-    from cxrbatch.synthetic import make_phantom, save, to_dataset
+    from cxrbatch_training.synthetic import make_phantom, save, to_dataset
     from tests.peers import HostileHttp, HostileMllp
     from tests.test_scp import _free_port
 

@@ -42,7 +42,7 @@ from cxrbatch.dicom.decode import decode
 from cxrbatch.dicom.discover import read_header
 from cxrbatch.domain import DecodedImage, InstanceHeader
 from cxrbatch.models.qc import dice
-from cxrbatch.synthetic import Phantom, make_hard_phantom
+from cxrbatch_training.synthetic import Phantom, make_hard_phantom
 
 __all__ = [
     "Case",
@@ -200,7 +200,7 @@ def _phantom_case(name: str, phantom: Phantom) -> Case:
 
 
 def hard_phantom_cases(count: int, size: int = 1024, seed: int = 0) -> Iterator[Case]:
-    """`count` hard phantoms (cxrbatch.synthetic.make_hard_phantom), generated lazily."""
+    """`count` hard phantoms (cxrbatch_training.synthetic.make_hard_phantom), generated lazily."""
     for index in range(count):
         phantom = make_hard_phantom(seed * 1_000_003 + index, (size, size))
         yield _phantom_case(f"hard-{index:03d}", phantom)

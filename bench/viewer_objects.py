@@ -37,7 +37,7 @@ from cxrbatch.models.bundle import (
     load_bundle,
     save_bundle,
 )
-from cxrbatch.synthetic import make_hard_phantom, save, to_dataset
+from cxrbatch_training.synthetic import make_hard_phantom, save, to_dataset
 
 OBJECTS = ("key_image", "presentation_state", "finding_maps")
 

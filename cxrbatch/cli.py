@@ -35,6 +35,7 @@ import csv
 import datetime as dt
 import enum
 import functools
+import importlib.util
 import io
 import json
 import logging
@@ -1383,7 +1384,7 @@ def phantoms(
     ] = None,
 ) -> None:
     """Write synthetic chest phantom studies (known lung masks, lesions of each class)."""
-    from cxrbatch.synthetic import write_studies
+    from cxrbatch_training.synthetic import write_studies
 
     generated = write_studies(out, studies, seed=seed, size=(size, size), truth_dir=truth)
     out_console.print(f"wrote {len(generated)} synthetic studies to {out}")
@@ -1408,7 +1409,7 @@ def demo_data(
     (a chest CR, a tibia CR, MR, CT, US) and a non-DICOM file, as a PACS export might hold."""
     from pydicom.data import get_testdata_file
 
-    from cxrbatch.synthetic import write_studies
+    from cxrbatch_training.synthetic import write_studies
 
     write_studies(out / "synthetic", 6, size=(1024, 1024))
     copied = 0
@@ -1431,6 +1432,11 @@ def demo_data(
         )
     out_console.print(f"demo input written to {out} ({copied} real files)")
     if bundle is not None:
+        if importlib.util.find_spec("monai") is None:
+            raise _fail(
+                "training the demo bundle needs MONAI, which is not installed: "
+                "pip install 'cxrbatch[demo]' (the demo input above is written)"
+            )
         from cxrbatch_training.demo import build_demo_bundle, write_demo_config
 
         console.print(f"training the demo classifier on synthetic phantoms into {bundle} ...")

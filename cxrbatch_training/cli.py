@@ -51,6 +51,12 @@ def _errors_to_exit(function: Callable[..., Any]) -> Callable[..., Any]:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         try:
             return function(*args, **kwargs)
+        except ModuleNotFoundError as exc:
+            sys.stderr.write(
+                f"error: the training commands need the module {exc.name}, which is not "
+                "installed: pip install 'cxrbatch[training]'\n"
+            )
+            raise typer.Exit(2) from exc
         except (FileNotFoundError, ValueError, CxrBatchError) as exc:
             sys.stderr.write(f"error: {exc}\n")
             raise typer.Exit(2) from exc

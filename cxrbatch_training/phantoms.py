@@ -1,6 +1,6 @@
 """A synthetic classification dataset in the NIH layout, for the study on a CPU.
 
-`write_phantom_dataset` draws chest phantoms (cxrbatch.synthetic) with balanced labels,
+`write_phantom_dataset` draws chest phantoms (cxrbatch_training.synthetic) with balanced labels,
 writes them as 8-bit PNGs (the NIH form), their known lung masks at the study's 512 x 512
 working resolution, and a curated table in the format of `cxrbatch training curate`.
 
@@ -24,9 +24,9 @@ import numpy as np
 
 from cxrbatch.files import atomic_write
 from cxrbatch.models.masks import WORKING_SIZE, resize_mask
-from cxrbatch.synthetic import make_phantom
 from cxrbatch_training.curate import FINDINGS
 from cxrbatch_training.data import Record, load_gray, save_mask, write_curated_rows
+from cxrbatch_training.synthetic import make_phantom
 
 IMAGES = "images"
 TRUTH_MASKS = "masks_truth"

@@ -110,7 +110,7 @@ def _prepare_split(config: StudyConfig, out: Path, seed: int) -> SplitData:
         records = write_phantom_dataset(root, recipe)
         images = resolve_images(records, root / IMAGES)
         description = (
-            f"synthetic chest phantoms (cxrbatch.synthetic), seed {seed}, "
+            f"synthetic chest phantoms (cxrbatch_training.synthetic), seed {seed}, "
             f"{config.phantom_size} px, label-correlated marker in train/val only"
         )
         masks = (

@@ -20,7 +20,7 @@ from cxrbatch.config import Settings
 from cxrbatch.db import models as tables
 from cxrbatch.db.session import make_engine, session_factory, upgrade
 from cxrbatch.site import Site
-from cxrbatch.synthetic import make_phantom, save, to_dataset, write_studies
+from cxrbatch_training.synthetic import make_phantom, save, to_dataset, write_studies
 from tests.conftest import real_file
 
 

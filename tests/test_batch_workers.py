@@ -17,7 +17,7 @@ from cxrbatch.db import models as tables
 from cxrbatch.db.session import make_engine, session_factory
 from cxrbatch.errors import CxrBatchError
 from cxrbatch.site import Site
-from cxrbatch.synthetic import write_studies
+from cxrbatch_training.synthetic import write_studies
 
 # Imported by every Python process started while it is on PYTHONPATH: the spawned worker
 # processes kill themselves (SIGKILL, as the kernel's OOM killer does) on one study.

@@ -19,7 +19,7 @@ from cxrbatch.errors import ConfigError
 from cxrbatch.models.batching import Batcher, batch_size
 from cxrbatch.models.segmenter import load_segmenter
 from cxrbatch.site import Site
-from cxrbatch.synthetic import write_studies
+from cxrbatch_training.synthetic import write_studies
 
 
 def test_concurrent_calls_share_one_pass_and_get_their_own_rows() -> None:

@@ -12,7 +12,7 @@ from cxrbatch.config import Settings
 from cxrbatch.db.models import Job
 from cxrbatch.db.session import upgrade
 from cxrbatch.site import Site
-from cxrbatch.synthetic import write_studies
+from cxrbatch_training.synthetic import write_studies
 
 
 def test_a_listed_file_that_is_not_there_is_missing(tmp_path: Path, settings: Settings) -> None:

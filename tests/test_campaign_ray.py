@@ -31,7 +31,7 @@ from sqlalchemy import func, select
 from cxrbatch.db import models as tables
 from cxrbatch.db.leased import process_space
 from cxrbatch.db.session import make_engine, session_factory
-from cxrbatch.synthetic import write_studies
+from cxrbatch_training.synthetic import write_studies
 from tests.conftest import tool, unavailable
 from tests.test_scp import _free_port
 

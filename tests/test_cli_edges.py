@@ -18,7 +18,7 @@ from cxrbatch.cli import app
 from cxrbatch.config import load_settings
 from cxrbatch.db.session import head_revision, upgrade
 from cxrbatch.domain import StudyInput
-from cxrbatch.synthetic import write_studies
+from cxrbatch_training.synthetic import write_studies
 
 RUNNER = CliRunner()
 

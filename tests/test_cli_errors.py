@@ -15,7 +15,7 @@ from cxrbatch.cli import app
 from cxrbatch.db import repository
 from cxrbatch.db.session import make_engine, session_factory
 from cxrbatch.domain import OutcomeStatus, StudyResult
-from cxrbatch.synthetic import make_phantom, save, to_dataset
+from cxrbatch_training.synthetic import make_phantom, save, to_dataset
 
 MARKUP = "[/Y]"  # upper case: discovery normalises ViewPosition (CS)
 RUNNER = CliRunner()

@@ -25,7 +25,7 @@ from cxrbatch import pipeline
 from cxrbatch.config import Settings
 from cxrbatch.dicom.discover import discover
 from cxrbatch.domain import OutcomeStatus
-from cxrbatch.synthetic import make_phantom, save, to_dataset
+from cxrbatch_training.synthetic import make_phantom, save, to_dataset
 from tests.conftest import dciodvfy_errors, real_file
 
 SIZE = (320, 288)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cxrbatch.synthetic import write_studies
+from cxrbatch_training.synthetic import write_studies
 
 CONFIG = """
 [segmentation]

@@ -13,7 +13,7 @@ from cxrbatch.dicom.decode import decode, decode_dataset, patient_side_mapping
 from cxrbatch.dicom.discover import read_header
 from cxrbatch.domain import InstanceHeader
 from cxrbatch.errors import InputError
-from cxrbatch.synthetic import TRANSFER_SYNTAXES, make_phantom, save, to_dataset
+from cxrbatch_training.synthetic import TRANSFER_SYNTAXES, make_phantom, save, to_dataset
 from tests.conftest import real_file
 
 PHANTOM = make_phantom(7, (256, 200))  # non-square on purpose

@@ -21,9 +21,9 @@ from cxrbatch.config import Settings
 from cxrbatch.db.session import make_engine, session_factory, upgrade
 from cxrbatch.ingest.spool import Spool, Taken
 from cxrbatch.site import Site
-from cxrbatch.synthetic import make_phantom, save, to_dataset
 from cxrbatch.worker import QueueWorker
 from cxrbatch_training.data import read_curated
+from cxrbatch_training.synthetic import make_phantom, save, to_dataset
 from tests.conftest import dciodvfy_errors
 
 NAME, PATIENT_ID, BIRTH = "ROSSI^MARIA^LUISA", "MRN-0042-7731", "19511203"

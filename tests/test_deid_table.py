@@ -24,7 +24,7 @@ from cxrbatch.cli import app
 from cxrbatch.config import Settings
 from cxrbatch.deid import table
 from cxrbatch.site import Site
-from cxrbatch.synthetic import make_phantom, save, to_dataset
+from cxrbatch_training.synthetic import make_phantom, save, to_dataset
 from tests.conftest import dciodvfy_errors
 
 # Groups no image data set holds: commands, file meta, DICOMDIR, signatures, padding.

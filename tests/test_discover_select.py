@@ -12,7 +12,7 @@ from cxrbatch.config import SelectionSettings
 from cxrbatch.dicom.discover import discover, read_header
 from cxrbatch.dicom.select import eligibility, select
 from cxrbatch.domain import InstanceHeader, RejectedFile
-from cxrbatch.synthetic import make_phantom, save, to_dataset
+from cxrbatch_training.synthetic import make_phantom, save, to_dataset
 from tests.conftest import real_file
 
 

@@ -21,7 +21,7 @@ from cxrbatch.db.session import make_engine, session_factory
 from cxrbatch.domain import StudyInput
 from cxrbatch.errors import RecordingError, one_line
 from cxrbatch.site import Site
-from cxrbatch.synthetic import write_studies
+from cxrbatch_training.synthetic import write_studies
 
 
 def test_one_line_keeps_the_type_and_the_first_line_only() -> None:

@@ -22,7 +22,7 @@ from pydicom.sequence import Sequence
 
 from cxrbatch.dicom.discover import read_header
 from cxrbatch.domain import RejectedFile
-from cxrbatch.synthetic import encode, make_phantom, to_dataset
+from cxrbatch_training.synthetic import encode, make_phantom, to_dataset
 
 SECRET_NAME = "FUZZ^SECRETNAME"
 SECRET_ID = "SECRETID-4711"

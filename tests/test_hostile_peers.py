@@ -24,8 +24,8 @@ from cxrbatch.ingest.spool import Spool, Taken
 from cxrbatch.send.sender import Sender
 from cxrbatch.send.transports import SendError, fhir_transaction, mllp, send
 from cxrbatch.site import Site
-from cxrbatch.synthetic import write_study
 from cxrbatch.worker import QueueWorker
+from cxrbatch_training.synthetic import write_study
 from tests.peers import CapturingServer, HostileHttp, HostileMllp
 from tests.test_scp import _free_port
 
@@ -37,7 +37,7 @@ BUNDLE = {"resourceType": "Bundle", "type": "transaction", "entry": [{"resource"
 
 
 def _object_file(tmp_path: Path) -> Path:
-    from cxrbatch.synthetic import make_phantom, save, to_dataset
+    from cxrbatch_training.synthetic import make_phantom, save, to_dataset
 
     ds = to_dataset(make_phantom(7, (64, 64)), "77/0", instance=1)
     return save(ds, tmp_path / "obj.dcm")

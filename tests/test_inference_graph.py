@@ -19,7 +19,7 @@ from cxrbatch.models.bundle import load_bundle
 from cxrbatch.models.graphs import cpu_inference_graph, image_shape
 from cxrbatch.models.prompts import segment_pixels
 from cxrbatch.models.segmenter import LiteMedSAM, _Chain
-from cxrbatch.synthetic import make_phantom
+from cxrbatch_training.synthetic import make_phantom
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:

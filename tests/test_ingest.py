@@ -31,8 +31,8 @@ from cxrbatch.ingest import spool as spool_module
 from cxrbatch.ingest.folder import FolderIngest
 from cxrbatch.ingest.spool import Spool, Taken
 from cxrbatch.site import Site
-from cxrbatch.synthetic import make_phantom, save, to_dataset, write_study
 from cxrbatch.worker import QueueWorker
+from cxrbatch_training.synthetic import make_phantom, save, to_dataset, write_study
 
 
 def _settings(**ingest: Any) -> Settings:

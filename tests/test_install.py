@@ -8,6 +8,7 @@ first on the path, so nothing of the checkout can stand in for what the wheel la
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -119,3 +120,45 @@ def test_the_installed_web_app_serves_its_style_sheet_and_viewer(
     for line in answers:
         _path, status, size = line.split()
         assert status == "200" and int(size) > 100, line
+
+
+def test_the_installed_daemon_processes_a_study_with_its_classifier_without_monai(
+    installed: Path, tmp_path: Path
+) -> None:
+    """MONAI is a training dependency only (`cxrbatch[training]`, `[demo]`): the installed
+    product segments, classifies with a bundle, writes and records a study with MONAI made
+    unimportable in its process."""
+    from cxrbatch_training.synthetic import write_study
+    from tests.conftest import make_tiny_bundle
+
+    bundle = make_tiny_bundle(tmp_path / "bundle", "M-50", screening=0.5)
+    write_study(tmp_path / "in", 0, seed=3, size=(512, 512))
+    config = tmp_path / "site.toml"
+    config.write_text(f'[classifier]\nbundle = "{bundle}"\n')
+    out = tmp_path / "out"
+    hidden = (
+        "import sys; sys.modules['monai'] = None; from cxrbatch.cli import main; "
+        "sys.argv = ['cxrbatch', *sys.argv[1:]]; main()"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", hidden, "process", str(tmp_path / "in"), "--out", str(out),
+         "--config", str(config)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(installed)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    listed = _cxrbatch(installed, tmp_path, "results", "--out", str(out), "--format", "json")
+    assert listed.returncode == 0, listed.stderr
+    (row,) = json.loads(listed.stdout)
+    assert row["status"] == "processed" and row["models"] == "tiny-resnet50-M-50 0.0.1"
+    assert set(row["probabilities"]) == {"Mass", "Nodule", "Pneumonia", "Edema", "Fibrosis"}
+    # ...and without MONAI the module really is not there (the probe can fail).
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['monai'] = None; import monai"],
+        capture_output=True,
+        text=True,
+    )
+    assert probe.returncode != 0 and "monai" in probe.stderr

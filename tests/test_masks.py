@@ -10,7 +10,7 @@ from scipy import ndimage as ndi
 from cxrbatch.models.masks import apply_mask, dilate, erode, resize_mask, study_mask
 from cxrbatch.models.preprocess import ClassifierInputs, classifier_input, to_uint8
 from cxrbatch.models.prompts import fill_holes
-from cxrbatch.synthetic import make_phantom
+from cxrbatch_training.synthetic import make_phantom
 
 
 @pytest.fixture(scope="module")

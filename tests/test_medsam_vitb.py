@@ -18,7 +18,7 @@ from cxrbatch.domain import DecodedImage, InstanceHeader
 from cxrbatch.errors import ConfigError, ModelError
 from cxrbatch.models.prompts import segment_lungs
 from cxrbatch.models.segmenter import MedSAMViTB, load_segmenter
-from cxrbatch.synthetic import make_phantom
+from cxrbatch_training.synthetic import make_phantom
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:

@@ -31,8 +31,8 @@ from cxrbatch.domain import FINDING_LABELS, JobStatus
 from cxrbatch.ingest.spool import Spool, Taken
 from cxrbatch.lifecycle.reprocess import backfill
 from cxrbatch.site import Site
-from cxrbatch.synthetic import write_study
 from cxrbatch.worker import QueueWorker
+from cxrbatch_training.synthetic import write_study
 
 RUNNER = CliRunner()
 TARGET = 0.8

@@ -27,7 +27,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from cxrbatch.config import Destination, load_settings
 from cxrbatch.send.transports import SendError, c_store
-from cxrbatch.synthetic import write_studies
+from cxrbatch_training.synthetic import write_studies
 from tests.conftest import dciodvfy_errors, real_file
 from tests.orthanc import Orthanc
 from tests.test_daemon import _Daemon, daemons  # noqa: F401 (fixture)

@@ -18,7 +18,7 @@ from cxrbatch import pipeline
 from cxrbatch.config import Settings
 from cxrbatch.dicom.discover import discover
 from cxrbatch.domain import OutcomeStatus, StudyResult
-from cxrbatch.synthetic import read_truth, write_studies
+from cxrbatch_training.synthetic import read_truth, write_studies
 from tests.conftest import dciodvfy_errors, real_file
 
 

@@ -23,8 +23,8 @@ from cxrbatch.db import models as tables
 from cxrbatch.db.session import make_engine, session_factory, upgrade
 from cxrbatch.ingest.spool import Spool, Taken
 from cxrbatch.site import Site
-from cxrbatch.synthetic import make_phantom, save, to_dataset
 from cxrbatch.worker import QueueWorker
+from cxrbatch_training.synthetic import make_phantom, save, to_dataset
 from tests.conftest import real_file
 from tests.orthanc import Orthanc
 from tests.test_scp import _free_port

@@ -20,7 +20,7 @@ from cxrbatch.db import models as tables
 from cxrbatch.db.session import make_engine, session_factory, upgrade
 from cxrbatch.ingest.scp import DicomReceiver
 from cxrbatch.ingest.spool import Spool
-from cxrbatch.synthetic import make_phantom, to_dataset
+from cxrbatch_training.synthetic import make_phantom, to_dataset
 from tests.peers import HostileQueryRetrieve
 from tests.test_pull import DAY, _instances, _pull, _site, _summary
 from tests.test_scp import _free_port

@@ -43,8 +43,8 @@ from cxrbatch.dicom import export
 from cxrbatch.domain import StudyInput, StudyRunStatus
 from cxrbatch.ingest.spool import Spool, Taken
 from cxrbatch.site import Site
-from cxrbatch.synthetic import make_phantom, save, to_dataset
 from cxrbatch.worker import QueueWorker
+from cxrbatch_training.synthetic import make_phantom, save, to_dataset
 from tests.conftest import tool, unavailable
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,8 +19,8 @@ from cxrbatch.ingest.spool import Spool, Taken
 from cxrbatch.send.sender import Sender
 from cxrbatch.send.transports import SendError, check_ack
 from cxrbatch.site import Site
-from cxrbatch.synthetic import make_phantom, save, to_dataset, write_study
 from cxrbatch.worker import QueueWorker
+from cxrbatch_training.synthetic import make_phantom, save, to_dataset, write_study
 from tests.peers import FhirEndpoint, MllpListener
 from tests.test_scp import _free_port
 

@@ -21,8 +21,8 @@ from cxrbatch.db.session import upgrade
 from cxrbatch.ingest.spool import Spool, Taken
 from cxrbatch.retention import cleanup
 from cxrbatch.site import Site
-from cxrbatch.synthetic import write_studies
 from cxrbatch.worker import QueueWorker
+from cxrbatch_training.synthetic import write_studies
 
 LATER = dt.datetime.now(dt.UTC) + dt.timedelta(days=365)  # past every cutoff
 

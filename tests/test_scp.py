@@ -31,7 +31,7 @@ from cxrbatch.errors import ConfigError
 from cxrbatch.ingest import scp
 from cxrbatch.ingest.spool import Spool
 from cxrbatch.send.transports import SendError, c_store
-from cxrbatch.synthetic import make_phantom, save, to_dataset
+from cxrbatch_training.synthetic import make_phantom, save, to_dataset
 from tests.conftest import tool
 
 

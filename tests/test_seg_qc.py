@@ -31,7 +31,7 @@ from cxrbatch.dicom import codes
 from cxrbatch.dicom.discover import discover
 from cxrbatch.domain import OutcomeStatus, StudyResult, Triage
 from cxrbatch.models import qc
-from cxrbatch.synthetic import Phantom, make_hard_phantom, save, to_dataset
+from cxrbatch_training.synthetic import Phantom, make_hard_phantom, save, to_dataset
 from tests.conftest import dciodvfy_errors
 
 SIZE = 256

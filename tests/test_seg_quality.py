@@ -14,7 +14,7 @@ from bench.seg_sets import REFERENCE, dice, hard_phantom_cases, reference_masks,
 from cxrbatch.config import SegmentationSettings
 from cxrbatch.models.prompts import segment_lungs
 from cxrbatch.models.segmenter import LiteMedSAM, load_segmenter
-from cxrbatch.synthetic import make_hard_phantom
+from cxrbatch_training.synthetic import make_hard_phantom
 
 pytest.importorskip("data_store", reason="pydicom-data ships the real chest film RG1")
 

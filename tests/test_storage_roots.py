@@ -21,7 +21,7 @@ from cxrbatch.domain import StudyRunStatus
 from cxrbatch.ingest.spool import Spool, Taken
 from cxrbatch.paths import StorageRoots, resolve_stored
 from cxrbatch.site import Site
-from cxrbatch.synthetic import write_studies
+from cxrbatch_training.synthetic import write_studies
 
 
 def test_a_stored_path_names_the_deepest_root_or_stays_absolute(tmp_path: Path) -> None:

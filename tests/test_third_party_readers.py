@@ -24,7 +24,7 @@ from cxrbatch import pipeline
 from cxrbatch.config import Settings
 from cxrbatch.dicom.discover import discover
 from cxrbatch.domain import OutcomeStatus
-from cxrbatch.synthetic import write_study
+from cxrbatch_training.synthetic import write_study
 from tests.conftest import dciodvfy_errors, real_file, tool, unavailable
 
 

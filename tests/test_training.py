@@ -20,7 +20,6 @@ from cxrbatch.dicom.decode import decode
 from cxrbatch.dicom.discover import discover
 from cxrbatch.models.bundle import IMAGENET_MEAN, IMAGENET_STD, load_bundle
 from cxrbatch.models.preprocess import classifier_input
-from cxrbatch.synthetic import make_phantom, save, to_dataset
 from cxrbatch_training import metrics
 from cxrbatch_training.data import (
     Record,
@@ -33,6 +32,7 @@ from cxrbatch_training.data import (
 )
 from cxrbatch_training.maskgen import generate_masks, mask_path
 from cxrbatch_training.phantoms import IMAGES, TRUTH_MASKS, PhantomRecipe, write_phantom_dataset
+from cxrbatch_training.synthetic import make_phantom, save, to_dataset
 from cxrbatch_training.train import SMALL_CPU, DataSpec, TrainConfig, train
 
 # --- metrics -------------------------------------------------------------------------
@@ -199,7 +199,7 @@ TINY = SMALL_CPU.model_copy(
 def test_an_interrupted_run_resumes_to_the_same_weights(
     tmp_path: Path, tiny_dataset: tuple[list[Record], DataSpec], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import training.train as train_module
+    import cxrbatch_training.train as train_module
 
     records, data = tiny_dataset
     train_set, val_set = split_records(records, "train"), split_records(records, "val")

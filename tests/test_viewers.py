@@ -34,7 +34,7 @@ from cxrbatch.dicom.contours import LEFT_COLOUR, RIGHT_COLOUR
 from cxrbatch.dicom.discover import discover
 from cxrbatch.domain import OutcomeStatus
 from cxrbatch.models.bundle import LABELS, load_bundle
-from cxrbatch.synthetic import write_study
+from cxrbatch_training.synthetic import write_study
 from tests.conftest import chromium_executable, make_tiny_bundle, real_file
 from tests.ohif import OhifServer, ohif_dist
 from tests.orthanc import Orthanc

@@ -27,9 +27,9 @@ from cxrbatch.cli import app as cli
 from cxrbatch.config import Settings, WebSettings, WebUser
 from cxrbatch.errors import ConfigError
 from cxrbatch.site import Site
-from cxrbatch.synthetic import write_studies
 from cxrbatch.web.app import create_app
 from cxrbatch.web.auth import check_binding, hash_password
+from cxrbatch_training.synthetic import write_studies
 from tests.conftest import chromium_executable
 
 SECRET_NAME = "WEBTEST^SECRET"  # the phantoms' PatientName is replaced by this

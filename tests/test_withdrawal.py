@@ -29,8 +29,8 @@ from cxrbatch.ingest.spool import Spool, Taken
 from cxrbatch.paths import resolve_stored
 from cxrbatch.send.sender import Sender
 from cxrbatch.site import Site
-from cxrbatch.synthetic import make_phantom, save, to_dataset
 from cxrbatch.worker import QueueWorker
+from cxrbatch_training.synthetic import make_phantom, save, to_dataset
 from tests.conftest import dciodvfy_errors
 from tests.orthanc import Orthanc
 from tests.test_scp import _free_port
