@@ -38,10 +38,12 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _pip(work, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(ROOT))
     (wheel,) = wheels.glob("cxrbatch-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
+    # The top-level config/ and alembic/ of the checkout, in the package.
     assert "cxrbatch/defaults/default.toml" in names
+    assert "cxrbatch/defaults/site.example.toml" in names
     assert "cxrbatch/db/migrations/env.py" in names
     assert "cxrbatch/db/migrations/script.py.mako" in names
-    migrations = {path.name for path in (ROOT / "cxrbatch/db/migrations/versions").glob("*.py")}
+    migrations = {path.name for path in (ROOT / "alembic/versions").glob("*.py")}
     assert migrations
     assert {f"cxrbatch/db/migrations/versions/{name}" for name in migrations} <= names
     target = work / "site"
@@ -162,3 +164,35 @@ def test_the_installed_daemon_processes_a_study_with_its_classifier_without_mona
         text=True,
     )
     assert probe.returncode != 0 and "monai" in probe.stderr
+
+
+def _alembic(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    url = f"url=sqlite:///{tmp_path / 'scratch.sqlite'}"
+    return subprocess.run(
+        [sys.executable, "-m", "alembic", "-c", str(ROOT / "alembic.ini"), "-x", url, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_the_top_level_alembic_folder_is_what_the_package_migrates_with(tmp_path: Path) -> None:
+    """The card's layout: `alembic/` with `alembic.ini` at the top, `config/` beside it;
+    the package's migrations and defaults are those folders (not copies), and alembic's own
+    command, run as a developer writing a revision would, finds the models and the
+    revisions in agreement (`alembic check`), and a database short of head is told so."""
+    from cxrbatch.config import DEFAULT_CONFIG_PATH
+    from cxrbatch.db.session import ALEMBIC_DIR
+
+    assert ALEMBIC_DIR.resolve() == (ROOT / "alembic").resolve()
+    assert DEFAULT_CONFIG_PATH.resolve() == (ROOT / "config" / "default.toml").resolve()
+    heads = sorted(p.stem.split("_")[0] for p in (ROOT / "alembic" / "versions").glob("0*.py"))
+    upgraded = _alembic(tmp_path, "upgrade", heads[-2])
+    assert upgraded.returncode == 0, upgraded.stderr
+    behind = _alembic(tmp_path, "check")
+    assert behind.returncode != 0 and "not up to date" in behind.stdout + behind.stderr
+    assert _alembic(tmp_path, "upgrade", "head").returncode == 0
+    checked = _alembic(tmp_path, "check")
+    assert checked.returncode == 0, checked.stderr
+    assert "No new upgrade operations detected" in checked.stdout + checked.stderr

@@ -257,8 +257,8 @@ def test_destinations_are_validated() -> None:
 
 
 def test_the_example_site_config_loads_with_its_destinations() -> None:
-    """deploy/site.example.toml is what operators copy: it must stay valid."""
-    settings = load_settings(Path(__file__).parents[1] / "deploy" / "site.example.toml")
+    """config/site.example.toml is what operators copy: it must stay valid."""
+    settings = load_settings(Path(__file__).parents[1] / "config" / "site.example.toml")
     assert [(d.name, d.transport) for d in settings.send.destinations] == [
         ("pacs", "dimse"),
         ("viewer", "stow-rs"),

@@ -1,4 +1,6 @@
-"""Alembic environment: the URL comes from cxrbatch (Config main option sqlalchemy.url)."""
+"""Alembic environment: the URL comes from cxrbatch (Config main option sqlalchemy.url), or,
+for a developer writing a revision with the `alembic` command and alembic.ini, from
+`-x url=...` (the ini's own sqlalchemy.url otherwise)."""
 
 from __future__ import annotations
 
@@ -16,9 +18,14 @@ target_metadata = Base.metadata
 MIGRATION_LOCK = 0x6378726261746368
 
 
+def _url() -> str | None:
+    given: dict[str, str] = context.get_x_argument(as_dictionary=True)
+    return given.get("url") or config.get_main_option("sqlalchemy.url")
+
+
 def run_migrations_offline() -> None:
     context.configure(
-        url=config.get_main_option("sqlalchemy.url"),
+        url=_url(),
         target_metadata=target_metadata,
         literal_binds=True,
         render_as_batch=True,
@@ -28,8 +35,8 @@ def run_migrations_offline() -> None:
 
 
 def run_migrations_online() -> None:
-    url = config.get_main_option("sqlalchemy.url")
-    assert url, "sqlalchemy.url must be set by cxrbatch.db.session.alembic_config"
+    url = _url()
+    assert url, "sqlalchemy.url must be set (cxrbatch.db.session.alembic_config, or -x url=)"
     engine = make_engine(url)
     with engine.connect() as connection:
         context.configure(
