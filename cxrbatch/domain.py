@@ -102,7 +102,12 @@ class InstanceHeader:
 
 @dataclass(frozen=True)
 class RejectedFile:
-    """A file that is not usable input. `quarantine` says whether it is bad input."""
+    """A file that is not usable input. `quarantine` says whether it is bad input.
+
+    Raises
+    ------
+    ValueError: no reason (a rejection is always recorded with one).
+    """
 
     path: Path
     reason: str
@@ -110,6 +115,9 @@ class RejectedFile:
     quarantine: bool = True
     study_instance_uid: str | None = None
     sop_instance_uid: str | None = None
+
+    def __post_init__(self) -> None:
+        _reason_given(self.reason, f"rejected file {self.path.name}")
 
 
 @dataclass(frozen=True)
@@ -120,13 +128,26 @@ class StudyInput:
     instances: tuple[InstanceHeader, ...]
 
 
+def _reason_given(reason: str | None, what: str) -> None:
+    if not (reason or "").strip():
+        raise ValueError(f"{what}: no reason given")
+
+
 @dataclass(frozen=True)
 class Skipped:
-    """An instance of a study that is not processed, with the human-readable reason."""
+    """An instance of a study that is not processed, with the human-readable reason.
+
+    Raises
+    ------
+    ValueError: no reason.
+    """
 
     instance: InstanceHeader
     reason: str
     status: OutcomeStatus = OutcomeStatus.INELIGIBLE
+
+    def __post_init__(self) -> None:
+        _reason_given(self.reason, f"skipped instance {self.instance.sop_instance_uid}")
 
 
 @dataclass(frozen=True)
@@ -155,6 +176,21 @@ class DecodedImage:
     # The window `pixels` were displayed in, (center, width) in Modality LUT units: the
     # header's or the percentile one; None: a VOI LUT, or an 8-bit PNG.
     display_window: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        """Raises ValueError unless `pixels` is a 2-D uint8 image and the segmentation
+        copy, when given, has its shape."""
+        if self.pixels.ndim != 2 or self.pixels.dtype != np.uint8:
+            raise ValueError(
+                f"decoded image {self.instance.sop_instance_uid}: expected 2-D uint8 pixels, "
+                f"found {self.pixels.ndim}-D {self.pixels.dtype}"
+            )
+        extra = self.segmentation_pixels
+        if extra is not None and extra.shape != self.pixels.shape:
+            raise ValueError(
+                f"decoded image {self.instance.sop_instance_uid}: segmentation pixels "
+                f"{extra.shape} differ from the image {self.pixels.shape}"
+            )
 
     @property
     def for_segmentation(self) -> np.ndarray:
@@ -220,6 +256,12 @@ class LungSegmentation:
     notes: tuple[str, ...] = ()
     qc: SegmentationQC | None = None
 
+    def __post_init__(self) -> None:
+        """Raises ValueError unless both masks are 2-D and of one shape."""
+        right, left = np.shape(self.right_lung), np.shape(self.left_lung)
+        if len(right) != 2 or right != left:
+            raise ValueError(f"lung masks of shapes {right} and {left}: expected one 2-D shape")
+
     @property
     def qc_passed(self) -> bool:
         return self.qc is None or self.qc.passed
@@ -231,6 +273,10 @@ class LungSegmentation:
     def area_fraction(self, side: str) -> float:
         mask = self.right_lung if side == "right" else self.left_lung
         return float(mask.mean())
+
+
+# What the configuration runs a model as (the findings rows' roles); None: the segmenter.
+MODEL_ROLES = (None, "classifier", "screening", "shadow", "shadow-screening")
 
 
 @dataclass(frozen=True)
@@ -245,6 +291,14 @@ class ModelRef:
     # What the configuration runs it as: classifier | screening | shadow | shadow-screening
     # (the findings rows' roles); None for the segmenter.
     role: str | None = None
+
+    def __post_init__(self) -> None:
+        """Raises ValueError for a model without a name, version or weight hash, or with
+        a role the configuration does not run models as."""
+        if not (self.name and self.version and self.sha256):
+            raise ValueError(f"model {self.name!r} {self.version!r}: name, version and hash")
+        if self.role not in MODEL_ROLES:
+            raise ValueError(f"model {self.name}: unknown role {self.role!r}")
 
     def as_dict(self) -> dict[str, object]:
         document: dict[str, object] = {
@@ -287,6 +341,28 @@ class Findings:
     # all of it, or the centred square of a centre-cropping bundle; None: not recorded.
     box: tuple[int, int, int, int] | None = None
 
+    def __post_init__(self) -> None:
+        """Raises ValueError for a probability or threshold outside 0-1, a No Finding
+        score that is not 1 - max(probabilities), or a triage without its threshold."""
+        problems = [
+            f"{label} {value}"
+            for label, value in [*self.probabilities.items(), *self.thresholds.items()]
+            if not 0.0 <= value <= 1.0
+        ]
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            problems.append(f"screening threshold {self.threshold}")
+        if problems:
+            raise ValueError(f"findings of {self.model.name}: outside 0-1: {', '.join(problems)}")
+        if self.probabilities:
+            expected = 1.0 - max(self.probabilities.values())
+            if abs(self.no_finding_score - expected) > 1e-6:
+                raise ValueError(
+                    f"findings of {self.model.name}: No Finding score {self.no_finding_score}"
+                    f" is not 1 - max p = {expected}"
+                )
+        if self.triage is not None and self.threshold is None:
+            raise ValueError(f"findings of {self.model.name}: a triage without its threshold")
+
     @property
     def calls(self) -> dict[str, bool]:
         """Per label with a threshold: positive when its probability reaches it."""
@@ -314,6 +390,17 @@ class FindingMap:
     model: ModelRef
     activation: np.ndarray  # float32 (size, size)
     box: tuple[int, int, int, int]
+
+    def __post_init__(self) -> None:
+        """Raises ValueError for a map of a label below its threshold (maps are drawn
+        for labels at or above it) or an activation that is not a 2-D map."""
+        if self.probability < self.threshold:
+            raise ValueError(
+                f"finding map {self.label}: p {self.probability} is below its threshold "
+                f"{self.threshold}"
+            )
+        if np.ndim(self.activation) != 2:
+            raise ValueError(f"finding map {self.label}: activation is not 2-D")
 
     def on_image(self, shape: tuple[int, int], scale: float = 1.0) -> np.ndarray:
         """The activation on an image of `shape` (rows, columns): the film itself
@@ -370,8 +457,13 @@ class ImageResult:
 
 @dataclass(frozen=True)
 class ImageFailure:
+    """An eligible image that failed, and why (ValueError without a reason)."""
+
     instance: InstanceHeader
     reason: str
+
+    def __post_init__(self) -> None:
+        _reason_given(self.reason, f"failed image {self.instance.sop_instance_uid}")
 
 
 # The per-image groups of an outcome's `outputs` document (source SOP Instance UID ->

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cxrbatch.domain import (
+    DecodedImage,
+    FindingMap,
+    Findings,
+    ImageFailure,
+    InstanceHeader,
+    LungSegmentation,
+    ModelRef,
     OutcomeStatus,
     OutputFiles,
+    RejectedFile,
     ReportedFinding,
+    Skipped,
     StudyResult,
     Triage,
     Withdrawal,
@@ -107,3 +118,56 @@ def test_a_reported_finding_is_a_probability_with_its_threshold(
     with pytest.raises(ValueError, match=why):
         ReportedFinding(*finding)
     assert ReportedFinding("Mass", 0.4, None, None).positive is None
+
+
+def _header() -> InstanceHeader:
+    return InstanceHeader(
+        Path("a.dcm"), "0" * 64, "1.2.3.4", "1.2.840.10008.5.1.4.1.1.1", "1.2.3", "1.2.3.5",
+        "CR", "CHEST", "PA", "1.2.840.10008.1.2.1",
+    )  # fmt: skip
+
+
+MODEL = ModelRef("tiny", "1", "ab" * 32, mask_mode="M-50", role="screening")
+
+
+@pytest.mark.parametrize(
+    ("build", "why"),
+    [
+        (lambda: ModelRef("tiny", "1", ""), "name, version and hash"),
+        (lambda: ModelRef("tiny", "1", "ab", role="boss"), "unknown role 'boss'"),
+        (lambda: Findings(MODEL, {"Mass": 1.5}, 0.0), r"outside 0-1: Mass 1\.5"),
+        (lambda: Findings(MODEL, {"Mass": 0.2, "Edema": 0.7}, 0.8), r"is not 1 - max p"),
+        (
+            lambda: Findings(MODEL, {"Mass": 0.2}, 0.8, Triage.LIKELY_NORMAL),
+            "a triage without its threshold",
+        ),
+        (
+            lambda: FindingMap("Mass", 0.3, 0.5, MODEL, np.zeros((4, 4)), (0, 0, 4, 4)),
+            "below its threshold",
+        ),
+        (
+            lambda: LungSegmentation(np.zeros((4, 4), bool), np.zeros((4, 5), bool), {}, {}),
+            "expected one 2-D shape",
+        ),
+        (
+            lambda: DecodedImage(_header(), np.zeros((4, 4), np.float32), True, "x"),
+            "expected 2-D uint8 pixels",
+        ),
+        (lambda: Skipped(_header(), " "), "no reason given"),
+        (lambda: ImageFailure(_header(), ""), "no reason given"),
+        (lambda: RejectedFile(Path("x.dcm"), ""), "no reason given"),
+    ],
+)
+def test_the_stage_objects_refuse_contradictions_where_they_are_built(
+    build: Callable[[], object], why: str
+) -> None:
+    with pytest.raises(ValueError, match=why):
+        build()
+
+
+def test_valid_stage_objects_are_built_as_given() -> None:
+    findings = Findings(MODEL, {"Mass": 0.2, "Edema": 0.7}, 0.3, Triage.ABNORMAL, 0.5)
+    assert findings.no_finding_score == pytest.approx(0.3) and findings.triage is Triage.ABNORMAL
+    image = DecodedImage(_header(), np.zeros((4, 4), np.uint8), True, "PatientOrientation")
+    assert image.for_segmentation.shape == (4, 4)
+    assert Skipped(_header(), "a lateral view").status is OutcomeStatus.INELIGIBLE

@@ -114,7 +114,19 @@ def build_presentation_state(
     sop_instance_uid: str,
     instance_number: int,
 ) -> Dataset:
-    """A GSPS on `source` with the lung contours, the finding regions and the text layer."""
+    """A GSPS on `source` with the lung contours, the finding regions and the text layer.
+
+    Parameters
+    ----------
+    source: the radiograph's header; item: its result (masks, findings, finding maps).
+    models: the models that ran (named in the text layer and the content description).
+    series_instance_uid, sop_instance_uid, instance_number: the new object's identity.
+
+    Raises
+    ------
+    ValueError: values highdicom refuses in the source (the pipeline fails the image's
+        outputs with the reason).
+    """
     segmentation = item.segmentation
     right_layer = _layer("RIGHT LUNG", 1, "patient's right lung (algorithm)", RIGHT_COLOUR)
     left_layer = _layer("LEFT LUNG", 2, "patient's left lung (algorithm)", LEFT_COLOUR)

@@ -174,7 +174,20 @@ def build_key_image(
     sop_instance_uid: str,
     instance_number: int,
 ) -> Dataset:
-    """A Secondary Capture Image in the source's study (patient and study copied)."""
+    """A Secondary Capture Image in the source's study (patient and study copied).
+
+    Parameters
+    ----------
+    source: the radiograph's header; item: its result (image, masks, findings, maps).
+    models: the models that ran, named with version, hash and any synthetic training data
+        on the image and in its header.
+    series_instance_uid, sop_instance_uid, instance_number: the new object's identity.
+
+    Raises
+    ------
+    ValueError: values highdicom refuses in the source (e.g. a patient orientation that is
+        not two values).
+    """
     described = "; ".join(
         f"{m.name} {m.version} sha256={m.sha256}"
         + (" [SYNTHETIC TRAINING DATA]" if m.synthetic_training_data else "")

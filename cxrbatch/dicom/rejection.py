@@ -29,8 +29,18 @@ def build_rejection(
     series_instance_uid: str,
     sop_instance_uid: str,
 ) -> Dataset:
-    """The rejection note for `withdrawn` (headers of the objects delivered before, all of
-    one study); `models`: those of the outcome that supersedes them."""
+    """The rejection note for `withdrawn` objects.
+
+    Parameters
+    ----------
+    withdrawn: headers of the objects delivered before (`evidence`), all of one study.
+    models: those of the outcome that supersedes them (named in Contributing Equipment).
+    series_instance_uid, sop_instance_uid: the note's UIDs.
+
+    Raises
+    ------
+    ValueError: nothing to withdraw, or objects of more than one study.
+    """
     if not withdrawn:
         raise ValueError("a rejection note needs at least one object to reject")
     studies = {str(ds.StudyInstanceUID) for ds in withdrawn}

@@ -138,7 +138,28 @@ def build_seg(
     encoding: SegEncoding = "auto",
 ) -> Dataset:
     """A SEG with segment 1 = right lung and segment 2 = left lung (patient sides), BINARY
-    or FRACTIONAL as `encoding` says (module docstring)."""
+    or FRACTIONAL as `encoding` says (module docstring).
+
+    Parameters
+    ----------
+    source: the radiograph's header (a reference header: one value where the IOD has one).
+    segmentation: the patient's right and left lung masks at the source's full resolution,
+        with their QC verdict (a failed one titles the series NEEDS REVIEW).
+    model: the segmenter, named with version and weight hash in the algorithm
+        identification of both segments.
+    series_instance_uid, sop_instance_uid: the new object's UIDs.
+    encoding: "binary", "fractional" or "auto" (module docstring).
+
+    Raises
+    ------
+    ValueError: masks of another size than the source's Rows x Columns, or values highdicom
+        refuses in the source (the pipeline fails the image's outputs with the reason).
+    """
+    rows, columns = int(source.Rows), int(source.Columns)
+    if segmentation.right_lung.shape != (rows, columns):
+        raise ValueError(
+            f"lung masks of {segmentation.right_lung.shape} for an image of {(rows, columns)}"
+        )
     algorithm = algorithm_identification(model, "auto-box lungs")
     description = f"Algorithm output ({model.name}). {NOT_FOR_DIAGNOSTIC_USE_SHORT}"
     if not segmentation.qc_passed:  # the reasons are in the SR and result.json

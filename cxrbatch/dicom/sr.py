@@ -303,6 +303,20 @@ def series_description(models: list[ModelRef], classified: bool, needs_review: b
 
 
 def build_sr(items: list[SrImage], series_instance_uid: str, sop_instance_uid: str) -> Dataset:
+    """The study's Comprehensive SR (TID 1500 measurement report; module docstring).
+
+    Parameters
+    ----------
+    items: per processed image, its header, its SEG, masks, segmenter, findings,
+        screening and finding maps, in instance order.
+    series_instance_uid, sop_instance_uid: the new object's UIDs.
+
+    Raises
+    ------
+    ValueError: no image to report on, or values highdicom refuses in the sources.
+    """
+    if not items:
+        raise ValueError("an SR reports on at least one processed image; none given")
     groups: list[object] = []
     models: list[ModelRef] = []
     for index, item in enumerate(items, start=1):
