@@ -53,21 +53,13 @@ from rich.table import Table
 from rich.text import Text
 
 from cxrbatch import logs
+from cxrbatch.cliapp import GuardedApp
 from cxrbatch.config import Settings, load_settings
 from cxrbatch.db import DatabaseError, Sessions
 from cxrbatch.domain import DeliveryRunStatus, OutcomeStatus, StudyRunStatus, Triage
 from cxrbatch.errors import CxrBatchError
 from cxrbatch.site import Site
 from cxrbatch_training.cli import app as training_app
-
-
-class _App(typer.Typer):
-    """Every command's operator errors (configuration, database, files, ports, missing
-    drivers) become one line and exit 2 (`_operator_errors`), never a traceback."""
-
-    def command(self, *args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Any]:
-        register = super().command(*args, **kwargs)
-        return lambda function: register(_operator_errors(function))
 
 
 def _operator_errors(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -95,36 +87,13 @@ def _operator_errors(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 EXIT_SOME_FAILED = 1
-HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
-# Help texts are plain text: "[dicom]" or "[[send.destinations]]" must print as written.
-MARKUP: Any = None
 
-app = _App(
-    add_completion=False,
-    no_args_is_help=True,
-    context_settings=HELP_OPTIONS,
-    rich_markup_mode=MARKUP,
-)
-db_app = _App(
-    no_args_is_help=True,
-    context_settings=HELP_OPTIONS,
-    rich_markup_mode=MARKUP,
-    help="Results database schema (alembic).",
-)
+app = GuardedApp(_operator_errors)
+db_app = GuardedApp(_operator_errors, help="Results database schema (alembic).")
 app.add_typer(db_app, name="db")
-jobs_app = _App(
-    no_args_is_help=True,
-    context_settings=HELP_OPTIONS,
-    rich_markup_mode=MARKUP,
-    help="The daemon's job queue.",
-)
+jobs_app = GuardedApp(_operator_errors, help="The daemon's job queue.")
 app.add_typer(jobs_app, name="jobs")
-bundle_app = _App(
-    no_args_is_help=True,
-    context_settings=HELP_OPTIONS,
-    rich_markup_mode=MARKUP,
-    help="Classifier bundles: bring trained weights in.",
-)
+bundle_app = GuardedApp(_operator_errors, help="Classifier bundles: bring trained weights in.")
 app.add_typer(bundle_app, name="bundle")
 # Markup off: what is printed carries header values, paths, reasons and exception texts,
 # and a value such as "[/y]" must print as itself (styles are given with style=).

@@ -30,19 +30,11 @@ from typing import Annotated, Any
 
 import typer
 
+from cxrbatch.cliapp import GuardedApp
 from cxrbatch.config import SegmentationSettings
 from cxrbatch.errors import CxrBatchError
 
 log = logging.getLogger(__name__)
-
-
-class _TrainingApp(typer.Typer):
-    """A missing file, a bad value or an operator error becomes `error: ...` on stderr and
-    exit 2 in every command, never a traceback."""
-
-    def command(self, *args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Any]:
-        register = super().command(*args, **kwargs)
-        return lambda function: register(_errors_to_exit(function))
 
 
 def _errors_to_exit(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -64,14 +56,11 @@ def _errors_to_exit(function: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-app = _TrainingApp(
+app = GuardedApp(
+    _errors_to_exit,
     name="training",
     help="Reproduce arXiv 2512.23089 (curate, fine-tune MedSAM, lung masks, train, evaluate, "
     "the whole study) and export the bundles cxrbatch runs. Every step resumes.",
-    no_args_is_help=True,
-    add_completion=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-    rich_markup_mode=None,
 )
 
 
