@@ -69,6 +69,15 @@ def test_query_commands_never_create_or_migrate_a_database(tmp_path: Path) -> No
     engine.dispose()
     result = RUNNER.invoke(app, ["status", "--out", str(old)])
     assert result.exit_code == 2 and "does not know" in _error(result.output)
+    # A rollback to this release over a newer release's schema: the migrating commands
+    # refuse in one line too (alembic's own error was a traceback) and name the way back.
+    study = tmp_path / "in" / "one"
+    study.mkdir(parents=True)
+    for command in (["db", "upgrade"], ["process", str(study.parent)]):
+        result = RUNNER.invoke(app, [*command, "--out", str(old)])
+        assert result.exit_code == 2, result.output
+        assert "revision 9999, which this cxrbatch" in _error(result.output)
+        assert "restore the backup taken before the upgrade" in _error(result.output)
 
 
 def test_a_database_that_is_down_is_one_line_for_every_command(tmp_path: Path) -> None:

@@ -125,20 +125,28 @@ def open_existing(url: str, *, readonly: bool = True) -> Engine:
             f"the database {where} holds no cxrbatch schema: check --out / --db, or run "
             "`cxrbatch db upgrade` to create it"
         )
-    from alembic.script import ScriptDirectory
-
-    known = {
-        script.revision
-        for script in ScriptDirectory.from_config(alembic_config(url)).walk_revisions()
-    }
-    if current in known:
+    if current in known_revisions():
         raise DatabaseNotReady(
             f"the results database schema is at revision {current}, this cxrbatch needs "
             f"{head}: run `cxrbatch db upgrade` (with the same --out / --db)"
         )
-    raise DatabaseNotReady(
+    raise _newer_schema(current, head)
+
+
+def known_revisions() -> set[str]:
+    """Every migration this code ships."""
+    from alembic.script import ScriptDirectory
+
+    directory = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    return {script.revision for script in directory.walk_revisions()}
+
+
+def _newer_schema(current: str, head: str) -> DatabaseNotReady:
+    return DatabaseNotReady(
         f"the results database schema is at revision {current}, which this cxrbatch "
-        f"(newest revision {head}) does not know: a newer cxrbatch wrote it; upgrade cxrbatch"
+        f"(newest revision {head}) does not know: a newer cxrbatch wrote it; upgrade "
+        "cxrbatch, or, to go back to this release, restore the backup taken before the "
+        "upgrade (deploy/INSTALL.md, 'Upgrade and roll back')"
     )
 
 
@@ -243,6 +251,11 @@ def upgrade(url: str, revision: str = "head", roots: StorageRoots | None = None)
     roots, so that paths recorded by older versions become relative to them."""
     from alembic import command
 
+    current = current_revision(url)
+    if current is not None and current not in known_revisions():
+        # Migrations never run backwards over a newer release's schema (a rollback
+        # restores the backup instead); alembic would fail with a traceback here.
+        raise _newer_schema(current, head_revision())
     command.upgrade(alembic_config(url, roots), revision)
 
 
