@@ -53,6 +53,7 @@ from cxrbatch.files import remove_stale_temporaries
 from cxrbatch.models import prompts, qc
 from cxrbatch.models.batching import batch_size
 from cxrbatch.models.bundle import ClassifierBundle, load_bundle
+from cxrbatch.models.device import describe
 from cxrbatch.models.heatmaps import finding_maps
 from cxrbatch.models.preprocess import ClassifierInputs
 from cxrbatch.models.prompts import segment_lungs
@@ -127,6 +128,13 @@ def load_models(settings: Settings, in_flight: int = 1) -> Models:
     if size >= 2:
         segmenter.batch_encoder(size)
         bundles = [b.with_batching(size) if b else None for b in bundles]
+    log.info(
+        "models on %s: segmenter %s %s, classifiers on %s",
+        describe(segmenter.device),
+        segmenter.model.name,
+        segmenter.model.version,
+        ", ".join(sorted({describe(b.device) for b in bundles if b})) or "-",
+    )
     return Models(segmenter, *bundles)
 
 
