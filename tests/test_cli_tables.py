@@ -51,5 +51,7 @@ def test_no_model_is_named_as_deciding_a_study_no_model_scored() -> None:
 
     bundle = [{"name": "demo", "version": "1", "mask_mode": "M-50"}, {"name": "litemedsam"}]
     assert deciding_models(tables.Outcome(status="processed", models=bundle)) == "demo 1"
+    both_roles = [{**bundle[0], "role": "classifier"}, {**bundle[0], "role": "screening"}]
+    assert deciding_models(tables.Outcome(status="processed", models=both_roles)) == "demo 1"
     for status in ("ineligible", "failed"):  # a CT, an unreadable film: nothing scored
         assert deciding_models(tables.Outcome(status=status, models=bundle)) is None

@@ -176,7 +176,8 @@ def deciding_models(outcome: models.Outcome) -> str | None:
         for m in outcome.models or []
         if isinstance(m, dict) and m.get("mask_mode") is not None
     ]
-    return ", ".join(names) or None
+    # One bundle may serve two roles (classifier and screening): named once.
+    return ", ".join(dict.fromkeys(names)) or None
 
 
 @dataclass(frozen=True)
