@@ -1,0 +1,117 @@
+"""Host-side work per study (issue 37.3): what bounds a GPU host once the networks are
+fast. Decodes real films (RG1 of pydicom-data in its transfer syntaxes) and a large
+phantom with the product's decode and with the baseline it replaced (the same float64
+expressions written with full-image temporaries), alternating the two each round, and
+checks the display and segmentation pixels are equal bit for bit.
+
+    python -m bench.host_side [--rounds 7]
+
+Prints one JSON line: per film, the median seconds of each decode and their ratio
+(baseline / product), and whether every output was equal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _baseline_u8(values: np.ndarray) -> np.ndarray:
+    return np.round(values * 255.0).astype(np.uint8)
+
+
+def _baseline_decode(header: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The decode before the change: each step a full-image temporary (the baseline)."""
+    from cxrbatch.dicom import decode as product
+
+    ds = product.read_dataset(header)
+    values, inverted, notes = product.modality_values(ds)
+    low, high = product.percentile_bounds(values)
+    window: list[tuple[float, float]] = []
+    original = product._scaled_to_unit
+    # The old expressions, swapped in for this call only.
+    product._scaled_to_unit = lambda v, offset, scale, add: np.clip(  # type: ignore[assignment]
+        (v - offset) / scale + add, 0.0, 1.0
+    )
+    try:
+        display = product._voi(ds, values, notes, window)
+        windowed_by_header = not notes[-1].startswith("percentile")
+        from_data = (
+            np.clip((values - low) / (high - low), 0.0, 1.0) if windowed_by_header else display
+        )
+    finally:
+        product._scaled_to_unit = original  # type: ignore[assignment]
+    if inverted:
+        display, from_data = 1.0 - display, 1.0 - from_data
+    image = _baseline_u8(display)
+    return image, (_baseline_u8(from_data) if windowed_by_header else image)
+
+
+def _films(work: Path) -> dict[str, Any]:
+    from pydicom.data import get_testdata_file
+
+    from cxrbatch.dicom.discover import read_header
+    from cxrbatch_training.synthetic import make_phantom, save, to_dataset
+
+    films: dict[str, Any] = {}
+    for name in ("RG1_UNCI.dcm", "RG1_J2KR.dcm"):
+        path = get_testdata_file(name)
+        if path:
+            films[name] = read_header(Path(str(path)))
+    phantom = work / "phantom.dcm"
+    save(to_dataset(make_phantom(7, (3000, 2500)), "host-side"), phantom)
+    films["phantom 3000x2500"] = read_header(phantom)
+    return films
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args(argv)
+
+    from cxrbatch.dicom.decode import decode
+
+    report: dict[str, Any] = {"rounds": args.rounds, "films": {}}
+    equal = True
+    with tempfile.TemporaryDirectory() as scratch:
+        for name, header in _films(Path(scratch)).items():
+            product_s: list[float] = []
+            baseline_s: list[float] = []
+            for round_ in range(args.rounds + 1):  # round 0: warm-up, not counted
+                order = ("product", "baseline") if round_ % 2 else ("baseline", "product")
+                for which in order:
+                    started = time.perf_counter()
+                    if which == "product":
+                        image = decode(header)[0]
+                        pixels = (image.pixels, image.for_segmentation)
+                    else:
+                        pixels = _baseline_decode(header)
+                    seconds = time.perf_counter() - started
+                    if round_:
+                        (product_s if which == "product" else baseline_s).append(seconds)
+                    if which == "product":
+                        got = pixels
+                    else:
+                        expected = pixels
+                equal &= all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
+            p, b = statistics.median(product_s), statistics.median(baseline_s)
+            report["films"][name] = {
+                "product_s": round(p, 4),
+                "baseline_s": round(b, 4),
+                "speedup": round(b / p, 3),
+            }
+    report["outputs_equal"] = equal
+    sys.stdout.write(json.dumps(report) + "\n")
+    return 0 if equal else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
