@@ -600,16 +600,19 @@ class QueueWorker:
     def _withdraw_earlier(self, ran: StudyResult, staging: Path) -> StudyResult:
         """`with_withdrawal` for a staged result; a note that cannot be written fails the
         study as a publish would (a full disk)."""
-        uid = ran.study_instance_uid
-        try:
-            with recording(uid):
+        with recording(ran.study_instance_uid):  # a database error stops the worker
+            try:
                 return with_withdrawal(self.sessions, self.site, ran)
-        except CxrBatchError as exc:
-            if isinstance(exc, RecordingError):
-                raise
-            log.error("study %s failed: %s", uid, exc)
-            export.discard(staging)
-            return failed_result(uid, str(exc), ran.input_fingerprint, ran.models, self.owner)
+            except CxrBatchError as exc:
+                return self._unwritable(ran, staging, exc)
+
+    def _unwritable(self, ran: StudyResult, staging: Path, exc: CxrBatchError) -> StudyResult:
+        """A study whose outputs cannot be written or published (a full disk, a storage
+        gone read-only): its staging folder removed, the study failed with the reason."""
+        uid = ran.study_instance_uid
+        log.error("study %s failed: %s", uid, exc)
+        export.discard(staging)
+        return failed_result(uid, str(exc), ran.input_fingerprint, ran.models, self.owner)
 
     def _publish_and_record(
         self, claimed: jobs.Claim, ran: StudyResult | Unchanged, staging: Path
@@ -623,12 +626,8 @@ class QueueWorker:
             if isinstance(ran, StudyResult):
                 try:
                     ran = replace(ran, outputs=export.publish(ran.outputs, staging))
-                except CxrBatchError as exc:  # a full disk, a storage gone read-only
-                    log.error("study %s failed: %s", uid, exc)
-                    export.discard(staging)
-                    ran = failed_result(
-                        uid, str(exc), ran.input_fingerprint, ran.models, self.owner
-                    )
+                except CxrBatchError as exc:
+                    ran = self._unwritable(ran, staging, exc)
             recorded = self.processor.record(session, ran)
             status = JOB_STATUS_OF_OUTCOME[recorded.status]
             # An unchanged study is never a failed one (failures are always run again).
