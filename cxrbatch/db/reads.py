@@ -149,8 +149,7 @@ def probabilities(outcome: models.Outcome, role: str = "classifier") -> dict[str
         for finding in image.findings:
             if finding.role == role:
                 best[finding.label] = max(best.get(finding.label, 0.0), finding.probability)
-    order = {label: rank for rank, label in enumerate(FINDING_LABELS)}
-    return dict(sorted(best.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
+    return dict(sorted(best.items(), key=_label_order))
 
 
 def calls(outcome: models.Outcome, role: str = "classifier") -> dict[str, str]:
@@ -161,9 +160,16 @@ def calls(outcome: models.Outcome, role: str = "classifier") -> dict[str, str]:
         for finding in image.findings:
             if finding.role == role and finding.positive is not None:
                 positive[finding.label] = positive.get(finding.label, False) or finding.positive
-    order = {label: rank for rank, label in enumerate(FINDING_LABELS)}
-    ordered = sorted(positive.items(), key=lambda item: (order.get(item[0], len(order)), item[0]))
+    ordered = sorted(positive.items(), key=_label_order)
     return {label: "positive" if p else "negative" for label, p in ordered}
+
+
+_LABEL_RANK = {label: rank for rank, label in enumerate(FINDING_LABELS)}
+
+
+def _label_order(item: tuple[str, Any]) -> tuple[int, str]:
+    """The five study labels first, in their order, then any other label by name."""
+    return _LABEL_RANK.get(item[0], len(_LABEL_RANK)), item[0]
 
 
 def deciding_models(outcome: models.Outcome) -> str | None:
@@ -601,22 +607,21 @@ def operations(session: Session, now: dt.datetime, limit: int = RECENT) -> Opera
 
     this_hour = now.astimezone(dt.UTC).replace(minute=0, second=0, microsecond=0)
     first_hour = this_hour - dt.timedelta(hours=23)
+    # One scan of the last 24 hours (ix_outcomes_created_at) gives the three throughput
+    # figures: the clock hours start within it (first_hour >= now - 24 h).
+    day_start = now - dt.timedelta(hours=24)
     recorded = session.scalars(
-        select(models.Outcome.created_at).where(models.Outcome.created_at >= first_hour)
+        select(models.Outcome.created_at).where(models.Outcome.created_at >= day_start)
     )
     counts = [0] * 24
-    last_hour = 0
+    day = last_hour = 0
     for at in recorded:
         stamp = at if at.tzinfo else at.replace(tzinfo=dt.UTC)
+        day += 1
         index = int((stamp - first_hour).total_seconds() // 3600)
         if 0 <= index < 24:
             counts[index] += 1
         last_hour += stamp >= now - dt.timedelta(hours=1)
-    day = session.scalar(
-        select(func.count())
-        .select_from(models.Outcome)
-        .where(models.Outcome.created_at >= now - dt.timedelta(hours=24))
-    )
     per_hour = [
         {"hour": (first_hour + dt.timedelta(hours=i)).strftime("%H:00"), "studies": n}
         for i, n in enumerate(counts)
@@ -663,7 +668,7 @@ def operations(session: Session, now: dt.datetime, limit: int = RECENT) -> Opera
     return Operations(
         jobs=jobs.counts(session),
         finished_last_hour=last_hour,
-        finished_last_24h=int(day or 0),
+        finished_last_24h=day,
         finished_per_hour=per_hour,
         failures=list(failures),
         dead_jobs=list(dead),
