@@ -21,6 +21,8 @@ def test_the_cpu_is_described_with_the_reason_it_was_chosen() -> None:
         assert "this torch is a CPU build" in text
     elif not torch.cuda.is_available():
         assert f"torch built for CUDA {torch.version.cuda} sees no CUDA device" in text
+    else:
+        assert "configured: a CUDA device is present" in text
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")

@@ -28,6 +28,8 @@ def describe(device: torch.device) -> str:
         )
     if torch.version.cuda is None:
         why = "this torch is a CPU build"
+    elif torch.cuda.is_available():
+        why = "configured: a CUDA device is present"
     else:
         why = f"torch built for CUDA {torch.version.cuda} sees no CUDA device"
     return f"{device.type} ({why}; torch {torch.__version__}, {torch.get_num_threads()} threads)"
