@@ -34,7 +34,6 @@ def _baseline_decode(header: Any) -> tuple[np.ndarray, np.ndarray]:
 
     ds = product.read_dataset(header)
     values, inverted, notes = product.modality_values(ds)
-    low, high = product.percentile_bounds(values)
     window: list[tuple[float, float]] = []
     original = product._scaled_to_unit
     # The old expressions, swapped in for this call only.
@@ -44,9 +43,11 @@ def _baseline_decode(header: Any) -> tuple[np.ndarray, np.ndarray]:
     try:
         display = product._voi(ds, values, notes, window)
         windowed_by_header = not notes[-1].startswith("percentile")
-        from_data = (
-            np.clip((values - low) / (high - low), 0.0, 1.0) if windowed_by_header else display
-        )
+        if windowed_by_header:  # the percentiles only where the product computes them too
+            low, high = product.percentile_bounds(values)
+            from_data = np.clip((values - low) / (high - low), 0.0, 1.0)
+        else:
+            from_data = display
     finally:
         product._scaled_to_unit = original  # type: ignore[assignment]
     if inverted:
