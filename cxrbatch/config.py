@@ -61,6 +61,12 @@ class SegmentationSettings(_Section):
     # On the CPU, run the image encoder as a frozen TorchScript graph (traced at load;
     # features within ~1e-5 of eager, faster; docs/performance.md). False = plain eager.
     optimize_cpu: bool = True
+    # With optimize_cpu on the CPU: the engine of the image encoder and of the mask decoder
+    # (torch, openvino, onnxruntime; auto = the one bench/engines.py measured fastest on
+    # this project's CPU, docs/performance.md). A converted network is used only where it
+    # gives torch fp32's masks on a probe film; a missing engine package means torch.
+    encoder_engine: Literal["auto", "torch", "openvino", "onnxruntime"] = "auto"
+    decoder_engine: Literal["auto", "torch", "openvino", "onnxruntime"] = "auto"
     # Second prompt pass with boxes refined from the first masks.
     refine: bool = True
     threshold: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
@@ -82,8 +88,11 @@ class ClassifierSettings(_Section):
     # fp32 everywhere by default; "auto" = bf16 autocast on CUDA and fp32 on the CPU
     # (probability differences measured in docs/performance.md).
     precision: Literal["auto", "fp32", "bf16"] = "fp32"
-    # On the CPU, run the networks as frozen TorchScript graphs (as segmentation.optimize_cpu).
+    # On the CPU, run the networks as frozen TorchScript graphs (as segmentation.optimize_cpu),
+    # or on the engine named here (as segmentation.encoder_engine; checked against torch
+    # fp32 on a probe batch at load).
     optimize_cpu: bool = True
+    engine: Literal["auto", "torch", "openvino", "onnxruntime"] = "auto"
 
 
 class OutputSettings(_Section):

@@ -100,7 +100,7 @@ def load_models(settings: Settings, in_flight: int = 1) -> Models:
     def bundle(path: str, role: str) -> ClassifierBundle | None:
         if not path:
             return None
-        loaded = load_bundle(path, device, precision, optimize, cache)
+        loaded = load_bundle(path, device, precision, optimize, cache, settings.classifier.engine)
         return replace(loaded, model=replace(loaded.model, role=role))
 
     c = settings.classifier

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from cxrbatch import pipeline
 from cxrbatch.config import Settings
 from cxrbatch.models import graphs
 from cxrbatch.models.bundle import load_bundle
@@ -39,10 +38,11 @@ def _is_split_graph(encoder: torch.nn.Module) -> bool:
     )
 
 
-def test_segmenter_graph_gives_the_eager_features_and_masks(models: pipeline.Models) -> None:
+def test_segmenter_graph_gives_the_eager_features_and_masks(settings: Settings) -> None:
     eager = LiteMedSAM(device="cpu", optimize_cpu=False)
-    graph = models.segmenter  # the session's segmenter: default settings, optimize_cpu on
-    assert isinstance(graph, LiteMedSAM)
+    # The torch engine (the default is another where installed: test_engines.py).
+    cache = settings.processing.graph_cache()
+    graph = LiteMedSAM(device="cpu", optimize_cpu=True, graph_cache=cache, engines=("torch",) * 2)
     assert _is_split_graph(graph._encoder)
     assert eager._encoder is eager.network.image_encoder
     for seed in (11, 12):
@@ -259,13 +259,14 @@ def test_a_cache_that_cannot_be_used_only_costs_the_tracing(
 
 
 def test_the_segmenter_encoder_round_trips_through_the_cache(
-    models: pipeline.Models, settings: Settings, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The session's models (default settings) traced the encoder into the session's cache.
     cache = settings.processing.graph_cache()
+    torch_engines = ("torch", "torch")
+    LiteMedSAM(device="cpu", optimize_cpu=True, graph_cache=cache, engines=torch_engines)
     assert cache is not None and any(cache.glob("*.pt"))
     _no_tracing(monkeypatch)
-    cached = LiteMedSAM(device="cpu", optimize_cpu=True, graph_cache=cache)
+    cached = LiteMedSAM(device="cpu", optimize_cpu=True, graph_cache=cache, engines=torch_engines)
     assert _is_split_graph(cached._encoder)
     eager = LiteMedSAM(device="cpu", optimize_cpu=False)
     pixels = np.round(make_phantom(13, (1200, 1000)).image * 255).astype(np.uint8)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -29,6 +30,13 @@ from cxrbatch.errors import ModelError
 from cxrbatch.files import atomic_write, sha256_file
 from cxrbatch.models.batching import Forward, batched
 from cxrbatch.models.device import resolve_device
+from cxrbatch.models.engines import (
+    PROBABILITY_TOLERANCE,
+    Engine,
+    compile_network,
+    largest_difference,
+    resolve,
+)
 from cxrbatch.models.graphs import cpu_inference_graph, image_shape
 from cxrbatch.models.masks import MaskMode
 from cxrbatch.models.preflight import bundle_files
@@ -331,8 +339,10 @@ class ClassifierBundle:
     network: torch.nn.Module
     device: torch.device
     bf16: bool = False
-    # What forward() runs: `network`, or on the CPU its frozen inference graph.
-    graph: torch.nn.Module | None = None
+    # What forward() runs: `network`, or on the CPU its frozen inference graph or another
+    # engine's model of it (engines.py).
+    graph: Callable[[torch.Tensor], torch.Tensor] | None = None
+    engine: str = "torch"
     # What predict() calls on a device batch: forward(), or a Batcher around it that
     # joins the passes of concurrent studies (with_batching).
     run: Forward | None = None
@@ -374,10 +384,13 @@ def load_bundle(
     precision: str = "fp32",
     optimize_cpu: bool = False,
     graph_cache: Path | None = None,
+    engine: str = "torch",
 ) -> ClassifierBundle:
     """Load and verify a bundle. precision: fp32, bf16, or auto (bf16 on CUDA only);
     optimize_cpu: on the CPU, predict with a frozen inference graph of the network, kept
-    in `graph_cache` between processes when given (cxrbatch/models/graphs.py)."""
+    in `graph_cache` between processes when given (cxrbatch/models/graphs.py), or with
+    the network on `engine` (engines.py) where it gives torch fp32's probabilities on a
+    probe batch."""
     root = Path(path)
     meta_path, model_path, metadata = bundle_files(root)
     try:
@@ -414,7 +427,12 @@ def load_bundle(
             "clinically meaningful",
             model.name,
         )
-    graph = None
+    graph: Callable[[torch.Tensor], torch.Tensor] | None = None
+    chosen = resolve(engine, "classifier", torch_device) if optimize_cpu else "torch"
+    if chosen != "torch" and not bf16:
+        graph = _on_engine(network, spec, chosen, f"classifier {model.name}", graph_cache, digest)
+    if graph is not None:
+        return ClassifierBundle(root, spec, model, network, torch_device, bf16, graph, chosen)
     if optimize_cpu and torch_device.type == "cpu":
         graph = cpu_inference_graph(
             network,
@@ -425,3 +443,42 @@ def load_bundle(
             fuse=True,
         )
     return ClassifierBundle(root, spec, model, network, torch_device, bf16, graph)
+
+
+def _on_engine(
+    network: torch.nn.Module,
+    spec: BundleSpec,
+    engine: Engine,
+    what: str,
+    graph_cache: Path | None,
+    digest: str,
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The network converted for `engine`, or None where it could not be or where its
+    probabilities on a fixed probe batch differ from torch fp32's by more than
+    PROBABILITY_TOLERANCE (refused in one line; the torch graph serves)."""
+    shape = image_shape(spec.input_size, spec.in_channels)
+    converted = compile_network(
+        network, (torch.zeros(shape),), engine, what, graph_cache, digest,
+        dynamic={"input0": 0, "output": 0},
+    )  # fmt: skip
+    if converted is None:
+        return None
+    probe = torch.rand((3, *shape[1:]), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        difference = largest_difference(
+            torch.sigmoid(network(probe)), torch.sigmoid(converted(probe))
+        )
+    if difference > PROBABILITY_TOLERANCE:
+        log.warning(
+            "%s: %s refused: its probabilities on the probe batch differ from torch fp32's by "
+            "%.1e (allowed %.0e); torch runs it",
+            what,
+            engine,
+            difference,
+            PROBABILITY_TOLERANCE,
+        )
+        return None
+    log.info(
+        "%s on %s (probe batch: probabilities within %.1e of torch fp32)", what, engine, difference
+    )
+    return cast(Callable[[torch.Tensor], torch.Tensor], converted)

@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 
 STALE_TEMPORARY_S = 600.0  # a graph is written in about a second
 UNUSED_GRAPH_DAYS = 30.0
+# What the cache holds: TorchScript graphs, OpenVINO IR (graph and weights), ONNX models.
+CACHED = ("*.pt", "*.xml", "*.bin", "*.onnx")
 FUSION_TOLERANCE = 1e-4  # fused outputs measured within 1e-5 where fusion is right
 
 
@@ -203,7 +205,7 @@ def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def graph_key(module: torch.nn.Module, input_shape: tuple[int, ...], weights_sha256: str) -> str:
+def graph_key(module: torch.nn.Module, input_shape: tuple[object, ...], weights_sha256: str) -> str:
     """What a traced graph computes: weights, architecture, network code, torch, shape."""
     digest = hashlib.sha256()
     for part in (weights_sha256, str(tuple(input_shape)), torch.__version__, repr(module)):
@@ -221,21 +223,16 @@ def graph_key(module: torch.nn.Module, input_shape: tuple[int, ...], weights_sha
     return digest.hexdigest()
 
 
-def _cache_file(
-    cache_dir: Path | None,
-    module: torch.nn.Module,
-    input_shape: tuple[int, ...],
-    weights_sha256: str,
-    what: str,
-) -> Path | None:
-    if cache_dir is None or not weights_sha256:
-        return None
+def private_cache(cache_dir: Path, what: str) -> bool:
+    """Whether `cache_dir` can hold cached networks: created private (0700) if missing,
+    and not usable when others can write to it or another user owns it (TorchScript files
+    hold code; a converted model is what the process would run)."""
     try:
         cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         status = cache_dir.stat()
     except OSError as exc:
-        log.warning("%s: CPU graph cache %s unusable (%s); tracing", what, cache_dir, exc)
-        return None
+        log.warning("%s: CPU graph cache %s unusable (%s); not cached", what, cache_dir, exc)
+        return False
     if status.st_mode & 0o022 or status.st_uid != os.getuid():
         log.warning(
             "%s: CPU graph cache %s is not private to this user; not used (TorchScript files"
@@ -243,6 +240,18 @@ def _cache_file(
             what,
             cache_dir,
         )
+        return False
+    return True
+
+
+def _cache_file(
+    cache_dir: Path | None,
+    module: torch.nn.Module,
+    input_shape: tuple[int, ...],
+    weights_sha256: str,
+    what: str,
+) -> Path | None:
+    if cache_dir is None or not weights_sha256 or not private_cache(cache_dir, what):
         return None
     # A process killed while writing leaves a temporary; another may be writing now.
     remove_stale_temporaries(cache_dir, min_age_s=STALE_TEMPORARY_S)
@@ -269,10 +278,12 @@ def _mark_used(path: Path) -> None:
 
 
 def remove_unused_graphs(folder: Path, unused_s: float) -> int:
-    """Delete the cached graphs of `folder` not loaded or stored for `unused_s` seconds."""
+    """Delete the cached graphs and converted models (engines.py) of `folder` not loaded
+    or stored for `unused_s` seconds."""
     removed = 0
     oldest = time.time() - unused_s
-    for graph in folder.glob("*.pt"):
+    cached = [p for pattern in CACHED for p in folder.glob(pattern)]
+    for graph in cached:
         try:
             if graph.stat().st_mtime < oldest:
                 graph.unlink()

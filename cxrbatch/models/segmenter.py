@@ -37,6 +37,14 @@ from cxrbatch.errors import ConfigError, ModelError, one_line
 from cxrbatch.files import sha256_file
 from cxrbatch.models.batching import Forward, batched
 from cxrbatch.models.device import resolve_device
+from cxrbatch.models.engines import (
+    PROBABILITY_TOLERANCE,
+    Engine,
+    EngineForward,
+    compile_network,
+    largest_difference,
+    resolve,
+)
 from cxrbatch.models.graphs import cpu_inference_graph, image_shape
 from cxrbatch.models.preflight import segmenter_checkpoint
 
@@ -122,19 +130,117 @@ class _SamLikeBackend:
     model: ModelRef
     device: torch.device
     _net: Any  # the SAM-family network (image_encoder, prompt_encoder, mask_decoder)
-    _encoder: torch.nn.Module  # the image encoder, or its CPU graph
+    _encoder: Forward  # the image encoder, its CPU graph, or another engine's model of it
     _encode: Forward  # what embed() runs: _encoder, or a Batcher around it
+    _decoder: _PromptedDecoder  # the prompt encoder and mask decoder, in torch
+    _decode: EngineForward  # what predict() runs: _decoder, or another engine's model of it
+    engines: dict[str, str]  # network -> the engine that runs it
     _logit_size = 256  # SAM's low-resolution mask logits
     input_size: int
 
     def _set_network(
-        self, net: torch.nn.Module, optimize_cpu: bool, graph_cache: Path | None, digest: str
+        self,
+        net: torch.nn.Module,
+        optimize_cpu: bool,
+        graph_cache: Path | None,
+        digest: str,
+        engines: tuple[str, str] = ("torch", "torch"),
     ) -> None:
+        """The network on its device; on the CPU with `optimize_cpu`, the encoder and the
+        decoder each on its engine (`engines`: the settings' choices, engines.py), the
+        encoder as a CPU graph where torch runs it."""
         self._net = net.to(self.device).eval()
         self._encoder = self._net.image_encoder
+        self._decoder = self._decode = _PromptedDecoder(self._net)
+        self.engines = {"encoder": "torch", "decoder": "torch"}
         if optimize_cpu and self.device.type == "cpu":
-            self._encoder = self._cpu_encoder(graph_cache, digest)
+            chosen = (
+                resolve(engines[0], "segmenter encoder", self.device),
+                resolve(engines[1], "segmenter decoder", self.device),
+            )
+            if chosen != ("torch", "torch"):
+                self._on_engines(chosen, graph_cache, digest)
+            if self.engines["encoder"] == "torch":
+                self._encoder = self._cpu_encoder(graph_cache, digest)
         self._encode = self._encoder
+
+    def _on_engines(
+        self, chosen: tuple[Engine, Engine], graph_cache: Path | None, digest: str
+    ) -> None:
+        """The encoder and decoder converted for their engines, used only where the pair
+        gives torch fp32's masks on the probe film (`_probe_difference`)."""
+        size = self.input_size
+        encoder: Forward | None = None
+        decoder: EngineForward | None = None
+        if chosen[0] != "torch":
+            example = (torch.zeros(image_shape(size)),)
+            encoder = compile_network(
+                self._net.image_encoder,
+                example,
+                chosen[0],
+                "segmenter encoder",
+                graph_cache,
+                digest,
+            )
+        if chosen[1] != "torch":
+            # The encoder's output: (1, embedding channels, 64, 64) for every SAM.
+            prompt_encoder = self._net.prompt_encoder
+            features = torch.zeros(
+                1, prompt_encoder.embed_dim, *prompt_encoder.image_embedding_size
+            )
+            prompts = (features, torch.tensor([[10.0, 10.0, size / 2, size - 10.0]] * 2))
+            decoder = compile_network(
+                self._decoder, prompts, chosen[1], "segmenter decoder", graph_cache, digest,
+                dynamic={"input1": 0, "logits": 0, "iou": 0}, output_names=("logits", "iou"),
+            )  # fmt: skip
+        if encoder is None and decoder is None:
+            return
+        dp, dice = self._probe_difference(
+            encoder or self._net.image_encoder, decoder or self._decoder
+        )
+        names: dict[str, str] = {
+            "encoder": chosen[0] if encoder else "torch",
+            "decoder": chosen[1] if decoder else "torch",
+        }
+        if dp > PROBABILITY_TOLERANCE or dice < 1.0:
+            log.warning(
+                "segmenter: %s refused: on the probe film its masks differ from torch fp32's "
+                "(largest probability difference %.1e, allowed %.0e; mask Dice %.4f); torch "
+                "runs the segmenter",
+                ", ".join(f"{n} on {e}" for n, e in names.items() if e != "torch"),
+                dp,
+                PROBABILITY_TOLERANCE,
+                dice,
+            )
+            return
+        self.engines = names
+        if encoder is not None:
+            self._encoder = encoder
+        if decoder is not None:
+            self._decode = decoder
+        log.info(
+            "segmenter: %s (probe film: probabilities within %.1e of torch fp32, masks equal)",
+            ", ".join(f"{n} on {e}" for n, e in names.items()),
+            dp,
+        )
+
+    @torch.inference_mode()
+    def _probe_difference(self, encoder: Forward, decoder: EngineForward) -> tuple[float, float]:
+        """The largest probability difference and the mask Dice between torch fp32 (eager)
+        and `encoder` + `decoder` on a fixed probe: a drawn film with two lung fields,
+        prompted with a box each."""
+        image, boxes = probe_film()
+        prepared = self.prepare(image)
+        scale = np.array([*prepared.scale_xy, *prepared.scale_xy], dtype=np.float32)
+        prompts = torch.as_tensor(boxes * scale)
+        reference = torch.sigmoid(
+            self._decoder(self._net.image_encoder(prepared.batch), prompts)[0]
+        )
+        candidate = torch.sigmoid(decoder(encoder(prepared.batch), prompts)[0])
+        a, b = reference > 0.5, candidate > 0.5
+        total = int(a.sum() + b.sum())
+        dice = 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+        return largest_difference(reference, candidate), dice
 
     def _cpu_encoder(self, graph_cache: Path | None, digest: str) -> torch.nn.Module:
         """The image encoder as a CPU inference graph."""
@@ -177,16 +283,7 @@ class _SamLikeBackend:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """SAM's low-resolution mask logits (N, 1, 256, 256) and predicted IoUs (N, 1) for
         boxes (N, 4) in model-input pixels; differentiable (fine-tuning uses it)."""
-        prompt_encoder = self._net.prompt_encoder
-        sparse, dense = prompt_encoder(points=None, boxes=boxes[:, None, :], masks=None)
-        logits, iou = self._net.mask_decoder(
-            image_embeddings=features,
-            image_pe=prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=False,
-        )
-        return logits, iou
+        return cast(tuple[torch.Tensor, torch.Tensor], self._decoder(features, boxes))
 
     @torch.inference_mode()
     def predict(
@@ -194,9 +291,7 @@ class _SamLikeBackend:
     ) -> tuple[np.ndarray, np.ndarray]:
         boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
         scaled = boxes * np.array([*embedding.scale_xy, *embedding.scale_xy], dtype=np.float32)
-        logits, iou = self.decode_logits(
-            embedding.features, torch.as_tensor(scaled, device=self.device)
-        )
+        logits, iou = self._decode(embedding.features, torch.as_tensor(scaled, device=self.device))
         rows, cols = embedding.valid_logit_size
         logits = logits[:, :, :rows, :cols].float()
         probs = torch.sigmoid(
@@ -223,6 +318,7 @@ class LiteMedSAM(_SamLikeBackend):
         optimize_cpu: bool = False,
         graph_cache: Path | None = None,
         input_dither: float | None = None,
+        engines: tuple[str, str] = ("torch", "torch"),
     ) -> None:
         self.input_dither = self.default_dither if input_dither is None else input_dither
         try:
@@ -252,7 +348,7 @@ class LiteMedSAM(_SamLikeBackend):
         self.device = resolve_device(device)
         net = build_lite_medsam()
         load_weights(net, path, "LiteMedSAM")
-        self._set_network(net, optimize_cpu, graph_cache, digest)
+        self._set_network(net, optimize_cpu, graph_cache, digest, engines)
         self.model = ModelRef(name="LiteMedSAM", version=version, sha256=digest)
 
     def prepare(self, image: np.ndarray) -> PreparedImage:
@@ -329,6 +425,48 @@ class _TinyViTTail(torch.nn.Module):
         return cast(torch.Tensor, self.neck(x.view(batch, 64, 64, channels).permute(0, 3, 1, 2)))
 
 
+class _PromptedDecoder(torch.nn.Module):
+    """SAM's prompt encoder and mask decoder for boxes, one mask each: (features (1, 256,
+    64, 64), boxes (N, 4) in model-input pixels) -> (logits (N, 1, 256, 256), IoU (N, 1))."""
+
+    def __init__(self, net: Any) -> None:
+        super().__init__()
+        self.prompt_encoder, self.mask_decoder = net.prompt_encoder, net.mask_decoder
+
+    def forward(
+        self, features: torch.Tensor, boxes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        sparse, dense = self.prompt_encoder(points=None, boxes=boxes[:, None, :], masks=None)
+        logits, iou = self.mask_decoder(
+            image_embeddings=features,
+            image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
+        return logits, iou
+
+
+def probe_film(size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed drawn film (uint8) with two dark lung fields in a brighter thorax, and a box
+    around each (x0, y0, x1, y1): what a converted segmenter is checked on at load."""
+    image = np.full((size, size), 30, dtype=np.uint8)
+    centre = size // 2
+    cv2.ellipse(image, (centre, centre), (int(0.42 * size), int(0.46 * size)), 0, 0, 360, 170, -1)
+    lungs = ((int(0.32 * size), int(0.45 * size)), (int(0.68 * size), int(0.45 * size)))
+    axes = (int(0.12 * size), int(0.28 * size))
+    for x, y in lungs:
+        cv2.ellipse(image, (x, y), axes, 0, 0, 360, 70, -1)
+    cv2.circle(image, (int(0.58 * size), int(0.62 * size)), int(0.1 * size), 190, -1)  # heart
+    noise = np.random.default_rng(0).normal(0.0, 6.0, image.shape)
+    image = np.clip(cv2.GaussianBlur(image.astype(np.float64), (0, 0), size / 100) + noise, 0, 255)
+    boxes = np.array(
+        [[x - axes[0] - 8, y - axes[1] - 8, x + axes[0] + 8, y + axes[1] + 8] for x, y in lungs],
+        dtype=np.float32,
+    )
+    return image.astype(np.uint8), boxes
+
+
 class _Chain(torch.nn.Module):
     def __init__(self, first: torch.nn.Module, second: torch.nn.Module) -> None:
         super().__init__()
@@ -352,6 +490,7 @@ class MedSAMViTB(_SamLikeBackend):
         optimize_cpu: bool = False,
         graph_cache: Path | None = None,
         input_dither: float | None = None,
+        engines: tuple[str, str] = ("torch", "torch"),
     ) -> None:
         self.input_dither = self.default_dither if input_dither is None else input_dither
         path = segmenter_checkpoint(
@@ -364,7 +503,7 @@ class MedSAMViTB(_SamLikeBackend):
         net = sam_model_registry["vit_b"](checkpoint=None)
         load_weights(net, path, "SAM ViT-B / MedSAM")
         digest = sha256_file(path)
-        self._set_network(net, optimize_cpu, graph_cache, digest)
+        self._set_network(net, optimize_cpu, graph_cache, digest, engines)
         self.model = ModelRef(name="MedSAM ViT-B", version=path.name, sha256=digest)
 
     def prepare(self, image: np.ndarray) -> PreparedImage:
@@ -391,6 +530,7 @@ def load_segmenter(settings: SegmentationSettings, graph_cache: Path | None = No
             settings.optimize_cpu,
             graph_cache,
             settings.input_dither,
+            (settings.encoder_engine, settings.decoder_engine),
         )
     if settings.backend == "medsam-vitb":
         return MedSAMViTB(
@@ -399,6 +539,7 @@ def load_segmenter(settings: SegmentationSettings, graph_cache: Path | None = No
             settings.optimize_cpu,
             graph_cache,
             settings.input_dither,
+            (settings.encoder_engine, settings.decoder_engine),
         )
     raise ConfigError(
         f"Expected segmentation.backend 'litemedsam' or 'medsam-vitb', found {settings.backend!r}."

@@ -1,0 +1,330 @@
+"""CPU inference engines behind one seam: torch (the frozen TorchScript graphs of
+graphs.py), OpenVINO and ONNX Runtime, chosen per network (issue 37).
+
+A network is handed to an engine as the torch module built from the bundle's or the
+package's verified weights, and comes back as a callable on torch tensors, as the torch
+module is called. OpenVINO converts the module itself (`openvino.convert_model`); ONNX
+Runtime runs an ONNX export of it (torch's TorchScript-based exporter). The converted
+model is cached in the CPU graph cache (processing.graph_cache_dir) under a key over what
+it computes: the weights' SHA-256, the network's architecture and code, torch's version,
+the example shapes, the engine and its version (graphs.graph_key). Nothing converted is
+ever committed or shipped; a model that cannot be cached costs only the conversion
+(OpenVINO: about 10 s for LiteMedSAM's encoder on 2 cores).
+
+Every engine is fp32. The caller checks a converted network against torch fp32 on a
+fixed probe before using it (segmenter: mask Dice 1.0 and probabilities within
+PROBABILITY_TOLERANCE; classifier: probabilities within it) and refuses it with one line
+otherwise: torch then serves. A missing engine package is never an error: torch serves,
+and the log says so once. On CUDA every network stays in torch.
+
+The default per network (`DEFAULTS`, used when the setting is "auto") was chosen with
+`python -m bench.engines` (quiet host, alternating order, several rounds in one run);
+docs/performance.md has the figures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import io
+import logging
+import threading
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from cxrbatch.errors import OutputError
+from cxrbatch.files import atomic_write, remove_stale_temporaries
+
+log = logging.getLogger(__name__)
+
+Engine = Literal["torch", "openvino", "onnxruntime"]
+EngineChoice = Literal["auto", "torch", "openvino", "onnxruntime"]
+ENGINES: tuple[Engine, ...] = ("torch", "openvino", "onnxruntime")
+PACKAGES = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
+# bench/engines.py on the 2-core CPU host (docs/performance.md, "Engines per network").
+DEFAULTS: dict[str, Engine] = {
+    "segmenter encoder": "openvino",
+    "segmenter decoder": "onnxruntime",
+    "classifier": "torch",
+}
+PROBABILITY_TOLERANCE = 1e-4
+# Which inputs and outputs have a dimension that varies between calls (boxes, batch).
+Dynamic = dict[str, int]
+EngineForward = Callable[..., Any]
+
+_warned: set[str] = set()
+
+
+def available(engine: str) -> bool:
+    """Whether the engine's package is installed (torch always is)."""
+    package = PACKAGES.get(engine)
+    return package is None or importlib.util.find_spec(package) is not None
+
+
+def resolve(choice: str, network: str, device: torch.device) -> Engine:
+    """The engine a network runs on: torch on CUDA; for "auto" the measured default; an
+    engine whose package is missing falls back to torch (said once per engine)."""
+    if device.type != "cpu":
+        return "torch"
+    engine: Engine = DEFAULTS.get(network, "torch") if choice == "auto" else choice  # type: ignore[assignment]
+    if engine not in ENGINES:
+        raise ValueError(f"unknown inference engine {choice!r}; expected one of {ENGINES}")
+    if not available(engine):
+        if engine not in _warned:
+            _warned.add(engine)
+            log.info(
+                "%s is not installed: torch runs the networks chosen for it "
+                "(pip install 'cxrbatch[engines]' to use it)",
+                engine,
+            )
+        return "torch"
+    return engine
+
+
+def engine_version(engine: Engine) -> str:
+    if engine == "openvino":
+        import openvino
+
+        return str(openvino.__version__)
+    if engine == "onnxruntime":
+        import onnxruntime
+
+        return str(onnxruntime.__version__)
+    return str(torch.__version__)
+
+
+def compile_network(
+    module: torch.nn.Module,
+    example: Sequence[torch.Tensor],
+    engine: Engine,
+    what: str,
+    cache_dir: Path | None = None,
+    weights_sha256: str = "",
+    dynamic: Dynamic | None = None,
+    output_names: Sequence[str] = ("output",),
+) -> EngineForward | None:
+    """`module` (eval mode, CPU, fp32) run by `engine`: a callable taking the example's
+    inputs as torch tensors and giving a tensor (one output) or a tuple of them, or None
+    when the engine could not take the network (one line in the log; torch serves).
+    `dynamic`: input or output name -> the dimension that varies (inputs are named
+    input0, input1, ...)."""
+    if engine == "torch":
+        raise ValueError("torch networks are built by graphs.cpu_inference_graph")
+    module = module.eval()
+    names = [f"input{i}" for i in range(len(example))]
+    path = _cache_path(cache_dir, module, example, weights_sha256, engine, what)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer and exporter notices
+            if engine == "openvino":
+                return _openvino(module, example, names, dynamic or {}, path, what)
+            return _onnxruntime(module, example, names, output_names, dynamic or {}, path, what)
+    except Exception as exc:  # a network the engine cannot convert: torch serves
+        log.warning(
+            "%s: %s could not take the network (%s: %s); torch runs it",
+            what,
+            engine,
+            type(exc).__name__,
+            str(exc).splitlines()[0] if str(exc) else "",
+        )
+        return None
+
+
+def _cache_path(
+    cache_dir: Path | None,
+    module: torch.nn.Module,
+    example: Sequence[torch.Tensor],
+    weights_sha256: str,
+    engine: Engine,
+    what: str,
+) -> Path | None:
+    from cxrbatch.models.graphs import graph_key, private_cache
+
+    if cache_dir is None or not weights_sha256 or not private_cache(cache_dir, what):
+        return None
+    shapes = tuple(tuple(t.shape) for t in example)
+    key = hashlib.sha256()
+    for part in (graph_key(module, shapes, weights_sha256), engine, engine_version(engine)):
+        key.update(part.encode())
+        key.update(b"\0")
+    remove_stale_temporaries(cache_dir, min_age_s=600.0)
+    suffix = ".xml" if engine == "openvino" else ".onnx"
+    return cache_dir / f"{key.hexdigest()}{suffix}"
+
+
+def _touch(*paths: Path) -> None:
+    import os
+
+    for path in paths:
+        with contextlib.suppress(OSError):  # a read-only cache is only never pruned
+            os.utime(path)
+
+
+def _openvino(
+    module: torch.nn.Module,
+    example: Sequence[torch.Tensor],
+    names: list[str],
+    dynamic: Dynamic,
+    path: Path | None,
+    what: str,
+) -> EngineForward:
+    import openvino as ov
+
+    core = ov.Core()
+    model = None
+    if path is not None and path.is_file() and path.with_suffix(".bin").is_file():
+        try:
+            model = core.read_model(str(path))
+            _touch(path, path.with_suffix(".bin"))
+            log.info("%s: OpenVINO model loaded from the cache (%s)", what, path.name)
+        except Exception as exc:  # a damaged file: convert again, replace it
+            log.warning("%s: cached OpenVINO model unusable (%s); converting again", what, exc)
+            model = None
+    if model is None:
+        shapes = []
+        for name, tensor in zip(names, example, strict=True):
+            shape = list(tensor.shape)
+            if name in dynamic:
+                shape[dynamic[name]] = -1
+            shapes.append(ov.PartialShape(shape))
+        with torch.no_grad():
+            model = ov.convert_model(module, example_input=tuple(example), input=shapes)
+        if path is not None:
+            _store_openvino(model, path, what)
+    compiled = core.compile_model(
+        model,
+        "CPU",
+        {
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+            "INFERENCE_PRECISION_HINT": "f32",
+        },
+    )
+    return _OpenVINOForward(compiled)
+
+
+def _store_openvino(model: Any, path: Path, what: str) -> None:
+    """The model as OpenVINO IR (fp32 weights: save_model would halve them by default);
+    the weights file first, the graph last, each atomically."""
+    import tempfile
+
+    import openvino as ov
+
+    try:
+        with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+            xml = Path(scratch) / "model.xml"
+            ov.save_model(model, str(xml), compress_to_fp16=False)
+            for source, target in (
+                (xml.with_suffix(".bin"), path.with_suffix(".bin")),
+                (xml, path),
+            ):
+                _write(target, source.read_bytes())
+    except (OSError, OutputError, RuntimeError) as exc:  # the model still serves this process
+        log.warning("%s: OpenVINO model not cached (%s)", what, exc)
+        return
+    log.info("%s: converted for OpenVINO and cached (%s)", what, path.name)
+    _prune(path.parent)
+
+
+def _prune(folder: Path) -> None:
+    from cxrbatch.models.graphs import UNUSED_GRAPH_DAYS, remove_unused_graphs
+
+    remove_unused_graphs(folder, UNUSED_GRAPH_DAYS * 86400)
+
+
+def _write(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda handle: handle.write(data))
+
+
+class _OpenVINOForward:
+    """A compiled OpenVINO model called like the torch module: one infer request per
+    thread (a request is not shared between threads; studies run in threads)."""
+
+    def __init__(self, compiled: Any) -> None:
+        self._compiled = compiled
+        self._local = threading.local()
+        self._outputs = len(compiled.outputs)
+
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self._compiled.create_infer_request()
+        arrays = [t.detach().contiguous().numpy() for t in inputs]
+        results = request.infer(arrays)
+        outputs = tuple(torch.from_numpy(results[i].copy()) for i in range(self._outputs))
+        return outputs[0] if self._outputs == 1 else outputs
+
+
+def _onnxruntime(
+    module: torch.nn.Module,
+    example: Sequence[torch.Tensor],
+    names: list[str],
+    output_names: Sequence[str],
+    dynamic: Dynamic,
+    path: Path | None,
+    what: str,
+) -> EngineForward:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+
+    def session(data: bytes) -> Any:
+        return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+    if path is not None and path.is_file():
+        try:
+            cached = session(path.read_bytes())
+            _touch(path)
+            log.info("%s: ONNX model loaded from the cache (%s)", what, path.name)
+            return _OnnxRuntimeForward(cached, names)
+        except Exception as exc:  # a damaged file: export again, replace it
+            log.warning("%s: cached ONNX model unusable (%s); exporting again", what, exc)
+    buffer = io.BytesIO()
+    axes = {name: {dim: f"{name}_{dim}"} for name, dim in dynamic.items()}
+    with torch.no_grad():
+        torch.onnx.export(
+            module,
+            tuple(example),
+            buffer,  # type: ignore[arg-type]  # a file object is accepted
+            dynamo=False,
+            opset_version=17,
+            input_names=names,
+            output_names=list(output_names),
+            dynamic_axes=axes or None,
+        )
+    data = buffer.getvalue()
+    if path is not None:
+        try:
+            _write(path, data)
+            log.info("%s: exported to ONNX and cached (%s)", what, path.name)
+            _prune(path.parent)
+        except (OutputError, OSError) as exc:
+            log.warning("%s: ONNX model not cached (%s)", what, exc)
+    return _OnnxRuntimeForward(session(data), names)
+
+
+class _OnnxRuntimeForward:
+    """An ONNX Runtime session called like the torch module (run() is thread-safe)."""
+
+    def __init__(self, session: Any, names: list[str]) -> None:
+        self._session = session
+        self._names = names
+
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        feeds = {
+            n: t.detach().contiguous().numpy() for n, t in zip(self._names, inputs, strict=True)
+        }
+        outputs = tuple(torch.from_numpy(o) for o in self._session.run(None, feeds))
+        return outputs[0] if len(outputs) == 1 else outputs
+
+
+def largest_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0

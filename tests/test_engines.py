@@ -1,0 +1,193 @@
+"""The inference engine seam (cxrbatch/models/engines.py): the segmenter's networks on
+OpenVINO and ONNX Runtime give torch fp32's masks, a converted network that does not is
+refused with one line and torch serves, a missing engine is no error, converted models
+come back from the cache."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from cxrbatch import pipeline
+from cxrbatch.config import Settings
+from cxrbatch.models import engines
+from cxrbatch.models.bundle import load_bundle
+from cxrbatch.models.prompts import segment_pixels
+from cxrbatch.models.segmenter import LiteMedSAM, probe_film
+from cxrbatch_training.synthetic import make_hard_phantom
+
+pytest.importorskip("openvino")
+pytest.importorskip("onnxruntime")
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
+
+
+@pytest.fixture(scope="module")
+def eager() -> LiteMedSAM:
+    return LiteMedSAM(device="cpu", optimize_cpu=False)
+
+
+def test_the_default_segmenter_runs_on_the_measured_engines(models: pipeline.Models) -> None:
+    """The session's segmenter (default settings, both engine packages installed): the
+    encoder on OpenVINO and the decoder on ONNX Runtime, as bench/engines.py chose."""
+    assert models.segmenter.engines == {  # type: ignore[attr-defined]
+        "encoder": engines.DEFAULTS["segmenter encoder"],
+        "decoder": engines.DEFAULTS["segmenter decoder"],
+    }
+    assert engines.DEFAULTS["segmenter encoder"] != "torch"
+
+
+@pytest.mark.parametrize("engine", ["openvino", "onnxruntime"])
+def test_each_engine_gives_torch_fp32_masks_on_hard_phantoms(
+    engine: str, eager: LiteMedSAM, settings: Settings
+) -> None:
+    converted = LiteMedSAM(
+        device="cpu",
+        optimize_cpu=True,
+        graph_cache=settings.processing.graph_cache(),
+        engines=(engine, engine),
+    )
+    assert converted.engines == {"encoder": engine, "decoder": engine}
+    for seed in (3, 4):
+        phantom = make_hard_phantom(seed, (1024, 1024))
+        pixels = np.round(phantom.image * 255).astype(np.uint8)
+        a = segment_pixels(eager, pixels, True, refine=True)
+        b = segment_pixels(converted, pixels, True, refine=True)
+        assert a.right_lung.any() and a.left_lung.any()
+        # Equal but for a pixel whose probability sits within 1e-5 of the threshold.
+        assert _dice(a.right_lung, b.right_lung) >= 0.9999
+        assert _dice(a.left_lung, b.left_lung) >= 0.9999
+        embedding_a, embedding_b = eager.embed(pixels), converted.embed(pixels)
+        boxes = np.array([[100, 150, 480, 800], [560, 150, 940, 800]], dtype=np.float32)
+        pa, ia = eager.predict(embedding_a, boxes)
+        pb, ib = converted.predict(embedding_b, boxes)
+        assert float(np.abs(pa - pb).max()) <= engines.PROBABILITY_TOLERANCE
+        assert float(np.abs(ia - ib).max()) <= engines.PROBABILITY_TOLERANCE
+
+
+def test_the_probe_film_is_a_real_check(eager: LiteMedSAM) -> None:
+    """The load-time check compares masks that exist: on the probe film torch segments two
+    lung fields, each mostly inside its box."""
+    image, boxes = probe_film()
+    embedding = eager.embed(image)
+    probs, _ = eager.predict(embedding, boxes)
+    for mask, (x0, y0, x1, y1) in zip(probs > 0.5, boxes, strict=True):
+        inside = mask[int(y0) : int(y1), int(x0) : int(x1)].sum()
+        assert mask.sum() > 0.02 * mask.size
+        assert inside >= 0.9 * mask.sum()
+
+
+class _Off:
+    """A converted network whose first output is off by `by` (a wrong conversion)."""
+
+    def __init__(self, forward: Any, by: float) -> None:
+        self.forward, self.by = forward, by
+
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        out = self.forward(*inputs)
+        if isinstance(out, tuple):
+            return (out[0] + self.by, *out[1:])
+        return out + self.by
+
+
+def test_a_segmenter_engine_that_differs_is_refused_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, settings: Settings
+) -> None:
+    real = engines.compile_network
+
+    def wrong(*args: Any, **kwargs: Any) -> Any:
+        forward = real(*args, **kwargs)
+        return None if forward is None else _Off(forward, 0.05)
+
+    from cxrbatch.models import segmenter as segmenter_module
+
+    monkeypatch.setattr(segmenter_module, "compile_network", wrong)
+    with caplog.at_level(logging.WARNING, logger="cxrbatch.models.segmenter"):
+        refused = LiteMedSAM(
+            device="cpu",
+            optimize_cpu=True,
+            graph_cache=settings.processing.graph_cache(),
+            engines=("torch", "onnxruntime"),
+        )
+    assert refused.engines == {"encoder": "torch", "decoder": "torch"}
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert "decoder on onnxruntime refused" in lines[0]
+    assert refused._decode is refused._decoder
+
+
+def test_a_classifier_engine_that_differs_is_refused(
+    tiny_bundles: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+) -> None:
+    from cxrbatch.models import bundle as bundle_module
+
+    good = load_bundle(tiny_bundles["classifier"], "cpu", True, tmp_path, engine="openvino")
+    assert good.engine == "openvino"
+    eager = load_bundle(tiny_bundles["classifier"], "cpu", optimize_cpu=False)
+    inputs = np.random.default_rng(5).normal(size=(2, 3, 64, 64)).astype(np.float32)
+    np.testing.assert_allclose(good.predict(inputs), eager.predict(inputs), rtol=0, atol=1e-4)
+
+    real = engines.compile_network
+    monkeypatch.setattr(bundle_module, "compile_network", lambda *a, **k: _Off(real(*a, **k), 0.5))
+    with caplog.at_level(logging.WARNING, logger="cxrbatch.models.bundle"):
+        refused = load_bundle(tiny_bundles["classifier"], "cpu", True, tmp_path, engine="openvino")
+    assert refused.engine == "torch"
+    assert "openvino refused" in caplog.text
+    np.testing.assert_allclose(refused.predict(inputs), eager.predict(inputs), rtol=0, atol=1e-4)
+
+
+def test_a_missing_engine_means_torch(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(engines, "available", lambda engine: engine == "torch")
+    monkeypatch.setattr(engines, "_warned", set())
+    with caplog.at_level(logging.INFO, logger="cxrbatch.models.engines"):
+        segmenter = LiteMedSAM(device="cpu", optimize_cpu=True, engines=("auto", "openvino"))
+    assert segmenter.engines == {"encoder": "torch", "decoder": "torch"}
+    assert "openvino is not installed" in caplog.text
+    assert engines.resolve("onnxruntime", "classifier", torch.device("cpu")) == "torch"
+
+
+def test_cuda_and_unoptimised_runs_stay_in_torch() -> None:
+    assert engines.resolve("openvino", "segmenter encoder", torch.device("cuda")) == "torch"
+    assert (
+        engines.resolve("auto", "classifier", torch.device("cpu")) == engines.DEFAULTS["classifier"]
+    )
+    plain = LiteMedSAM(device="cpu", optimize_cpu=False, engines=("openvino", "openvino"))
+    assert plain.engines == {"encoder": "torch", "decoder": "torch"}
+
+
+@pytest.mark.parametrize("engine", ["openvino", "onnxruntime"])
+def test_converted_models_come_back_from_the_cache(
+    engine: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = tmp_path / "cache"
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten())
+    example = (torch.rand(1, 3, 8, 8),)
+    first = engines.compile_network(net, example, engine, "tiny", cache, "0" * 64)
+    assert first is not None
+    assert len(list(cache.iterdir())) == (2 if engine == "openvino" else 1)
+    with caplog.at_level(logging.INFO, logger="cxrbatch.models.engines"):
+        again = engines.compile_network(net, example, engine, "tiny", cache, "0" * 64)
+    assert again is not None and "from the cache" in caplog.text
+    with torch.inference_mode():
+        torch.testing.assert_close(again(*example), net(*example), rtol=0, atol=1e-5)
+    # A damaged cache file is converted again and replaced.
+    for path in cache.iterdir():
+        path.write_bytes(b"damaged")
+    third = engines.compile_network(net, example, engine, "tiny", cache, "0" * 64)
+    assert third is not None
+    with torch.inference_mode():
+        torch.testing.assert_close(third(*example), net(*example), rtol=0, atol=1e-5)
+    assert all(path.read_bytes() != b"damaged" for path in cache.iterdir())
