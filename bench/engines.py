@@ -11,8 +11,11 @@ classifiers' fused graphs), then OpenVINO and ONNX Runtime as the product conver
 (engines.compile_network). Each round runs every engine on a network once (best of
 --repeats calls after a warm-up), the engines' order reversed every other round; the
 figure is the median over rounds, with the range. Accuracy against torch fp32 eager: the
-largest probability difference, and for the segmenter the mask Dice on RG1.
-An engine whose package is not installed is left out.
+largest probability difference, and for the segmenter the mask Dice on RG1. Each
+network's work (torch's FLOP counter) over its median time gives GFLOP/s, printed as a
+share of the fp32 GEMM rate measured in the same run (bench/peak.py, 4096^3, before and
+after the networks; the higher of the two). An engine whose package is not installed is
+left out.
 """
 
 from __future__ import annotations
@@ -127,6 +130,15 @@ def classifier_networks() -> dict[str, dict[str, Any]]:
     return networks
 
 
+def _gflop(spec: dict[str, Any]) -> float:
+    """The network's work on its inputs, counted by torch (multiply-adds count 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        spec["eager"](*spec["inputs"])
+    return counter.get_total_flops() / 1e9
+
+
 def _accuracy(name: str, spec: dict[str, Any], engine: str) -> dict[str, float]:
     run = spec["engines"][engine]
     with torch.inference_mode():
@@ -156,8 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    from bench.peak import measure
+
+    peak_before = measure()
     networks = {**segmenter_networks(args.threads), **classifier_networks()}
     report: dict[str, Any] = {"threads": args.threads, "rounds": args.rounds, "networks": {}}
+    work = {name: _gflop(spec) for name, spec in networks.items()}
     for name, spec in networks.items():
         table = {e: f for e, f in spec["engines"].items() if f is not None}
         order = list(table)
@@ -197,6 +213,21 @@ def main(argv: list[str] | None = None) -> int:
         )
         rows["fastest_within_tolerance"] = fastest  # type: ignore[assignment]
         report["networks"][name] = rows
+    peak_after = measure()
+    peak = max(float(peak_before["gemm_4096_gflops"]), float(peak_after["gemm_4096_gflops"]))  # type: ignore[arg-type]
+    report["peak"] = {"before": peak_before, "after": peak_after, "gemm_gflops": peak}
+    print(f"fp32 GEMM peak in this run: {peak:.0f} GFLOP/s (4096^3, {args.threads} threads)")
+    for name, rows in report["networks"].items():
+        for engine, row in rows.items():
+            if not isinstance(row, dict):
+                continue
+            row["gflop"] = round(work[name], 2)
+            row["gflops"] = round(work[name] / row["median_s"], 1)
+            row["share_of_peak"] = round(row["gflops"] / peak, 3)
+            print(
+                f"{name:>24} {engine:>12}: {work[name]:.1f} GFLOP, {row['gflops']:.0f} GFLOP/s, "
+                f"{row['share_of_peak']:.0%} of the GEMM peak"
+            )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0

@@ -4,10 +4,13 @@ phantom with the product's decode and with the baseline it replaced (the same fl
 expressions written with full-image temporaries), alternating the two each round, and
 checks the display and segmentation pixels are equal bit for bit.
 
-    python -m bench.host_side [--rounds 7]
+    python -m bench.host_side [--rounds 7] [--writers]
 
 Prints one JSON line: per film, the median seconds of each decode and their ratio
-(baseline / product), and whether every output was equal.
+(baseline / product), and whether every output was equal. --writers adds what writing one
+study's outputs costs, per writer (SEG, key image, presentation state, SR, and the file
+writes), on RG1 segmented by the product and classified by the benchmark's two 512-px
+bundles (bench/harness.py), median over the rounds, one thread.
 """
 
 from __future__ import annotations
@@ -73,9 +76,68 @@ def _films(work: Path) -> dict[str, Any]:
     return films
 
 
+def writers(rounds: int, work: Path) -> dict[str, float]:
+    """Median seconds per writer for one RG1 study's outputs (module docstring)."""
+    from collections import defaultdict
+
+    import torch
+
+    from bench.harness import make_bundles
+    from cxrbatch import pipeline
+    from cxrbatch.config import load_settings
+    from cxrbatch.dicom import export
+    from cxrbatch.dicom.decode import decode
+
+    torch.set_num_threads(1)
+    bundles = make_bundles(work / "bundles")
+    settings = load_settings(
+        None, segmentation={"device": "cpu"}, classifier={"device": "cpu", **bundles}
+    )
+    models = pipeline.load_models(settings)
+    header = _films(work)["RG1_UNCI.dcm"]
+    processed = pipeline._process_image(decode(header), models, settings, pipeline._Timer())
+    spent: dict[str, float] = defaultdict(float)
+
+    def timed(name: str, function: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - started
+
+        return call
+
+    patches = {
+        (pipeline, "build_seg"): "build SEG",
+        (pipeline, "build_key_image"): "build key image",
+        (pipeline, "build_presentation_state"): "build presentation state",
+        (pipeline, "build_sr"): "build SR",
+        (export, "write_dicom"): "write files",
+    }
+    originals = {key: getattr(*key) for key in patches}
+    per_round: dict[str, list[float]] = defaultdict(list)
+    try:
+        for (module, name), label in patches.items():
+            setattr(module, name, timed(label, originals[(module, name)]))
+        for round_ in range(rounds + 1):
+            spent.clear()
+            started = time.perf_counter()
+            pipeline.write_dicom_outputs([processed], models, work / f"out{round_}", settings)
+            spent["total"] = time.perf_counter() - started
+            if round_:  # round 0: warm-up
+                for label, seconds in spent.items():
+                    per_round[label].append(seconds)
+    finally:
+        for (module, name), function in originals.items():
+            setattr(module, name, function)
+    return {label: round(statistics.median(v), 4) for label, v in per_round.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--writers", action="store_true")
     args = parser.parse_args(argv)
 
     from cxrbatch.dicom.decode import decode
@@ -109,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                 "baseline_s": round(b, 4),
                 "speedup": round(b / p, 3),
             }
+        if args.writers:
+            report["writers_s"] = writers(args.rounds, Path(scratch))
     report["outputs_equal"] = equal
     sys.stdout.write(json.dumps(report) + "\n")
     return 0 if equal else 1

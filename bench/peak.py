@@ -37,19 +37,26 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    print(json.dumps(measure(args.repeats)))
+    return 0
+
+
+def measure(repeats: int = 5) -> dict[str, object]:
+    """GFLOP/s of the GEMMs and the convolution at torch's current thread count."""
+    import torch
+
     report: dict[str, object] = {"threads": torch.get_num_threads()}
     with torch.inference_mode():
         for n in (2048, 4096):
             a, b = torch.randn(n, n), torch.randn(n, n)
-            seconds = _best_seconds(lambda a=a, b=b: torch.mm(a, b), args.repeats)
+            seconds = _best_seconds(lambda a=a, b=b: torch.mm(a, b), repeats)
             report[f"gemm_{n}_gflops"] = round(2 * n**3 / seconds / 1e9, 1)
         conv = torch.nn.Conv2d(256, 256, 3, padding=1).eval()
         x = torch.randn(8, 256, 56, 56)
         flops = 2 * 8 * 256 * 256 * 9 * 56 * 56
-        seconds = _best_seconds(lambda: conv(x), args.repeats)
+        seconds = _best_seconds(lambda: conv(x), repeats)
         report["conv3x3_gflops"] = round(flops / seconds / 1e9, 1)
-    print(json.dumps(report))
-    return 0
+    return report
 
 
 if __name__ == "__main__":
