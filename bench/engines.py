@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,19 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.peak import best_seconds, measure
 from cxrbatch.models import engines
 from cxrbatch.models.bundle import build_network
 from cxrbatch.models.graphs import cpu_inference_graph, image_shape
-
-
-def _best(call: Callable[[], Any], repeats: int) -> float:
-    call()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def _rg1() -> tuple[np.ndarray, np.ndarray]:
@@ -168,7 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from bench.peak import measure
 
     peak_before = measure()
     networks = {**segmenter_networks(args.threads), **classifier_networks()}
@@ -182,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             for round_ in range(args.rounds):
                 for engine in order if round_ % 2 == 0 else order[::-1]:
                     call = partial(table[engine], *spec["inputs"])
-                    seconds[engine].append(_best(call, args.repeats))
+                    seconds[engine].append(best_seconds(call, args.repeats))
         base = statistics.median(seconds["torch"])
         rows = {}
         for engine in order:

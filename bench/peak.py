@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 
 
-def _best_seconds(work: Callable[[], object], repeats: int) -> float:
+def best_seconds(work: Callable[[], object], repeats: int) -> float:
     work()  # warm-up: allocation, kernel selection
     best = float("inf")
     for _ in range(repeats):
@@ -49,12 +49,12 @@ def measure(repeats: int = 5) -> dict[str, object]:
     with torch.inference_mode():
         for n in (2048, 4096):
             a, b = torch.randn(n, n), torch.randn(n, n)
-            seconds = _best_seconds(lambda a=a, b=b: torch.mm(a, b), repeats)
+            seconds = best_seconds(lambda a=a, b=b: torch.mm(a, b), repeats)
             report[f"gemm_{n}_gflops"] = round(2 * n**3 / seconds / 1e9, 1)
         conv = torch.nn.Conv2d(256, 256, 3, padding=1).eval()
         x = torch.randn(8, 256, 56, 56)
         flops = 2 * 8 * 256 * 256 * 9 * 56 * 56
-        seconds = _best_seconds(lambda: conv(x), repeats)
+        seconds = best_seconds(lambda: conv(x), repeats)
         report["conv3x3_gflops"] = round(flops / seconds / 1e9, 1)
     return report
 
