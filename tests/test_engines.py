@@ -191,3 +191,30 @@ def test_converted_models_come_back_from_the_cache(
     with torch.inference_mode():
         torch.testing.assert_close(third(*example), net(*example), rtol=0, atol=1e-5)
     assert all(path.read_bytes() != b"damaged" for path in cache.iterdir())
+
+
+def test_torch_reference_on_the_probe_is_computed_once(tmp_path: Path) -> None:
+    """A converted network is checked against torch's answer on the probe; that answer is
+    cached by weights and code, computed again when its file is damaged, never trusted
+    from a cache that is not private."""
+    net = torch.nn.Linear(3, 2)
+    calls: list[int] = []
+
+    def compute() -> torch.Tensor:
+        calls.append(1)
+        return torch.arange(4.0).reshape(2, 2)
+
+    cache = tmp_path / "cache"
+    key = (net, ((2, 2), "probe v1"), "f" * 64)
+    first = engines.cached_reference(cache, key, compute, "probe")
+    again = engines.cached_reference(cache, key, compute, "probe")
+    assert len(calls) == 1 and torch.equal(first, again)
+    other = engines.cached_reference(cache, (net, ((2, 2), "probe v2"), "f" * 64), compute, "p")
+    assert len(calls) == 2 and torch.equal(other, first)
+    for path in cache.glob("*.npy"):
+        path.write_bytes(b"damaged")
+    assert torch.equal(engines.cached_reference(cache, key, compute, "probe"), first)
+    assert len(calls) == 3
+    cache.chmod(0o777)
+    engines.cached_reference(cache, key, compute, "probe")
+    assert len(calls) == 4  # a cache others can write to is not read

@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from cxrbatch.errors import OutputError
@@ -324,6 +325,38 @@ class _OnnxRuntimeForward:
         }
         outputs = tuple(torch.from_numpy(o) for o in self._session.run(None, feeds))
         return outputs[0] if len(outputs) == 1 else outputs
+
+
+def cached_reference(
+    cache_dir: Path | None,
+    key: tuple[torch.nn.Module, tuple[object, ...], str],
+    compute: Callable[[], torch.Tensor],
+    what: str,
+) -> torch.Tensor:
+    """Torch's answer on a probe (`compute`), kept in `cache_dir` under `key` (the module
+    whose code and architecture it depends on, the probe's shape and code, the weights'
+    SHA-256): the check of a converted network then costs only the converted network."""
+    from cxrbatch.models.graphs import graph_key, private_cache
+
+    module, probe, weights_sha256 = key
+    if cache_dir is None or not weights_sha256 or not private_cache(cache_dir, what):
+        return compute()
+    path = cache_dir / f"{graph_key(module, probe, weights_sha256)}.npy"
+    if path.is_file():
+        try:
+            cached = torch.from_numpy(np.load(path, allow_pickle=False))
+            _touch(path)
+            return cached
+        except (OSError, ValueError) as exc:  # a damaged file: computed again, replaced
+            log.warning("%s: cached torch reference unusable (%s); computing it", what, exc)
+    reference = compute()
+    buffer = io.BytesIO()
+    np.save(buffer, reference.numpy(), allow_pickle=False)
+    try:
+        _write(path, buffer.getvalue())
+    except (OutputError, OSError) as exc:
+        log.warning("%s: torch reference not cached (%s)", what, exc)
+    return reference
 
 
 def largest_difference(a: torch.Tensor, b: torch.Tensor) -> float:

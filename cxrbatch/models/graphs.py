@@ -49,8 +49,9 @@ log = logging.getLogger(__name__)
 
 STALE_TEMPORARY_S = 600.0  # a graph is written in about a second
 UNUSED_GRAPH_DAYS = 30.0
-# What the cache holds: TorchScript graphs, OpenVINO IR (graph and weights), ONNX models.
-CACHED = ("*.pt", "*.xml", "*.bin", "*.onnx")
+# What the cache holds: TorchScript graphs, OpenVINO IR (graph and weights), ONNX models,
+# torch's answers on the probes that converted models are checked against (engines.py).
+CACHED = ("*.pt", "*.xml", "*.bin", "*.onnx", "*.npy")
 FUSION_TOLERANCE = 1e-4  # fused outputs measured within 1e-5 where fusion is right
 
 

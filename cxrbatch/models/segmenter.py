@@ -41,6 +41,7 @@ from cxrbatch.models.engines import (
     PROBABILITY_TOLERANCE,
     Engine,
     EngineForward,
+    cached_reference,
     compile_network,
     largest_difference,
     resolve,
@@ -196,7 +197,7 @@ class _SamLikeBackend:
         if encoder is None and decoder is None:
             return
         dp, dice = self._probe_difference(
-            encoder or self._net.image_encoder, decoder or self._decoder
+            encoder or self._net.image_encoder, decoder or self._decoder, graph_cache, digest
         )
         names: dict[str, str] = {
             "encoder": chosen[0] if encoder else "torch",
@@ -225,17 +226,30 @@ class _SamLikeBackend:
         )
 
     @torch.inference_mode()
-    def _probe_difference(self, encoder: Forward, decoder: EngineForward) -> tuple[float, float]:
+    def _probe_difference(
+        self,
+        encoder: Forward,
+        decoder: EngineForward,
+        graph_cache: Path | None = None,
+        digest: str = "",
+    ) -> tuple[float, float]:
         """The largest probability difference and the mask Dice between torch fp32 (eager)
         and `encoder` + `decoder` on a fixed probe: a drawn film with two lung fields,
-        prompted with a box each."""
+        prompted with a box each. Torch's answer is kept in `graph_cache` (keyed by the
+        weights, the network's code and the probe's), so a later process runs only the
+        converted networks."""
         image, boxes = probe_film()
         prepared = self.prepare(image)
         scale = np.array([*prepared.scale_xy, *prepared.scale_xy], dtype=np.float32)
         prompts = torch.as_tensor(boxes * scale)
-        reference = torch.sigmoid(
-            self._decoder(self._net.image_encoder(prepared.batch), prompts)[0]
-        )
+
+        def torch_fp32() -> torch.Tensor:
+            features = self._net.image_encoder(prepared.batch)
+            return torch.sigmoid(self._decoder(features, prompts)[0])
+
+        probe_code = _source_sha256(probe_film, type(self).prepare, _dithered)
+        key = (self._net, (tuple(prepared.batch.shape), probe_code), digest)
+        reference = cached_reference(graph_cache, key, torch_fp32, "segmenter probe")
         candidate = torch.sigmoid(decoder(encoder(prepared.batch), prompts)[0])
         a, b = reference > 0.5, candidate > 0.5
         total = int(a.sum() + b.sum())
