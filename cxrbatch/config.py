@@ -62,9 +62,10 @@ class SegmentationSettings(_Section):
     # features within ~1e-5 of eager, faster; docs/performance.md). False = plain eager.
     optimize_cpu: bool = True
     # With optimize_cpu on the CPU: the engine of the image encoder and of the mask decoder
-    # (torch, openvino, onnxruntime; auto = the one bench/engines.py measured fastest on
-    # this project's CPU, docs/performance.md). A converted network is used only where it
-    # gives torch fp32's masks on a probe film; a missing engine package means torch.
+    # (torch, openvino, onnxruntime; auto = torch for now, engines.py says why; measured
+    # fastest here: encoder openvino, decoder onnxruntime, docs/performance.md). A converted
+    # network is used only where it gives torch fp32's masks on a probe film; a missing
+    # engine package means torch.
     encoder_engine: Literal["auto", "torch", "openvino", "onnxruntime"] = "auto"
     decoder_engine: Literal["auto", "torch", "openvino", "onnxruntime"] = "auto"
     # Second prompt pass with boxes refined from the first masks.

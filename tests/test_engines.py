@@ -34,14 +34,14 @@ def eager() -> LiteMedSAM:
     return LiteMedSAM(device="cpu", optimize_cpu=False)
 
 
-def test_the_default_segmenter_runs_on_the_measured_engines(models: pipeline.Models) -> None:
-    """The session's segmenter (default settings, both engine packages installed): the
-    encoder on OpenVINO and the decoder on ONNX Runtime, as bench/engines.py chose."""
-    assert models.segmenter.engines == {  # type: ignore[attr-defined]
-        "encoder": engines.DEFAULTS["segmenter encoder"],
-        "decoder": engines.DEFAULTS["segmenter decoder"],
-    }
-    assert engines.DEFAULTS["segmenter encoder"] != "torch"
+def test_auto_is_torch_until_the_crash_is_understood(models: pipeline.Models) -> None:
+    """The session's segmenter (default settings, both engine packages installed) runs on
+    torch: "auto" is torch for every network for now (engines.py says why); the fastest
+    engines measured are opt-in."""
+    assert models.segmenter.engines == {"encoder": "torch", "decoder": "torch"}  # type: ignore[attr-defined]
+    assert set(engines.DEFAULTS.values()) == {"torch"}
+    assert engines.FASTEST["segmenter encoder"] == "openvino"
+    assert engines.FASTEST["segmenter decoder"] == "onnxruntime"
 
 
 @pytest.mark.parametrize("engine", ["openvino", "onnxruntime"])
