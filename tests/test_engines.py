@@ -21,8 +21,9 @@ from cxrbatch.models.prompts import segment_pixels
 from cxrbatch.models.segmenter import LiteMedSAM, probe_film
 from cxrbatch_training.synthetic import make_hard_phantom
 
-pytest.importorskip("openvino")
-pytest.importorskip("onnxruntime")
+# The `engines` extra, not in `dev` (pyproject.toml says why): pip install -e '.[dev,engines]'.
+pytest.importorskip("openvino", reason="the engines extra is not installed")
+pytest.importorskip("onnxruntime", reason="the engines extra is not installed")
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
