@@ -28,7 +28,6 @@ segmentation.decoder_engine = "onnxruntime").
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import io
@@ -44,6 +43,14 @@ import torch
 
 from cxrbatch.errors import OutputError
 from cxrbatch.files import atomic_write, remove_stale_temporaries
+from cxrbatch.models.graphs import (
+    STALE_TEMPORARY_S,
+    UNUSED_GRAPH_DAYS,
+    graph_key,
+    mark_used,
+    private_cache,
+    remove_unused_graphs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +157,6 @@ def _cache_path(
     engine: Engine,
     what: str,
 ) -> Path | None:
-    from cxrbatch.models.graphs import graph_key, private_cache
-
     if cache_dir is None or not weights_sha256 or not private_cache(cache_dir, what):
         return None
     shapes = tuple(tuple(t.shape) for t in example)
@@ -159,17 +164,9 @@ def _cache_path(
     for part in (graph_key(module, shapes, weights_sha256), engine, engine_version(engine)):
         key.update(part.encode())
         key.update(b"\0")
-    remove_stale_temporaries(cache_dir, min_age_s=600.0)
+    remove_stale_temporaries(cache_dir, min_age_s=STALE_TEMPORARY_S)
     suffix = ".xml" if engine == "openvino" else ".onnx"
     return cache_dir / f"{key.hexdigest()}{suffix}"
-
-
-def _touch(*paths: Path) -> None:
-    import os
-
-    for path in paths:
-        with contextlib.suppress(OSError):  # a read-only cache is only never pruned
-            os.utime(path)
 
 
 def _openvino(
@@ -187,7 +184,7 @@ def _openvino(
     if path is not None and path.is_file() and path.with_suffix(".bin").is_file():
         try:
             model = core.read_model(str(path))
-            _touch(path, path.with_suffix(".bin"))
+            mark_used(path, path.with_suffix(".bin"))
             log.info("%s: OpenVINO model loaded from the cache (%s)", what, path.name)
         except Exception as exc:  # a damaged file: convert again, replace it
             log.warning("%s: cached OpenVINO model unusable (%s); converting again", what, exc)
@@ -239,8 +236,6 @@ def _store_openvino(model: Any, path: Path, what: str) -> None:
 
 
 def _prune(folder: Path) -> None:
-    from cxrbatch.models.graphs import UNUSED_GRAPH_DAYS, remove_unused_graphs
-
     remove_unused_graphs(folder, UNUSED_GRAPH_DAYS * 86400)
 
 
@@ -289,7 +284,7 @@ def _onnxruntime(
     if path is not None and path.is_file():
         try:
             cached = session(path.read_bytes())
-            _touch(path)
+            mark_used(path)
             log.info("%s: ONNX model loaded from the cache (%s)", what, path.name)
             return _OnnxRuntimeForward(cached, names)
         except Exception as exc:  # a damaged file: export again, replace it
@@ -342,8 +337,6 @@ def cached_reference(
     """Torch's answer on a probe (`compute`), kept in `cache_dir` under `key` (the module
     whose code and architecture it depends on, the probe's shape and code, the weights'
     SHA-256): the check of a converted network then costs only the converted network."""
-    from cxrbatch.models.graphs import graph_key, private_cache
-
     module, probe, weights_sha256 = key
     if cache_dir is None or not weights_sha256 or not private_cache(cache_dir, what):
         return compute()
@@ -351,7 +344,7 @@ def cached_reference(
     if path.is_file():
         try:
             cached = torch.from_numpy(np.load(path, allow_pickle=False))
-            _touch(path)
+            mark_used(path)
             return cached
         except (OSError, ValueError) as exc:  # a damaged file: computed again, replaced
             log.warning("%s: cached torch reference unusable (%s); computing it", what, exc)

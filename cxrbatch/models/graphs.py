@@ -106,7 +106,7 @@ def _frozen(
         try:
             cached = torch.jit.load(str(path), map_location="cpu")
             log.info("%s: CPU graph loaded from the cache (%s)", what, path.name)
-            _mark_used(path)
+            mark_used(path)
             return cast(torch.jit.ScriptModule, cached)
         except Exception as exc:  # a damaged or foreign file: trace again, replace it
             log.warning(
@@ -273,9 +273,11 @@ def _store(frozen: torch.jit.ScriptModule, path: Path, what: str) -> None:
         )
 
 
-def _mark_used(path: Path) -> None:
-    with contextlib.suppress(OSError):  # a read-only cache is only never pruned
-        os.utime(path)
+def mark_used(*paths: Path) -> None:
+    """Mark cached files as loaded now (what pruning goes by)."""
+    for path in paths:
+        with contextlib.suppress(OSError):  # a read-only cache is only never pruned
+            os.utime(path)
 
 
 def remove_unused_graphs(folder: Path, unused_s: float) -> int:

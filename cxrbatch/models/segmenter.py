@@ -35,6 +35,7 @@ from cxrbatch.config import SegmentationSettings
 from cxrbatch.domain import ModelRef
 from cxrbatch.errors import ConfigError, ModelError, one_line
 from cxrbatch.files import sha256_file
+from cxrbatch.models import qc
 from cxrbatch.models.batching import Forward, batched
 from cxrbatch.models.device import resolve_device
 from cxrbatch.models.engines import (
@@ -251,10 +252,8 @@ class _SamLikeBackend:
         key = (self._net, (tuple(prepared.batch.shape), probe_code), digest)
         reference = cached_reference(graph_cache, key, torch_fp32, "segmenter probe")
         candidate = torch.sigmoid(decoder(encoder(prepared.batch), prompts)[0])
-        a, b = reference > 0.5, candidate > 0.5
-        total = int(a.sum() + b.sum())
-        dice = 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
-        return largest_difference(reference, candidate), dice
+        masks = (reference > 0.5).numpy(), (candidate > 0.5).numpy()
+        return largest_difference(reference, candidate), qc.dice(*masks)
 
     def _cpu_encoder(self, graph_cache: Path | None, digest: str) -> torch.nn.Module:
         """The image encoder as a CPU inference graph."""
