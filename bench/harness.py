@@ -179,7 +179,14 @@ def run_mode(
 
         models = load_models(settings, in_flight=study_threads)
     load_s = time.perf_counter() - start
-    summary = run_batch(input_dir, Site.at(settings, out_dir), workers=workers, models=models)
+    finished: list[float] = []  # when each study's report came back, in this process
+    summary = run_batch(
+        input_dir,
+        Site.at(settings, out_dir),
+        workers=workers,
+        models=models,
+        on_study=lambda *_: finished.append(time.perf_counter()),
+    )
     wall = time.perf_counter() - start
     reports = summary.reports
     stage_seconds = {s: float(sum(r.timings.get(s, 0.0) for r in reports)) for s in STAGES}
@@ -198,6 +205,13 @@ def run_mode(
         "statuses": dict(summary.studies),
         "wall_s": wall,
         "studies_per_s": len(reports) / wall,
+        # From the first study finished to the last: the rate once every worker has loaded
+        # its models (worker processes load theirs in parallel, untimed apart).
+        "steady_studies_per_s": (
+            (len(finished) - 1) / (finished[-1] - finished[0])
+            if len(finished) > 2 and finished[-1] > finished[0]
+            else None
+        ),
         # Seconds to load the models (and trace the CPU graphs), in the wall time; known
         # for one in-process worker, None where worker processes load their own.
         "load_s": load_s if models is not None else None,
@@ -281,6 +295,11 @@ def print_run(label: str, r: dict[str, Any], cache_state: str | None) -> None:
         f"{label}: {r['studies']} studies in {r['wall_s']:.1f}s = "
         f"{r['studies_per_s']:.2f} studies/s"
         + (f" (models loaded in {r['load_s']:.1f}s)" if r["load_s"] is not None else "")
+        + (
+            f", {r['steady_studies_per_s']:.2f} studies/s from the first study done to the last"
+            if r.get("steady_studies_per_s")
+            else ""
+        )
         + (f", graph cache {cache_state}" if cache_state else "")
         + f", workers {r['workers']} x "
         f"{r['study_threads']} in flight, torch threads/worker {r['torch_threads']}, "
