@@ -86,6 +86,9 @@ class Service:
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         log.info("%s received: draining", signal.Signals(signum).name)
         self.stop_requested.set()
+        # The workers stop claiming now, not after this loop's tick and the ingest's
+        # shutdown: a fast worker would otherwise start new studies after the signal.
+        self._signal_workers()
 
     # -- running --------------------------------------------------------------------------
 
@@ -228,11 +231,19 @@ class Service:
         while len(self._children) < self.workers and now >= self._respawn_after:
             self._spawn_worker()
 
+    def _signal_workers(self) -> None:
+        """SIGTERM to every live worker: each stops claiming and starts its grace (a second
+        signal changes nothing for a worker already stopping)."""
+        for child in list(self._children):
+            if child.is_alive() and child.pid is not None:
+                try:
+                    os.kill(child.pid, signal.SIGTERM)
+                except ProcessLookupError:  # it died since is_alive(); the join sees it
+                    pass
+
     def _drain(self) -> None:
         grace = self.settings.queue.drain_grace_seconds
-        for child in self._children:
-            if child.is_alive() and child.pid is not None:
-                os.kill(child.pid, signal.SIGTERM)
+        self._signal_workers()  # a worker started after the signal, or a stop not by signal
         deadline = time.monotonic() + grace + 15  # workers release their study at `grace`
         for child in self._children:
             child.join(max(0.0, deadline - time.monotonic()))

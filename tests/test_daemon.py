@@ -198,7 +198,9 @@ def test_sigterm_drains_the_study_in_hand_or_releases_it_after_the_grace(
     write_studies(tmp_path / "generated", 4, seed=32, size=(768, 768))
     # Long grace: the studies in hand (one worker, processing.study_threads = 2 by default:
     # one or two, as the second claim came before the signal or not) finish, the rest stay
-    # queued, exit code 0.
+    # queued, exit code 0. The daemon passes the signal on to its workers at once: when it
+    # waited for its ingest loop to stop first, a fast host finished all four (CI,
+    # 2026-12-04: done was 4).
     daemon = _Daemon(tmp_path / "long", grace=60.0, workers=1)
     daemons.append(daemon)
     _export(tmp_path / "generated", daemon.export, random.Random(1))
