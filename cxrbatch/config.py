@@ -359,6 +359,13 @@ class ProcessingSettings(_Section):
     # large blocks back to the kernel after every image (glibc; cxrbatch/allocator.py):
     # a ninth of the page faults, a quarter of the system CPU time, no more peak RSS.
     keep_freed_memory: bool = True
+    # How a processing thread waits for the GPU in a call that needs its result
+    # (cxrbatch/models/device.py, set_gpu_wait): "block" sleeps, "spin" and "yield"
+    # busy-wait, "auto" leaves CUDA's choice (spin, on hosts with more cores than
+    # processes per GPU context). With a worker process per core every waiting thread
+    # spins on a core the host-side work needs; "block" is the candidate for such hosts,
+    # not measured on a GPU yet (docs/performance.md). No effect without CUDA.
+    gpu_wait: Literal["auto", "spin", "yield", "block"] = "auto"
 
     def graph_cache(self) -> Path | None:
         """The CPU graph cache folder, or None when caching is off."""

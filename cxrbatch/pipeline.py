@@ -53,7 +53,7 @@ from cxrbatch.files import remove_stale_temporaries
 from cxrbatch.models import prompts, qc
 from cxrbatch.models.batching import batch_size
 from cxrbatch.models.bundle import ClassifierBundle, load_bundle
-from cxrbatch.models.device import describe
+from cxrbatch.models.device import describe, set_gpu_wait
 from cxrbatch.models.heatmaps import finding_maps
 from cxrbatch.models.preprocess import ClassifierInputs
 from cxrbatch.models.prompts import segment_lungs
@@ -93,6 +93,11 @@ def load_models(settings: Settings, in_flight: int = 1) -> Models:
     `processing.max_batch` allows (a caller with one study in flight gets no batching, so
     no pass waits for company that cannot come)."""
     cache = settings.processing.graph_cache()
+    not_set = set_gpu_wait(settings.processing.gpu_wait)  # before any CUDA work
+    if not_set is not None:
+        log.warning(
+            "processing.gpu_wait = %s not applied: %s", settings.processing.gpu_wait, not_set
+        )
     segmenter = load_segmenter(settings.segmentation, cache)
     device, precision = settings.classifier.device, settings.classifier.precision
     optimize = settings.classifier.optimize_cpu

@@ -1,11 +1,22 @@
-"""Choosing the torch device once, from a setting; CPU threads of a worker process."""
+"""Choosing the torch device once, from a setting; CPU threads of a worker process; how a
+CPU thread waits for the GPU."""
 
 from __future__ import annotations
+
+import ctypes
+import logging
 
 import cv2
 import torch
 
 from cxrbatch.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# The CUDA driver's scheduling flags of a context (cuda.h: CU_CTX_SCHED_*): how a CPU
+# thread waits for the GPU in a synchronising call (a result copied back to the host).
+GPU_WAIT_FLAGS = {"spin": 0x1, "yield": 0x2, "block": 0x4}
+_SCHED_MASK = 0x7
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -40,3 +51,44 @@ def limit_cpu_threads(threads: int) -> None:
     cores instead of each starting a thread per core (OpenCV's default)."""
     torch.set_num_threads(threads)
     cv2.setNumThreads(threads)
+
+
+def set_gpu_wait(policy: str, driver_library: str = "libcuda.so.1") -> str | None:
+    """How this process's CPU threads wait for its GPUs (`processing.gpu_wait`): "block"
+    sleeps until the GPU is done, "spin" busy-waits, "yield" busy-waits but yields the
+    core; "auto" leaves CUDA's own choice, which is to spin wherever a process has fewer
+    contexts than the host has cores, so that every worker process of a GPU host spins
+    while it waits (docs/performance.md, the GPU section).
+
+    Set on each device's primary context (the one torch uses) through the CUDA driver,
+    before torch creates it: call this before the first CUDA work of the process. Returns
+    None when set (or nothing to set), else why not, in one line; never raises. torch has
+    no call for this, hence the driver's own (cuDevicePrimaryCtxSetFlags)."""
+    if policy == "auto" or torch.version.cuda is None:
+        return None
+    flag = GPU_WAIT_FLAGS[policy]
+    try:
+        driver = ctypes.CDLL(driver_library)
+    except OSError:
+        return f"no CUDA driver ({driver_library} cannot be loaded)"
+    count = ctypes.c_int(0)
+    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return "the CUDA driver found no device"
+    for index in range(count.value):
+        device = ctypes.c_int(0)
+        flags, active = ctypes.c_uint(0), ctypes.c_int(0)
+        if driver.cuDeviceGet(ctypes.byref(device), index) != 0:
+            return f"CUDA device {index} cannot be opened"
+        driver.cuDevicePrimaryCtxGetState(device, ctypes.byref(flags), ctypes.byref(active))
+        if active.value and flags.value & _SCHED_MASK == flag:
+            continue
+        if active.value:
+            return (
+                f"CUDA device {index} is in use already in this process; its waiting "
+                "policy cannot change now (it applies to processes that set it first)"
+            )
+        wanted = (flags.value & ~_SCHED_MASK) | flag
+        status = driver.cuDevicePrimaryCtxSetFlags(device, ctypes.c_uint(wanted))
+        if status != 0:
+            return f"the CUDA driver refused the waiting policy on device {index} (error {status})"
+    return None
