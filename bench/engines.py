@@ -52,7 +52,7 @@ def _rg1() -> tuple[np.ndarray, np.ndarray]:
     return pixels, boxes
 
 
-def segmenter_networks(threads: int) -> dict[str, dict[str, Any]]:
+def segmenter_networks() -> dict[str, dict[str, Any]]:
     """The encoder's and the decoder's callables per engine, with their inputs and what
     torch fp32 eager gives."""
     from cxrbatch.models.segmenter import LiteMedSAM
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     peak_before = measure()
-    networks = {**segmenter_networks(args.threads), **classifier_networks()}
+    networks = {**segmenter_networks(), **classifier_networks()}
     report: dict[str, Any] = {"threads": args.threads, "rounds": args.rounds, "networks": {}}
     work = {name: _gflop(spec) for name, spec in networks.items()}
     for name, spec in networks.items():

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -341,7 +340,7 @@ class ClassifierBundle:
     bf16: bool = False
     # What forward() runs: `network`, or on the CPU its frozen inference graph or another
     # engine's model of it (engines.py).
-    graph: Callable[[torch.Tensor], torch.Tensor] | None = None
+    graph: Forward | None = None
     engine: str = "torch"
     # What predict() calls on a device batch: forward(), or a Batcher around it that
     # joins the passes of concurrent studies (with_batching).
@@ -427,7 +426,7 @@ def load_bundle(
             "clinically meaningful",
             model.name,
         )
-    graph: Callable[[torch.Tensor], torch.Tensor] | None = None
+    graph: Forward | None = None
     chosen = resolve(engine, "classifier", torch_device) if optimize_cpu else "torch"
     if chosen != "torch" and not bf16:
         graph = _on_engine(network, spec, chosen, f"classifier {model.name}", graph_cache, digest)
@@ -452,7 +451,7 @@ def _on_engine(
     what: str,
     graph_cache: Path | None,
     digest: str,
-) -> Callable[[torch.Tensor], torch.Tensor] | None:
+) -> Forward | None:
     """The network converted for `engine`, or None where it could not be or where its
     probabilities on a fixed probe batch differ from torch fp32's by more than
     PROBABILITY_TOLERANCE (refused in one line; the torch graph serves)."""
@@ -481,4 +480,4 @@ def _on_engine(
     log.info(
         "%s on %s (probe batch: probabilities within %.1e of torch fp32)", what, engine, difference
     )
-    return cast(Callable[[torch.Tensor], torch.Tensor], converted)
+    return cast(Forward, converted)
