@@ -9,7 +9,14 @@ import numpy as np
 import pydicom
 import pytest
 
-from cxrbatch.dicom.decode import decode, decode_dataset, patient_side_mapping
+from cxrbatch.dicom.decode import (
+    code_percentile_bounds,
+    decode,
+    decode_dataset,
+    modality_values,
+    patient_side_mapping,
+    percentile_bounds,
+)
 from cxrbatch.dicom.discover import read_header
 from cxrbatch.domain import InstanceHeader
 from cxrbatch.errors import InputError
@@ -172,3 +179,45 @@ def test_multi_frame_uses_the_first_frame(tmp_path: Path) -> None:
     image = decode_dataset(ds, header)
     assert any("first frame" in note for note in image.notes)
     assert np.abs(image.pixels.astype(float) - single).max() <= 1
+
+
+def test_percentiles_from_the_stored_codes_equal_numpys_bit_for_bit() -> None:
+    """The percentile window's bounds come from a histogram of the stored codes, not from
+    np.percentile over the float image: the same numbers, to the last bit, over images of
+    every kind the codes can be (8/16 bit, signed, constant, two-valued, rescaled)."""
+    rng = np.random.default_rng(7)
+    for trial in range(600):
+        dtype = (np.uint8, np.uint16, np.int16)[trial % 3]
+        info = np.iinfo(dtype)
+        shape = (int(rng.integers(1, 40)), int(rng.integers(1, 40)))
+        kind = trial % 4
+        if kind == 0:
+            raw = rng.integers(info.min, info.max, size=shape, endpoint=True)
+        elif kind == 1:
+            raw = rng.normal(rng.uniform(-2000, 3000), rng.uniform(0.1, 800), size=shape)
+        elif kind == 2:
+            raw = np.full(shape, int(rng.integers(0, 200)))
+        else:
+            raw = rng.integers(0, 3, size=shape) * int(rng.integers(1, 90))
+        pixels = np.clip(np.round(raw), info.min, info.max).astype(dtype)
+        slope = float(rng.choice([1.0, 0.5, 2.7, 1e-3]))
+        intercept = float(rng.choice([0.0, -1024.0, 17.25]))
+
+        def rescale(codes: np.ndarray, s: float = slope, i: float = intercept) -> np.ndarray:
+            return codes.astype(np.float64) * s + i
+
+        want = percentile_bounds(rescale(pixels))
+        assert code_percentile_bounds(pixels, rescale) == want, (trial, dtype, shape)
+    # A table that is not non-decreasing over the codes present: order statistics of the
+    # codes are not those of the values, so np.percentile decides (None here).
+    pixels = rng.integers(0, 4096, (64, 64)).astype(np.uint16)
+    assert code_percentile_bounds(pixels, lambda codes: -1.0 * codes) is None
+    assert code_percentile_bounds(pixels.astype(np.int32), lambda c: c * 1.0) is None
+
+
+@pytest.mark.parametrize("name", ["RG1_UNCI.dcm", "MR_small.dcm", "CT_small.dcm", "mlut_18.dcm"])
+def test_real_films_windowed_from_the_codes_as_from_numpy(name: str) -> None:
+    # RG1 unscaled, MR signed, CT rescaled, mlut_18 through a Modality LUT Sequence.
+    ds = pydicom.dcmread(real_file(name))
+    modality = modality_values(ds)
+    assert modality.bounds == percentile_bounds(modality.values)

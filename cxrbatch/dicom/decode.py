@@ -20,8 +20,9 @@ keep the header's display (the classifier was trained on displayed exports).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pydicom
@@ -65,8 +66,14 @@ def _window(values: np.ndarray, center: float, width: float, function: str) -> n
 
 
 def _voi(
-    ds: Dataset, values: np.ndarray, notes: list[str], window: list[tuple[float, float]]
+    ds: Dataset,
+    values: np.ndarray,
+    notes: list[str],
+    window: list[tuple[float, float]],
+    bounds: tuple[float, float] | None = None,
 ) -> np.ndarray:
+    """The VOI stage to 0..1: the header's VOI LUT or window, else the percentile window
+    (`bounds`: the values' percentile bounds when known already)."""
     lut_seq = ds.get("VOILUTSequence")
     if lut_seq:
         try:
@@ -95,15 +102,63 @@ def _voi(
     except (TypeError, ValueError):
         notes.append("unparseable window values; percentile window used")
     notes.append("percentile window (0.5-99.5)")
-    low, high = percentile_bounds(values)
+    low, high = bounds or percentile_bounds(values)
     window.append(((low + high) / 2, high - low))
     return percentile_window(values, (low, high))
 
 
+PERCENTILES = (0.5, 99.5)
+
+
 def percentile_bounds(values: np.ndarray) -> tuple[float, float]:
     """The 0.5 and 99.5 percentiles of the values (the second above the first)."""
-    low, high = (float(v) for v in np.percentile(values, [0.5, 99.5]))
+    low, high = (float(v) for v in np.percentile(values, PERCENTILES))
+    return _bounds(low, high)
+
+
+def _bounds(low: float, high: float) -> tuple[float, float]:
     return low, (high if high > low else low + 1.0)
+
+
+def code_percentile_bounds(
+    pixels: np.ndarray, table: Callable[[np.ndarray], np.ndarray]
+) -> tuple[float, float] | None:
+    """`percentile_bounds` of table(pixels) for stored integer pixels, from a histogram of
+    the codes instead of partitioning the whole float image (a 2600 x 2400 film: about
+    0.07 s for np.percentile, 0.01 s for the histogram): the same two order statistics,
+    interpolated as numpy's "linear" method does, so the same bounds bit for bit
+    (tests/test_decode.py compares them). `table` maps codes to values elementwise (the
+    Modality LUT); None where this does not apply: codes wider than 16 bits, or a table
+    that is not non-decreasing over the codes present (order statistics would not map)."""
+    if pixels.dtype.kind not in "iu" or pixels.dtype.itemsize > 2 or pixels.size == 0:
+        return None
+    low_code = int(pixels.min())
+    shifted = pixels.ravel() if low_code == 0 else pixels.ravel().astype(np.int32) - low_code
+    counts = np.bincount(shifted)
+    codes = np.arange(low_code, low_code + len(counts), dtype=pixels.dtype)
+    present = counts > 0
+    values = np.asarray(table(codes), dtype=np.float64)[present]
+    if len(values) > 1 and bool((np.diff(values) < 0).any()):
+        return None
+    cumulative = np.cumsum(counts[present])
+    n = int(cumulative[-1])
+    quantiles = np.true_divide(np.asarray(PERCENTILES), 100)  # as np.percentile does
+    virtual = (n - 1) * quantiles  # numpy's "linear": Hyndman & Fan's 7th method
+
+    def order_statistic(k: int) -> float:  # the k-th smallest value, from 0
+        return float(values[int(np.searchsorted(cumulative, k, side="right"))])
+
+    result = []
+    for index in virtual:
+        if index >= n - 1:
+            result.append(order_statistic(n - 1))
+            continue
+        below = int(np.floor(index))
+        gamma = float(index - below)
+        a, b = order_statistic(below), order_statistic(below + 1)
+        # numpy's _lerp: from the nearer end, so that gamma 0 and 1 give a and b exactly.
+        result.append(b - (b - a) * (1 - gamma) if gamma >= 0.5 else a + (b - a) * gamma)
+    return _bounds(result[0], result[1])
 
 
 def percentile_window(values: np.ndarray, bounds: tuple[float, float] | None = None) -> np.ndarray:
@@ -161,9 +216,17 @@ class ModalityImage:
     notes: tuple[str, ...]
 
 
-def modality_values(ds: Dataset) -> tuple[np.ndarray, str | None, list[str]]:
+class Modality(NamedTuple):
+    values: np.ndarray  # float64 (Rows, Columns): the Modality LUT's output
+    inverted: str | None  # why they display inverted; None: they do not
+    notes: list[str]
+    bounds: tuple[float, float]  # percentile_bounds(values), from the stored codes
+
+
+def modality_values(ds: Dataset) -> Modality:
     """The Modality LUT values of the first frame, why they display inverted (None: they
-    do not), and notes; InputError for what cannot be a grayscale radiograph."""
+    do not), notes, and the values' percentile bounds; InputError for what cannot be a
+    grayscale radiograph."""
     notes: list[str] = []
     samples = _integer(ds, "SamplesPerPixel", 1)
     if samples != 1:
@@ -187,39 +250,50 @@ def modality_values(ds: Dataset) -> tuple[np.ndarray, str | None, list[str]]:
         pixels = pixels[0]
     if pixels.ndim != 2:
         raise InputError(f"Expected a 2-D image, found pixel array of shape {pixels.shape}.")
+
+    def modality_lut(codes: np.ndarray) -> np.ndarray:
+        return np.asarray(apply_modality_lut(codes, ds), dtype=np.float64)
+
+    table: Callable[[np.ndarray], np.ndarray] = modality_lut  # code -> value, elementwise
     try:
-        values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64)
+        values = table(pixels)
     except Exception as exc:
         notes.append(f"Modality LUT unusable ({type(exc).__name__}); stored values used")
-        values = pixels.astype(np.float64)
+        table = _as_float64
+        values = table(pixels)
     if not np.isfinite(values).all():
         raise InputError("Pixel values are not finite after the Modality LUT.")
+    bounds = code_percentile_bounds(pixels, table) or percentile_bounds(values)
     # MONOCHROME1 is displayed inverted. PS3.3 C.8.11.6 pairs DX MONOCHROME1 with
     # Presentation LUT Shape INVERSE: that expresses the same inversion, not a second one.
     inverse_plut = str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE"
     if photometric == "MONOCHROME1":
-        return values, "MONOCHROME1", notes
-    return values, "Presentation LUT INVERSE" if inverse_plut else None, notes
+        return Modality(values, "MONOCHROME1", notes, bounds)
+    return Modality(values, "Presentation LUT INVERSE" if inverse_plut else None, notes, bounds)
+
+
+def _as_float64(codes: np.ndarray) -> np.ndarray:
+    return codes.astype(np.float64)
 
 
 def modality_image(header: InstanceHeader) -> ModalityImage:
     """Read one instance's Modality LUT values and its header window (the web app's
     viewer windows them in the browser)."""
     ds = read_dataset(header)
-    values, inverted, notes = modality_values(ds)
+    values, inverted, notes, bounds = modality_values(ds)
     window: list[tuple[float, float]] = []
-    _voi(ds, values, notes, window)
+    _voi(ds, values, notes, window, bounds)
     header_window = window[0] if window and "window from header" in notes else None
     return ModalityImage(values, inverted is not None, header_window, tuple(notes))
 
 
 def decode_dataset(ds: Dataset, header: InstanceHeader) -> DecodedImage:
-    values, inverted, notes = modality_values(ds)
+    values, inverted, notes, bounds = modality_values(ds)
     window: list[tuple[float, float]] = []
-    display = _voi(ds, values, notes, window)
+    display = _voi(ds, values, notes, window, bounds)
     # The header's window, or (no valid one) the percentile window already.
     windowed_by_header = not notes[-1].startswith("percentile")
-    from_data = percentile_window(values) if windowed_by_header else display
+    from_data = percentile_window(values, bounds) if windowed_by_header else display
     if inverted:
         display, from_data = 1.0 - display, 1.0 - from_data
         notes.append(f"inverted ({inverted})")
