@@ -14,6 +14,7 @@ replaced; its job is recovered from the queue and counted as a failed attempt.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -236,10 +237,9 @@ class Service:
         signal changes nothing for a worker already stopping)."""
         for child in list(self._children):
             if child.is_alive() and child.pid is not None:
-                try:
+                # One that died since is_alive() is seen by the join.
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(child.pid, signal.SIGTERM)
-                except ProcessLookupError:  # it died since is_alive(); the join sees it
-                    pass
 
     def _drain(self) -> None:
         grace = self.settings.queue.drain_grace_seconds
