@@ -1,10 +1,10 @@
 """Host-side work per study (issue 37.3): what bounds a GPU host once the networks are
 fast. Decodes real films (RG1 of pydicom-data in its transfer syntaxes) and a large
-phantom with the product's decode and with the baseline it replaced (the same float64
-expressions written with full-image temporaries, and the percentile window's bounds by
-np.percentile over the whole image instead of a histogram of the stored codes),
-alternating the two each round, and checks the display and segmentation pixels are equal
-bit for bit.
+phantom with the product's decode and with the baseline it replaced (every step on the
+whole image in float64, each expression a full-image temporary, the percentile window's
+bounds by np.percentile, where the product runs the steps on the table of stored codes
+and gathers once: `decode.Coded`), alternating the two each round, and checks the display
+and segmentation pixels are equal bit for bit.
 
     python -m bench.host_side [--rounds 7] [--writers]
 
@@ -34,16 +34,20 @@ def _baseline_u8(values: np.ndarray) -> np.ndarray:
 
 
 def _baseline_decode(header: Any) -> tuple[np.ndarray, np.ndarray]:
-    """The decode before the change: each step a full-image temporary (the baseline)."""
+    """The decode before the changes (the baseline): every step on the whole image in
+    float64, each expression a full-image temporary, the percentiles by np.percentile."""
+    from pydicom.pixels import apply_modality_lut
+
     from cxrbatch.dicom import decode as product
 
     ds = product.read_dataset(header)
-    from_codes = product.code_percentile_bounds
-    product.code_percentile_bounds = lambda pixels, table: None  # type: ignore[assignment]
-    try:  # the percentiles by np.percentile over the whole image, as before
-        values, inverted, notes, bounds = product.modality_values(ds)
-    finally:
-        product.code_percentile_bounds = from_codes  # type: ignore[assignment]
+    pixels = ds.pixel_array
+    pixels = pixels[0] if pixels.ndim == 3 else pixels
+    values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise ValueError("not finite")
+    bounds = product.percentile_bounds(values)
+    notes: list[str] = []
     window: list[tuple[float, float]] = []
     original = product._scaled_to_unit
     # The old expressions, swapped in for this call only.
@@ -60,7 +64,7 @@ def _baseline_decode(header: Any) -> tuple[np.ndarray, np.ndarray]:
             from_data = display
     finally:
         product._scaled_to_unit = original  # type: ignore[assignment]
-    if inverted:
+    if product._inversion(ds):
         display, from_data = 1.0 - display, 1.0 - from_data
     image = _baseline_u8(display)
     return image, (_baseline_u8(from_data) if windowed_by_header else image)

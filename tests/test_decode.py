@@ -8,14 +8,15 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.pixels import apply_modality_lut
 
 from cxrbatch.dicom.decode import (
-    code_percentile_bounds,
+    coded_values,
     decode,
     decode_dataset,
-    modality_values,
     patient_side_mapping,
     percentile_bounds,
+    sorted_table_bounds,
 )
 from cxrbatch.dicom.discover import read_header
 from cxrbatch.domain import InstanceHeader
@@ -202,22 +203,65 @@ def test_percentiles_from_the_stored_codes_equal_numpys_bit_for_bit() -> None:
         pixels = np.clip(np.round(raw), info.min, info.max).astype(dtype)
         slope = float(rng.choice([1.0, 0.5, 2.7, 1e-3]))
         intercept = float(rng.choice([0.0, -1024.0, 17.25]))
-
-        def rescale(codes: np.ndarray, s: float = slope, i: float = intercept) -> np.ndarray:
-            return codes.astype(np.float64) * s + i
-
-        want = percentile_bounds(rescale(pixels))
-        assert code_percentile_bounds(pixels, rescale) == want, (trial, dtype, shape)
+        low = int(pixels.min())
+        counts = np.bincount((pixels.astype(np.int64) - low).ravel())
+        table = np.arange(low, low + len(counts), dtype=np.float64) * slope + intercept
+        want = percentile_bounds(pixels.astype(np.float64) * slope + intercept)
+        assert sorted_table_bounds(table, counts) == want, (trial, dtype, shape)
     # A table that is not non-decreasing over the codes present: order statistics of the
     # codes are not those of the values, so np.percentile decides (None here).
-    pixels = rng.integers(0, 4096, (64, 64)).astype(np.uint16)
-    assert code_percentile_bounds(pixels, lambda codes: -1.0 * codes) is None
-    assert code_percentile_bounds(pixels.astype(np.int32), lambda c: c * 1.0) is None
+    counts = np.bincount(rng.integers(0, 4096, 4096))
+    assert sorted_table_bounds(-1.0 * np.arange(len(counts)), counts) is None
 
 
 @pytest.mark.parametrize("name", ["RG1_UNCI.dcm", "MR_small.dcm", "CT_small.dcm", "mlut_18.dcm"])
-def test_real_films_windowed_from_the_codes_as_from_numpy(name: str) -> None:
+def test_real_films_as_codes_give_numpys_values_and_bounds(name: str) -> None:
     # RG1 unscaled, MR signed, CT rescaled, mlut_18 through a Modality LUT Sequence.
     ds = pydicom.dcmread(real_file(name))
-    modality = modality_values(ds)
-    assert modality.bounds == percentile_bounds(modality.values)
+    coded, _ = coded_values(ds)
+    pixels = ds.pixel_array
+    values = np.asarray(apply_modality_lut(pixels[0] if pixels.ndim == 3 else pixels, ds), float)
+    assert coded.index is not None and len(coded.table) <= 65536
+    assert np.array_equal(coded.per_pixel(coded.table), values)
+    assert coded.bounds == percentile_bounds(values)
+
+
+def _windowed_every_pixel(ds: pydicom.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """The decode as it was: each step on the whole float64 image."""
+    from cxrbatch.dicom import decode as product
+
+    values = np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float64)
+    bounds = percentile_bounds(values)
+    notes: list[str] = []
+    display = product._voi(ds, values, notes, [], bounds)
+    by_header = not notes[-1].startswith("percentile")
+    from_data = product.percentile_window(values, bounds) if by_header else display
+    if product._inversion(ds):
+        display, from_data = 1.0 - display, 1.0 - from_data
+    return product._to_u8(display), product._to_u8(from_data)
+
+
+@pytest.mark.parametrize(
+    "voi",
+    ["none", "LINEAR", "LINEAR_EXACT", "SIGMOID", "narrow", "lut"],
+)
+@pytest.mark.parametrize("monochrome", ["MONOCHROME1", "MONOCHROME2"])
+def test_decoding_on_the_code_table_gives_the_bytes_of_decoding_every_pixel(
+    voi: str, monochrome: str
+) -> None:
+    ds = to_dataset(make_phantom(5, (300, 260)), "codes", bits=14, monochrome=monochrome)
+    ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = 0.75, -100.0, "US"
+    if voi in ("LINEAR", "LINEAR_EXACT", "SIGMOID", "narrow"):
+        ds.WindowCenter, ds.WindowWidth = (5000.0, 7000.0) if voi != "narrow" else (6100, 350)
+        ds.VOILUTFunction = voi if voi != "narrow" else "LINEAR"
+    elif voi == "lut":
+        item = pydicom.Dataset()
+        item.LUTDescriptor = [4096, 0, 12]
+        item.LUTData = [int(4095 * (k / 4095) ** 0.5) for k in range(4096)]
+        ds.VOILUTSequence = [item]
+    header = InstanceHeader(Path("codes"), "", "1", "1", "1", "1", "CR", "CHEST", "PA", "")
+    image = decode_dataset(ds, header)
+    display, segmentation = _windowed_every_pixel(ds)
+    assert np.array_equal(image.pixels, display)
+    assert image.segmentation_pixels is not None
+    assert np.array_equal(image.segmentation_pixels, segmentation)

@@ -20,9 +20,8 @@ keep the header's display (the classifier was trained on displayed exports).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -70,10 +69,11 @@ def _voi(
     values: np.ndarray,
     notes: list[str],
     window: list[tuple[float, float]],
-    bounds: tuple[float, float] | None = None,
+    bounds: tuple[float, float],
 ) -> np.ndarray:
-    """The VOI stage to 0..1: the header's VOI LUT or window, else the percentile window
-    (`bounds`: the values' percentile bounds when known already)."""
+    """The VOI stage to 0..1, value by value: the header's VOI LUT or window, else the
+    percentile window (`bounds`: the image's percentile bounds; `values` may be a code
+    table, `Coded`, whose own percentiles are not the image's)."""
     lut_seq = ds.get("VOILUTSequence")
     if lut_seq:
         try:
@@ -102,7 +102,7 @@ def _voi(
     except (TypeError, ValueError):
         notes.append("unparseable window values; percentile window used")
     notes.append("percentile window (0.5-99.5)")
-    low, high = bounds or percentile_bounds(values)
+    low, high = bounds
     window.append(((low + high) / 2, high - low))
     return percentile_window(values, (low, high))
 
@@ -120,25 +120,16 @@ def _bounds(low: float, high: float) -> tuple[float, float]:
     return low, (high if high > low else low + 1.0)
 
 
-def code_percentile_bounds(
-    pixels: np.ndarray, table: Callable[[np.ndarray], np.ndarray]
-) -> tuple[float, float] | None:
-    """`percentile_bounds` of table(pixels) for stored integer pixels, from a histogram of
-    the codes instead of partitioning the whole float image (a 2600 x 2400 film: about
-    0.07 s for np.percentile, 0.01 s for the histogram): the same two order statistics,
-    interpolated as numpy's "linear" method does, so the same bounds bit for bit
-    (tests/test_decode.py compares them). `table` maps codes to values elementwise (the
-    Modality LUT); None where this does not apply: codes wider than 16 bits, or a table
-    that is not non-decreasing over the codes present (order statistics would not map)."""
-    if pixels.dtype.kind not in "iu" or pixels.dtype.itemsize > 2 or pixels.size == 0:
-        return None
-    low_code = int(pixels.min())
-    shifted = pixels.ravel() if low_code == 0 else pixels.ravel().astype(np.int32) - low_code
-    counts = np.bincount(shifted)
-    codes = np.arange(low_code, low_code + len(counts), dtype=pixels.dtype)
+def sorted_table_bounds(values: np.ndarray, counts: np.ndarray) -> tuple[float, float] | None:
+    """`percentile_bounds` of an image whose pixels take value values[k] counts[k] times
+    (a histogram of its stored codes and each code's Modality LUT value), without the
+    image: the same two order statistics, interpolated as numpy's "linear" method does, so
+    the same bounds bit for bit (tests/test_decode.py compares them). None where the
+    values are not non-decreasing over the codes present (order statistics of the codes
+    would not be those of the values)."""
     present = counts > 0
-    values = np.asarray(table(codes), dtype=np.float64)[present]
-    if len(values) > 1 and bool((np.diff(values) < 0).any()):
+    values = values[present]
+    if len(values) == 0 or (len(values) > 1 and bool((np.diff(values) < 0).any())):
         return None
     cumulative = np.cumsum(counts[present])
     n = int(cumulative[-1])
@@ -159,6 +150,48 @@ def code_percentile_bounds(
         # numpy's _lerp: from the nearer end, so that gamma 0 and 1 give a and b exactly.
         result.append(b - (b - a) * (1 - gamma) if gamma >= 0.5 else a + (b - a) * gamma)
     return _bounds(result[0], result[1])
+
+
+@dataclass(frozen=True)
+class Coded:
+    """An image as its stored codes: `table` holds the Modality LUT value of each code
+    from the smallest to the largest, `index` each pixel's place in it, `counts` how many
+    pixels have each code. Every step from the Modality LUT to the 8-bit pixels maps one
+    value to one value, so it runs on the table (at most 65,536 entries) and one gather
+    makes the image: the same bytes as running it on every pixel, without full-image
+    float64 arrays (a 2600 x 2400 film: each is 50 MB, and several were made). Integer
+    codes of up to 16 bits; other pixel data keep a full image in `table` (index None)."""
+
+    table: np.ndarray  # float64
+    index: np.ndarray | None
+    counts: np.ndarray | None
+    bounds: tuple[float, float]  # percentile_bounds of the image's values
+
+    def per_pixel(self, table: np.ndarray) -> np.ndarray:
+        """`table` (a function of the values, as `self.table` is laid out) per pixel."""
+        return table if self.index is None else table[self.index]
+
+
+def _coded(ds: Dataset, pixels: np.ndarray, notes: list[str]) -> Coded:
+    index: np.ndarray | None = None
+    counts: np.ndarray | None = None
+    codes = pixels
+    if pixels.dtype.kind in "iu" and pixels.dtype.itemsize <= 2:
+        low = int(pixels.min())
+        index = pixels if low == 0 else pixels.astype(np.int32) - low
+        counts = np.bincount(index.ravel())
+        codes = np.arange(low, low + len(counts), dtype=pixels.dtype)
+    try:
+        table = np.asarray(apply_modality_lut(codes, ds), dtype=np.float64)
+    except Exception as exc:
+        notes.append(f"Modality LUT unusable ({type(exc).__name__}); stored values used")
+        table = codes.astype(np.float64)
+    if not np.isfinite(table if counts is None else table[counts > 0]).all():
+        raise InputError("Pixel values are not finite after the Modality LUT.")
+    bounds = sorted_table_bounds(table, counts) if counts is not None else None
+    if bounds is None:
+        bounds = percentile_bounds(table if index is None else table[index])
+    return Coded(table, index, counts, bounds)
 
 
 def percentile_window(values: np.ndarray, bounds: tuple[float, float] | None = None) -> np.ndarray:
@@ -216,17 +249,20 @@ class ModalityImage:
     notes: tuple[str, ...]
 
 
-class Modality(NamedTuple):
-    values: np.ndarray  # float64 (Rows, Columns): the Modality LUT's output
-    inverted: str | None  # why they display inverted; None: they do not
-    notes: list[str]
-    bounds: tuple[float, float]  # percentile_bounds(values), from the stored codes
+def _inversion(ds: Dataset) -> str | None:
+    """Why the values display inverted (None: they do not). MONOCHROME1 is displayed
+    inverted. PS3.3 C.8.11.6 pairs DX MONOCHROME1 with Presentation LUT Shape INVERSE:
+    that expresses the same inversion, not a second one."""
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        return "MONOCHROME1"
+    if str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE":
+        return "Presentation LUT INVERSE"
+    return None
 
 
-def modality_values(ds: Dataset) -> Modality:
-    """The Modality LUT values of the first frame, why they display inverted (None: they
-    do not), notes, and the values' percentile bounds; InputError for what cannot be a
-    grayscale radiograph."""
+def coded_values(ds: Dataset) -> tuple[Coded, list[str]]:
+    """The first frame's stored codes and their Modality LUT values (`Coded`), and notes;
+    InputError for what cannot be a grayscale radiograph."""
     notes: list[str] = []
     samples = _integer(ds, "SamplesPerPixel", 1)
     if samples != 1:
@@ -250,55 +286,35 @@ def modality_values(ds: Dataset) -> Modality:
         pixels = pixels[0]
     if pixels.ndim != 2:
         raise InputError(f"Expected a 2-D image, found pixel array of shape {pixels.shape}.")
-
-    def modality_lut(codes: np.ndarray) -> np.ndarray:
-        return np.asarray(apply_modality_lut(codes, ds), dtype=np.float64)
-
-    table: Callable[[np.ndarray], np.ndarray] = modality_lut  # code -> value, elementwise
-    try:
-        values = table(pixels)
-    except Exception as exc:
-        notes.append(f"Modality LUT unusable ({type(exc).__name__}); stored values used")
-        table = _as_float64
-        values = table(pixels)
-    if not np.isfinite(values).all():
-        raise InputError("Pixel values are not finite after the Modality LUT.")
-    bounds = code_percentile_bounds(pixels, table) or percentile_bounds(values)
-    # MONOCHROME1 is displayed inverted. PS3.3 C.8.11.6 pairs DX MONOCHROME1 with
-    # Presentation LUT Shape INVERSE: that expresses the same inversion, not a second one.
-    inverse_plut = str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE"
-    if photometric == "MONOCHROME1":
-        return Modality(values, "MONOCHROME1", notes, bounds)
-    return Modality(values, "Presentation LUT INVERSE" if inverse_plut else None, notes, bounds)
-
-
-def _as_float64(codes: np.ndarray) -> np.ndarray:
-    return codes.astype(np.float64)
+    return _coded(ds, pixels, notes), notes
 
 
 def modality_image(header: InstanceHeader) -> ModalityImage:
     """Read one instance's Modality LUT values and its header window (the web app's
     viewer windows them in the browser)."""
     ds = read_dataset(header)
-    values, inverted, notes, bounds = modality_values(ds)
+    coded, notes = coded_values(ds)
     window: list[tuple[float, float]] = []
-    _voi(ds, values, notes, window, bounds)
+    _voi(ds, coded.table, notes, window, coded.bounds)
     header_window = window[0] if window and "window from header" in notes else None
-    return ModalityImage(values, inverted is not None, header_window, tuple(notes))
+    values = coded.per_pixel(coded.table)
+    return ModalityImage(values, _inversion(ds) is not None, header_window, tuple(notes))
 
 
 def decode_dataset(ds: Dataset, header: InstanceHeader) -> DecodedImage:
-    values, inverted, notes, bounds = modality_values(ds)
+    coded, notes = coded_values(ds)
     window: list[tuple[float, float]] = []
-    display = _voi(ds, values, notes, window, bounds)
+    # Each step on the code table (`Coded`), the 8-bit images by one gather each.
+    display = _voi(ds, coded.table, notes, window, coded.bounds)
     # The header's window, or (no valid one) the percentile window already.
     windowed_by_header = not notes[-1].startswith("percentile")
-    from_data = percentile_window(values, bounds) if windowed_by_header else display
+    from_data = percentile_window(coded.table, coded.bounds) if windowed_by_header else display
+    inverted = _inversion(ds)
     if inverted:
         display, from_data = 1.0 - display, 1.0 - from_data
         notes.append(f"inverted ({inverted})")
-    image_u8 = _to_u8(display)
-    segmentation_u8 = _to_u8(from_data) if windowed_by_header else image_u8
+    image_u8 = coded.per_pixel(_to_u8(display))
+    segmentation_u8 = coded.per_pixel(_to_u8(from_data)) if windowed_by_header else image_u8
     left_is_right, side_source = patient_side_mapping(ds)
     return DecodedImage(
         instance=header,
