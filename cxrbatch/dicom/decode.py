@@ -15,6 +15,10 @@ The segmentation gets its own 8-bit copy (`DecodedImage.segmentation_pixels`), s
 window is a reading preset, sometimes a small part of the data's range (a lung or bone
 preset), which turns the film near-binary for the model. The classifier and the key image
 keep the header's display (the classifier was trained on displayed exports).
+
+Steps 2-5 map one value to one value, so for integer pixel data they run on the table of
+the film's stored codes and one gather per output makes the image (`Coded`): the same
+bytes as computing every pixel, without full-image float64 arrays.
 """
 
 from __future__ import annotations
@@ -178,7 +182,7 @@ def _coded(ds: Dataset, pixels: np.ndarray, notes: list[str]) -> Coded:
     codes = pixels
     if pixels.dtype.kind in "iu" and pixels.dtype.itemsize <= 2:
         low = int(pixels.min())
-        index = pixels if low == 0 else pixels.astype(np.int32) - low
+        index = pixels if low == 0 else np.subtract(pixels, low, dtype=np.int32)
         counts = np.bincount(index.ravel())
         codes = np.arange(low, low + len(counts), dtype=pixels.dtype)
     try:
