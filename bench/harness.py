@@ -142,6 +142,19 @@ def mode_settings(
     )
 
 
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds the whole host has been busy since boot (/proc/stat: user, nice, system,
+    irq, softirq, steal), or None off Linux. On a host given to the benchmark (a lent GPU
+    machine) this is the benchmark's cost, worker processes included, over any interval."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = stat.readline().split()
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def run_mode(
     mode: str,
     input_dir: Path,
@@ -180,15 +193,31 @@ def run_mode(
         models = load_models(settings, in_flight=study_threads)
     load_s = time.perf_counter() - start
     finished: list[float] = []  # when each study's report came back, in this process
+    busy: list[float | None] = []  # the host's busy CPU seconds then
+
+    def mark() -> None:
+        finished.append(time.perf_counter())
+        busy.append(busy_cpu_seconds())
+
     summary = run_batch(
         input_dir,
         Site.at(settings, out_dir),
         workers=workers,
         models=models,
-        on_study=lambda *_: finished.append(time.perf_counter()),
+        on_study=lambda *_: mark(),
     )
     wall = time.perf_counter() - start
     reports = summary.reports
+    # CPU seconds of this process and its (joined) worker processes: what a study costs the
+    # host's cores, model loading included; spinning waits count here, sleeping ones not.
+    cpu_s = sum(
+        u.ru_utime + u.ru_stime
+        for u in (
+            resource.getrusage(resource.RUSAGE_SELF),
+            resource.getrusage(resource.RUSAGE_CHILDREN),
+        )
+    )
+    first_busy, last_busy = (busy[0], busy[-1]) if len(busy) > 2 else (None, None)
     stage_seconds = {s: float(sum(r.timings.get(s, 0.0) for r in reports)) for s in STAGES}
     # Each worker reports its own peak; the naive run's peak is this process's.
     own_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -216,6 +245,14 @@ def run_mode(
         # for one in-process worker, None where worker processes load their own.
         "load_s": load_s if models is not None else None,
         "stage_seconds_per_study": {s: v / max(len(reports), 1) for s, v in stage_seconds.items()},
+        "cpu_s_per_study": cpu_s / max(len(reports), 1),
+        # The host's busy CPU seconds per study from the first study done to the last (all
+        # processes on the host: meaningful on a host given to the benchmark).
+        "host_busy_cpu_s_per_study_steady": (
+            (last_busy - first_busy) / (len(busy) - 1)
+            if first_busy is not None and last_busy is not None
+            else None
+        ),
         "peak_rss_bytes_total": (
             own_rss
             if naive
@@ -304,7 +341,13 @@ def print_run(label: str, r: dict[str, Any], cache_state: str | None) -> None:
         + f", workers {r['workers']} x "
         f"{r['study_threads']} in flight, torch threads/worker {r['torch_threads']}, "
         f"peak RSS {_gb(r['peak_rss_bytes_total'])}"
-        f", GPU peak/worker {_gb(r['peak_gpu_bytes_per_worker'])}",
+        + (f", CPU {r['cpu_s_per_study']:.2f} s/study" if "cpu_s_per_study" in r else "")
+        + (
+            f" ({r['host_busy_cpu_s_per_study_steady']:.2f} s steady, host-wide)"
+            if r.get("host_busy_cpu_s_per_study_steady") is not None
+            else ""
+        )
+        + f", GPU peak/worker {_gb(r['peak_gpu_bytes_per_worker'])}",
         flush=True,
     )
     print(
