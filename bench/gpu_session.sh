@@ -21,9 +21,9 @@ work=${WORK:-/tmp/cxr-gpu}
 mkdir -p "$out" "$work"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 nproc | tee -a "$out/gpu.txt"
-nvidia-smi dmon -s um -d 1 >"$out/dmon.txt" 2>&1 &
+nvidia-smi dmon -s um -d 1 >>"$out/dmon.txt" 2>&1 &  # appending: stamp() writes here too
 dmon=$!
-while :; do echo "$(date +%T) $(head -1 /proc/stat)"; sleep 1; done >"$out/cpu.txt" &
+while :; do echo "$(date +%T) $(head -1 /proc/stat)"; sleep 1; done >>"$out/cpu.txt" &
 cpu=$!
 stamp() { echo "== $(date +%T) $*" | tee -a "$out/dmon.txt" "$out/cpu.txt"; }
 cell_of() {
