@@ -51,6 +51,15 @@ if TYPE_CHECKING:
 STAGES = ("decode", "segment", "classify", "write")
 
 
+def _one_thread() -> None:
+    """A generating process's OpenCV on one thread: the pool has a process per core, and
+    each blurring its film on every core made generation on a 16-core GPU host take
+    longer than the runs it feeds (the films are the same either way)."""
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
 def _generate(args: tuple[Path, int, int, int, str, int]) -> None:
     from cxrbatch_training.synthetic import write_study
 
@@ -77,7 +86,7 @@ def generate(
             "explicit" if index % 2 == 0 else "j2k"
         )
         jobs.append((folder, index, rows, cols, syntax, (12, 14, 16)[index % 3]))
-    with ProcessPoolExecutor(processes) as pool:
+    with ProcessPoolExecutor(processes, initializer=_one_thread) as pool:
         list(pool.map(_generate, jobs))
 
 
