@@ -1,7 +1,8 @@
 """Portable-style films (issue 32): the real film RG1 magnified, rotated, with its bases cut
 off, with a reading window far narrower than its data, mirrored with the orientation left
-as it was; and a tibia labelled CHEST PA. Each is either segmented well (both lungs Dice
->= 0.90 against the traced reference carried through) or flagged by the quality gate;
+as it was, with half its left lung under an effusion; and a tibia labelled CHEST PA. Each
+is either segmented well (both lungs Dice >= 0.90 against the traced reference carried
+through) or flagged by the quality gate;
 and through `process` with a screening bundle whose threshold calls every film
 likely-normal, the gate, not the classifier, makes the flagged ones needs-review.
 
@@ -31,7 +32,7 @@ pytest.importorskip("data_store", reason="pydicom-data ships the real chest film
 # Films of the families that must come out good or flagged, and those that must be flagged.
 GOOD_OR_FLAGGED = ("magnified1.15", "rotated-12", "rotated+15", "bases-cut0.20",
                    "window0.05@p50", "window0.20@p40", "voi-lut0.05")  # fmt: skip
-MUST_FLAG = ("bases-cut0.30", "mirrored-wrong+0")
+MUST_FLAG = ("bases-cut0.30", "mirrored-wrong+0", "effusion-left0.50")
 
 
 @pytest.mark.slow
@@ -55,6 +56,8 @@ def test_portable_copies_of_rg1_are_segmented_well_or_flagged(models: pipeline.M
     assert all(min(pair) >= 0.92 for pair in windowed), windowed
     assert "sides disagree with the header" in str(results["mirrored-wrong+0"][2])
     assert "film edge" in str(results["bases-cut0.30"][2])
+    # The mask stops at the fluid's meniscus: the base check says so.
+    assert qc.BASE_MISSING in str(results["effusion-left0.50"][2])
 
 
 @pytest.mark.slow
@@ -158,3 +161,39 @@ def test_each_new_check_can_fail() -> None:
     low = np.zeros((rows, cols), bool)
     low[120:256, 20:110] = True
     assert qc.lung_measures(image, low, low, body, 128.0, -1, None, 0.9)["film_edge"] > 0.25
+
+
+def _rotated(a: np.ndarray, degrees: float) -> np.ndarray:
+    import cv2
+
+    rows, cols = a.shape
+    matrix = cv2.getRotationMatrix2D((cols / 2, rows / 2), degrees, 1.0)
+    turned = cv2.warpAffine(a.astype(np.uint8), matrix, (cols, rows), flags=cv2.INTER_NEAREST)
+    return np.asarray(turned).astype(bool) if a.dtype == bool else np.asarray(turned)
+
+
+def test_a_base_left_out_of_one_mask_fails_and_a_turned_film_does_not() -> None:
+    """On drawn masks: two lungs whose bases lie level pass `base_level`, also with the
+    film turned by 15 degrees either way (the apices tilt alike); the left lung's mask
+    ending at its middle (an effusion up to its meniscus) fails it with a reason that
+    says what may be missing, upright and turned."""
+    rows, cols = 256, 256
+    yy, xx = np.mgrid[0:rows, 0:cols]
+    left = ((xx - 70) / 45) ** 2 + ((yy - 120) / 80) ** 2 < 1
+    right = ((xx - 186) / 45) ** 2 + ((yy - 124) / 80) ** 2 < 1
+    image = np.full((rows, cols), 200, np.uint8)
+    image[left | right] = 60
+    body = (10.0, 10.0, 246.0, 246.0)
+    bound = qc.PAIR_THRESHOLDS["base_level"][1]
+    assert bound is not None
+    short = right & (yy < 130)  # the image-right lung's lower part left out
+    for degrees in (0.0, -15.0, 15.0):
+        masks = tuple(_rotated(m, degrees) for m in (left, right))
+        level = qc.assess(_rotated(image, degrees), masks, body, 128.0, None, (0.9, 0.9), True)
+        assert level.pair_measures["base_level"] < bound / 2, (degrees, level.pair_measures)
+        assert not any(qc.BASE_MISSING in f for f in level.pair_failures)
+        cut = (masks[0], _rotated(short, degrees))
+        verdict = qc.assess(_rotated(image, degrees), cut, body, 128.0, None, (0.9, 0.9), True)
+        assert verdict.pair_measures["base_level"] > bound, (degrees, verdict.pair_measures)
+        assert any(qc.BASE_MISSING in f for f in verdict.pair_failures), verdict.pair_failures
+        assert not verdict.passed
