@@ -291,7 +291,7 @@ def _opacity(
     return Case(name, image, case.right_lung, case.left_lung, family)
 
 
-def _effusion_region(lung: np.ndarray, share: float) -> np.ndarray:
+def effusion_region(lung: np.ndarray, share: float) -> np.ndarray:
     """The lowest part of `lung` holding `share` of its area under a meniscus (the fluid
     climbs laterally), plus the costophrenic recess just outside it."""
     ys, xs = np.nonzero(lung)
@@ -411,7 +411,7 @@ def portable_cases(folder: Path | None = None) -> list[Case]:
         ((0.2, "left"), (0.35, "left"), (0.5, "left"), (0.6, "right"), (0.7, "left"))
     ):
         lung = left if side == "left" else right
-        region = _effusion_region(lung, share)
+        region = effusion_region(lung, share)
         cases.append(
             _opacity(base, f"effusion-{side}{share:.2f}", "effusion", region, 0.85, 100 + index)
         )
@@ -463,7 +463,7 @@ def portable_phantom_cases(count: int, size: int = 1024, seed: int = 0) -> Itera
             share = float(rng.uniform(0.2, 0.7))
             side = ("right", "left")[index % 2]
             lung = base.right_lung if side == "right" else base.left_lung
-            region = _effusion_region(lung, share)
+            region = effusion_region(lung, share)
             case = _opacity(base, f"p{index:03d}-effusion-{side}{share:.2f}", kind, region,
                             0.85, number)  # fmt: skip
         elif kind == "consolidation":

@@ -17,7 +17,14 @@ import numpy as np
 import pydicom
 import pytest
 
-from bench.seg_sets import dice, not_chest_cases, portable_cases, pydicom_data_folder
+from bench.seg_sets import (
+    dice,
+    effusion_region,
+    not_chest_cases,
+    portable_cases,
+    pydicom_data_folder,
+    reference_masks,
+)
 from cxrbatch import pipeline
 from cxrbatch.batch import run_batch
 from cxrbatch.config import Settings, load_settings
@@ -69,18 +76,36 @@ def test_a_tibia_labelled_chest_is_not_taken_for_a_chest(models: pipeline.Models
     assert "aspect" in seg.qc.reason
 
 
+def _with_effusion(pixels: np.ndarray, share: float) -> np.ndarray:
+    """RG1's stored values with the lowest `share` of its left lung under fluid (denser:
+    blended towards the soft tissue below the lungs, lower values in MONOCHROME1)."""
+    import cv2
+
+    right, left = reference_masks(pixels.shape)
+    soft = cv2.GaussianBlur(
+        effusion_region(left, share).astype(np.float32), (0, 0), max(pixels.shape) / 250
+    )
+    values = pixels.astype(np.float32)
+    bottom = int(np.nonzero((right | left).any(axis=1))[0].max())
+    tissue = float(np.percentile(values[bottom + 5 :], 30))
+    return np.round(values + 0.85 * soft * (tissue - values)).astype(pixels.dtype)
+
+
 def _write_films(folder: Path) -> dict[str, str]:
     """RG1 as the PACS would send the hard cases (the DICOM changed, not a display copy),
     and the tibia labelled as a chest; {name: StudyInstanceUID}."""
     source = pydicom_data_folder()
     studies = {}
-    for index, name in enumerate(("original", "mirrored", "bases-cut", "tibia")):
+    names = ("original", "mirrored", "bases-cut", "tibia", "effusion")
+    for index, name in enumerate(names):
         ds = pydicom.dcmread(source / ("RG3_UNCR.dcm" if name == "tibia" else "RG1_UNCR.dcm"))
         pixels = ds.pixel_array
         if name == "mirrored":
             pixels = np.ascontiguousarray(pixels[:, ::-1])  # PatientOrientation stays L\F
         elif name == "bases-cut":
             pixels = np.ascontiguousarray(pixels[: int(0.7 * pixels.shape[0])])
+        elif name == "effusion":
+            pixels = _with_effusion(pixels, 0.5)
         if name == "tibia":
             ds.BodyPartExamined, ds.ViewPosition = "CHEST", "PA"
         ds.PixelData = pixels.tobytes()
@@ -101,7 +126,7 @@ def test_the_gate_not_the_classifier_makes_hard_films_needs_review(
 ) -> None:
     """A screening bundle whose No Finding threshold is 0 calls every film likely-normal:
     the original RG1 is likely-normal, so only the quality gate can make the mirrored,
-    cut-off and non-chest films needs-review, and it does, saying why."""
+    cut-off, non-chest and effusion films needs-review, and it does, saying why."""
     bundle = make_tiny_bundle(tmp_path / "normal", "M-50", screening=0.0, seed=5)
     settings: Settings = load_settings(
         None,
@@ -129,6 +154,8 @@ def test_the_gate_not_the_classifier_makes_hard_films_needs_review(
     assert "sides disagree with the header" in verdicts["mirrored"]
     assert verdicts["bases-cut"].startswith("needs-review") and "film edge" in verdicts["bases-cut"]
     assert verdicts["tibia"].startswith("needs-review") and qc.NOT_A_CHEST in verdicts["tibia"]
+    assert verdicts["effusion"].startswith("needs-review"), verdicts
+    assert qc.BASE_MISSING in verdicts["effusion"], verdicts
 
 
 def test_each_new_check_can_fail() -> None:
