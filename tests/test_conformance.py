@@ -163,7 +163,12 @@ def test_corpus_outputs_are_conformant(
     assert np.array_equal(masks[..., 0].astype(bool), image.segmentation.right_lung)
     sr = hd.sr.srread(result.outputs.sr_file)  # type: ignore[arg-type]
     tracking = [g.tracking_identifier for g in sr.content.get_planar_roi_measurement_groups()]
-    assert any(t.startswith("classifier image 1:") for t in tracking), tracking
+    if image.segmentation.qc_passed:
+        assert any(t.startswith("classifier image 1:") for t in tracking), tracking
+    else:  # masks the gate failed never reach a classifier (the phantom of spacing-one-value:
+        # its right lung's mask ends at 0.64 Dice, which the base check catches): the SR says so
+        assert "NEEDS REVIEW" in sr.SeriesDescription, sr.SeriesDescription
+        assert not any(t.startswith("classifier") for t in tracking), tracking
     (gsps_path,) = result.outputs.presentation_state_files.values()
     gsps = dcmread(gsps_path)
     assert gsps.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID == (

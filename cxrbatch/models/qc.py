@@ -280,20 +280,27 @@ def _heart_side(
 
 
 def _apex(mask: np.ndarray) -> tuple[float, float]:
-    """A lung's apex, (row, column): its top row and the mean column of its top three."""
-    top = int(np.nonzero(mask.any(axis=1))[0].min())
-    return float(top), float(np.nonzero(mask[top : top + 3].any(axis=0))[0].mean())
+    """A lung's apex, (row, column): the row above which 1 % of the mask lies and the mean
+    column of the mask above the row 2 % lower (percentiles, so that a thin spur the model
+    drew beyond the lung moves neither)."""
+    rows, columns = np.nonzero(mask)
+    top = float(np.percentile(rows, 1))
+    near = rows <= top + 0.02 * mask.shape[0]
+    return top, float(columns[near].mean())
 
 
 def _base_row(mask: np.ndarray, lateral_is_low_x: bool) -> float:
     """Where a lung's base lies: the median of the lowest mask row of each column of its
     lateral half (the dome and the costophrenic angle; the medial half ends on the heart
-    or the mediastinum)."""
-    columns = np.nonzero(mask.any(axis=0))[0]
+    or the mediastinum), its columns between the 5th and 95th percentiles of the mask's
+    (a spur drawn beyond the lung neither widens the lung nor sets a base)."""
+    columns = np.nonzero(mask)[1]
     if len(columns) == 0:
         return 0.0
-    middle = (columns.min() + columns.max()) / 2.0
-    lateral = columns[columns <= middle] if lateral_is_low_x else columns[columns >= middle]
+    first, last = (int(v) for v in np.percentile(columns, [5, 95]))
+    middle = (first + last) // 2
+    lateral = np.arange(first, middle + 1) if lateral_is_low_x else np.arange(middle, last + 1)
+    lateral = lateral[mask[:, lateral].any(axis=0)]
     lowest = mask.shape[0] - 1 - np.argmax(mask[::-1, lateral], axis=0)
     return float(np.median(lowest))
 
