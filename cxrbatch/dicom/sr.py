@@ -23,7 +23,7 @@ Qualitative Evaluations container (row 12), which highdicom does not build.
 Every group carries the algorithm's name, version and weight hash (TID 1410's Algorithm
 Identification); its measurements inherit it. TID 300's own Algorithm Identification is
 for a measurement made by another algorithm than its group's: repeating the group's on
-every measurement doubled the SR's content items (127 -> 70 for RG1 with both
+every measurement doubled the SR's content items (127 -> 67 for RG1 with both
 classifiers) and the time to build it.
 """
 
