@@ -260,6 +260,24 @@ def _crop_rows(top: float, bottom: float) -> Callable[[np.ndarray, int], np.ndar
     return op
 
 
+def soft_edged(region: np.ndarray) -> np.ndarray:
+    """`region` as a float32 weight with a soft edge (a Gaussian of 1/250 of the film)."""
+    return np.asarray(cv2.GaussianBlur(region.astype(np.float32), (0, 0), max(region.shape) / 250))
+
+
+def towards_tissue(
+    values: np.ndarray, soft: np.ndarray, lungs: np.ndarray, strength: float, percentile: float
+) -> np.ndarray:
+    """`values` (float32) blended by `strength` x `soft` towards the soft tissue's value:
+    the `percentile` of the rows below the `lungs` (70 for display pixels, where dense is
+    bright; 30 for MONOCHROME1 stored values, where it is low)."""
+    pixels = values.astype(np.float32)
+    bottom = int(np.nonzero(lungs.any(axis=1))[0].max())
+    below = pixels[min(pixels.shape[0] - 1, bottom + 5) :]
+    tissue = float(np.percentile(below, percentile) if below.size else np.percentile(pixels, 80))
+    return np.asarray(pixels + soft * strength * (tissue - pixels))
+
+
 def _opacity(
     case: Case,
     name: str,
@@ -268,18 +286,14 @@ def _opacity(
     strength: float,
     seed: int,
 ) -> Case:
-    """`region` made denser: blended towards the soft-tissue grey of the film (the median
-    below the lungs) by `strength`, with a soft edge and film grain."""
+    """`region` made denser: blended towards the soft-tissue grey of the film (below the
+    lungs) by `strength`, with a soft edge and film grain."""
     lungs = case.right_lung | case.left_lung
-    rows = np.nonzero(lungs.any(axis=1))[0]
-    soft = cv2.GaussianBlur(region.astype(np.float32), (0, 0), max(lungs.shape) / 250)
+    soft = soft_edged(region)
     grain = np.random.default_rng(seed).normal(0.0, 4.0, lungs.shape).astype(np.float32)
 
     def denser(image: np.ndarray) -> np.ndarray:
-        pixels = image.astype(np.float32)
-        below = pixels[min(pixels.shape[0] - 1, int(rows.max()) + 5) :]
-        tissue = float(np.percentile(below, 70) if below.size else np.percentile(pixels, 80))
-        blended = pixels + soft * strength * (tissue - pixels) + soft * grain
+        blended = towards_tissue(image, soft, lungs, strength, 70) + soft * grain
         return np.clip(np.round(blended), 0, 255).astype(np.uint8)
 
     seg = case.image.segmentation_pixels

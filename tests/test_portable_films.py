@@ -24,6 +24,8 @@ from bench.seg_sets import (
     portable_cases,
     pydicom_data_folder,
     reference_masks,
+    soft_edged,
+    towards_tissue,
 )
 from cxrbatch import pipeline
 from cxrbatch.batch import run_batch
@@ -79,16 +81,9 @@ def test_a_tibia_labelled_chest_is_not_taken_for_a_chest(models: pipeline.Models
 def _with_effusion(pixels: np.ndarray, share: float) -> np.ndarray:
     """RG1's stored values with the lowest `share` of its left lung under fluid (denser:
     blended towards the soft tissue below the lungs, lower values in MONOCHROME1)."""
-    import cv2
-
     right, left = reference_masks(pixels.shape)
-    soft = cv2.GaussianBlur(
-        effusion_region(left, share).astype(np.float32), (0, 0), max(pixels.shape) / 250
-    )
-    values = pixels.astype(np.float32)
-    bottom = int(np.nonzero((right | left).any(axis=1))[0].max())
-    tissue = float(np.percentile(values[bottom + 5 :], 30))
-    return np.round(values + 0.85 * soft * (tissue - values)).astype(pixels.dtype)
+    soft = soft_edged(effusion_region(left, share))
+    return np.round(towards_tissue(pixels, soft, right | left, 0.85, 30)).astype(pixels.dtype)
 
 
 def _write_films(folder: Path) -> dict[str, str]:

@@ -226,18 +226,21 @@ def _upright(
     if abs(degrees) < 1.0:
         return image, image_left, image_right
     matrix = cv2.getRotationMatrix2D((float(np.mean(middles)), float(np.mean(ys))), degrees, 1.0)
-    size = image.shape[::-1]
-
-    def turn(a: np.ndarray, interpolation: int) -> np.ndarray:
-        return np.asarray(
-            cv2.warpAffine(a, matrix, size, flags=interpolation, borderMode=cv2.BORDER_REPLICATE)
-        )
-
+    replicate = cv2.BORDER_REPLICATE
     return (
-        turn(image, cv2.INTER_LINEAR),
-        turn(image_left.astype(np.uint8), cv2.INTER_NEAREST).astype(bool),
-        turn(image_right.astype(np.uint8), cv2.INTER_NEAREST).astype(bool),
+        _turned(image, matrix, cv2.INTER_LINEAR, replicate),
+        _turned(image_left, matrix, cv2.INTER_NEAREST, replicate),
+        _turned(image_right, matrix, cv2.INTER_NEAREST, replicate),
     )
+
+
+def _turned(a: np.ndarray, matrix: np.ndarray, interpolation: int, border: int) -> np.ndarray:
+    """`a` (an image, or a boolean mask) turned by the 2 x 3 `matrix`, same size."""
+    source = a.astype(np.uint8) if a.dtype == bool else a
+    turned = np.asarray(
+        cv2.warpAffine(source, matrix, a.shape[::-1], flags=interpolation, borderMode=border)
+    )
+    return turned.astype(bool) if a.dtype == bool else turned
 
 
 def _heart_side(
@@ -323,16 +326,11 @@ def _base_level(image_left: np.ndarray, image_right: np.ndarray, body: Box) -> f
     degrees = float(np.degrees(np.arctan2(t1 - t0, a1 - a0))) if abs(a1 - a0) > 1.0 else 0.0
     degrees = float(np.clip(degrees, -MAX_TILT_DEGREES, MAX_TILT_DEGREES))
     if abs(degrees) >= 1.0:
-        rows, cols = image_left.shape
         matrix = cv2.getRotationMatrix2D(((a0 + a1) / 2.0, (t0 + t1) / 2.0), degrees, 1.0)
-
-        def turn(mask: np.ndarray) -> np.ndarray:
-            turned = cv2.warpAffine(
-                mask.astype(np.uint8), matrix, (cols, rows), flags=cv2.INTER_NEAREST
-            )
-            return np.asarray(turned).astype(bool)
-
-        image_left, image_right = turn(image_left), turn(image_right)
+        image_left, image_right = (
+            _turned(mask, matrix, cv2.INTER_NEAREST, cv2.BORDER_CONSTANT)
+            for mask in (image_left, image_right)
+        )
     bottoms = (_base_row(image_left, True), _base_row(image_right, False))
     return abs(bottoms[1] - bottoms[0]) / max(1.0, body[3] - body[1])
 
