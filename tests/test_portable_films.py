@@ -22,6 +22,7 @@ from bench.seg_sets import (
     effusion_region,
     not_chest_cases,
     portable_cases,
+    portable_phantom_cases,
     pydicom_data_folder,
     reference_masks,
     soft_edged,
@@ -219,3 +220,44 @@ def test_a_base_left_out_of_one_mask_fails_and_a_turned_film_does_not() -> None:
         assert verdict.pair_measures["base_level"] > bound, (degrees, verdict.pair_measures)
         assert any(qc.BASE_MISSING in f for f in verdict.pair_failures), verdict.pair_failures
         assert not verdict.passed
+
+
+def test_both_masks_grown_into_the_abdomen_fail_and_lungs_down_to_their_bases_do_not() -> None:
+    """On a drawn film: dark lung fields over a bright abdomen. Masks that follow the
+    lungs pass `lower_zones_bright` with room to spare; both masks run on below the
+    diaphragms (prompts set too low: the pair's other checks see two alike lungs) fail it
+    with a reason that says so."""
+    rows, cols = 256, 256
+    yy, xx = np.mgrid[0:rows, 0:cols]
+    left = ((xx - 70) / 45) ** 2 + ((yy - 110) / 75) ** 2 < 1
+    right = ((xx - 186) / 45) ** 2 + ((yy - 112) / 73) ** 2 < 1
+    image = np.full((rows, cols), 150, np.uint8)
+    image[190:] = 220  # below the diaphragms
+    image[left | right] = 60
+    body = (10.0, 10.0, 246.0, 246.0)
+    bound = qc.PAIR_THRESHOLDS["lower_zones_bright"][1]
+    assert bound is not None
+    lungs = qc.assess(image, (left, right), body, 128.0, None, (0.9, 0.9), True)
+    assert lungs.pair_measures["lower_zones_bright"] < bound / 2, lungs.pair_measures
+    assert lungs.passed, lungs.reason
+    down = 45  # both masks moved down into the abdomen, as one long prompt each
+    grown = tuple(m | np.roll(m, down, axis=0) & (yy >= 110) for m in (left, right))
+    verdict = qc.assess(image, grown, body, 128.0, None, (0.9, 0.9), True)
+    assert verdict.pair_measures["lower_zones_bright"] > bound, verdict.pair_measures
+    assert any(qc.BASES_BRIGHT in f for f in verdict.pair_failures), verdict.pair_failures
+    assert not verdict.passed
+
+
+@pytest.mark.slow
+def test_a_phantom_whose_masks_both_run_into_the_abdomen_is_flagged(
+    models: pipeline.Models,
+) -> None:
+    """The portable phantom (seed 2) with its apices cut whose prompts were set so low that
+    both masks ran into the abdomen (Dice 0.68 / 0.73, passed by every other check) is
+    flagged by the lower zones' brightness, and says so."""
+    case = next(c for c in portable_phantom_cases(4, seed=2) if c.name.startswith("p003-apices"))
+    seg = segment_lungs(models.segmenter, case.image)
+    assert seg.qc is not None
+    worst = min(dice(seg.right_lung, case.right_lung), dice(seg.left_lung, case.left_lung))
+    assert worst < 0.80, worst  # still the failure it was chosen for
+    assert not seg.qc.passed and qc.BASES_BRIGHT in str(seg.qc.reason), seg.qc.reason

@@ -41,7 +41,11 @@ prompts found (`prompts.Thorax`, on the 256-px working copy) and at the two mask
                      share of the body's 5-95 % range (the pair): fluid or consolidation at
                      one base inside the mask (where the prompt reached down to it)
     lower_zone_density    the larger brightening from a lung's upper to its lower third
-                     (the pair): both bases opaque
+                     (the pair): one base opaque
+    lower_zones_bright    the smaller brightening from a lung's upper to its lower third
+                     (the pair): both lower thirds far brighter than aerated lung, as when
+                     both masks grew below the diaphragms into the abdomen (prompts set
+                     too low on a film with its apices cut), or both bases are opaque
     mediastinum      how much brighter the band between the two masks is than the masks
                      (the pair): a chest has a dense mediastinum between aerated lungs; a
                      limb, a slice or an abdomen labelled as a chest does not
@@ -83,6 +87,7 @@ PAIR_THRESHOLDS: dict[str, tuple[float | None, float | None]] = {
     "contrast_ratio": (0.55, None),
     "heart_side": (-0.05, None),
     "base_level": (None, 0.20),
+    "lower_zones_bright": (None, 0.55),
 }
 # lower_zone_asymmetry, lower_zone_density, mediastinum and base_agreement are recorded
 # with every verdict and judged by none: on held-out films they did not separate the
@@ -93,6 +98,7 @@ PAIR_THRESHOLDS: dict[str, tuple[float | None, float | None]] = {
 LAYOUT = ("area_fraction", "lateral_offset", "centroid_height", "vertical_extent", "aspect")
 SIDES_DISAGREE = "sides disagree with the header"
 BASE_MISSING = "one lung's base ends far above the other's"
+BASES_BRIGHT = "both lungs' lower zones are far brighter than their upper zones"
 NOT_A_CHEST = "no lung fields as on a frontal chest film (is it one?)"
 PERCENT = {"area_fraction", "lateral_offset", "centroid_height", "vertical_extent"}
 
@@ -388,6 +394,11 @@ def _explained(failure: str) -> str:
             f"{BASE_MISSING} ({failure}: fluid or consolidation at that base, a raised "
             "hemidiaphragm, or a mask cut short: its lower zone may be missing from the mask)"
         )
+    if failure.startswith("lower zones bright"):
+        return (
+            f"{BASES_BRIGHT} ({failure}: both masks may run below the diaphragms into the "
+            "abdomen, or both bases are opaque)"
+        )
     return failure
 
 
@@ -427,6 +438,7 @@ def assess(
         # The denser lower zone against the other lung's, and against its own upper zone.
         pair["lower_zone_asymmetry"] = round(abs(zones[0][1] - zones[1][1]) / spread, 4)
         pair["lower_zone_density"] = round(max(z[1] - z[0] for z in zones) / spread, 4)
+        pair["lower_zones_bright"] = round(min(z[1] - z[0] for z in zones) / spread, 4)
         # Positive: the heart lies where the header puts the patient's left.
         toward_left = 1.0 if image_left_is_patient_right else -1.0
         upright = _upright(image, left_mask, right_mask)
