@@ -102,13 +102,18 @@ def main() -> None:
         if len(runs) < 2:
             return
         dices, prob_diffs, nf_diffs = [], [], []
+        verdicts_differ = 0  # the quality gate's pass/fail, judged on each device's masks
         for uid, cpu in runs["cpu"].items():
             gpu = runs["cuda"][uid]
             for a, b in zip(cpu.images, gpu.images, strict=True):
+                verdicts_differ += a.segmentation.qc_passed != b.segmentation.qc_passed
                 for side in ("right_lung", "left_lung"):
                     ma, mb = getattr(a.segmentation, side), getattr(b.segmentation, side)
                     dices.append(2 * (ma & mb).sum() / max(ma.sum() + mb.sum(), 1))
                 for fa, fb in ((a.findings, b.findings), (a.screening, b.screening)):
+                    if fa is None or fb is None:  # not classified (a failed gate, say)
+                        verdicts_differ += (fa is None) != (fb is None)
+                        continue
                     prob_diffs.append(
                         max(
                             abs(fa.probabilities[k] - fb.probabilities[k]) for k in fa.probabilities
@@ -120,6 +125,7 @@ def main() -> None:
             "mask_dice_mean": float(np.mean(dices)),
             "prob_abs_diff_max": float(np.max(prob_diffs)),
             "no_finding_abs_diff_max": float(np.max(nf_diffs)),
+            "qc_verdicts_differ": verdicts_differ,
         }
         print("cpu vs gpu:", json.dumps(report["cpu_vs_gpu"]))
         if args.real:
