@@ -347,9 +347,24 @@ def build_sr(items: list[SrImage], series_instance_uid: str, sop_instance_uid: s
     if reasons is not None:
         report[0].ContentSequence.append(reasons)
     evidence = [item.source for item in items] + [item.seg for item in items]
+    # highdicom's document constructor deep-copies the content it is given, parses the copy
+    # back into content items and walks it for references and 3-D coordinates: a fifth of
+    # a study's host CPU on a GPU host (issue 37, docs/performance.md). The tree was built
+    # by highdicom's templates above, so the constructor gets its root container alone and
+    # the tree goes in after. Nothing it derives changes: the evidence lists every source
+    # and SEG given (collect_evidence lists all evidence, not only what the tree
+    # references), every image the tree references is a source given here, and the tree
+    # has no 3-D coordinates. The returned dataset is complete; its `.content` property
+    # holds the root alone (read the written file back with `hd.sr.srread` for the tree).
+    root = report[0]
+    shell = Dataset()
+    for element in root:
+        if element.keyword != "ContentSequence":
+            shell.add(element)
+    shell.ContentSequence = []  # walked by the constructor: nothing to find
     sr = hd.sr.ComprehensiveSR(
         evidence=evidence,
-        content=report,
+        content=shell,
         series_instance_uid=series_instance_uid,
         series_number=9902,
         sop_instance_uid=sop_instance_uid,
@@ -359,6 +374,7 @@ def build_sr(items: list[SrImage], series_instance_uid: str, sop_instance_uid: s
         is_final=False,
         is_verified=False,
     )
+    sr.ContentSequence = root.ContentSequence
     classified = any(item.findings is not None or item.screening is not None for item in items)
     needs_review = reasons is not None
     sr.SeriesDescription = series_description(models, classified, needs_review)
