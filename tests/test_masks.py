@@ -125,3 +125,24 @@ def test_fill_holes_equals_scipy() -> None:
     for mask in cases:
         np.testing.assert_array_equal(fill_holes(mask), ndi.binary_fill_holes(mask))
     assert fill_holes(ring)[30:34, 30:34].all() and not fill_holes(ring)[:8].any()
+
+
+def test_the_distance_transform_is_scipys_exact_one(lungs: np.ndarray) -> None:
+    """OpenCV's precise transform gives scipy's masks, on a lung mask, shapes that touch
+    the film's edges and corners, a single pixel, and a mask with no background."""
+    rng = np.random.default_rng(0)
+    shapes = [lungs, np.zeros((512, 512), bool), np.ones((512, 512), bool)]
+    shapes[1][0, 0] = True
+    for _ in range(12):
+        blob = np.zeros((512, 512), np.uint8)
+        for _ in range(3):
+            centre = tuple(int(v) for v in rng.integers(-40, 552, 2))
+            axes = tuple(int(v) for v in rng.integers(10, 200, 2))
+            cv2.ellipse(blob, centre, axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
+        shapes.append(blob.astype(bool))
+    for shape in shapes:
+        assert np.array_equal(erode(shape, 5), ndi.distance_transform_edt(shape) > 5)
+        if shape.any():
+            for radius in (15, 50):
+                expected = ndi.distance_transform_edt(~shape) <= radius
+                assert np.array_equal(dilate(shape, radius), expected), radius
