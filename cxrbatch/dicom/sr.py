@@ -348,14 +348,14 @@ def build_sr(items: list[SrImage], series_instance_uid: str, sop_instance_uid: s
         report[0].ContentSequence.append(reasons)
     evidence = [item.source for item in items] + [item.seg for item in items]
     # highdicom's document constructor deep-copies the content it is given, parses the copy
-    # back into content items and walks it for references and 3-D coordinates: a fifth of
-    # a study's host CPU on a GPU host (issue 37, docs/performance.md). The tree was built
-    # by highdicom's templates above, so the constructor gets its root container alone and
-    # the tree goes in after. Nothing it derives changes: the evidence lists every source
-    # and SEG given (collect_evidence lists all evidence, not only what the tree
-    # references), every image the tree references is a source given here, and the tree
-    # has no 3-D coordinates. The returned dataset is complete; its `.content` property
-    # holds the root alone (read the written file back with `hd.sr.srread` for the tree).
+    # back into content items and walks it for references and 3-D coordinates: about a
+    # fifth of a study's host CPU on a GPU host, profiled (issue 37, docs/performance.md).
+    # The tree was built by highdicom's templates above, so the constructor gets its root
+    # container alone and the tree goes in after. Nothing it derives changes: the
+    # evidence lists every source and SEG given (collect_evidence lists all evidence, not
+    # only what the tree references), every image the tree references is a source given
+    # here, and the tree has no 3-D coordinates. The returned dataset is complete; its
+    # `.content` property holds the root alone (`hd.sr.srread` of the file has the tree).
     root = report[0]
     shell = Dataset()
     for element in root:

@@ -5,7 +5,7 @@ of radius 15 (M-15) or 50 (M-50), at the study's 512 x 512 working resolution. M
 uses exact Euclidean distance transforms: erosion by r keeps pixels farther than r from
 the background, dilation by r adds pixels within r of the eroded mask. The transform is
 OpenCV's exact one (DIST_L2 with DIST_MASK_PRECISE: Felzenszwalb and Huttenlocher's
-algorithm), the same masks as scipy's distance_transform_edt at a quarter of its time
+algorithm), the same masks as scipy's distance_transform_edt at a fifth of its time
 (tests/test_masks.py compares the two); a mask with no background pixel at all keeps
 scipy's answer, which OpenCV does not define.
 """
