@@ -103,6 +103,7 @@ def main() -> None:
             return
         dices, prob_diffs, nf_diffs = [], [], []
         verdicts_differ = 0  # the quality gate's pass/fail, judged on each device's masks
+        classified_differ = 0  # a classifier ran on one device's image and not the other's
         for uid, cpu in runs["cpu"].items():
             gpu = runs["cuda"][uid]
             for a, b in zip(cpu.images, gpu.images, strict=True):
@@ -112,7 +113,7 @@ def main() -> None:
                     dices.append(2 * (ma & mb).sum() / max(ma.sum() + mb.sum(), 1))
                 for fa, fb in ((a.findings, b.findings), (a.screening, b.screening)):
                     if fa is None or fb is None:  # not classified (a failed gate, say)
-                        verdicts_differ += (fa is None) != (fb is None)
+                        classified_differ += (fa is None) != (fb is None)
                         continue
                     prob_diffs.append(
                         max(
@@ -126,6 +127,7 @@ def main() -> None:
             "prob_abs_diff_max": float(np.max(prob_diffs)),
             "no_finding_abs_diff_max": float(np.max(nf_diffs)),
             "qc_verdicts_differ": verdicts_differ,
+            "classified_on_one_device_only": classified_differ,
         }
         print("cpu vs gpu:", json.dumps(report["cpu_vs_gpu"]))
         if args.real:
