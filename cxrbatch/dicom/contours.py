@@ -20,13 +20,20 @@ REGION_COLOUR = (255, 255, 0)  # yellow: a finding map's region
 MAX_POINTS = 256  # per outline: a lung's border at this many points is within a pixel or two
 
 
+def as_u8(mask: np.ndarray) -> np.ndarray:
+    """A mask as the 0/1 bytes OpenCV takes: a boolean one viewed, not copied."""
+    if mask.dtype == np.bool_ and mask.flags.c_contiguous:
+        return mask.view(np.uint8)
+    return mask.astype(np.uint8)
+
+
 def outlines(
     mask: np.ndarray, max_points: int = MAX_POINTS, min_area: float = 0.0
 ) -> list[np.ndarray]:
     """The outer border of each connected region of `mask` (largest first; regions under
     `min_area` pixels left out) as closed polylines, (n, 2) float arrays of (column, row),
     simplified to at most `max_points` points."""
-    found, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    found, _ = cv2.findContours(as_u8(mask), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     regions = sorted(
         (c for c in found if cv2.contourArea(c) >= min_area and len(c) >= 3),
         key=cv2.contourArea,

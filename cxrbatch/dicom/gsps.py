@@ -25,12 +25,11 @@ import cv2
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.pixels import pack_bits
 from pydicom.uid import ExplicitVRLittleEndian
 
 import cxrbatch
 from cxrbatch.dicom.captions import caption
-from cxrbatch.dicom.contours import LEFT_COLOUR, REGION_COLOUR, RIGHT_COLOUR, outlines
+from cxrbatch.dicom.contours import LEFT_COLOUR, REGION_COLOUR, RIGHT_COLOUR, as_u8, outlines
 from cxrbatch.dicom.seg import MANUFACTURER, NOT_FOR_DIAGNOSIS, processing_equipment
 from cxrbatch.domain import ImageResult, ModelRef
 
@@ -72,8 +71,13 @@ def _overlay(gsps: Dataset, masks: list[np.ndarray], order: int) -> None:
     rows, columns = masks[0].shape
     bits = np.zeros((rows, columns), dtype=np.uint8)
     for mask in masks:
-        found, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        found, _ = cv2.findContours(as_u8(mask), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
         cv2.drawContours(bits, found, -1, 1, max(1, columns // 600))
+    # Overlay Data (PS3.5 8.1.1): the bits in row order, the first pixel in the low bit,
+    # padded to an even length. np.packbits directly: pydicom's pack_bits checks the
+    # values and, for a length not a multiple of 8, pads by np.append with float64 zeros,
+    # which copies the whole image as float64 first (5 ms of a 1955 x 1841 film).
+    packed = np.packbits(bits.ravel(), bitorder="little").tobytes()
     group = OVERLAY_GROUP
     gsps.add_new((group, 0x0010), "US", rows)
     gsps.add_new((group, 0x0011), "US", columns)
@@ -83,7 +87,7 @@ def _overlay(gsps: Dataset, masks: list[np.ndarray], order: int) -> None:
     gsps.add_new((group, 0x0100), "US", 1)
     gsps.add_new((group, 0x0102), "US", 0)
     gsps.add_new((group, 0x1001), "CS", OVERLAY_LAYER)  # Overlay Activation Layer
-    gsps.add_new((group, 0x3000), "OW", pack_bits(bits.ravel()))
+    gsps.add_new((group, 0x3000), "OW", packed + b"\x00" * (len(packed) % 2))
     layer = Dataset()
     layer.GraphicLayer = OVERLAY_LAYER
     layer.GraphicLayerOrder = order

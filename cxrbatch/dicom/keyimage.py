@@ -23,7 +23,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 import cxrbatch
 from cxrbatch.dicom.captions import Caption, caption
-from cxrbatch.dicom.contours import LEFT_COLOUR, REGION_COLOUR, RIGHT_COLOUR
+from cxrbatch.dicom.contours import LEFT_COLOUR, REGION_COLOUR, RIGHT_COLOUR, as_u8
 from cxrbatch.dicom.seg import MANUFACTURER, NOT_FOR_DIAGNOSIS, processing_equipment
 from cxrbatch.domain import FindingMap, ImageResult, ModelRef
 
@@ -85,7 +85,7 @@ def contour_picture(
     scale = min(1.0, max_size / max(rows, cols))
     size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
     grey = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA) if scale < 1 else pixels
-    picture = np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=2))
+    picture = cv2.cvtColor(np.ascontiguousarray(grey), cv2.COLOR_GRAY2RGB)
     if maps:
         _tint(picture, maps, scale)
     draw_lungs(picture, right_lung, left_lung)
@@ -105,15 +105,13 @@ def draw_lungs(picture: np.ndarray, right_lung: np.ndarray, left_lung: np.ndarra
         (left_lung, LEFT_COLOUR, "L"),
     ):
         paint = (*colour, *alpha)
-        small = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+        small = cv2.resize(as_u8(mask), size, interpolation=cv2.INTER_NEAREST)
         contours, _ = cv2.findContours(small, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(picture, contours, -1, paint, thickness, lineType=cv2.LINE_AA)
-        ys, xs = np.nonzero(small)
-        if len(xs):
-            cv2.putText(
-                picture, letter, (int(xs.mean()), int(ys.mean())), FONT, cols / 700,
-                paint, thickness, cv2.LINE_AA,
-            )  # fmt: skip
+        moments = cv2.moments(small, binaryImage=True)  # the centroid, as pixel means
+        if moments["m00"]:
+            centre = (int(moments["m10"] / moments["m00"]), int(moments["m01"] / moments["m00"]))
+            cv2.putText(picture, letter, centre, FONT, cols / 700, paint, thickness, cv2.LINE_AA)
 
 
 def _band(width: int, caption: Caption, legend: list[str]) -> np.ndarray:

@@ -183,13 +183,14 @@ def build_seg(
     ]
     fractional = encoding == "fractional" or (encoding == "auto" and int(source.Columns) % 8 != 0)
     right, left = segmentation.right_lung, segmentation.left_lung
-    if fractional:
-        pixel_array = np.stack([right, left], axis=-1)[None].astype(np.float32)
-    elif (right & left).any():
-        pixel_array = np.stack([right, left], axis=-1)[None]
+    # Integer masks for either encoding: highdicom stores a 0/1 integer segment as the
+    # FRACTIONAL value itself (Maximum Fractional Value 1), the same bytes a float array
+    # gives after its np.unique range check and rounding (a tenth of the SEG's time).
+    if (right & left).any():
+        pixel_array = np.stack([right, left], axis=-1)[None].astype(np.uint8)
     else:
         # Disjoint lungs (as the segmenter makes them): the label map 1 = right, 2 = left
-        # gives highdicom the same BINARY SEG and spares it an overlap check over a 4-D
+        # gives highdicom the same segments and spares it an overlap check over a 4-D
         # stack (a tenth of a second per 2500 px image).
         pixel_array = right.astype(np.uint8)
         pixel_array[left] = 2
@@ -197,7 +198,7 @@ def build_seg(
     planar, plane_note = planar_header(source)
     seg = hd.seg.Segmentation(
         source_images=[planar],
-        pixel_array=pixel_array if fractional else pixel_array.astype(np.uint8),
+        pixel_array=pixel_array,
         segmentation_type=(
             hd.seg.SegmentationTypeValues.FRACTIONAL
             if fractional

@@ -220,7 +220,7 @@ def _lung_outline_groups(
             continue
         measurements = []
         if spacing is not None:
-            area = float(mask.sum()) * spacing[0] * spacing[1]
+            area = float(np.count_nonzero(mask)) * spacing[0] * spacing[1]
             measurements.append(
                 hd.sr.Measurement(name=codes.AREA, value=round(area, 1), unit=codes.UNIT_MM2)
             )
