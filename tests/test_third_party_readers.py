@@ -125,6 +125,12 @@ def test_dcmqi_and_pydicom_seg_read_each_segment_as_written(
     seg = dcmread(seg_path)
     expected_type = "FRACTIONAL" if int(seg.Columns) % 8 else "BINARY"
     assert seg.SegmentationType == expected_type
+    # The lungs never overlap (the segmenter makes them disjoint), and the SEG says so in
+    # either encoding; a FRACTIONAL one holds 0 or Maximum Fractional Value (1).
+    assert seg.SegmentsOverlap == "NO"
+    if expected_type == "FRACTIONAL":
+        assert seg.MaximumFractionalValue == 1
+        assert set(np.unique(np.frombuffer(seg.PixelData, dtype=np.uint8))) == {0, 1}
     (image,) = result.images
     written = {1: image.segmentation.right_lung, 2: image.segmentation.left_lung}
     readers = {
