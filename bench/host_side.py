@@ -6,13 +6,17 @@ bounds by np.percentile, where the product runs the steps on the table of stored
 and gathers once: `decode.Coded`), alternating the two each round, and checks the display
 and segmentation pixels are equal bit for bit.
 
-    python -m bench.host_side [--rounds 7] [--writers]
+    python -m bench.host_side [--rounds 7] [--study]
 
 Prints one JSON line: per film, the median seconds of each decode and their ratio
-(baseline / product), and whether every output was equal. --writers adds what writing one
-study's outputs costs, per writer (SEG, key image, presentation state, SR, and the file
-writes), on RG1 segmented by the product and classified by the benchmark's two 512-px
-bundles (bench/harness.py), median over the rounds, one thread.
+(baseline / product), and whether every output was equal. --study (or --writers) adds one
+RG1 study through `pipeline.run` on one thread (the product's segmenter, the benchmark's
+two 512-px bundles from bench/harness.py), median over the rounds: the whole study, the
+networks' calls (the segmenter's encoder; its decoder with the masks' upsampling to the
+film, which a GPU host runs on the device; the classifiers), each writer (SEG, key image,
+presentation state, SR, the file writes), and the host side: the study less the networks
+(selection, decode, prompts, QC, classifier inputs and masks, writers, result.json). The
+database's recording of the outcome is not in it.
 """
 
 from __future__ import annotations
@@ -87,68 +91,112 @@ def _films(work: Path) -> dict[str, Any]:
     return films
 
 
-def writers(rounds: int, work: Path) -> dict[str, float]:
-    """Median seconds per writer for one RG1 study's outputs (module docstring)."""
-    from collections import defaultdict
+def _rg1_models(work: Path) -> tuple[Any, Any, Any]:
+    """RG1 (uncompressed) as a discovered study, the benchmark's models (the product's
+    segmenter, two 512-px classifier bundles from bench/harness.py) and their settings,
+    on one thread."""
+    import shutil
 
     import torch
+    from pydicom.data import get_testdata_file
 
     from bench.harness import make_bundles
     from cxrbatch import pipeline
     from cxrbatch.config import load_settings
-    from cxrbatch.dicom import export
-    from cxrbatch.dicom.decode import decode
+    from cxrbatch.dicom.discover import discover
 
     torch.set_num_threads(1)
     bundles = make_bundles(work / "bundles")
     settings = load_settings(
         None, segmentation={"device": "cpu"}, classifier={"device": "cpu", **bundles}
     )
-    models = pipeline.load_models(settings)
-    header = _films(work)["RG1_UNCI.dcm"]
-    processed = pipeline._process_image(decode(header), models, settings, pipeline._Timer())
+    folder = work / "rg1-study"
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(str(get_testdata_file("RG1_UNCI.dcm")), folder / "IM0001")
+    (study,), _ = discover(folder)
+    return study, pipeline.load_models(settings), settings
+
+
+def _timed(spent: dict[str, float], name: str, function: Any) -> Any:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            spent[name] += time.perf_counter() - started
+
+    return call
+
+
+def study(rounds: int, work: Path) -> dict[str, Any]:
+    """One RG1 study through `pipeline.run` (select, decode, segment, QC, classify, write
+    the SEG, key image, presentation state, SR and result.json; the database's recording
+    is not in it), one thread, the networks and each writer timed on their own; median
+    over the rounds (module docstring)."""
+    from collections import defaultdict
+
+    from cxrbatch import pipeline
+    from cxrbatch.dicom import export
+    from cxrbatch.domain import OutcomeStatus
+    from cxrbatch.models.bundle import ClassifierBundle
+
+    rg1, models, settings = _rg1_models(work)
+    segmenter = models.segmenter
     spent: dict[str, float] = defaultdict(float)
-
-    def timed(name: str, function: Any) -> Any:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                spent[name] += time.perf_counter() - started
-
-        return call
-
-    patches = {
+    # Module attributes and the segmenter's own callables, swapped for timed ones and put
+    # back after; the classifiers' network call is ClassifierBundle.forward.
+    module_patches = {
         (pipeline, "build_seg"): "build SEG",
         (pipeline, "build_key_image"): "build key image",
         (pipeline, "build_presentation_state"): "build presentation state",
         (pipeline, "build_sr"): "build SR",
         (export, "write_dicom"): "write files",
+        (ClassifierBundle, "forward"): "network: classifiers",
     }
-    originals = {key: getattr(*key) for key in patches}
+    instance_patches = {
+        "_encode": "network: segmenter encoder",
+        # the mask decoder, and the masks' upsampling to the film (on the device on a GPU
+        # host; here on the CPU)
+        "predict": "network: segmenter decoder + upsampling",
+    }
+    originals = {key: getattr(*key) for key in module_patches}
+    own = {name: vars(segmenter)[name] for name in instance_patches if name in vars(segmenter)}
     per_round: dict[str, list[float]] = defaultdict(list)
     try:
-        for (module, name), label in patches.items():
-            setattr(module, name, timed(label, originals[(module, name)]))
+        for (owner, name), label in module_patches.items():
+            setattr(owner, name, _timed(spent, label, originals[(owner, name)]))
+        for name, label in instance_patches.items():
+            setattr(segmenter, name, _timed(spent, label, getattr(segmenter, name)))
         for round_ in range(rounds + 1):
             spent.clear()
             started = time.perf_counter()
-            pipeline.write_dicom_outputs([processed], models, work / f"out{round_}", settings)
-            spent["total"] = time.perf_counter() - started
+            result = pipeline.run(rg1, models, settings, work / f"study{round_}")
+            spent["study"] = time.perf_counter() - started
+            if result.status is not OutcomeStatus.PROCESSED:
+                raise RuntimeError(f"RG1 was not processed: {result.reason}")
+            networks = sum(v for k, v in spent.items() if k.startswith("network"))
+            spent["host side (study - networks)"] = spent["study"] - networks
+            spent["writers"] = sum(
+                v for k, v in spent.items() if k.startswith(("build", "write files"))
+            )
             if round_:  # round 0: warm-up
                 for label, seconds in spent.items():
                     per_round[label].append(seconds)
     finally:
-        for (module, name), function in originals.items():
-            setattr(module, name, function)
+        for (owner, name), function in originals.items():
+            setattr(owner, name, function)
+        for name in instance_patches:  # its own callables back, the class's methods again
+            if name in own:
+                setattr(segmenter, name, own[name])
+            else:
+                vars(segmenter).pop(name, None)
     return {label: round(statistics.median(v), 4) for label, v in per_round.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--writers", action="store_true")
+    parser.add_argument("--study", "--writers", action="store_true", dest="study")
     args = parser.parse_args(argv)
 
     from cxrbatch.dicom.decode import decode
@@ -182,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                 "baseline_s": round(b, 4),
                 "speedup": round(b / p, 3),
             }
-        if args.writers:
-            report["writers_s"] = writers(args.rounds, Path(scratch))
+        if args.study:
+            report["study_s"] = study(args.rounds, Path(scratch))
     report["outputs_equal"] = equal
     sys.stdout.write(json.dumps(report) + "\n")
     return 0 if equal else 1
