@@ -25,6 +25,7 @@ from bench.seg_sets import (
     portable_phantom_cases,
     pydicom_data_folder,
     reference_masks,
+    rg1_cases,
     soft_edged,
     towards_tissue,
 )
@@ -261,3 +262,62 @@ def test_a_phantom_whose_masks_both_run_into_the_abdomen_is_flagged(
     worst = min(dice(seg.right_lung, case.right_lung), dice(seg.left_lung, case.left_lung))
     assert worst < 0.80, worst  # still the failure it was chosen for
     assert not seg.qc.passed and qc.BASES_BRIGHT in str(seg.qc.reason), seg.qc.reason
+
+
+def test_a_lower_border_on_no_edge_fails_and_one_on_the_diaphragm_does_not() -> None:
+    """On a drawn film: dark lung fields over brighter soft tissue and abdomen. Masks
+    whose lower borders lie on the lungs' own (the step up to the diaphragm) pass
+    `base_edge` with room to spare; both masks cut short alike inside the aerated lung
+    (as on a magnified film: their bases stay level, so `base_level` sees nothing) fail
+    it; so does one mask run on past its base over an opacity as bright as the abdomen
+    (fluid the mask took for lung), each with a reason that says so."""
+    rows, cols = 256, 256
+    yy, xx = np.mgrid[0:rows, 0:cols]
+    left = ((xx - 70) / 45) ** 2 + ((yy - 110) / 75) ** 2 < 1
+    right = ((xx - 186) / 45) ** 2 + ((yy - 112) / 73) ** 2 < 1
+    image = np.full((rows, cols), 150, np.uint8)
+    image[190:] = 220  # below the diaphragms
+    image[left | right] = 60
+    body = (10.0, 10.0, 246.0, 246.0)
+    bound = qc.PAIR_THRESHOLDS["base_edge"][0]
+    assert bound is not None
+    lungs = qc.assess(image, (left, right), body, 128.0, None, (0.9, 0.9), True)
+    assert lungs.pair_measures["base_edge"] > 2 * bound, lungs.pair_measures
+    assert lungs.passed, lungs.reason
+    short = tuple(m & (yy < 150) for m in (left, right))  # both end 35 rows above the bases
+    verdict = qc.assess(image, short, body, 128.0, None, (0.9, 0.9), True)
+    assert verdict.pair_measures["base_level"] < qc.PAIR_THRESHOLDS["base_level"][1] / 2  # type: ignore[operator]
+    assert verdict.pair_measures["base_edge"] < bound, verdict.pair_measures
+    assert any(qc.BASE_ON_NO_EDGE in f for f in verdict.pair_failures), verdict.pair_failures
+    assert not verdict.passed
+    fluid = image.copy()
+    fluid[right & (yy > 140)] = 220  # the image-right lung's base under fluid...
+    run_on = (left, right)  # ...and its mask drawn over the fluid down to the diaphragm
+    verdict = qc.assess(fluid, run_on, body, 128.0, None, (0.9, 0.9), True)
+    assert verdict.pair_measures["base_edge"] < bound, verdict.pair_measures
+    assert any(qc.BASE_ON_NO_EDGE in f for f in verdict.pair_failures), verdict.pair_failures
+
+
+@pytest.mark.slow
+def test_rg1_with_a_small_effusion_its_mask_runs_over_is_flagged(
+    models: pipeline.Models,
+) -> None:
+    """RG1 with a fifth of its left hemithorax under fluid: the mask runs on over the
+    fluid (left Dice 0.84: neither good nor flagged before `base_edge`) and its lower
+    border lies on no edge, which the gate now says; the film as it is passes with its
+    lower borders far over the bound."""
+    cases = {
+        c.name: c
+        for c in portable_cases() + rg1_cases()
+        if c.name in ("effusion-left0.20", "original")
+    }
+    bound = qc.PAIR_THRESHOLDS["base_edge"][0]
+    assert bound is not None
+    original = segment_lungs(models.segmenter, cases["original"].image)
+    assert original.qc is not None and original.qc.passed, original.qc
+    assert original.qc.pair_measures["base_edge"] > 2 * bound, original.qc.pair_measures
+    case = cases["effusion-left0.20"]
+    seg = segment_lungs(models.segmenter, case.image)
+    assert seg.qc is not None
+    assert dice(seg.left_lung, case.left_lung) < 0.90  # still the failure it was chosen for
+    assert not seg.qc.passed and qc.BASE_ON_NO_EDGE in str(seg.qc.reason), seg.qc.reason

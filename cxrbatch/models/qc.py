@@ -46,6 +46,12 @@ prompts found (`prompts.Thorax`, on the 256-px working copy) and at the two mask
                      (the pair): both lower thirds far brighter than aerated lung, as when
                      both masks grew below the diaphragms into the abdomen (prompts set
                      too low on a film with its apices cut), or both bases are opaque
+    base_edge        how much brighter the film is just below a lung's lower border than
+                     just inside it (the median over its columns, / the body's 5-95 %
+                     range), the smaller of the two lungs (the pair): a lower border on the
+                     diaphragm, on fluid or on the abdomen steps up; one that ends inside
+                     aerated lung (a mask cut short) or inside the dense region below (a
+                     mask run past the base, over fluid or into the abdomen) does not
     mediastinum      how much brighter the band between the two masks is than the masks
                      (the pair): a chest has a dense mediastinum between aerated lungs; a
                      limb, a slice or an abdomen labelled as a chest does not
@@ -88,6 +94,7 @@ PAIR_THRESHOLDS: dict[str, tuple[float | None, float | None]] = {
     "heart_side": (-0.05, None),
     "base_level": (None, 0.20),
     "lower_zones_bright": (None, 0.55),
+    "base_edge": (0.07, None),
 }
 # lower_zone_asymmetry, lower_zone_density, mediastinum and base_agreement are recorded
 # with every verdict and judged by none: on held-out films they did not separate the
@@ -99,6 +106,7 @@ LAYOUT = ("area_fraction", "lateral_offset", "centroid_height", "vertical_extent
 SIDES_DISAGREE = "sides disagree with the header"
 BASE_MISSING = "one lung's base ends far above the other's"
 BASES_BRIGHT = "both lungs' lower zones are far brighter than their upper zones"
+BASE_ON_NO_EDGE = "a lung's lower border lies on no visible edge"
 NOT_A_CHEST = "no lung fields as on a frontal chest film (is it one?)"
 PERCENT = {"area_fraction", "lateral_offset", "centroid_height", "vertical_extent"}
 
@@ -381,6 +389,38 @@ def _failures(
     return tuple(failed)
 
 
+EDGE_BAND = 0.04  # of the lung's height: the bands below and inside its lower border
+MIN_EDGE_COLUMNS = 5
+
+
+def _base_edge(image: np.ndarray, mask: np.ndarray, spread: float) -> float | None:
+    """How much brighter the film is just below a lung's lower border than just inside
+    it, as a share of `spread` (the body's 5-95 % range): over the lung's columns (10-90 %
+    of its width, between the 5th and 95th percentiles of its columns, so that a spur
+    sets nothing), the median of the mean of a band of EDGE_BAND of the lung's height
+    below its lowest mask pixel less the band above and including it. Columns whose band
+    below runs off the film are left out; None where fewer than MIN_EDGE_COLUMNS remain
+    (a lung running off the film: `film_edge` says so)."""
+    rows, columns = np.nonzero(mask)
+    if len(rows) == 0:
+        return None
+    band = max(3, int(EDGE_BAND * (rows.max() - rows.min() + 1)))
+    first, last = np.percentile(columns, [5, 95])
+    width = last - first
+    steps = []
+    for column in range(int(first + 0.1 * width), int(first + 0.9 * width)):
+        lung_rows = np.nonzero(mask[:, column])[0]
+        if len(lung_rows) == 0:
+            continue
+        border = int(lung_rows.max())
+        if border + 1 + band > image.shape[0]:
+            continue
+        below = image[border + 1 : border + 1 + band, column]
+        inside = image[max(0, border - band) : border + 1, column]
+        steps.append((float(below.mean()) - float(inside.mean())) / spread)
+    return float(np.median(steps)) if len(steps) >= MIN_EDGE_COLUMNS else None
+
+
 def _explained(failure: str) -> str:
     """A failed pair check as a reader needs it: what it may mean."""
     if failure.startswith("heart side"):
@@ -393,6 +433,11 @@ def _explained(failure: str) -> str:
         return (
             f"{BASE_MISSING} ({failure}: fluid or consolidation at that base, a raised "
             "hemidiaphragm, or a mask cut short: its lower zone may be missing from the mask)"
+        )
+    if failure.startswith("base edge"):
+        return (
+            f"{BASE_ON_NO_EDGE} ({failure}: no denser diaphragm, fluid or abdomen just below "
+            "it, so the mask may end short of the base or run on past it)"
         )
     if failure.startswith("lower zones bright"):
         return (
@@ -439,6 +484,11 @@ def assess(
         pair["lower_zone_asymmetry"] = round(abs(zones[0][1] - zones[1][1]) / spread, 4)
         pair["lower_zone_density"] = round(max(z[1] - z[0] for z in zones) / spread, 4)
         pair["lower_zones_bright"] = round(min(z[1] - z[0] for z in zones) / spread, 4)
+        edges = [
+            e for e in (_base_edge(image, m, spread) for m in image_side_masks) if e is not None
+        ]
+        if edges:
+            pair["base_edge"] = round(min(edges), 4)
         # Positive: the heart lies where the header puts the patient's left.
         toward_left = 1.0 if image_left_is_patient_right else -1.0
         upright = _upright(image, left_mask, right_mask)
