@@ -223,18 +223,24 @@ def test_a_base_left_out_of_one_mask_fails_and_a_turned_film_does_not() -> None:
         assert not verdict.passed
 
 
+def _lungs_over_abdomen() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A drawn film (256 px): two dark lung fields in soft tissue over a brighter abdomen
+    from row 190; the film, the image-left and image-right lungs, and the row indices."""
+    yy, xx = np.mgrid[0:256, 0:256]
+    left = ((xx - 70) / 45) ** 2 + ((yy - 110) / 75) ** 2 < 1
+    right = ((xx - 186) / 45) ** 2 + ((yy - 112) / 73) ** 2 < 1
+    image = np.full((256, 256), 150, np.uint8)
+    image[190:] = 220  # below the diaphragms
+    image[left | right] = 60
+    return image, left, right, yy
+
+
 def test_both_masks_grown_into_the_abdomen_fail_and_lungs_down_to_their_bases_do_not() -> None:
     """On a drawn film: dark lung fields over a bright abdomen. Masks that follow the
     lungs pass `lower_zones_bright` with room to spare; both masks run on below the
     diaphragms (prompts set too low: the pair's other checks see two alike lungs) fail it
     with a reason that says so."""
-    rows, cols = 256, 256
-    yy, xx = np.mgrid[0:rows, 0:cols]
-    left = ((xx - 70) / 45) ** 2 + ((yy - 110) / 75) ** 2 < 1
-    right = ((xx - 186) / 45) ** 2 + ((yy - 112) / 73) ** 2 < 1
-    image = np.full((rows, cols), 150, np.uint8)
-    image[190:] = 220  # below the diaphragms
-    image[left | right] = 60
+    image, left, right, yy = _lungs_over_abdomen()
     body = (10.0, 10.0, 246.0, 246.0)
     bound = qc.PAIR_THRESHOLDS["lower_zones_bright"][1]
     assert bound is not None
@@ -271,13 +277,7 @@ def test_a_lower_border_on_no_edge_fails_and_one_on_the_diaphragm_does_not() -> 
     (as on a magnified film: their bases stay level, so `base_level` sees nothing) fail
     it; so does one mask run on past its base over an opacity as bright as the abdomen
     (fluid the mask took for lung), each with a reason that says so."""
-    rows, cols = 256, 256
-    yy, xx = np.mgrid[0:rows, 0:cols]
-    left = ((xx - 70) / 45) ** 2 + ((yy - 110) / 75) ** 2 < 1
-    right = ((xx - 186) / 45) ** 2 + ((yy - 112) / 73) ** 2 < 1
-    image = np.full((rows, cols), 150, np.uint8)
-    image[190:] = 220  # below the diaphragms
-    image[left | right] = 60
+    image, left, right, yy = _lungs_over_abdomen()
     body = (10.0, 10.0, 246.0, 246.0)
     bound = qc.PAIR_THRESHOLDS["base_edge"][0]
     assert bound is not None
@@ -286,7 +286,9 @@ def test_a_lower_border_on_no_edge_fails_and_one_on_the_diaphragm_does_not() -> 
     assert lungs.passed, lungs.reason
     short = tuple(m & (yy < 150) for m in (left, right))  # both end 35 rows above the bases
     verdict = qc.assess(image, short, body, 128.0, None, (0.9, 0.9), True)
-    assert verdict.pair_measures["base_level"] < qc.PAIR_THRESHOLDS["base_level"][1] / 2  # type: ignore[operator]
+    level_bound = qc.PAIR_THRESHOLDS["base_level"][1]
+    assert level_bound is not None
+    assert verdict.pair_measures["base_level"] < level_bound / 2, verdict.pair_measures
     assert verdict.pair_measures["base_edge"] < bound, verdict.pair_measures
     assert any(qc.BASE_ON_NO_EDGE in f for f in verdict.pair_failures), verdict.pair_failures
     assert not verdict.passed
