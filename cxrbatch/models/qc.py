@@ -317,9 +317,13 @@ def _base_row(mask: np.ndarray, lateral_is_low_x: bool) -> float:
     first, last = (int(v) for v in np.percentile(columns, [5, 95]))
     middle = (first + last) // 2
     lateral = np.arange(first, middle + 1) if lateral_is_low_x else np.arange(middle, last + 1)
-    lateral = lateral[mask[:, lateral].any(axis=0)]
-    lowest = mask.shape[0] - 1 - np.argmax(mask[::-1, lateral], axis=0)
-    return float(np.median(lowest))
+    return float(np.median(_lowest_rows(mask, lateral)[1]))
+
+
+def _lowest_rows(mask: np.ndarray, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Those of `columns` that the mask reaches, and the lowest mask row in each."""
+    columns = columns[mask[:, columns].any(axis=0)]
+    return columns, mask.shape[0] - 1 - np.argmax(mask[::-1, columns], axis=0)
 
 
 MAX_TILT_DEGREES = 20.0
@@ -408,11 +412,8 @@ def _base_edge(image: np.ndarray, mask: np.ndarray, spread: float) -> float | No
     first, last = np.percentile(columns, [5, 95])
     width = last - first
     steps = []
-    for column in range(int(first + 0.1 * width), int(first + 0.9 * width)):
-        lung_rows = np.nonzero(mask[:, column])[0]
-        if len(lung_rows) == 0:
-            continue
-        border = int(lung_rows.max())
+    span = np.arange(int(first + 0.1 * width), int(first + 0.9 * width))
+    for column, border in zip(*_lowest_rows(mask, span), strict=True):
         if border + 1 + band > image.shape[0]:
             continue
         below = image[border + 1 : border + 1 + band, column]
