@@ -15,8 +15,10 @@ two 512-px bundles from bench/harness.py), median over the rounds: the whole stu
 networks' calls (the segmenter's encoder; its decoder with the masks' upsampling to the
 film, which a GPU host runs on the device; the classifiers), each writer (SEG, key image,
 presentation state, SR, the file writes), and the host side: the study less the networks
-(selection, decode, prompts, QC, classifier inputs and masks, writers, result.json). The
-database's recording of the outcome is not in it.
+(selection, decode, prompts, QC, classifier inputs and masks, writers, result.json), in
+wall seconds and in this thread's CPU seconds (the work on one core, without the waits for
+the disk's fsyncs, which a busy host overlaps with other studies' work). The database's
+recording of the outcome is not in it.
 """
 
 from __future__ import annotations
@@ -117,13 +119,17 @@ def _rg1_models(work: Path) -> tuple[Any, Any, Any]:
     return study, pipeline.load_models(settings), settings
 
 
-def _timed(spent: dict[str, float], name: str, function: Any) -> Any:
+def _timed(spent: dict[str, float], cpu: dict[str, float], name: str, function: Any) -> Any:
+    """`function`, adding its wall seconds to spent[name] and its thread's CPU seconds to
+    cpu[name]."""
+
     def call(*args: Any, **kwargs: Any) -> Any:
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.thread_time()
         try:
             return function(*args, **kwargs)
         finally:
             spent[name] += time.perf_counter() - started
+            cpu[name] += time.thread_time() - started_cpu
 
     return call
 
@@ -143,6 +149,7 @@ def study(rounds: int, work: Path) -> dict[str, Any]:
     rg1, models, settings = _rg1_models(work)
     segmenter = models.segmenter
     spent: dict[str, float] = defaultdict(float)
+    cpu: dict[str, float] = defaultdict(float)
     # Module attributes and the segmenter's own callables, swapped for timed ones and put
     # back after; the classifiers' network call is ClassifierBundle.forward.
     module_patches = {
@@ -164,18 +171,26 @@ def study(rounds: int, work: Path) -> dict[str, Any]:
     per_round: dict[str, list[float]] = defaultdict(list)
     try:
         for (owner, name), label in module_patches.items():
-            setattr(owner, name, _timed(spent, label, originals[(owner, name)]))
+            setattr(owner, name, _timed(spent, cpu, label, originals[(owner, name)]))
         for name, label in instance_patches.items():
-            setattr(segmenter, name, _timed(spent, label, getattr(segmenter, name)))
+            setattr(segmenter, name, _timed(spent, cpu, label, getattr(segmenter, name)))
         for round_ in range(rounds + 1):
             spent.clear()
-            started = time.perf_counter()
+            cpu.clear()
+            started, started_cpu = time.perf_counter(), time.thread_time()
             result = pipeline.run(rg1, models, settings, work / f"study{round_}")
             spent["study"] = time.perf_counter() - started
+            cpu["study"] = time.thread_time() - started_cpu
             if result.status is not OutcomeStatus.PROCESSED:
                 raise RuntimeError(f"RG1 was not processed: {result.reason}")
             networks = sum(v for k, v in spent.items() if k.startswith("network"))
             spent["host side (study - networks)"] = spent["study"] - networks
+            # The same on this thread's CPU clock: the host side's work on one core, without
+            # the waits for the disk (the fsyncs) that a busy host overlaps with other work.
+            spent["CPU: host side (study - networks)"] = cpu["study"] - sum(
+                v for k, v in cpu.items() if k.startswith("network")
+            )
+            spent["CPU: write files"] = cpu["write files"]
             spent["writers"] = sum(
                 v for k, v in spent.items() if k.startswith(("build", "write files"))
             )

@@ -12,7 +12,7 @@ import pytest
 
 from bench.seg_sets import REFERENCE, dice, hard_phantom_cases, reference_masks, rg1_cases
 from cxrbatch.config import SegmentationSettings
-from cxrbatch.models.prompts import segment_lungs
+from cxrbatch.models.prompts import segment_lungs, working_copy
 from cxrbatch.models.segmenter import LiteMedSAM, load_segmenter
 from cxrbatch_training.synthetic import make_hard_phantom
 
@@ -92,3 +92,26 @@ def test_dither_is_seeded_and_small(segmenter: LiteMedSAM) -> None:
     assert plane.std() > 0  # a flat image is no longer flat at the model's input
     plain = LiteMedSAM(device="cpu", input_dither=0.0).prepare(image).batch[0, 0, :rows, :cols]
     assert float(plain.numpy().std()) == 0.0
+
+
+def test_prompts_working_copy_is_the_encoders_input(segmenter: LiteMedSAM) -> None:
+    """The encoder is handed the prompts' working copy in place of its own resize
+    (prompts.segment_pixels): the same input, for films of either orientation and sizes
+    whose long side is not a multiple of the working size."""
+    rng = np.random.default_rng(5)
+    for shape in ((1955, 1841), (700, 1013), (256, 200)):
+        film = rng.integers(0, 256, shape, dtype=np.uint8)
+        own = segmenter.prepare(film)
+        given = segmenter.prepare(film, area_resized=working_copy(film))
+        assert np.array_equal(own.batch.numpy(), given.batch.numpy())
+        assert own.scale_xy == given.scale_xy
+        # ... and it is the copy given that is used (no second resize).
+        other = segmenter.prepare(film, area_resized=255 - working_copy(film))
+        assert not np.array_equal(own.batch.numpy(), other.batch.numpy())
+    # A copy of another size is not taken for it.
+    film = rng.integers(0, 256, (600, 500), dtype=np.uint8)
+    wrong = np.zeros((100, 80), np.uint8)
+    assert np.array_equal(
+        segmenter.prepare(film, area_resized=wrong).batch.numpy(),
+        segmenter.prepare(film).batch.numpy(),
+    )

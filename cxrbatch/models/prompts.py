@@ -303,7 +303,7 @@ def segment_pixels(
     # a 3000 x 3000 image cost more than the whole model on a GPU.
     post_scale = min(1.0, POST_SIZE / max(rows, cols))
     post_shape = (max(1, round(rows * post_scale)), max(1, round(cols * post_scale)))
-    embedding = segmenter.embed(pixels)
+    embedding = segmenter.embed(pixels, area_resized=small)
     first_pass = None
     alternatives: list[np.ndarray | None] = [None, None]
     if refine:

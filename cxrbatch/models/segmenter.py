@@ -91,7 +91,11 @@ class BoxSegmenter(Protocol):
     model: ModelRef
     device: torch.device
 
-    def embed(self, image: np.ndarray) -> Embedding: ...
+    def embed(self, image: np.ndarray, area_resized: np.ndarray | None = None) -> Embedding:
+        """The image's embedding; `area_resized`: the image already resized with
+        INTER_AREA (the prompts' working copy), used where it is the size this model's
+        input needs (the same pixels as resizing again)."""
+        ...
 
     def batch_encoder(self, max_batch: int, max_wait_s: float = 0.005) -> None:
         """Let concurrent embed() calls share encoder batches of up to `max_batch`."""
@@ -278,12 +282,12 @@ class _SamLikeBackend:
         """The SAM-family network (for fine-tuning)."""
         return cast(torch.nn.Module, self._net)
 
-    def prepare(self, image: np.ndarray) -> PreparedImage:
+    def prepare(self, image: np.ndarray, area_resized: np.ndarray | None = None) -> PreparedImage:
         raise NotImplementedError
 
     @torch.inference_mode()
-    def embed(self, image: np.ndarray) -> Embedding:
-        prepared = self.prepare(image)
+    def embed(self, image: np.ndarray, area_resized: np.ndarray | None = None) -> Embedding:
+        prepared = self.prepare(image, area_resized)
         return Embedding(
             features=self._encode(prepared.batch),
             original_size=prepared.original_size,
@@ -364,11 +368,14 @@ class LiteMedSAM(_SamLikeBackend):
         self._set_network(net, optimize_cpu, graph_cache, digest, engines)
         self.model = ModelRef(name="LiteMedSAM", version=version, sha256=digest)
 
-    def prepare(self, image: np.ndarray) -> PreparedImage:
+    def prepare(self, image: np.ndarray, area_resized: np.ndarray | None = None) -> PreparedImage:
         rows, cols = image.shape[:2]
         scale = self.input_size / max(rows, cols)
         new_rows, new_cols = max(1, round(rows * scale)), max(1, round(cols * scale))
-        small = cv2.resize(image, (new_cols, new_rows), interpolation=cv2.INTER_AREA)
+        if area_resized is not None and area_resized.shape[:2] == (new_rows, new_cols):
+            small = area_resized  # the prompts' working copy: this very resize (4 ms)
+        else:
+            small = cv2.resize(image, (new_cols, new_rows), interpolation=cv2.INTER_AREA)
         padded = np.zeros((self.input_size, self.input_size), dtype=np.float32)
         padded[:new_rows, :new_cols] = _minmax(_dithered(small, self.input_dither))
         batch = torch.from_numpy(padded)[None, None].expand(1, 3, -1, -1).contiguous()
@@ -519,7 +526,8 @@ class MedSAMViTB(_SamLikeBackend):
         self._set_network(net, optimize_cpu, graph_cache, digest, engines)
         self.model = ModelRef(name="MedSAM ViT-B", version=path.name, sha256=digest)
 
-    def prepare(self, image: np.ndarray) -> PreparedImage:
+    def prepare(self, image: np.ndarray, area_resized: np.ndarray | None = None) -> PreparedImage:
+        # ViT-B's input is a cubic resize to 1024 px square: `area_resized` is not it.
         rows, cols = image.shape[:2]
         size = self.input_size
         resized = cv2.resize(image, (size, size), interpolation=cv2.INTER_CUBIC)
