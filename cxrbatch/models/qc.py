@@ -227,12 +227,8 @@ def _upright(
         return image, image_left, image_right
     top, bottom = np.percentile(rows, [2, 98])
     height = bottom - top
-    ys, middles = [], []
-    for row in range(int(top + 0.25 * height), int(top + 0.6 * height)):
-        a, b = np.nonzero(image_left[row])[0], np.nonzero(image_right[row])[0]
-        if len(a) and len(b):
-            ys.append(row)
-            middles.append((a.max() + b.min()) / 2.0)
+    ys = _shared_rows(image_left, image_right, int(top + 0.25 * height), int(top + 0.6 * height))
+    middles = (_row_ends(image_left)[1][ys] + _row_ends(image_right)[0][ys]) / 2.0
     if len(ys) < 5:
         return image, image_left, image_right
     slope = float(theilslopes(middles, ys)[0])
@@ -246,6 +242,22 @@ def _upright(
         _turned(image_left, matrix, cv2.INTER_NEAREST, replicate),
         _turned(image_right, matrix, cv2.INTER_NEAREST, replicate),
     )
+
+
+def _row_ends(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's first (leftmost) and last (rightmost) mask column; 0 and the last
+    column in a row without any (`_shared_rows` picks the rows that have some)."""
+    first = np.argmax(mask, axis=1)
+    last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)
+    return first, last
+
+
+def _shared_rows(
+    image_left: np.ndarray, image_right: np.ndarray, start: int, stop: int
+) -> np.ndarray:
+    """The rows from `start` to `stop` (exclusive) in which both masks have pixels."""
+    rows = np.arange(max(0, start), min(stop, image_left.shape[0]))
+    return rows[image_left[rows].any(axis=1) & image_right[rows].any(axis=1)]
 
 
 def _turned(a: np.ndarray, matrix: np.ndarray, interpolation: int, border: int) -> np.ndarray:
@@ -287,12 +299,10 @@ def _heart_side(
         if right_band.size and left_band.size
         else 0.0
     )
-    gaps = []
-    for row in range(int(top + 0.5 * height), int(top + 0.9 * height)):
-        a, b = np.nonzero(image_left[row])[0], np.nonzero(image_right[row])[0]
-        if len(a) and len(b):
-            gaps.append(((b.min() - centre) - (centre - a.max())) / width)
-    indentation = float(np.median(gaps)) if gaps else 0.0
+    rows = _shared_rows(image_left, image_right, int(top + 0.5 * height), int(top + 0.9 * height))
+    a, b = _row_ends(image_left)[1][rows], _row_ends(image_right)[0][rows]
+    gaps = ((b - centre) - (centre - a)) / width
+    indentation = float(np.median(gaps)) if len(gaps) else 0.0
     return max(toward_left * density, toward_left * indentation)
 
 
@@ -361,15 +371,15 @@ def _mediastinum(
     x0, y0, x1, y1 = (round(v) for v in body)
     low, high = np.percentile(image[y0:y1, x0:x1], [5, 95])
     spread = max(1.0, float(high - low))
-    rows = np.nonzero(image_left.any(axis=1) & image_right.any(axis=1))[0]
-    values = []
-    for row in rows:
-        a, b = np.nonzero(image_left[row])[0], np.nonzero(image_right[row])[0]
-        if b.min() - a.max() > 2:
-            values.append(image[row, a.max() + 1 : b.min()])
-    if not values:
+    rows = _shared_rows(image_left, image_right, 0, image.shape[0])
+    a, b = _row_ends(image_left)[1][rows], _row_ends(image_right)[0][rows]
+    apart = b - a > 2
+    rows, a, b = rows[apart], a[apart], b[apart]
+    if not len(rows):
         return 0.0
-    between = float(np.median(np.concatenate(values)))
+    columns = np.arange(image.shape[1])
+    between_masks = (columns > a[:, None]) & (columns < b[:, None])
+    between = float(np.median(image[rows][between_masks]))
     inside = float(np.median(image[image_left | image_right]))
     return (between - inside) / spread
 
@@ -411,15 +421,21 @@ def _base_edge(image: np.ndarray, mask: np.ndarray, spread: float) -> float | No
     band = max(3, int(EDGE_BAND * (rows.max() - rows.min() + 1)))
     first, last = np.percentile(columns, [5, 95])
     width = last - first
-    steps = []
     span = np.arange(int(first + 0.1 * width), int(first + 0.9 * width))
-    for column, border in zip(*_lowest_rows(mask, span), strict=True):
-        if border + 1 + band > image.shape[0]:
-            continue
-        below = image[border + 1 : border + 1 + band, column]
-        inside = image[max(0, border - band) : border + 1, column]
-        steps.append((float(below.mean()) - float(inside.mean())) / spread)
-    return float(np.median(steps)) if len(steps) >= MIN_EDGE_COLUMNS else None
+    columns, borders = _lowest_rows(mask, span)
+    on_film = borders + 1 + band <= image.shape[0]
+    columns, borders = columns[on_film], borders[on_film]
+    if len(columns) < MIN_EDGE_COLUMNS:
+        return None
+    # Each band's mean from the columns' running sums: the sums of whole numbers are
+    # exact in float64, so each mean is the one np.mean of the band gives.
+    sums = np.zeros((image.shape[0] + 1, len(columns)))
+    np.cumsum(image[:, columns], axis=0, dtype=np.float64, out=sums[1:])
+    picked = np.arange(len(columns))
+    start = np.maximum(0, borders - band)
+    below = (sums[borders + 1 + band, picked] - sums[borders + 1, picked]) / band
+    inside = (sums[borders + 1, picked] - sums[start, picked]) / (borders + 1 - start)
+    return float(np.median((below - inside) / spread))
 
 
 def _explained(failure: str) -> str:
