@@ -13,9 +13,11 @@ Prints one JSON line: per film, the median seconds of each decode and their rati
 RG1 study through `pipeline.run` on one thread (the product's segmenter, the benchmark's
 two 512-px bundles from bench/harness.py), median over the rounds: the whole study, the
 networks' calls (the segmenter's encoder; its decoder with the masks' upsampling to the
-film, which a GPU host runs on the device; the classifiers), each writer (SEG, key image,
-presentation state, SR, the file writes), and the host side: the study less the networks
-(selection, decode, prompts, QC, classifier inputs and masks, writers, result.json), in
+film, which a GPU host runs on the device; the classifiers; Grad-CAM's passes where a
+label reaches its threshold), each writer (SEG, key image, presentation state, SR, the
+file writes), the decode, the quality gate, the classifiers' inputs, and the host side:
+the study less the networks (selection, decode, prompts, QC, classifier inputs and masks,
+writers, result.json), in
 wall seconds and in this thread's CPU seconds (the work on one core, without the waits for
 the disk's fsyncs, which a busy host overlaps with other studies' work). The database's
 recording of the outcome is not in it.
@@ -144,7 +146,9 @@ def study(rounds: int, work: Path) -> dict[str, Any]:
     from cxrbatch import pipeline
     from cxrbatch.dicom import export
     from cxrbatch.domain import OutcomeStatus
+    from cxrbatch.models import qc
     from cxrbatch.models.bundle import ClassifierBundle
+    from cxrbatch.models.preprocess import ClassifierInputs
 
     rg1, models, settings = _rg1_models(work)
     segmenter = models.segmenter
@@ -159,6 +163,12 @@ def study(rounds: int, work: Path) -> dict[str, Any]:
         (pipeline, "build_sr"): "build SR",
         (export, "write_dicom"): "write files",
         (ClassifierBundle, "forward"): "network: classifiers",
+        # Grad-CAM's forward and backward passes, where a label reaches its threshold
+        (pipeline, "finding_maps"): "network: finding maps",
+        # host-side steps besides the writers
+        (pipeline, "decode"): "decode",
+        (qc, "assess"): "quality gate",
+        (ClassifierInputs, "tensor"): "classifier inputs",
     }
     instance_patches = {
         "_encode": "network: segmenter encoder",
