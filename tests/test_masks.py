@@ -9,7 +9,7 @@ from scipy import ndimage as ndi
 
 from cxrbatch.models.masks import apply_mask, dilate, erode, resize_mask, study_mask
 from cxrbatch.models.preprocess import ClassifierInputs, classifier_input, to_uint8
-from cxrbatch.models.prompts import fill_holes
+from cxrbatch.models.prompts import _largest_component, fill_holes
 from cxrbatch_training.synthetic import make_phantom
 
 
@@ -125,6 +125,38 @@ def test_fill_holes_equals_scipy() -> None:
     for mask in cases:
         np.testing.assert_array_equal(fill_holes(mask), ndi.binary_fill_holes(mask))
     assert fill_holes(ring)[30:34, 30:34].all() and not fill_holes(ring)[:8].any()
+
+
+def test_largest_component_is_scipys() -> None:
+    """OpenCV's labelling picks the region scipy's did (4-connected, the first in raster
+    order on a tie): noise blobs, equal squares that may touch, U shapes whose arms join
+    only at the bottom (labels merged late), empty and full masks."""
+
+    def scipys(mask: np.ndarray) -> np.ndarray:
+        labels, count = ndi.label(mask)
+        if count <= 1:
+            return mask.astype(bool)
+        sizes = ndi.sum(mask, labels, range(1, count + 1))
+        return np.asarray(labels == int(np.argmax(sizes)) + 1)
+
+    rng = np.random.default_rng(11)
+    cases = [np.zeros((30, 40), bool), np.ones((30, 40), bool)]
+    for _ in range(60):
+        noise = rng.random((int(rng.integers(20, 150)), int(rng.integers(20, 150))))
+        cases.append(ndi.uniform_filter(noise, 5) > rng.uniform(0.45, 0.55))
+    for _ in range(60):
+        mask = np.zeros((120, 120), bool)
+        for _ in range(int(rng.integers(2, 6))):
+            y, x = (int(v) for v in rng.integers(0, 100, 2))
+            mask[y : y + 10, x : x + 10] = True
+        y, x = (int(v) for v in rng.integers(0, 90, 2))
+        mask[y : y + 20, x] = mask[y : y + 20, x + 9] = mask[y + 19, x : x + 10] = True
+        cases.append(mask)
+    diagonal = np.eye(8, dtype=bool)  # 8 one-pixel regions under 4-connectivity
+    cases.append(diagonal)
+    for mask in cases:
+        np.testing.assert_array_equal(_largest_component(mask), scipys(mask))
+    assert _largest_component(diagonal).sum() == 1 and _largest_component(diagonal)[0, 0]
 
 
 def test_the_distance_transform_is_scipys_exact_one(lungs: np.ndarray) -> None:
