@@ -227,8 +227,10 @@ def _upright(
         return image, image_left, image_right
     top, bottom = np.percentile(rows, [2, 98])
     height = bottom - top
-    ys = _shared_rows(image_left, image_right, int(top + 0.25 * height), int(top + 0.6 * height))
-    middles = (_row_ends(image_left)[1][ys] + _row_ends(image_right)[0][ys]) / 2.0
+    ys, a, b = _facing_borders(
+        image_left, image_right, int(top + 0.25 * height), int(top + 0.6 * height)
+    )
+    middles = (a + b) / 2.0
     if len(ys) < 5:
         return image, image_left, image_right
     slope = float(theilslopes(middles, ys)[0])
@@ -244,20 +246,17 @@ def _upright(
     )
 
 
-def _row_ends(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's first (leftmost) and last (rightmost) mask column; 0 and the last
-    column in a row without any (`_shared_rows` picks the rows that have some)."""
-    first = np.argmax(mask, axis=1)
-    last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)
-    return first, last
-
-
-def _shared_rows(
+def _facing_borders(
     image_left: np.ndarray, image_right: np.ndarray, start: int, stop: int
-) -> np.ndarray:
-    """The rows from `start` to `stop` (exclusive) in which both masks have pixels."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rows from `start` to `stop` (exclusive) in which both masks have pixels, and
+    in each the image-left lung's rightmost column and the image-right lung's leftmost
+    (their medial borders, facing each other across the mediastinum)."""
     rows = np.arange(max(0, start), min(stop, image_left.shape[0]))
-    return rows[image_left[rows].any(axis=1) & image_right[rows].any(axis=1)]
+    rows = rows[image_left[rows].any(axis=1) & image_right[rows].any(axis=1)]
+    left_rows, right_rows = image_left[rows], image_right[rows]
+    medial_of_left = left_rows.shape[1] - 1 - np.argmax(left_rows[:, ::-1], axis=1)
+    return rows, medial_of_left, np.argmax(right_rows, axis=1)
 
 
 def _turned(a: np.ndarray, matrix: np.ndarray, interpolation: int, border: int) -> np.ndarray:
@@ -299,8 +298,9 @@ def _heart_side(
         if right_band.size and left_band.size
         else 0.0
     )
-    rows = _shared_rows(image_left, image_right, int(top + 0.5 * height), int(top + 0.9 * height))
-    a, b = _row_ends(image_left)[1][rows], _row_ends(image_right)[0][rows]
+    _, a, b = _facing_borders(
+        image_left, image_right, int(top + 0.5 * height), int(top + 0.9 * height)
+    )
     gaps = ((b - centre) - (centre - a)) / width
     indentation = float(np.median(gaps)) if len(gaps) else 0.0
     return max(toward_left * density, toward_left * indentation)
@@ -371,8 +371,7 @@ def _mediastinum(
     x0, y0, x1, y1 = (round(v) for v in body)
     low, high = np.percentile(image[y0:y1, x0:x1], [5, 95])
     spread = max(1.0, float(high - low))
-    rows = _shared_rows(image_left, image_right, 0, image.shape[0])
-    a, b = _row_ends(image_left)[1][rows], _row_ends(image_right)[0][rows]
+    rows, a, b = _facing_borders(image_left, image_right, 0, image.shape[0])
     apart = b - a > 2
     rows, a, b = rows[apart], a[apart], b[apart]
     if not len(rows):
