@@ -17,10 +17,9 @@ film, which a GPU host runs on the device; the classifiers; Grad-CAM's passes wh
 label reaches its threshold), each writer (SEG, key image, presentation state, SR, the
 file writes), the decode, the quality gate, the classifiers' inputs, and the host side:
 the study less the networks (selection, decode, prompts, QC, classifier inputs and masks,
-writers, result.json), in
-wall seconds and in this thread's CPU seconds (the work on one core, without the waits for
-the disk's fsyncs, which a busy host overlaps with other studies' work). The database's
-recording of the outcome is not in it.
+writers, result.json), in wall seconds and in this thread's CPU seconds (the work on one
+core, without the waits for the disk's fsyncs, which a busy host overlaps with other
+studies' work). The database's recording of the outcome is not in it.
 """
 
 from __future__ import annotations
