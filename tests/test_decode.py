@@ -11,6 +11,7 @@ import pytest
 from pydicom.pixels import apply_modality_lut
 
 from cxrbatch.dicom.decode import (
+    code_counts,
     coded_values,
     decode,
     decode_dataset,
@@ -212,6 +213,29 @@ def test_percentiles_from_the_stored_codes_equal_numpys_bit_for_bit() -> None:
     # codes are not those of the values, so np.percentile decides (None here).
     counts = np.bincount(rng.integers(0, 4096, 4096))
     assert sorted_table_bounds(-1.0 * np.arange(len(counts)), counts) is None
+
+
+def test_code_counts_are_bincounts() -> None:
+    """The codes' histogram (OpenCV's for 8- and 16-bit pixels) counts what np.bincount
+    counts: every code from the smallest to the largest, at the range's ends, one code,
+    full 16-bit ranges, signed pixels, non-contiguous views, RG1."""
+    rng = np.random.default_rng(11)
+    images = [
+        rng.integers(0, 65535, (300, 257), endpoint=True).astype(np.uint16),
+        rng.integers(900, 1100, (64, 64)).astype(np.uint16),
+        np.full((17, 5), 4095, np.uint16),
+        rng.integers(0, 255, (99, 101), endpoint=True).astype(np.uint8),
+        rng.integers(-2000, 3000, (40, 40)).astype(np.int16),
+        rng.integers(0, 4096, (200, 300)).astype(np.uint16)[::3, 1::2],
+        pydicom.dcmread(real_file("RG1_UNCI.dcm")).pixel_array,
+    ]
+    images[0][0, 0], images[0][-1, -1] = 0, 65535
+    for pixels in images:
+        low, high = int(pixels.min()), int(pixels.max())
+        index = np.subtract(pixels, low, dtype=np.intp)
+        counts = code_counts(pixels, index, low, high)
+        assert counts.dtype == np.int64
+        assert np.array_equal(counts, np.bincount(index.ravel())), pixels.dtype
 
 
 @pytest.mark.parametrize("name", ["RG1_UNCI.dcm", "MR_small.dcm", "CT_small.dcm", "mlut_18.dcm"])

@@ -27,6 +27,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
@@ -178,6 +179,19 @@ class Coded:
         return table if self.index is None else np.take(table, self.index)
 
 
+def code_counts(pixels: np.ndarray, index: np.ndarray, low: int, high: int) -> np.ndarray:
+    """How many pixels hold each code from `low` to `high` (`index`: pixels - low as
+    platform integers), int64. OpenCV's histogram reads the 8- or 16-bit pixels themselves
+    (RG1: 3.1 ms on one core) where np.bincount reads the 8-byte index (7.3 ms). Its
+    counts are float32, exact up to 2**24 pixels in a bin, so larger images, and signed
+    codes (which it does not take), are counted by np.bincount."""
+    if pixels.ndim == 2 and pixels.dtype in (np.uint8, np.uint16) and pixels.size < 1 << 24:
+        bins = high - low + 1
+        histogram = cv2.calcHist([np.ascontiguousarray(pixels)], [0], None, [bins], [low, high + 1])
+        return histogram.ravel().astype(np.int64)
+    return np.bincount(index.ravel(), minlength=high - low + 1)
+
+
 def _coded(ds: Dataset, pixels: np.ndarray, notes: list[str]) -> Coded:
     index: np.ndarray | None = None
     counts: np.ndarray | None = None
@@ -187,7 +201,7 @@ def _coded(ds: Dataset, pixels: np.ndarray, notes: list[str]) -> Coded:
         # The index as platform integers, made once: bincount and each gather would
         # otherwise convert it again (the decode of RG1: 28.7 -> 11.2 ms for these steps).
         index = np.subtract(pixels, low, dtype=np.intp)
-        counts = np.bincount(index.ravel())
+        counts = code_counts(pixels, index, low, int(pixels.max()))
         codes = np.arange(low, low + len(counts), dtype=pixels.dtype)
     try:
         table = np.asarray(apply_modality_lut(codes, ds), dtype=np.float64)
