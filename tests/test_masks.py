@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from cxrbatch.models.masks import apply_mask, dilate, erode, resize_mask, study_mask
+from cxrbatch.models.masks import Growth, apply_mask, dilate, erode, resize_mask, study_mask
 from cxrbatch.models.preprocess import ClassifierInputs, classifier_input, to_uint8
 from cxrbatch.models.prompts import _largest_component, fill_holes
 from cxrbatch_training.synthetic import make_phantom
@@ -175,6 +175,10 @@ def test_the_distance_transform_is_scipys_exact_one(lungs: np.ndarray) -> None:
     for shape in shapes:
         assert np.array_equal(erode(shape, 5), ndi.distance_transform_edt(shape) > 5)
         if shape.any():
+            growth = Growth(shape)  # one transform for both radii, as an image's two masks
             for radius in (15, 50):
                 expected = ndi.distance_transform_edt(~shape) <= radius
                 assert np.array_equal(dilate(shape, radius), expected), radius
+                assert np.array_equal(growth.within(radius), expected), radius
+    empty = np.zeros((64, 64), bool)
+    assert not dilate(empty, 15).any() and not Growth(empty).within(50).any()

@@ -49,9 +49,25 @@ def erode(mask: np.ndarray, radius: float) -> np.ndarray:
 def dilate(mask: np.ndarray, radius: float) -> np.ndarray:
     if radius <= 0:
         return mask.astype(bool)
-    if not mask.any():
-        return np.zeros_like(mask, dtype=bool)
-    return distance_to_background(~mask.astype(bool)) <= radius
+    return Growth(mask).within(radius)
+
+
+class Growth:
+    """Dilations of one mask by any radii from one distance transform: each pixel's
+    distance to the mask, thresholded per radius (M-15 and M-50 of one image share it)."""
+
+    def __init__(self, mask: np.ndarray) -> None:
+        self.mask = mask.astype(bool)
+        # None: an empty mask, which no dilation grows
+        self.distance = distance_to_background(~self.mask) if self.mask.any() else None
+
+    def within(self, radius: float) -> np.ndarray:
+        """`dilate(mask, radius)`."""
+        if radius <= 0:
+            return self.mask.copy()
+        if self.distance is None:
+            return np.zeros_like(self.mask)
+        return self.distance <= radius
 
 
 def study_mask(lungs: np.ndarray, mode: MaskMode) -> np.ndarray | None:
@@ -61,12 +77,14 @@ def study_mask(lungs: np.ndarray, mode: MaskMode) -> np.ndarray | None:
     return grow(erode(lungs.astype(bool), EROSION_RADIUS), mode)
 
 
-def grow(eroded: np.ndarray, mode: MaskMode) -> np.ndarray:
-    """The dilation step of `mode` ("M-15" or "M-50") on an already eroded lung mask: one
-    erosion can serve both loose masks of an image."""
+def grow(eroded: np.ndarray | Growth, mode: MaskMode) -> np.ndarray:
+    """The dilation step of `mode` ("M-15" or "M-50") on an already eroded lung mask, or
+    on its `Growth`: one erosion and one distance transform serve both loose masks of an
+    image."""
     if mode not in DILATION_RADIUS:
         raise ValueError(f"Expected a loose mask mode in {tuple(DILATION_RADIUS)}, found {mode!r}.")
-    return dilate(eroded, DILATION_RADIUS[mode])
+    growth = eroded if isinstance(eroded, Growth) else Growth(eroded)
+    return growth.within(DILATION_RADIUS[mode])
 
 
 def apply_mask(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:

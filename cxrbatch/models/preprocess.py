@@ -24,6 +24,7 @@ import numpy as np
 from cxrbatch.models.masks import (
     EROSION_RADIUS,
     WORKING_SIZE,
+    Growth,
     MaskMode,
     apply_mask,
     erode,
@@ -64,9 +65,10 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 class ClassifierInputs:
     """One image's network inputs for any number of bundles.
 
-    The resized image, the lung mask at the 512 x 512 working size and its erosion are
-    computed once and shared: a classifier and a screening bundle at the same input size
-    cost one resize of the full-size image and one erosion, not two. The arithmetic is that
+    The resized image, the lung mask at the 512 x 512 working size, its erosion and the
+    distance transform the loose masks are grown by are computed once and shared: a
+    classifier and a screening bundle at the same input size cost one resize of the
+    full-size image, one erosion and one transform, not two each. The arithmetic is that
     of `classifier_input`, which is this class used once.
     """
 
@@ -74,7 +76,7 @@ class ClassifierInputs:
         self.gray = to_uint8(image if image.ndim == 2 else image[..., 0])
         self.lungs = lungs
         self._resized: dict[tuple[int, Crop], np.ndarray] = {}
-        self._eroded: dict[Crop, np.ndarray] = {}
+        self._eroded: dict[Crop, Growth] = {}
 
     def _source(self, crop: Crop) -> np.ndarray:
         return center_crop(self.gray) if crop == "center" else self.gray
@@ -104,7 +106,7 @@ class ClassifierInputs:
         if crop not in self._eroded:
             # Radii are defined at the study's 512 x 512 working resolution.
             lungs = center_crop(self.lungs) if crop == "center" else self.lungs
-            self._eroded[crop] = erode(resize_mask(lungs, WORKING_SIZE), EROSION_RADIUS)
+            self._eroded[crop] = Growth(erode(resize_mask(lungs, WORKING_SIZE), EROSION_RADIUS))
         mask = grow(self._eroded[crop], mask_mode)
         return resize_mask(mask, size) if size != WORKING_SIZE else mask
 
