@@ -13,6 +13,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from cxrbatch.dicom.contours import Borders
 from cxrbatch.dicom.gsps import OVERLAY_GROUP, _overlay
 
 
@@ -24,7 +25,7 @@ def test_overlay_bits_read_back_by_pydicom(shape: tuple[int, int]) -> None:
     second[shape[0] // 3 :, : max(1, shape[1] // 2)] = True
     gsps = Dataset()
     gsps.GraphicLayerSequence = []
-    _overlay(gsps, [first, second], order=1)
+    _overlay(gsps, shape, [Borders(first), Borders(second)], order=1)
     # The borders drawn independently, as the overlay should hold them.
     expected = np.zeros(shape, dtype=np.uint8)
     for mask in (first, second):

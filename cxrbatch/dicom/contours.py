@@ -27,28 +27,40 @@ def as_u8(mask: np.ndarray) -> np.ndarray:
     return mask.astype(np.uint8)
 
 
+class Borders:
+    """The outer borders of a mask's connected regions, found once (every border pixel;
+    OpenCV's findContours on the full-size mask, the costly step) for all that draw them:
+    the presentation state's polylines and its overlay."""
+
+    def __init__(self, mask: np.ndarray) -> None:
+        self.found, _ = cv2.findContours(as_u8(mask), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+
+    def polylines(self, max_points: int = MAX_POINTS, min_area: float = 0.0) -> list[np.ndarray]:
+        """`outlines(mask, max_points, min_area)`."""
+        regions = sorted(
+            (c for c in self.found if cv2.contourArea(c) >= min_area and len(c) >= 3),
+            key=cv2.contourArea,
+            reverse=True,
+        )
+        lines = []
+        for contour in regions:
+            tolerance = 0.5
+            simplified = contour
+            while len(simplified) > max_points:
+                simplified = cv2.approxPolyDP(contour, tolerance, True)
+                tolerance *= 1.5
+            points = simplified.reshape(-1, 2).astype(np.float64) + 0.5
+            lines.append(np.vstack([points, points[:1]]))
+        return lines
+
+
 def outlines(
     mask: np.ndarray, max_points: int = MAX_POINTS, min_area: float = 0.0
 ) -> list[np.ndarray]:
     """The outer border of each connected region of `mask` (largest first; regions under
     `min_area` pixels left out) as closed polylines, (n, 2) float arrays of (column, row),
     simplified to at most `max_points` points."""
-    found, _ = cv2.findContours(as_u8(mask), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    regions = sorted(
-        (c for c in found if cv2.contourArea(c) >= min_area and len(c) >= 3),
-        key=cv2.contourArea,
-        reverse=True,
-    )
-    lines = []
-    for contour in regions:
-        tolerance = 0.5
-        simplified = contour
-        while len(simplified) > max_points:
-            simplified = cv2.approxPolyDP(contour, tolerance, True)
-            tolerance *= 1.5
-        points = simplified.reshape(-1, 2).astype(np.float64) + 0.5
-        lines.append(np.vstack([points, points[:1]]))
-    return lines
+    return Borders(mask).polylines(max_points, min_area)
 
 
 def outline(mask: np.ndarray, max_points: int = MAX_POINTS) -> np.ndarray | None:

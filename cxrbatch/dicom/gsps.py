@@ -29,7 +29,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 import cxrbatch
 from cxrbatch.dicom.captions import caption
-from cxrbatch.dicom.contours import LEFT_COLOUR, REGION_COLOUR, RIGHT_COLOUR, as_u8, outlines
+from cxrbatch.dicom.contours import LEFT_COLOUR, REGION_COLOUR, RIGHT_COLOUR, Borders
 from cxrbatch.dicom.seg import MANUFACTURER, NOT_FOR_DIAGNOSIS, processing_equipment
 from cxrbatch.domain import ImageResult, ModelRef
 
@@ -50,14 +50,14 @@ def _layer(
     )
 
 
-def _polylines(mask: np.ndarray, min_area: float = 0.0) -> list[hd.pr.GraphicObject]:
+def _polylines(borders: Borders, min_area: float = 0.0) -> list[hd.pr.GraphicObject]:
     return [
         hd.pr.GraphicObject(
             graphic_type=hd.pr.GraphicTypeValues.POLYLINE,
             graphic_data=line,
             units=hd.pr.AnnotationUnitsValues.PIXEL,
         )
-        for line in outlines(mask, min_area=min_area)
+        for line in borders.polylines(min_area=min_area)
     ]
 
 
@@ -65,14 +65,14 @@ OVERLAY_GROUP = 0x6000
 OVERLAY_LAYER = "OUTLINES"
 
 
-def _overlay(gsps: Dataset, masks: list[np.ndarray], order: int) -> None:
-    """The borders of `masks` as overlay plane OVERLAY_GROUP of `gsps` (Overlay Plane
-    module, PS3.3 C.9.2), shown in its own graphic layer at full brightness."""
-    rows, columns = masks[0].shape
+def _overlay(gsps: Dataset, shape: tuple[int, int], outlined: list[Borders], order: int) -> None:
+    """The `outlined` borders as overlay plane OVERLAY_GROUP of `gsps` (Overlay Plane
+    module, PS3.3 C.9.2) over an image of `shape`, shown in its own graphic layer at full
+    brightness."""
+    rows, columns = shape
     bits = np.zeros((rows, columns), dtype=np.uint8)
-    for mask in masks:
-        found, _ = cv2.findContours(as_u8(mask), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(bits, found, -1, 1, max(1, columns // 600))
+    for borders in outlined:
+        cv2.drawContours(bits, borders.found, -1, 1, max(1, columns // 600))
     # Overlay Data (PS3.5 8.1.1): the bits in row order, the first pixel in the low bit,
     # padded to an even length. np.packbits directly: pydicom's pack_bits checks the
     # values and, for a length not a multiple of 8, pads by np.append with float64 zeros,
@@ -140,26 +140,27 @@ def build_presentation_state(
     text_layer = _layer("TEXT", 4, "algorithm summary", (255, 255, 255))
     layers = [right_layer, left_layer]
     annotations = []
-    lungs = ((right_layer, segmentation.right_lung), (left_layer, segmentation.left_lung))
-    for layer, mask in lungs:
-        objects = _polylines(mask)
+    # Each border found once, for its polylines and the overlay.
+    outlined = [Borders(segmentation.right_lung), Borders(segmentation.left_lung)]
+    for layer, borders in zip((right_layer, left_layer), outlined, strict=True):
+        objects = _polylines(borders)
         if objects:
             annotations.append(
                 hd.pr.GraphicAnnotation(
                     referenced_images=[source], graphic_layer=layer, graphic_objects=objects
                 )
             )
-    outlined = [segmentation.right_lung, segmentation.left_lung]
     region_objects: list[hd.pr.GraphicObject] = []
     region_labels: list[hd.pr.TextObject] = []
     shape = segmentation.right_lung.shape
     for finding in item.finding_maps:
         region = finding.region(shape)
-        objects = _polylines(region, MIN_REGION_PIXELS)
+        borders = Borders(region)
+        objects = _polylines(borders, MIN_REGION_PIXELS)
         if not objects:
             continue
         region_objects.extend(objects)
-        outlined.append(region)
+        outlined.append(borders)
         ys, xs = np.nonzero(region)
         label = f"{finding.label} {finding.probability:.2f} >= {finding.threshold:.2f}"
         if finding.model.synthetic_training_data:
@@ -243,7 +244,7 @@ def build_presentation_state(
             ),
         ],
     )
-    _overlay(gsps, outlined, order=len(layers) + 1)
+    _overlay(gsps, shape, outlined, order=len(layers) + 1)
     # What was processed is a chest, an unpaired body part: no (Type 2C) Laterality.
     gsps.BodyPartExamined = "CHEST"
     gsps.SeriesDescription = f"cxrbatch annotations - ALGORITHM - {NOT_FOR_DIAGNOSIS}"[:64]
