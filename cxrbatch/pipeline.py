@@ -28,6 +28,7 @@ from pydicom.dataset import Dataset
 
 from cxrbatch.config import Settings
 from cxrbatch.dicom import export
+from cxrbatch.dicom.contours import Borders, LungBorders
 from cxrbatch.dicom.decode import decode
 from cxrbatch.dicom.gsps import build_presentation_state
 from cxrbatch.dicom.keyimage import build_key_image
@@ -352,9 +353,12 @@ def write_dicom_outputs(
     output = settings.output
     seg_series, key_series, gsps_series = hd.UID(), hd.UID(), hd.UID()
     built: list[tuple[ImageResult, Dataset, Dataset, Dataset | None, Dataset | None]] = []
+    borders: list[LungBorders] = []  # each lung's, found once for the SR and the GSPS
     try:
         for number, image in enumerate(processed, 1):
             item, ds = image.result, export.reference_header(image.dataset)
+            lungs = item.segmentation
+            borders.append((Borders(lungs.right_lung), Borders(lungs.left_lung)))
             seg = build_seg(
                 ds, item.segmentation, models.segmenter.model, seg_series, hd.UID(),
                 output.seg_encoding,
@@ -365,7 +369,9 @@ def write_dicom_outputs(
                 else None
             )
             gsps = (
-                build_presentation_state(ds, item, models.refs, gsps_series, hd.UID(), number)
+                build_presentation_state(
+                    ds, item, models.refs, gsps_series, hd.UID(), number, borders[-1]
+                )
                 if output.presentation_state
                 else None
             )
@@ -379,8 +385,9 @@ def write_dicom_outputs(
                 item.findings,
                 item.screening,
                 item.finding_maps,
+                lung_borders,
             )
-            for item, ds, seg, _, _ in built
+            for (item, ds, seg, _, _), lung_borders in zip(built, borders, strict=True)
         ]
         sr = export.carry_identity(build_sr(sr_items, hd.UID(), hd.UID()), processed[0].dataset)
         # Built from reference headers (one value where the IOD defines one); the patient

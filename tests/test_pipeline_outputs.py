@@ -12,6 +12,7 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+import pydicom
 import pytest
 
 from cxrbatch import pipeline
@@ -123,6 +124,29 @@ def test_real_chest_cr_with_classifier_and_screening(
     assert "SYNTHETIC" in sr.SeriesDescription and "NOT FOR DIAGNOSTIC USE" in sr.SeriesDescription
     # The bundle's mask modes were applied: M-15 for the classifier, M-50 for screening.
     assert {m["mask_mode"] for m in document["models"]} == {None, "M-15", "M-50"}
+
+    # Each lung's border, found once for both, is the same polyline in the SR and in the
+    # presentation state, closed, and it runs along the mask (a point at a pixel's centre).
+    gsps = pydicom.dcmread(result.outputs.presentation_state_files[image.instance.sop_instance_uid])
+    drawn = {
+        annotation.GraphicLayer: [list(o.GraphicData) for o in annotation.GraphicObjectSequence]
+        for annotation in gsps.GraphicAnnotationSequence
+        if "GraphicObjectSequence" in annotation
+    }
+    outlines = {
+        group.tracking_identifier.split(" lung outline")[0]: group.roi.value
+        for group in sr.content.get_planar_roi_measurement_groups()
+        if " lung outline image 1" in group.tracking_identifier
+    }
+    for side, layer, mask in (
+        ("right", "RIGHT LUNG", segmentation.right_lung),
+        ("left", "LEFT LUNG", segmentation.left_lung),
+    ):
+        points = np.asarray(outlines[side], dtype=np.float64)
+        assert drawn[layer] == [[float(v) for v in points.ravel()]], side
+        assert 20 < len(points) <= 257 and np.array_equal(points[0], points[-1]), side
+        columns, rows = (points - 0.5).round().astype(int).T
+        assert mask[rows, columns].all(), side
 
 
 @pytest.mark.parametrize("name", ["RG1_UNCI.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm"])

@@ -30,13 +30,26 @@ def as_u8(mask: np.ndarray) -> np.ndarray:
 class Borders:
     """The outer borders of a mask's connected regions, found once (every border pixel;
     OpenCV's findContours on the full-size mask, the costly step) for all that draw them:
-    the presentation state's polylines and its overlay."""
+    the SR's and the presentation state's polylines and the presentation state's overlay
+    (a study's writers share each lung's, `LungBorders`)."""
 
     def __init__(self, mask: np.ndarray) -> None:
         self.found, _ = cv2.findContours(as_u8(mask), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        self._lines: dict[tuple[int, float], list[np.ndarray]] = {}
 
     def polylines(self, max_points: int = MAX_POINTS, min_area: float = 0.0) -> list[np.ndarray]:
-        """`outlines(mask, max_points, min_area)`."""
+        """`outlines(mask, max_points, min_area)`, simplified once for each caller asking
+        the same (the arrays are shared: read them, do not change them)."""
+        if (max_points, min_area) not in self._lines:
+            self._lines[max_points, min_area] = self._simplified(max_points, min_area)
+        return self._lines[max_points, min_area]
+
+    def polyline(self) -> np.ndarray | None:
+        """The largest region's border, or None when the mask is empty."""
+        lines = self.polylines()
+        return lines[0] if lines else None
+
+    def _simplified(self, max_points: int, min_area: float) -> list[np.ndarray]:
         regions = sorted(
             (c for c in self.found if cv2.contourArea(c) >= min_area and len(c) >= 3),
             key=cv2.contourArea,
@@ -54,6 +67,10 @@ class Borders:
         return lines
 
 
+# The patient's right and left lung's borders, in that order.
+LungBorders = tuple[Borders, Borders]
+
+
 def outlines(
     mask: np.ndarray, max_points: int = MAX_POINTS, min_area: float = 0.0
 ) -> list[np.ndarray]:
@@ -61,9 +78,3 @@ def outlines(
     `min_area` pixels left out) as closed polylines, (n, 2) float arrays of (column, row),
     simplified to at most `max_points` points."""
     return Borders(mask).polylines(max_points, min_area)
-
-
-def outline(mask: np.ndarray, max_points: int = MAX_POINTS) -> np.ndarray | None:
-    """The border of the largest region of `mask`, or None when it is empty."""
-    found = outlines(mask, max_points)
-    return found[0] if found else None

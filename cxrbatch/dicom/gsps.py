@@ -29,7 +29,13 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 import cxrbatch
 from cxrbatch.dicom.captions import caption
-from cxrbatch.dicom.contours import LEFT_COLOUR, REGION_COLOUR, RIGHT_COLOUR, Borders
+from cxrbatch.dicom.contours import (
+    LEFT_COLOUR,
+    REGION_COLOUR,
+    RIGHT_COLOUR,
+    Borders,
+    LungBorders,
+)
 from cxrbatch.dicom.seg import MANUFACTURER, NOT_FOR_DIAGNOSIS, processing_equipment
 from cxrbatch.domain import ImageResult, ModelRef
 
@@ -117,6 +123,7 @@ def build_presentation_state(
     series_instance_uid: str,
     sop_instance_uid: str,
     instance_number: int,
+    lung_borders: LungBorders | None = None,
 ) -> Dataset:
     """A GSPS on `source` with the lung contours, the finding regions and the text layer.
 
@@ -125,6 +132,8 @@ def build_presentation_state(
     source: the radiograph's header; item: its result (masks, findings, finding maps).
     models: the models that ran (named in the text layer and the content description).
     series_instance_uid, sop_instance_uid, instance_number: the new object's identity.
+    lung_borders: the lungs' borders where the caller found them already (the SR uses
+        them too); found here otherwise.
 
     Raises
     ------
@@ -141,7 +150,9 @@ def build_presentation_state(
     layers = [right_layer, left_layer]
     annotations = []
     # Each border found once, for its polylines and the overlay.
-    outlined = [Borders(segmentation.right_lung), Borders(segmentation.left_lung)]
+    if lung_borders is None:
+        lung_borders = (Borders(segmentation.right_lung), Borders(segmentation.left_lung))
+    outlined = list(lung_borders)
     for layer, borders in zip((right_layer, left_layer), outlined, strict=True):
         objects = _polylines(borders)
         if objects:

@@ -39,7 +39,7 @@ from pydicom.sr.codedict import codes as dcm_codes
 import cxrbatch
 from cxrbatch.dicom import codes
 from cxrbatch.dicom.captions import called
-from cxrbatch.dicom.contours import outline, outlines
+from cxrbatch.dicom.contours import Borders, LungBorders, outlines
 from cxrbatch.dicom.seg import MANUFACTURER, NOT_FOR_DIAGNOSIS, valid_pixel_spacing
 from cxrbatch.domain import FindingMap, Findings, LungSegmentation, ModelRef
 
@@ -58,6 +58,9 @@ class SrImage:
     findings: Findings | None
     screening: Findings | None
     finding_maps: tuple[FindingMap, ...] = ()
+    # The lungs' borders where the caller found them already (the presentation state's);
+    # found here otherwise.
+    lung_borders: LungBorders | None = None
 
 
 def _algorithm(model: ModelRef) -> hd.sr.AlgorithmIdentification:
@@ -213,9 +216,13 @@ def _lung_outline_groups(
     spacing = valid_pixel_spacing(item.source)
     evaluations = _qc_evaluations(item)
     groups = []
-    for side, code in (("right", codes.RIGHT_LUNG), ("left", codes.LEFT_LUNG)):
-        mask = item.segmentation.right_lung if side == "right" else item.segmentation.left_lung
-        line = outline(mask)
+    right, left = item.segmentation.right_lung, item.segmentation.left_lung
+    right_borders, left_borders = item.lung_borders or (Borders(right), Borders(left))
+    for side, code, mask, borders in (
+        ("right", codes.RIGHT_LUNG, right, right_borders),
+        ("left", codes.LEFT_LUNG, left, left_borders),
+    ):
+        line = borders.polyline()
         if line is None:
             continue
         measurements = []
