@@ -43,7 +43,7 @@ pytest.importorskip("data_store", reason="pydicom-data ships the real chest film
 # Films of the families that must come out good or flagged, and those that must be flagged.
 GOOD_OR_FLAGGED = ("magnified1.15", "rotated-12", "rotated+15", "bases-cut0.20",
                    "window0.05@p50", "window0.20@p40", "voi-lut0.05")  # fmt: skip
-MUST_FLAG = ("bases-cut0.30", "mirrored-wrong+0", "effusion-left0.50")
+MUST_FLAG = ("bases-cut0.30", "mirrored-wrong+0", "mirrored-wrong+8", "effusion-left0.50")
 
 
 @pytest.mark.slow
@@ -66,6 +66,9 @@ def test_portable_copies_of_rg1_are_segmented_well_or_flagged(models: pipeline.M
     windowed = [results[n][:2] for n in ("window0.05@p50", "window0.20@p40", "voi-lut0.05")]
     assert all(min(pair) >= 0.92 for pair in windowed), windowed
     assert "sides disagree with the header" in str(results["mirrored-wrong+0"][2])
+    # Turned by 8 degrees the heart's cues are weak; the liver's side under the domes and
+    # the heart leaning the same way say it.
+    assert "dome side" in str(results["mirrored-wrong+8"][2]), results["mirrored-wrong+8"]
     assert "film edge" in str(results["bases-cut0.30"][2])
     # The mask stops at the fluid's meniscus: the base check says so.
     assert qc.BASE_MISSING in str(results["effusion-left0.50"][2])
@@ -185,6 +188,37 @@ def test_each_new_check_can_fail() -> None:
     low = np.zeros((rows, cols), bool)
     low[120:256, 20:110] = True
     assert qc.lung_measures(image, low, low, body, 128.0, -1, None, 0.9)["film_edge"] > 0.25
+
+
+@pytest.mark.parametrize(("heart", "flagged"), [(-0.02, True), (0.02, False)])
+def test_the_liver_under_the_domes_with_the_heart_says_the_sides(
+    heart: float, flagged: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On drawn masks: a dense liver under the image-left lung (the patient's right, as
+    the header says) reads positive; mirrored it reads negative, and the film is flagged
+    when the heart's cue leans the same way (below 0, though above the heart check's own
+    bound), not when it leans the other way."""
+    rows, cols = 256, 256
+    image = np.full((rows, cols), 120, np.uint8)
+    left = np.zeros((rows, cols), bool)
+    right = np.zeros((rows, cols), bool)
+    yy, xx = np.mgrid[0:rows, 0:cols]
+    left[40:200] = ((xx[40:200] - 70) / 45) ** 2 + ((yy[40:200] - 120) / 80) ** 2 < 1
+    right[40:200] = ((xx[40:200] - 186) / 45) ** 2 + ((yy[40:200] - 120) / 80) ** 2 < 1
+    image[left | right] = 60
+    image[200:245, 20:120] = 230  # the liver, under the image-left lung
+    body = (10.0, 10.0, 246.0, 246.0)
+    monkeypatch.setattr(qc, "_heart_side", lambda *_args: heart)
+    upright = qc.assess(image, (left, right), body, 128.0, None, (0.9, 0.9), True)
+    assert upright.pair_measures["dome_side"] > 0.1, upright.pair_measures
+    assert not any(qc.SIDES_DISAGREE in f for f in upright.pair_failures), upright.pair_failures
+    mirrored = qc.assess(
+        image[:, ::-1], (right[:, ::-1], left[:, ::-1]), body, 128.0, None, (0.9, 0.9), True
+    )
+    assert mirrored.pair_measures["dome_side"] < -0.1, mirrored.pair_measures
+    disagree = [f for f in mirrored.pair_failures if qc.SIDES_DISAGREE in f]
+    assert bool(disagree) is flagged, mirrored.pair_failures
+    assert all("liver" in f for f in disagree)
 
 
 def _rotated(a: np.ndarray, degrees: float) -> np.ndarray:

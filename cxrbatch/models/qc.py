@@ -306,6 +306,42 @@ def _heart_side(
     return max(toward_left * density, toward_left * indentation)
 
 
+DOME_BAND = (0.03, 0.12)  # below each lung's base, as shares of the lungs' height
+# "sides disagree" also when the abdomen under the domes and the heart both lean against
+# the header: the dome cue below this, the heart cue below 0 (docs/segmentation.md).
+DOME_AGAINST = -0.10
+
+
+def _dome_side(
+    image: np.ndarray, image_left: np.ndarray, image_right: np.ndarray, toward_left: float
+) -> float | None:
+    """Which side the denser upper abdomen lies on (the liver, under the patient's right
+    dome; the stomach's gas and the colon under the left), positive where the header puts
+    the patient's right (`toward_left` as in `_heart_side`): under each lung, a band from
+    3 % to 12 % of the lungs' height below its base (the median lowest row over the middle
+    half of its columns), over those columns; the image-left band's mean less the
+    image-right's, as a share of the image's 5-95 % spread. None where a band leaves the
+    film (a base cut off) or a lung is missing."""
+    rows = np.nonzero((image_left | image_right).any(axis=1))[0]
+    if len(rows) == 0:
+        return None
+    height = float(rows.max() - rows.min() + 1)
+    low, high = np.percentile(image, [5, 95])
+    spread = max(1.0, float(high - low))
+    means = []
+    for mask in (image_left, image_right):
+        columns = np.nonzero(mask.any(axis=0))[0]
+        if len(columns) < 4:
+            return None
+        first, last = (int(v) for v in np.percentile(columns, [25, 75]))
+        base = float(np.median(_lowest_rows(mask, np.arange(first, last + 1))[1]))
+        top, bottom = int(base + DOME_BAND[0] * height), int(base + DOME_BAND[1] * height)
+        if bottom >= image.shape[0] - 1:
+            return None
+        means.append(float(image[top : bottom + 1, first : last + 1].astype(np.float32).mean()))
+    return toward_left * (means[0] - means[1]) / spread
+
+
 def _apex(mask: np.ndarray) -> tuple[float, float]:
     """A lung's apex, (row, column): the row above which 1 % of the mask lies and the mean
     column of the mask above the row 2 % lower (percentiles, so that a thin spur the model
@@ -445,6 +481,12 @@ def _explained(failure: str) -> str:
             "header calls the patient's right: a mirrored film with its orientation left as "
             "it was, or dextrocardia; the sides are not swapped here)"
         )
+    if failure.startswith("dome side"):
+        return (
+            f"{SIDES_DISAGREE} ({failure}: the denser upper abdomen, the liver's side, and "
+            "the heart both lie where the header does not put them: a mirrored film with its "
+            "orientation left as it was, or situs inversus; the sides are not swapped here)"
+        )
     if failure.startswith("base level"):
         return (
             f"{BASE_MISSING} ({failure}: fluid or consolidation at that base, a raised "
@@ -509,8 +551,19 @@ def assess(
         toward_left = 1.0 if image_left_is_patient_right else -1.0
         upright = _upright(image, left_mask, right_mask)
         pair["heart_side"] = round(_heart_side(*upright, toward_left), 4)
+        dome = _dome_side(image, left_mask, right_mask, toward_left)
+        if dome is not None:
+            pair["dome_side"] = round(dome, 4)
         pair["mediastinum"] = round(_mediastinum(image, left_mask, right_mask, body), 4)
     failures = list(_failures(pair, PAIR_THRESHOLDS))
+    heart, dome = pair.get("heart_side", 0.0), pair.get("dome_side", 0.0)
+    heart_failed = any(f.startswith("heart side") for f in failures)
+    if dome < DOME_AGAINST and heart < 0.0 and not heart_failed:
+        # Each cue alone is fooled on some good films; both leaning against the header is
+        # what a mirrored film shows (docs/segmentation.md).
+        failures.append(
+            f"dome side {dome:.2f} (expected >= {DOME_AGAINST:.2f}) with heart side {heart:.2f}"
+        )
     layout = [
         any(f.startswith(name.replace("_", " ")) for name in LAYOUT for f in fails)
         for _, fails in verdicts
