@@ -306,22 +306,26 @@ def _heart_side(
     return max(toward_left * density, toward_left * indentation)
 
 
-DOME_BAND = (0.03, 0.12)  # below each lung's base, as shares of the lungs' height
-# "sides disagree" also when the abdomen under the domes and the heart both lean against
-# the header: the dome cue below this, the heart cue below 0 (docs/segmentation.md).
+DOME_BAND = (0.03, 0.12)  # below each lung's lower border, as shares of the lungs' height
+# "sides disagree" also when this and the heart's cue both lean against the header: the
+# dome cue below this, the heart cue below 0 (docs/segmentation.md).
 DOME_AGAINST = -0.10
 
 
 def _dome_side(
     image: np.ndarray, image_left: np.ndarray, image_right: np.ndarray, toward_left: float
 ) -> float | None:
-    """Which side the denser upper abdomen lies on (the liver, under the patient's right
-    dome; the stomach's gas and the colon under the left), positive where the header puts
-    the patient's right (`toward_left` as in `_heart_side`): under each lung, a band from
-    3 % to 12 % of the lungs' height below its base (the median lowest row over the middle
-    half of its columns), over those columns; the image-left band's mean less the
-    image-right's, as a share of the image's 5-95 % spread. None where a band leaves the
-    film (a base cut off) or a lung is missing."""
+    """Which side is the denser just below the middle of the lungs' lower borders,
+    positive where the header puts the patient's right (`toward_left` as in `_heart_side`):
+    under each lung, a band from 3 % to 12 % of the lungs' height below its lower border
+    (the median lowest row over the middle half of its columns), over those columns; the
+    image-left band's mean less the image-right's, as a share of the image's 5-95 % spread.
+    Under the patient's right lung that band is the liver under the dome; under the left,
+    whose lower border rises along the heart in those columns, it covers the lower lung
+    and the heart's border. So it reads the liver and the heart's notch together, not the
+    liver alone (under the domes' lateral halves the liver's side was too weak on RG1:
+    docs/segmentation.md). None where a band leaves the film (a base cut off) or a lung is
+    missing."""
     rows = np.nonzero((image_left | image_right).any(axis=1))[0]
     if len(rows) == 0:
         return None
@@ -483,9 +487,10 @@ def _explained(failure: str) -> str:
         )
     if failure.startswith("dome side"):
         return (
-            f"{SIDES_DISAGREE} ({failure}: the denser upper abdomen, the liver's side, and "
-            "the heart both lie where the header does not put them: a mirrored film with its "
-            "orientation left as it was, or situs inversus; the sides are not swapped here)"
+            f"{SIDES_DISAGREE} ({failure}: the denser side below the lungs' lower borders, "
+            "the liver's and the heart's notch, and the heart lie where the header does not "
+            "put them: a mirrored film with its orientation left as it was, or situs "
+            "inversus; the sides are not swapped here)"
         )
     if failure.startswith("base level"):
         return (
@@ -560,7 +565,7 @@ def assess(
     heart_failed = any(f.startswith("heart side") for f in failures)
     if dome < DOME_AGAINST and heart < 0.0 and not heart_failed:
         # Each cue alone is fooled on some good films; both leaning against the header is
-        # what a mirrored film shows (docs/segmentation.md).
+        # what the mirrored films showed and no good film did (docs/segmentation.md).
         failures.append(
             f"dome side {dome:.2f} (expected >= {DOME_AGAINST:.2f}) with heart side {heart:.2f}"
         )
