@@ -158,17 +158,26 @@ def test_the_gate_not_the_classifier_makes_hard_films_needs_review(
     assert qc.BASE_MISSING in verdicts["effusion"], verdicts
 
 
-def test_each_new_check_can_fail() -> None:
-    """On drawn masks: a tall thin strip fails `aspect`; a lung along the film's bottom
-    fails `film_edge`; the heart's side follows the image and flips with it."""
+def _drawn_lungs(background: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A 256 x 256 film of `background` grey with two dark elliptic lungs (rows 40-199):
+    the image and the image-left and image-right masks."""
     rows, cols = 256, 256
-    image = np.full((rows, cols), 200, np.uint8)
+    image = np.full((rows, cols), background, np.uint8)
     left = np.zeros((rows, cols), bool)
     right = np.zeros((rows, cols), bool)
     yy, xx = np.mgrid[0:rows, 0:cols]
     left[40:200] = ((xx[40:200] - 70) / 45) ** 2 + ((yy[40:200] - 120) / 80) ** 2 < 1
     right[40:200] = ((xx[40:200] - 186) / 45) ** 2 + ((yy[40:200] - 120) / 80) ** 2 < 1
     image[left | right] = 60
+    return image, left, right
+
+
+def test_each_new_check_can_fail() -> None:
+    """On drawn masks: a tall thin strip fails `aspect`; a lung along the film's bottom
+    fails `film_edge`; the heart's side follows the image and flips with it."""
+    image, left, right = _drawn_lungs(200)
+    rows, cols = image.shape
+    yy, xx = np.mgrid[0:rows, 0:cols]
     # A heart on the image's right: bright, and indenting that lung's lower medial border.
     heart = ((xx - 150) / 40) ** 2 + ((yy - 170) / 30) ** 2 < 1
     image[heart] = 255
@@ -198,14 +207,7 @@ def test_the_liver_under_the_domes_with_the_heart_says_the_sides(
     the header says) reads positive; mirrored it reads negative, and the film is flagged
     when the heart's cue leans the same way (below 0, though above the heart check's own
     bound), not when it leans the other way."""
-    rows, cols = 256, 256
-    image = np.full((rows, cols), 120, np.uint8)
-    left = np.zeros((rows, cols), bool)
-    right = np.zeros((rows, cols), bool)
-    yy, xx = np.mgrid[0:rows, 0:cols]
-    left[40:200] = ((xx[40:200] - 70) / 45) ** 2 + ((yy[40:200] - 120) / 80) ** 2 < 1
-    right[40:200] = ((xx[40:200] - 186) / 45) ** 2 + ((yy[40:200] - 120) / 80) ** 2 < 1
-    image[left | right] = 60
+    image, left, right = _drawn_lungs(120)
     image[200:245, 20:120] = 230  # the liver, under the image-left lung
     body = (10.0, 10.0, 246.0, 246.0)
     monkeypatch.setattr(qc, "_heart_side", lambda *_args: heart)
