@@ -66,8 +66,9 @@ def test_portable_copies_of_rg1_are_segmented_well_or_flagged(models: pipeline.M
     windowed = [results[n][:2] for n in ("window0.05@p50", "window0.20@p40", "voi-lut0.05")]
     assert all(min(pair) >= 0.92 for pair in windowed), windowed
     assert "sides disagree with the header" in str(results["mirrored-wrong+0"][2])
-    # Turned by 8 degrees the heart's cues are weak; the liver's side under the domes and
-    # the heart leaning the same way say it.
+    # Turned by 8 degrees the heart's cues are weak; the side denser below the lungs'
+    # lower borders (the liver's, and the heart's notch) with the heart leaning the same
+    # way says it.
     assert "dome side" in str(results["mirrored-wrong+8"][2]), results["mirrored-wrong+8"]
     assert "film edge" in str(results["bases-cut0.30"][2])
     # The mask stops at the fluid's meniscus: the base check says so.

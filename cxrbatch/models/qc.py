@@ -565,7 +565,8 @@ def assess(
     heart_failed = any(f.startswith("heart side") for f in failures)
     if dome < DOME_AGAINST and heart < 0.0 and not heart_failed:
         # Each cue alone is fooled on some good films; both leaning against the header is
-        # what the mirrored films showed and no good film did (docs/segmentation.md).
+        # what the mirrored films showed, and no good film that the heart check passes
+        # (docs/segmentation.md).
         failures.append(
             f"dome side {dome:.2f} (expected >= {DOME_AGAINST:.2f}) with heart side {heart:.2f}"
         )
