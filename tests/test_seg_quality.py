@@ -10,7 +10,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.seg_sets import REFERENCE, dice, hard_phantom_cases, reference_masks, rg1_cases
+from bench.seg_sets import (
+    REFERENCE,
+    dice,
+    hard_phantom_cases,
+    lower_zone_dice,
+    reference_masks,
+    rg1_cases,
+)
 from cxrbatch.config import SegmentationSettings
 from cxrbatch.models.prompts import segment_lungs, working_copy
 from cxrbatch.models.segmenter import LiteMedSAM, load_segmenter
@@ -38,6 +45,25 @@ def test_reference_is_two_separate_plausible_lung_fields() -> None:
         < 900
         < (left.sum(0) * columns).sum() / (left.sum())
     )
+
+
+def test_lower_zone_dice_sees_a_base_that_the_whole_lungs_dice_forgives() -> None:
+    """RG1's traced right lung with its lowest fifth of rows cut away, and with a spill a
+    tenth of its height deep below its base across its width: each still a good film by
+    the whole lung's Dice (>= 0.90), each well below 0.85 in the lower zone; the
+    reference itself scores 1.0 and an empty one has nothing to miss."""
+    right, _ = reference_masks((1955, 1841), REFERENCE)
+    rows, columns = np.nonzero(right)
+    top, bottom = int(rows.min()), int(rows.max())
+    cut = right.copy()
+    cut[bottom - (bottom - top) // 5 :] = False
+    spill = right.copy()
+    spill[bottom : bottom + (bottom - top) // 10, columns.min() : columns.max()] = True
+    assert lower_zone_dice(right, right) == 1.0
+    assert lower_zone_dice(right, np.zeros_like(right)) == 1.0
+    for wrong in (cut, spill):
+        assert dice(wrong, right) >= 0.90
+        assert lower_zone_dice(wrong, right) < 0.80
 
 
 @pytest.mark.slow
