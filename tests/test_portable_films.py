@@ -71,6 +71,7 @@ def test_portable_copies_of_rg1_are_segmented_well_or_flagged(models: pipeline.M
     # way says it.
     assert "dome side" in str(results["mirrored-wrong+8"][2]), results["mirrored-wrong+8"]
     assert "film edge" in str(results["bases-cut0.30"][2])
+    assert "runs off the film's edge" in str(results["bases-cut0.30"][2])  # and what it means
     # The mask stops at the fluid's meniscus: the base check says so.
     assert qc.BASE_MISSING in str(results["effusion-left0.50"][2])
 

@@ -74,7 +74,17 @@ def test_plausible_lungs_pass_and_every_check_can_fail() -> None:
         ).left.failures
     )
     white = qc.assess(_image(left), (left, right), BODY, MIDLINE, None, (0.9, 0.9), True)
-    assert [f for f in white.left.failures if f.startswith("contrast")], white.left.measures
+    contrast = [f for f in white.left.failures if f.startswith("contrast")]
+    assert contrast, white.left.measures
+    # What it may mean, for the reader of the reason.
+    assert "opaque or whited-out lung" in contrast[0], contrast
+    assert "opaque" not in " ".join(f for f in white.right.failures), white.right.failures
+    # Two small, thin strips over nothing darker (no chest): the failures are named, but
+    # what a failed check would mean of a lung is not said of them.
+    strips = _lung(60, 128, 6, 40), _lung(196, 128, 6, 40)
+    none = qc.assess(_image(), strips, BODY, MIDLINE, None, (0.9, 0.9), True)
+    assert none.reason is not None and qc.NOT_A_CHEST in none.reason, none.reason
+    assert "contrast" in none.reason and "whited-out" not in none.reason, none.reason
     moved = _lung(90, 60, 30, 30)
     disagree = qc.assess(
         _image(left, right), (left, right), BODY, MIDLINE, (moved, right), (0.9, 0.9), True

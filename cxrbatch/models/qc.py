@@ -477,6 +477,27 @@ def _base_edge(image: np.ndarray, mask: np.ndarray, spread: float) -> float | No
     return float(np.median((below - inside) / spread))
 
 
+# A lung's failed checks that a reader cannot read from the measure's name alone.
+LUNG_EXPLAINED = {
+    "contrast": (
+        "the mask is hardly darker than the film around it: an opaque or whited-out lung "
+        "(fluid, collapse, consolidation) or a mask off the lung"
+    ),
+    "film edge": (
+        "the lung runs off the film's edge: its base or apex was not imaged (a magnified "
+        "or cut-off film), so part of it is not assessed"
+    ),
+}
+
+
+def _explained_lung(failure: str) -> str:
+    """A lung's failed check with what it may mean, where LUNG_EXPLAINED says."""
+    for name, meaning in LUNG_EXPLAINED.items():
+        if failure.startswith(f"{name} "):
+            return f"{failure}: {meaning}"
+    return failure
+
+
 def _explained(failure: str) -> str:
     """A failed pair check as a reader needs it: what it may mean."""
     if failure.startswith("heart side"):
@@ -574,10 +595,11 @@ def assess(
         any(f.startswith(name.replace("_", " ")) for name in LAYOUT for f in fails)
         for _, fails in verdicts
     ]
-    if all(layout):  # no chest: what the pair's checks would say of one does not apply
+    if all(layout):  # no chest: what the checks would say of a lung does not apply
         failures.insert(0, NOT_A_CHEST)
     else:
         failures = [_explained(f) for f in failures]
+        verdicts = [(m, tuple(_explained_lung(f) for f in fails)) for m, fails in verdicts]
     sides = ("right", "left") if image_left_is_patient_right else ("left", "right")
     lungs = {side: LungQC(side, m, f) for side, (m, f) in zip(sides, verdicts, strict=True)}
     return SegmentationQC(
