@@ -12,6 +12,7 @@ version, weights SHA-256) are in DerivationDescription and the Contributing Equi
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 
 import cv2
@@ -43,6 +44,34 @@ def _fit_scale(text: str, width: int, height: int, thickness: int) -> float:
     """The font scale at which `text` is `height` pixels high, or narrower than `width`."""
     (w, h), _ = cv2.getTextSize(text, FONT, 1.0, thickness)
     return min(height / max(h, 1), (width - 12) / max(w, 1))
+
+
+def detail_scale(width: int) -> float:
+    """The font scale of the band's detail lines on a picture `width` pixels wide."""
+    return max(0.35, width / 2000)
+
+
+def wrapped(text: str, width: int, scale: float) -> list[str]:
+    """`text` in lines that each fit `width` pixels at `scale` (the band's margins kept),
+    broken between words, continuation lines indented under the first. A long QC reason
+    would otherwise run off the picture's edge, and with it what the reason means.
+    textwrap breaks by characters, the font's letters are not all as wide: the line
+    length starts from the text's mean letter width and shrinks until every line fits."""
+    room = width - 12
+
+    def pixels(line: str) -> int:
+        return int(cv2.getTextSize(line, FONT, scale, 1)[0][0])
+
+    whole = pixels(text)
+    if whole <= room:
+        return [text]
+    indent = " " * (len(text) - len(text.lstrip()) + 4)
+    chars = max(10, len(text) * room // whole)
+    while True:
+        lines = textwrap.wrap(text, chars, subsequent_indent=indent, break_on_hyphens=False)
+        if chars <= 10 or all(pixels(line) <= room for line in lines):
+            return lines
+        chars -= max(1, chars // 20)
 
 
 def _tint(picture: np.ndarray, maps: Sequence[FindingMap], scale: float) -> None:
@@ -122,12 +151,16 @@ def _band(width: int, caption: Caption, legend: list[str]) -> np.ndarray:
     warning = "AI OUTPUT - NOT FOR DIAGNOSIS"
     headline_colour = WARNING_COLOUR if caption.headline_warning else CALM_COLOUR
     big_lines = [(caption.headline, headline_colour, big), (warning, WARNING_COLOUR, big * 2 // 3)]
-    small_scale = max(0.35, width / 2000)
+    small_scale = detail_scale(width)
     small_height = int(32 * small_scale) + 8
     details = [
-        (line.text, WARNING_COLOUR if line.warning else TEXT_COLOUR) for line in caption.lines
+        (part, WARNING_COLOUR if line.warning else TEXT_COLOUR)
+        for line in caption.lines
+        for part in wrapped(line.text, width, small_scale)
     ]
-    details += [(text, TEXT_COLOUR) for text in legend]
+    details += [
+        (part, TEXT_COLOUR) for text in legend for part in wrapped(text, width, small_scale)
+    ]
     top = sum(round(h * 1.5) for _, _, h in big_lines)
     band = np.zeros((top + small_height * len(details) + 8, width, 3), dtype=np.uint8)
     y = 0
