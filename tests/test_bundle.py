@@ -61,3 +61,26 @@ def test_missing_and_corrupt_bundles_give_clear_errors(tmp_path: Path) -> None:
     meta.write_text(json.dumps(document))
     with pytest.raises(ModelError, match="Invalid bundle metadata"):
         load_bundle(root, "cpu")
+
+
+def test_the_network_holds_exactly_the_files_tensors(tmp_path: Path) -> None:
+    """The network is built without initialising weights it then replaces (the meta
+    device): every tensor is the file's, and a file short of one is refused by name."""
+    import torch
+
+    root = make_tiny_bundle(tmp_path / "b")
+    weights = root / "models" / "model.pt"
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    loaded = load_bundle(root, "cpu").network.state_dict()
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+    assert not any(t.is_meta for t in loaded.values())
+    missing = next(k for k in state if k.endswith("bias"))
+    torch.save({k: v for k, v in state.items() if k != missing}, weights)
+    meta = root / "configs" / "metadata.json"
+    document = json.loads(meta.read_text())
+    document.pop("model_sha256", None)  # the file changed on purpose
+    meta.write_text(json.dumps(document))
+    with pytest.raises(ModelError, match="does not match a") as refused:
+        load_bundle(root, "cpu")
+    assert missing in str(refused.value)
