@@ -477,57 +477,60 @@ def _base_edge(image: np.ndarray, mask: np.ndarray, spread: float) -> float | No
     return float(np.median((below - inside) / spread))
 
 
-# A lung's failed checks that a reader cannot read from the measure's name alone.
-LUNG_EXPLAINED = {
+# What a failed check may mean, for a reader who cannot tell from the measure's name
+# alone: by the failure's measure name, the headline it comes under (None: the failure
+# itself leads) and its meaning. A lung's checks and the pair's are named apart (the
+# lung's "contrast", the pair's "contrast ratio"), so each has its table.
+Explanations = dict[str, tuple[str | None, str]]
+LUNG_EXPLAINED: Explanations = {
     "contrast": (
+        None,
         "the mask is hardly darker than the film around it: an opaque or whited-out lung "
-        "(fluid, collapse, consolidation) or a mask off the lung"
+        "(fluid, collapse, consolidation) or a mask off the lung",
     ),
     "film edge": (
+        None,
         "the lung runs off the film's edge: its base or apex was not imaged (a magnified "
-        "or cut-off film), so part of it is not assessed"
+        "or cut-off film), so part of it is not assessed",
+    ),
+}
+PAIR_EXPLAINED: Explanations = {
+    "heart side": (
+        SIDES_DISAGREE,
+        "by the anatomy the heart lies on the side the header calls the patient's right: a "
+        "mirrored film with its orientation left as it was, or dextrocardia; the sides are "
+        "not swapped here",
+    ),
+    "dome side": (
+        SIDES_DISAGREE,
+        "the denser side below the lungs' lower borders, the liver's and the heart's notch, "
+        "and the heart lie where the header does not put them: a mirrored film with its "
+        "orientation left as it was, or situs inversus; the sides are not swapped here",
+    ),
+    "base level": (
+        BASE_MISSING,
+        "fluid or consolidation at that base, a raised hemidiaphragm, or a mask cut short: "
+        "its lower zone may be missing from the mask",
+    ),
+    "base edge": (
+        BASE_ON_NO_EDGE,
+        "no denser diaphragm, fluid or abdomen just below it, so the mask may end short of "
+        "the base or run on past it",
+    ),
+    "lower zones bright": (
+        BASES_BRIGHT,
+        "both masks may run below the diaphragms into the abdomen, or both bases are opaque",
     ),
 }
 
 
-def _explained_lung(failure: str) -> str:
-    """A lung's failed check with what it may mean, where LUNG_EXPLAINED says."""
-    for name, meaning in LUNG_EXPLAINED.items():
+def _explained(failure: str, table: Explanations) -> str:
+    """A failed check as a reader needs it, where `table` says what it may mean:
+    "headline (failure: meaning)", or "failure: meaning" without a headline."""
+    for name, (headline, meaning) in table.items():
         if failure.startswith(f"{name} "):
-            return f"{failure}: {meaning}"
-    return failure
-
-
-def _explained(failure: str) -> str:
-    """A failed pair check as a reader needs it: what it may mean."""
-    if failure.startswith("heart side"):
-        return (
-            f"{SIDES_DISAGREE} ({failure}: by the anatomy the heart lies on the side the "
-            "header calls the patient's right: a mirrored film with its orientation left as "
-            "it was, or dextrocardia; the sides are not swapped here)"
-        )
-    if failure.startswith("dome side"):
-        return (
-            f"{SIDES_DISAGREE} ({failure}: the denser side below the lungs' lower borders, "
-            "the liver's and the heart's notch, and the heart lie where the header does not "
-            "put them: a mirrored film with its orientation left as it was, or situs "
-            "inversus; the sides are not swapped here)"
-        )
-    if failure.startswith("base level"):
-        return (
-            f"{BASE_MISSING} ({failure}: fluid or consolidation at that base, a raised "
-            "hemidiaphragm, or a mask cut short: its lower zone may be missing from the mask)"
-        )
-    if failure.startswith("base edge"):
-        return (
-            f"{BASE_ON_NO_EDGE} ({failure}: no denser diaphragm, fluid or abdomen just below "
-            "it, so the mask may end short of the base or run on past it)"
-        )
-    if failure.startswith("lower zones bright"):
-        return (
-            f"{BASES_BRIGHT} ({failure}: both masks may run below the diaphragms into the "
-            "abdomen, or both bases are opaque)"
-        )
+            said = f"{failure}: {meaning}"
+            return f"{headline} ({said})" if headline else said
     return failure
 
 
@@ -598,8 +601,10 @@ def assess(
     if all(layout):  # no chest: what the checks would say of a lung does not apply
         failures.insert(0, NOT_A_CHEST)
     else:
-        failures = [_explained(f) for f in failures]
-        verdicts = [(m, tuple(_explained_lung(f) for f in fails)) for m, fails in verdicts]
+        failures = [_explained(f, PAIR_EXPLAINED) for f in failures]
+        verdicts = [
+            (m, tuple(_explained(f, LUNG_EXPLAINED) for f in fails)) for m, fails in verdicts
+        ]
     sides = ("right", "left") if image_left_is_patient_right else ("left", "right")
     lungs = {side: LungQC(side, m, f) for side, (m, f) in zip(sides, verdicts, strict=True)}
     return SegmentationQC(
