@@ -21,9 +21,14 @@ from pydicom.uid import ExplicitVRLittleEndian
 import cxrbatch
 from cxrbatch.dicom import codes
 from cxrbatch.dicom.contours import LEFT_COLOUR, RIGHT_COLOUR
+from cxrbatch.dicom.iod_lookup import memoize_iod_lookups
 from cxrbatch.domain import LungSegmentation, ModelRef
 
 SegEncoding = Literal["auto", "binary", "fractional"]
+
+# Every writer of an output imports this module: highdicom's IOD lookups are cached from
+# here on (iod_lookup.py: a pure function of its tables, about 4 % of a study's host side).
+memoize_iod_lookups()
 
 NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSTIC USE"
 MANUFACTURER = "cxrbatch"
