@@ -6,7 +6,7 @@ bounds by np.percentile, where the product runs the steps on the table of stored
 and gathers once: `decode.Coded`), alternating the two each round, and checks the display
 and segmentation pixels are equal bit for bit.
 
-    python -m bench.host_side [--rounds 7] [--study]
+    python -m bench.host_side [--rounds 7] [--study] [--against REF [--runs 3]]
 
 Prints one JSON line: per film, the median seconds of each decode and their ratio
 (baseline / product), and whether every output was equal. --study (or --writers) adds one
@@ -20,6 +20,13 @@ the study less the networks (selection, decode, prompts, QC, classifier inputs a
 writers, result.json), in wall seconds and in this thread's CPU seconds (the work on one
 core, without the waits for the disk's fsyncs, which a busy host overlaps with other
 studies' work). The database's recording of the outcome is not in it.
+
+--against REF: the same --study benchmark on the tree of git commit REF (a temporary git
+worktree, this checkout's Python environment) and on this tree, one process each,
+alternating for --runs pairs with the order reversed every other pair, so that a change is
+measured against its baseline in one run on one host: per tree the median over the runs of
+each figure, and the host side's ratio (baseline / this tree) in wall and CPU seconds.
+REF's bench/host_side.py must have --study. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -217,11 +224,101 @@ def study(rounds: int, work: Path) -> dict[str, Any]:
     return {label: round(statistics.median(v), 4) for label, v in per_round.items()}
 
 
+HOST_SIDE = "host side (study - networks)"
+HOST_SIDE_CPU = "CPU: host side (study - networks)"
+
+
+def compare(runs: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
+    """Per tree ("baseline", "this tree"), the median over its runs of each `study` figure,
+    and the host side's ratios (baseline / this tree, above 1: this tree is faster)."""
+    medians = {
+        tree: {
+            label: round(statistics.median(run[label] for run in results), 4)
+            for label in results[0]
+        }
+        for tree, results in runs.items()
+    }
+    base, this = medians["baseline"], medians["this tree"]
+
+    def ratio(label: str) -> float | None:  # None: a figure the baseline's bench lacks
+        return round(base[label] / this[label], 3) if label in base and label in this else None
+
+    return {
+        "medians": medians,
+        "host_side_ratio": ratio(HOST_SIDE),
+        "host_side_cpu_ratio": ratio(HOST_SIDE_CPU),
+        "runs": {
+            tree: [run.get(HOST_SIDE_CPU, run.get(HOST_SIDE)) for run in results]
+            for tree, results in runs.items()
+        },
+    }
+
+
+def _study_in(tree: Path, rounds: int) -> dict[str, float]:
+    """`--study` on the checkout at `tree`, in a process of its own (its code first on the
+    path, this environment's packages)."""
+    import os
+    import subprocess
+
+    environment = {**os.environ, "PYTHONPATH": str(tree)}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.host_side", "--rounds", str(rounds), "--study"],
+        cwd=tree,
+        env=environment,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        raise SystemExit(f"bench.host_side --study failed in {tree}: {' | '.join(tail)}")
+    figures: dict[str, float] = json.loads(lines[-1])["study_s"]
+    return figures
+
+
+def against(ref: str, runs: int, rounds: int) -> dict[str, Any]:
+    """`--study` on commit `ref`'s tree and on this tree, alternating (module docstring)."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory(prefix="host-side-baseline-") as scratch:
+        baseline = Path(scratch) / "tree"
+        added = subprocess.run(
+            ["git", "-C", str(here), "worktree", "add", "--detach", str(baseline), ref],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if added.returncode != 0:
+            raise SystemExit(f"cannot check out {ref!r} beside this tree: {added.stderr.strip()}")
+        try:
+            if "--study" not in (baseline / "bench" / "host_side.py").read_text():
+                raise SystemExit(f"{ref}'s bench/host_side.py has no --study to compare")
+            results: dict[str, list[dict[str, float]]] = {"baseline": [], "this tree": []}
+            for pair in range(runs):
+                order = [("baseline", baseline), ("this tree", here)]
+                for tree, path in order if pair % 2 == 0 else order[::-1]:
+                    results[tree].append(_study_in(path, rounds))
+        finally:
+            subprocess.run(
+                ["git", "-C", str(here), "worktree", "remove", "--force", str(baseline)],
+                capture_output=True,
+                check=False,
+            )
+    return {"against": ref, "runs": runs, "rounds": rounds, **compare(results)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--study", "--writers", action="store_true", dest="study")
+    parser.add_argument("--against", metavar="REF", help="a git commit to compare --study with")
+    parser.add_argument("--runs", type=int, default=3, help="pairs of runs with --against")
     args = parser.parse_args(argv)
+    if args.against:
+        sys.stdout.write(json.dumps(against(args.against, args.runs, args.rounds)) + "\n")
+        return 0
 
     from cxrbatch.dicom.decode import decode
 

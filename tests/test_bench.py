@@ -97,3 +97,34 @@ def test_rounds_are_summarised_by_their_median() -> None:
     assert two["speedup_vs_naive"] == (1.5 + 1.25) / 2 and two["runs"] is rounds[2]["runs"]
     # Worker processes load their own models: no ratio after loading.
     assert summarise([_round(100, 50, None)])["speedup_after_load"] is None
+
+
+def test_host_side_against_a_baseline_is_summarised_per_tree() -> None:
+    from bench.host_side import HOST_SIDE, HOST_SIDE_CPU, compare
+
+    def run(wall: float, cpu: float) -> dict[str, float]:
+        return {HOST_SIDE: wall, HOST_SIDE_CPU: cpu, "decode": 0.02}
+
+    summary = compare(
+        {
+            "baseline": [run(0.20, 0.19), run(0.30, 0.17), run(0.18, 0.18)],
+            "this tree": [run(0.10, 0.09), run(0.12, 0.10), run(0.40, 0.11)],
+        }
+    )
+    assert summary["medians"]["baseline"] == {HOST_SIDE: 0.2, HOST_SIDE_CPU: 0.18, "decode": 0.02}
+    assert summary["medians"]["this tree"][HOST_SIDE] == 0.12
+    assert summary["host_side_ratio"] == round(0.2 / 0.12, 3)
+    assert summary["host_side_cpu_ratio"] == round(0.18 / 0.10, 3)
+    assert summary["runs"]["this tree"] == [0.09, 0.10, 0.11]
+    # A baseline whose bench has no CPU figure: no CPU ratio rather than a made-up one.
+    older = compare({"baseline": [{HOST_SIDE: 0.2}], "this tree": [run(0.1, 0.09)]})
+    assert older["host_side_ratio"] == 2.0 and older["host_side_cpu_ratio"] is None
+
+
+def test_host_side_against_an_unknown_commit_says_so() -> None:
+    import pytest
+
+    from bench.host_side import against
+
+    with pytest.raises(SystemExit, match="cannot check out 'no-such-commit-here'"):
+        against("no-such-commit-here", runs=1, rounds=1)
