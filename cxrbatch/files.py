@@ -3,10 +3,8 @@ output folder's lock."""
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
-import io
 import os
 import tempfile
 import time
@@ -26,40 +24,16 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-# The most bytes one write(2) is given. A single write of several MB into a new file cost
-# 2-3 ms of CPU a MB on the hosts measured (ext4 on a Firecracker VM's kernel 6.18: a
-# 7.2 MB SEG 19-20 ms, from 2 MiB a call upwards), the same bytes in calls of 1 MiB or less
-# 0.25-0.35 ms a MB (1.7-2.6 ms); docs/performance.md. Python's buffered file passes a
-# write larger than its buffer to the kernel whole, as pydicom's writer makes them (a
-# SEG's or key image's Pixel Data is one write).
-WRITE_CHUNK = 1 << 20
-
-
-class _ChunkedFile(io.FileIO):
-    """A file whose writes reach the kernel at most WRITE_CHUNK bytes a call."""
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        for start in range(0, len(view), WRITE_CHUNK):
-            chunk = view[start : start + WRITE_CHUNK]
-            while chunk:  # a blocking file: a short write only on a signal or a full disk
-                written = os.write(self.fileno(), chunk)
-                if written <= 0:
-                    raise OSError(errno.EIO, "the file took no bytes")
-                chunk = chunk[written:]
-        return len(view)
-
-
 def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
     """Write through a temporary file in the same folder, fsync, then rename into place.
 
     A reader, or a crash, never sees a half-written `path`. OS errors (a full disk) become
-    OutputError naming the file. The kernel is given at most WRITE_CHUNK bytes a call.
+    OutputError naming the file.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with io.BufferedWriter(_ChunkedFile(fd, "wb")) as handle:
+        with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
