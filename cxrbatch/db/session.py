@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import QueuePool
 
 from cxrbatch.errors import ConfigError, DatabaseNotReady
 from cxrbatch.paths import StorageRoots
@@ -53,8 +54,17 @@ def _readonly_engine(url: str) -> Engine:
         if database in ("", ":memory:"):
             raise ConfigError("an in-memory SQLite database cannot be opened read-only")
         uri = f"file:{Path(database).resolve()}?mode=ro"
+        # A pool that lends each connection to one thread at a time, as a file database's
+        # engine gets by default. The "sqlite://" URL would otherwise give the pool SQLite
+        # uses for in-memory databases (SingletonThreadPool), which closes other threads'
+        # connections, in use or not, once more than five threads have asked: the web
+        # app's request threads then failed ("Cannot operate on a closed database") or
+        # crashed the process (a segmentation fault in CI while a page loaded its images).
         engine = create_engine(
-            "sqlite://", creator=lambda: _sqlite_readonly(uri), pool_pre_ping=False
+            "sqlite://",
+            creator=lambda: _sqlite_readonly(uri),
+            poolclass=QueuePool,
+            pool_pre_ping=False,
         )
         return engine
     if parsed.get_backend_name() == "postgresql":
