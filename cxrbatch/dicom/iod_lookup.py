@@ -52,7 +52,7 @@ def memoize_iod_lookups() -> bool:
 def _memoized(original: Callable[..., bool]) -> Callable[..., bool]:
     @functools.lru_cache(maxsize=1024)
     def answer(attribute: str, sop_class_uid: str, excluded: tuple[str, ...] | None) -> bool:
-        return bool(original(attribute, sop_class_uid, None if excluded is None else excluded))
+        return bool(original(attribute, sop_class_uid, excluded))
 
     @functools.wraps(original)
     def is_attribute_in_iod(
@@ -63,5 +63,4 @@ def _memoized(original: Callable[..., bool]) -> Callable[..., bool]:
         return answer(str(attribute), str(sop_class_uid), excluded)
 
     is_attribute_in_iod.cxrbatch_memoized = True  # type: ignore[attr-defined]
-    is_attribute_in_iod.cache_info = answer.cache_info  # type: ignore[attr-defined]
     return is_attribute_in_iod
