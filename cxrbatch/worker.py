@@ -521,12 +521,20 @@ class QueueWorker:
                 self._claim_loop(parent_pid, until_idle)
             else:
                 with ThreadPoolExecutor(self.slots, thread_name_prefix="study") as pool:
-                    loops = [
-                        pool.submit(self._claim_loop, parent_pid, until_idle)
-                        for _ in range(self.slots)
-                    ]
-                    for loop in loops:
-                        loop.result()
+                    try:
+                        loops = [
+                            pool.submit(self._claim_loop, parent_pid, until_idle)
+                            for _ in range(self.slots)
+                        ]
+                        for loop in loops:
+                            loop.result()
+                    except BaseException:
+                        # Interrupted here (Ctrl-C in `cxrbatch process`, even while the
+                        # loops start) or a loop failed: the other loops finish the studies
+                        # in hand and stop, instead of claiming on while the pool waits for
+                        # them to end.
+                        self.stopping.set()
+                        raise
         finally:
             self.processor.close()
         return self.processed

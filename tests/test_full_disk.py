@@ -1,9 +1,14 @@
 """A full disk, or a results database that can take no more: one-line reasons, and a batch
 that stops at once when outcomes cannot be recorded (instead of processing studies it
-cannot record)."""
+cannot record); a batch whose disk stays under the watermark stops with the studies left
+queued (it used to wait forever), and Ctrl-C ends a batch that waits."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -110,3 +115,47 @@ def test_process_stops_with_one_line_and_exit_2_when_the_database_is_full(
     assert "cannot be recorded in the results database" in errors[0]
     assert errors[0].endswith("Exception: database or disk is full"), errors[0]
     assert len(ran) == 1  # the first study; the batch stopped there
+
+
+def test_ctrl_c_ends_a_batch_that_waits_for_disk_space(tmp_path: Path) -> None:
+    """SIGINT to `cxrbatch process` (two study threads) while it waits under the watermark:
+    it exits within seconds. Before, the interrupted main thread waited for claim loops that
+    nothing told to stop, and the command hung until killed."""
+    write_studies(tmp_path / "in", 1, seed=35, size=(128, 128))
+    env = {
+        **os.environ,
+        "CXRBATCH_SEGMENTATION__DEVICE": "cpu",
+        "CXRBATCH_QUEUE__MIN_FREE_DISK_MB": "1e15",  # no disk has that much free
+        "CXRBATCH_QUEUE__BATCH_DISK_WAIT_SECONDS": "3600",
+        "CXRBATCH_QUEUE__POLL_INTERVAL_SECONDS": "0.1",
+    }
+    command = ["process", str(tmp_path / "in"), "--out", str(tmp_path / "out")]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cxrbatch.cli", *command, "--study-threads", "2"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        # As from a terminal: a shell's background job may have SIGINT ignored, and that
+        # would pass down to the command.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    assert process.stdout is not None
+    seen: list[str] = []
+    try:
+        for line in process.stdout:  # the log, until the workers pause
+            seen.append(line)
+            if "under the watermark" in line:
+                break
+        assert any("under the watermark" in line for line in seen), "".join(seen)
+        process.send_signal(signal.SIGINT)
+        rest, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    assert process.returncode != 0, "".join(seen) + rest
+    engine = make_engine(f"sqlite:///{tmp_path / 'out' / 'cxrbatch.sqlite'}")
+    with session_factory(engine)() as session:
+        assert [job.status for job in session.query(tables.Job)] == ["queued"]
+    engine.dispose()
