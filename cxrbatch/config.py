@@ -398,6 +398,10 @@ class QueueSettings(_Section):
     drain_grace_seconds: Annotated[float, Field(ge=0)] = 120.0
     # Workers stop claiming while the output (or spool) file system has less free space.
     min_free_disk_mb: Annotated[float, Field(ge=0)] = 1024.0
+    # A batch run (`cxrbatch process`, a campaign's node) waits this long for the space to
+    # come back, then stops with an error; its studies not yet run stay queued for the next
+    # run. The daemon (`watch`, `worker`) waits for as long as it takes.
+    batch_disk_wait_seconds: Annotated[float, Field(ge=0)] = 300.0
 
     @model_validator(mode="after")
     def _heartbeats_fit_in_lease(self) -> QueueSettings:

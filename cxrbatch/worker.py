@@ -47,7 +47,7 @@ from cxrbatch.domain import (
     StudyRunStatus,
     Withdrawal,
 )
-from cxrbatch.errors import CxrBatchError, RecordingError, one_line
+from cxrbatch.errors import CxrBatchError, OutputError, RecordingError, one_line
 from cxrbatch.models.device import limit_cpu_threads
 from cxrbatch.paths import StorageRoots, resolve_stored, uid_path_component
 from cxrbatch.quarantine import record_rejected_at
@@ -470,6 +470,8 @@ class QueueWorker:
         self.current: list[jobs.Claim] = []  # the claims in hand
         self._lock = threading.Lock()
         self._paused_for_disk = False
+        self._low_since = 0.0  # when the free disk went under the watermark (monotonic)
+        self._free_mb = 0.0
         self._last_recovery = 0.0
         self.processed = 0
 
@@ -559,6 +561,8 @@ class QueueWorker:
                 break
             self._recover_if_due()
             if self._disk_low():
+                if until_idle:
+                    self._stop_batch_if_disk_stays_low()
                 self.stopping.wait(interval)
                 continue
             claimed = jobs.claim(self.sessions, self.owner, self.settings.queue.lease_seconds)
@@ -685,6 +689,7 @@ class QueueWorker:
             free = free_disk_mb([self.site.out_dir, self.site.spool_dir])
             low = free < watermark
             if low and not self._paused_for_disk:
+                self._low_since = time.monotonic()
                 log.warning(
                     "free disk %.0f MiB is under the watermark %.0f MiB: not claiming work",
                     free,
@@ -693,7 +698,23 @@ class QueueWorker:
             elif not low and self._paused_for_disk:
                 log.info("free disk %.0f MiB: claiming work again", free)
             self._paused_for_disk = low
+            self._free_mb = free
         return low
+
+    def _stop_batch_if_disk_stays_low(self) -> None:
+        """A batch run waits `queue.batch_disk_wait_seconds` for the disk, then stops with
+        an error (the daemon's loops wait on): its studies not yet run stay queued."""
+        queue = self.settings.queue
+        with self._lock:
+            waited = time.monotonic() - self._low_since
+            free = self._free_mb
+        if waited >= queue.batch_disk_wait_seconds:
+            raise OutputError(
+                f"the free disk under the output or spool folder ({free:.0f} MiB) stayed "
+                f"under queue.min_free_disk_mb ({queue.min_free_disk_mb:.0f} MiB) for "
+                f"{waited:.0f} s: the batch stops; the studies not yet processed stay queued "
+                "and the next run on this output folder takes them"
+            )
 
     def _work_pending(self) -> bool:
         with self.sessions() as session:

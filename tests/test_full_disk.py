@@ -117,6 +117,50 @@ def test_process_stops_with_one_line_and_exit_2_when_the_database_is_full(
     assert len(ran) == 1  # the first study; the batch stopped there
 
 
+def test_a_batch_whose_disk_stays_under_the_watermark_stops_and_the_next_run_finishes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`cxrbatch process` with the output's file system under queue.min_free_disk_mb for
+    longer than queue.batch_disk_wait_seconds: exit 2 with one line, no study started, both
+    left queued; with space again, the next run on that output folder processes both."""
+    monkeypatch.setenv("CXRBATCH_SEGMENTATION__DEVICE", "cpu")
+    monkeypatch.setenv("CXRBATCH_QUEUE__MIN_FREE_DISK_MB", "1024")
+    monkeypatch.setenv("CXRBATCH_QUEUE__BATCH_DISK_WAIT_SECONDS", "0.5")
+    monkeypatch.setenv("CXRBATCH_QUEUE__POLL_INTERVAL_SECONDS", "0.05")
+    write_studies(tmp_path / "in", 2, seed=34, size=(128, 128))
+    ran: list[str] = []
+    real_run = pipeline.run
+
+    def counted(study: StudyInput, *args: object, **kwargs: object) -> object:
+        ran.append(study.study_instance_uid)
+        return real_run(study, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pipeline, "run", counted)
+    monkeypatch.setattr(worker, "free_disk_mb", lambda _paths: 100.0)
+    command = ["process", str(tmp_path / "in"), "--out", str(tmp_path / "out")]
+    started = time.monotonic()
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 2, result.output
+    assert time.monotonic() - started < 120
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    text = " ".join(result.output.split())
+    assert "(100 MiB) stayed under queue.min_free_disk_mb (1024 MiB)" in text, text
+    assert "stay queued" in text, text
+    assert ran == []
+    engine = make_engine(f"sqlite:///{tmp_path / 'out' / 'cxrbatch.sqlite'}")
+    with session_factory(engine)() as session:
+        assert [job.status for job in session.query(tables.Job)] == ["queued", "queued"]
+
+    monkeypatch.setattr(worker, "free_disk_mb", lambda _paths: 10_000.0)
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 0, result.output
+    assert len(ran) == 2
+    with session_factory(engine)() as session:
+        assert sorted(job.status for job in session.query(tables.Job)) == ["done", "done"]
+    engine.dispose()
+
+
 def test_ctrl_c_ends_a_batch_that_waits_for_disk_space(tmp_path: Path) -> None:
     """SIGINT to `cxrbatch process` (two study threads) while it waits under the watermark:
     it exits within seconds. Before, the interrupted main thread waited for claim loops that

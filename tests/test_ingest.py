@@ -359,12 +359,15 @@ def test_worker_pauses_under_the_disk_watermark_and_resumes(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    # In the environment: it wins over load_settings' arguments (conftest sets it to 0).
+    monkeypatch.setenv("CXRBATCH_QUEUE__MIN_FREE_DISK_MB", "500")
     settings = load_settings(
         None,
         segmentation={"device": "cpu"},
         ingest={"study_stable_seconds": 0.0},
-        queue={"poll_interval_seconds": 0.05, "min_free_disk_mb": 500.0},
+        queue={"poll_interval_seconds": 0.05},
     )
+    assert settings.queue.min_free_disk_mb == 500.0
     site = _Site(tmp_path, settings)
     (site.input / "IM1").write_bytes(phantom_bytes)
     assert site.spool.take(site.input / "IM1") is Taken.RECEIVED
