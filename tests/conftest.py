@@ -41,6 +41,23 @@ def private_cache_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pat
         os.environ["XDG_CACHE_HOME"] = previous
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_disk_watermark() -> Iterator[None]:
+    """Workers stop claiming under queue.min_free_disk_mb (1 GiB by default) of free disk,
+    and a batch stops after waiting; the suite must not depend on how full the machine's
+    disk is (the lent CI machines' disks are shared: a few hundred MB free has been seen).
+    So the tests, and the processes they start, run with no watermark unless they set one;
+    tests/test_ingest.py and tests/test_full_disk.py test the watermark itself."""
+    name = "CXRBATCH_QUEUE__MIN_FREE_DISK_MB"
+    previous = os.environ.get(name)
+    os.environ[name] = "0"
+    yield
+    if previous is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = previous
+
+
 @pytest.fixture(scope="session")
 def settings() -> Settings:
     return load_settings(None, segmentation={"device": "cpu"}, classifier={"device": "cpu"})
