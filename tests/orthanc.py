@@ -86,6 +86,7 @@ class Orthanc:
                 return
             except OSError:
                 time.sleep(0.2)
+        self.stop()  # not left running (on its ports) after the test fails
         raise AssertionError(f"Orthanc did not start: {self.log.read_text()[-2000:]}")
 
     def stop(self) -> None:

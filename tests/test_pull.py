@@ -45,24 +45,30 @@ def pacs(
         {"cxrbatch": ("CXRBATCH", "127.0.0.1", receiver_port)},
     )
     orthanc.start()
+    try:
+        files = _stored_studies(orthanc, root / "src")
+        yield orthanc, receiver_port, files
+    finally:  # stopped even when storing the studies fails (it was left running)
+        orthanc.stop()
+
+
+def _stored_studies(orthanc: Orthanc, src: Path) -> dict[str, Path]:
+    """A CR, a two-image DX study and an MR on day DAY, stored into the PACS."""
     files = {
-        "cr": save(to_dataset(make_phantom(61, (256, 256)), "61/0"), root / "src" / "cr"),
-        "dx1": save(
-            to_dataset(make_phantom(62, (256, 256)), "62/0", modality="DX"), root / "src" / "dx1"
-        ),
+        "cr": save(to_dataset(make_phantom(61, (256, 256)), "61/0"), src / "cr"),
+        "dx1": save(to_dataset(make_phantom(62, (256, 256)), "62/0", modality="DX"), src / "dx1"),
         "dx2": save(
             to_dataset(make_phantom(63, (256, 256)), "62/0", modality="DX", instance=2),
-            root / "src" / "dx2",
+            src / "dx2",
         ),
     }
     mr = pydicom.dcmread(real_file("MR_small.dcm"))
     mr.StudyDate = DAY
-    mr.save_as(root / "src" / "mr")
-    files["mr"] = root / "src" / "mr"
+    mr.save_as(src / "mr")
+    files["mr"] = src / "mr"
     for path in files.values():
         orthanc.upload(path)
-    yield orthanc, receiver_port, files
-    orthanc.stop()
+    return files
 
 
 def _site(tmp_path: Path, receiver_port: int, source: str) -> tuple[Path, Path]:
