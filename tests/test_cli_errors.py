@@ -4,7 +4,10 @@ for every command, never a traceback."""
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -257,3 +260,18 @@ def test_watch_checks_the_model_files_before_it_listens_or_takes_files(tmp_path:
         assert result.exit_code == 2, result.output
         assert expected in _one_error_line(result.output)
         assert not out.exists()  # no receiver, no spool, no database: nothing taken in
+
+
+def test_a_native_crash_leaves_every_threads_python_stack_on_stderr() -> None:
+    """A segmentation fault in native code under a command (the web app's crash of
+    2026-12-05 left nothing in its log): Python's fault handler prints the stacks."""
+    code = (
+        "import ctypes; from cxrbatch import cli; "
+        "cli.app.command('crash')(lambda: ctypes.string_at(0)); cli.main()"
+    )
+    crashed = subprocess.run(
+        [sys.executable, "-c", code, "crash"], capture_output=True, text=True, timeout=300
+    )
+    assert crashed.returncode == -signal.SIGSEGV, crashed.stderr[-2000:]
+    assert "Fatal Python error: Segmentation fault" in crashed.stderr, crashed.stderr[-2000:]
+    assert "cxrbatch/cli.py" in crashed.stderr, crashed.stderr[-2000:]
