@@ -86,11 +86,8 @@ def test_no_new_study_starts_once_outcomes_cannot_be_recorded(
     assert len(started) == 2, started  # the two in flight; the other six never started
 
 
-def test_process_stops_with_one_line_and_exit_2_when_the_database_is_full(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("CXRBATCH_SEGMENTATION__DEVICE", "cpu")
-    write_studies(tmp_path / "in", 3, seed=32, size=(128, 128))
+def _count_pipeline_runs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The Study Instance UIDs pipeline.run is called with, in order (it still runs)."""
     ran: list[str] = []
     real_run = pipeline.run
 
@@ -98,12 +95,22 @@ def test_process_stops_with_one_line_and_exit_2_when_the_database_is_full(
         ran.append(study.study_instance_uid)
         return real_run(study, *args, **kwargs)  # type: ignore[arg-type]
 
+    monkeypatch.setattr(pipeline, "run", counted)
+    return ran
+
+
+def test_process_stops_with_one_line_and_exit_2_when_the_database_is_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CXRBATCH_SEGMENTATION__DEVICE", "cpu")
+    write_studies(tmp_path / "in", 3, seed=32, size=(128, 128))
+    ran = _count_pipeline_runs(monkeypatch)
+
     def full(*args: object, **kwargs: object) -> object:
         raise OperationalError(
             "INSERT INTO outcomes ...", {}, Exception("database or disk is full")
         )
 
-    monkeypatch.setattr(pipeline, "run", counted)
     monkeypatch.setattr(worker, "record_result", full)
     result = CliRunner().invoke(
         app,
@@ -128,14 +135,7 @@ def test_a_batch_whose_disk_stays_under_the_watermark_stops_and_the_next_run_fin
     monkeypatch.setenv("CXRBATCH_QUEUE__BATCH_DISK_WAIT_SECONDS", "0.5")
     monkeypatch.setenv("CXRBATCH_QUEUE__POLL_INTERVAL_SECONDS", "0.05")
     write_studies(tmp_path / "in", 2, seed=34, size=(128, 128))
-    ran: list[str] = []
-    real_run = pipeline.run
-
-    def counted(study: StudyInput, *args: object, **kwargs: object) -> object:
-        ran.append(study.study_instance_uid)
-        return real_run(study, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(pipeline, "run", counted)
+    ran = _count_pipeline_runs(monkeypatch)
     monkeypatch.setattr(worker, "free_disk_mb", lambda _paths: 100.0)
     command = ["process", str(tmp_path / "in"), "--out", str(tmp_path / "out")]
     started = time.monotonic()
