@@ -178,6 +178,7 @@ def run_campaign(
         pool = [worker.remote(site, threads) for _ in range(count)]
         pending = {actor.run.remote(): actor for actor in pool}
         lost = 0
+        stopped: list[str] = []
         database = site.database()
         try:
             while pending:
@@ -191,11 +192,19 @@ def run_campaign(
                         # the other actors take it again.
                         lost += 1
                         log.warning("campaign: a worker actor was lost: %s", str(exc)[:200])
+                    except CxrBatchError as exc:
+                        # Its worker stopped on purpose (the disk under the watermark, the
+                        # database full): Ray's wrapper carries our error as its cause.
+                        stopped.append(str(getattr(exc, "cause", exc)))
                 if on_progress is not None:
                     with database.sessions() as session:
                         counted = jobs.counts(session)
                     finished = sum(counted[s] for s in ("done", "ineligible", "dead"))
                     on_progress(finished, sum(counted.values()))
+            if stopped:
+                raise CxrBatchError(
+                    f"campaign: a worker stopped: {stopped[0]}; run the campaign again to resume"
+                )
             if lost == len(pool):
                 raise CxrBatchError(
                     "campaign: every worker actor was lost; run the campaign again to resume"

@@ -203,3 +203,32 @@ def test_a_campaign_on_two_ray_nodes_survives_a_lost_node_and_matches_process(
         if other_host is not None and other_host.poll() is None:
             os.killpg(other_host.pid, signal.SIGKILL)
         subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120, env=env)
+
+
+def test_a_campaign_whose_disk_stays_under_the_watermark_stops_with_one_line(
+    tmp_path: Path,
+) -> None:
+    """A campaign on a Ray cluster of this host whose actor's worker stops (the output's
+    disk under queue.min_free_disk_mb for queue.batch_disk_wait_seconds): exit 2 with our
+    one-line reason, not Ray's wrapped traceback, and the study left queued."""
+    _ray_cli()
+    write_studies(tmp_path / "in", 1, seed=42, size=(128, 128))
+    config = tmp_path / "site.toml"
+    config.write_text(CONFIG)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0",
+           "CXRBATCH_QUEUE__MIN_FREE_DISK_MB": "1e15",  # no disk has that much free
+           "CXRBATCH_QUEUE__BATCH_DISK_WAIT_SECONDS": "1"}  # fmt: skip
+    out = tmp_path / "out"
+    ran = _cxrbatch(
+        "campaign", str(tmp_path / "in"), "--out", str(out), "--config", str(config),
+        "--actors", "1", env=env,
+    )  # fmt: skip
+    assert ran.returncode == 2, ran.stdout[-2000:] + ran.stderr[-3000:]
+    errors = [line for line in ran.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, ran.stderr[-3000:]
+    assert "campaign: a worker stopped: the free disk" in errors[0], errors[0]
+    assert "stay queued" in errors[0] and "Traceback" not in errors[0], errors[0]
+    engine = make_engine(f"sqlite:///{out / 'cxrbatch.sqlite'}")
+    with session_factory(engine)() as session:
+        assert session.scalars(select(tables.Job.status)).all() == ["queued"]
+    engine.dispose()
