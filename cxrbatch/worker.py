@@ -563,6 +563,8 @@ class QueueWorker:
             self._recover_if_due()
             if self._disk_low():
                 if until_idle:
+                    if not self._work_pending():
+                        break  # nothing left to write: the batch is done
                     self._stop_batch_if_disk_stays_low()
                 self.stopping.wait(interval)
                 continue

@@ -161,6 +161,23 @@ def test_a_batch_whose_disk_stays_under_the_watermark_stops_and_the_next_run_fin
     engine.dispose()
 
 
+def test_a_batch_with_nothing_left_to_run_ends_at_once_under_the_watermark(
+    tmp_path: Path, settings: Settings, models: pipeline.Models, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing queued (an input already processed, an empty folder): the batch has nothing
+    to write, so a low disk neither delays nor fails it."""
+    queue = settings.queue.model_copy(
+        update={"min_free_disk_mb": 1024.0, "batch_disk_wait_seconds": 30.0}
+    )
+    low = settings.model_copy(update={"queue": queue})
+    monkeypatch.setattr(worker, "free_disk_mb", lambda _paths: 100.0)
+    (tmp_path / "in").mkdir()
+    started = time.monotonic()
+    summary = run_batch(tmp_path / "in", Site.at(low, tmp_path / "out"), models=models)
+    assert sum(summary.studies.values()) == 0
+    assert time.monotonic() - started < 10  # not the 30 s wait, nor its error
+
+
 def test_ctrl_c_ends_a_batch_that_waits_for_disk_space(tmp_path: Path) -> None:
     """SIGINT to `cxrbatch process` (two study threads) while it waits under the watermark:
     it exits within seconds. Before, the interrupted main thread waited for claim loops that
