@@ -32,13 +32,9 @@ def private_cache_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pat
     this test session, and of the processes it starts, is its own, not the user's."""
     home = tmp_path_factory.mktemp("xdg-cache")
     home.chmod(0o700)
-    previous = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(home)
-    yield home
-    if previous is None:
-        os.environ.pop("XDG_CACHE_HOME", None)
-    else:
-        os.environ["XDG_CACHE_HOME"] = previous
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(home))
+        yield home
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -48,14 +44,9 @@ def no_disk_watermark() -> Iterator[None]:
     disk is (the lent CI machines' disks are shared: a few hundred MB free has been seen).
     So the tests, and the processes they start, run with no watermark unless they set one;
     tests/test_ingest.py and tests/test_full_disk.py test the watermark itself."""
-    name = "CXRBATCH_QUEUE__MIN_FREE_DISK_MB"
-    previous = os.environ.get(name)
-    os.environ[name] = "0"
-    yield
-    if previous is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = previous
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CXRBATCH_QUEUE__MIN_FREE_DISK_MB", "0")
+        yield
 
 
 @pytest.fixture(scope="session")
