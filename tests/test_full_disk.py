@@ -124,6 +124,16 @@ def test_process_stops_with_one_line_and_exit_2_when_the_database_is_full(
     assert len(ran) == 1  # the first study; the batch stopped there
 
 
+def _job_statuses(out: Path) -> list[str]:
+    """The statuses of the queue's jobs in the output folder's database, sorted."""
+    engine = make_engine(f"sqlite:///{out / 'cxrbatch.sqlite'}")
+    try:
+        with session_factory(engine)() as session:
+            return sorted(job.status for job in session.query(tables.Job))
+    finally:
+        engine.dispose()
+
+
 def test_a_batch_whose_disk_stays_under_the_watermark_stops_and_the_next_run_finishes_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -148,17 +158,13 @@ def test_a_batch_whose_disk_stays_under_the_watermark_stops_and_the_next_run_fin
     assert "(100 MiB) stayed under queue.min_free_disk_mb (1024 MiB)" in text, text
     assert "stay queued" in text, text
     assert ran == []
-    engine = make_engine(f"sqlite:///{tmp_path / 'out' / 'cxrbatch.sqlite'}")
-    with session_factory(engine)() as session:
-        assert [job.status for job in session.query(tables.Job)] == ["queued", "queued"]
+    assert _job_statuses(tmp_path / "out") == ["queued", "queued"]
 
     monkeypatch.setattr(worker, "free_disk_mb", lambda _paths: 10_000.0)
     result = CliRunner().invoke(app, command)
     assert result.exit_code == 0, result.output
     assert len(ran) == 2
-    with session_factory(engine)() as session:
-        assert sorted(job.status for job in session.query(tables.Job)) == ["done", "done"]
-    engine.dispose()
+    assert _job_statuses(tmp_path / "out") == ["done", "done"]
 
 
 def test_a_batch_with_nothing_left_to_run_ends_at_once_under_the_watermark(
@@ -216,7 +222,4 @@ def test_ctrl_c_ends_a_batch_that_waits_for_disk_space(tmp_path: Path) -> None:
             process.kill()
             process.wait(10)
     assert process.returncode != 0, "".join(seen) + rest
-    engine = make_engine(f"sqlite:///{tmp_path / 'out' / 'cxrbatch.sqlite'}")
-    with session_factory(engine)() as session:
-        assert [job.status for job in session.query(tables.Job)] == ["queued"]
-    engine.dispose()
+    assert _job_statuses(tmp_path / "out") == ["queued"]
