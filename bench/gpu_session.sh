@@ -8,7 +8,9 @@
 #   (GPU_WAIT: processing.gpu_wait for that cell, auto if left out; OMP_WAIT: OpenMP's
 #   OMP_WAIT_POLICY for torch's CPU threads, active or passive, the runtime's default if
 #   left out)
-# NAIVE=0 leaves out the pair (the studies are generated, every cell runs tuned alone).
+# NAIVE=0 leaves out the pair (the studies are generated, every cell runs tuned alone);
+# DISTINCT=K with it draws K phantoms and makes the other studies copies of them under new
+# UIDs (drawing 256 took 108 s of a lent machine's minutes).
 # PROFILE_STUDIES=N adds a cProfile of the naive run on N studies (profile.txt).
 # Reading it: each run prints studies/s end to end (model loading in every worker
 # included) and from the first study done to the last; cpu.txt's busy share says whether
@@ -35,8 +37,8 @@ cells=("${grid[@]:1}")
 if [ "${NAIVE:-1}" = 0 ]; then  # no pair: the studies generated here, every cell tuned alone
     stamp "generate"
     rm -rf "$work/in"
-    "$python" -c "import os, sys; from pathlib import Path; from bench.harness import generate; generate(Path(sys.argv[1]), int(sys.argv[2]), 2000, 3000, 'uncompressed', os.cpu_count())" \
-        "$work/in" "$studies"
+    "$python" -c "import os, sys; from pathlib import Path; from bench.harness import generate; generate(Path(sys.argv[1]), int(sys.argv[2]), 2000, 3000, 'uncompressed', os.cpu_count(), int(sys.argv[3]) or None)" \
+        "$work/in" "$studies" "${DISTINCT:-0}"
     cells=("${grid[@]}")
 else
     stamp "pair ${grid[0]}"

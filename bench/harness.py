@@ -75,12 +75,40 @@ def _generate(args: tuple[Path, int, int, int, str, int]) -> None:
     )
 
 
+def _copy_study(args: tuple[Path, int, int]) -> None:
+    """Study `index` as a copy of study `source` under new UIDs and a new patient: the
+    same pixels (its codec's bytes as they are), a study the queue has never seen."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    folder, source, index = args
+    ds = pydicom.dcmread(folder / f"phantom_{source:05d}" / "image.dcm")
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.PatientID = f"SYN-COPY-{index:05d}"
+    out = folder / f"phantom_{index:05d}" / "image.dcm"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(out, enforce_file_format=True)
+
+
 def generate(
-    folder: Path, count: int, min_size: int, max_size: int, codec: str, processes: int
+    folder: Path,
+    count: int,
+    min_size: int,
+    max_size: int,
+    codec: str,
+    processes: int,
+    distinct: int | None = None,
 ) -> None:
+    """`count` phantom studies in `folder`. With `distinct`, only that many are drawn
+    (a 2,500 px phantom costs about 3 s of a core) and the rest are copies of them under
+    new UIDs: for a throughput run on a lent GPU host whose minutes are counted, where
+    generating 256 drawn studies took longer than the runs they fed."""
+    drawn = min(count, distinct or count)
     rng = np.random.default_rng(2026)
     jobs = []
-    for index in range(count):
+    for index in range(drawn):
         rows, cols = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
         syntax = {"uncompressed": "explicit", "j2k": "j2k"}.get(codec) or (
             "explicit" if index % 2 == 0 else "j2k"
@@ -88,6 +116,8 @@ def generate(
         jobs.append((folder, index, rows, cols, syntax, (12, 14, 16)[index % 3]))
     with ProcessPoolExecutor(processes, initializer=_one_thread) as pool:
         list(pool.map(_generate, jobs))
+        copies = [(folder, index % drawn, index) for index in range(drawn, count)]
+        list(pool.map(_copy_study, copies, chunksize=8))
 
 
 def make_bundles(folder: Path) -> dict[str, str]:
@@ -395,6 +425,12 @@ def main() -> None:
         help="tuned: studies in flight per worker process (processing.study_threads)",
     )
     parser.add_argument("--codec", choices=("uncompressed", "j2k", "mixed"), default="uncompressed")
+    parser.add_argument(
+        "--distinct",
+        type=int,
+        default=None,
+        help="draw only this many phantoms; the other studies are copies under new UIDs",
+    )
     parser.add_argument("--min-size", type=int, default=2000)
     parser.add_argument("--max-size", type=int, default=3000)
     parser.add_argument("--report", type=Path, default=None, help="JSON report path")
@@ -469,11 +505,20 @@ def main() -> None:
             "studies": args.studies,
             "sizes": [args.min_size, args.max_size],
             "codec": args.codec,
+            "distinct": args.distinct,
         }
         if marker.is_file() and json.loads(marker.read_text()) == recipe:
             print(f"reusing the {args.studies} studies in {work / 'in'}", flush=True)
         else:  # a --workdir from an earlier run with the same recipe is reused
-            generate(work / "in", args.studies, args.min_size, args.max_size, args.codec, cpus)
+            generate(
+                work / "in",
+                args.studies,
+                args.min_size,
+                args.max_size,
+                args.codec,
+                cpus,
+                args.distinct,
+            )
             marker.write_text(json.dumps(recipe))
             print(
                 f"generated {args.studies} studies ({args.min_size}-{args.max_size} px, "

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.harness import ratios, summarise
+from bench.harness import generate, ratios, summarise
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -128,3 +128,23 @@ def test_host_side_against_an_unknown_commit_says_so() -> None:
 
     with pytest.raises(SystemExit, match="cannot check out 'no-such-commit-here'"):
         against("no-such-commit-here", runs=1, rounds=1)
+
+
+def test_generate_copies_drawn_studies_under_new_uids(tmp_path: Path) -> None:
+    import numpy as np
+    import pydicom
+
+    generate(tmp_path, 5, 300, 340, "mixed", 1, distinct=2)
+    files = sorted(tmp_path.glob("phantom_*/image.dcm"))
+    assert [f.parent.name for f in files] == [f"phantom_{i:05d}" for i in range(5)]
+    sets = [pydicom.dcmread(f) for f in files]
+    for uid in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PatientID"):
+        assert len({str(ds[uid].value) for ds in sets}) == 5, uid
+    for ds in sets:
+        assert ds.SOPInstanceUID == ds.file_meta.MediaStorageSOPInstanceUID
+    # Copies carry their source's pixels in its codec (2 and 4 of study 0, 3 of study 1).
+    for copy, source in ((2, 0), (3, 1), (4, 0)):
+        assert sets[copy].file_meta.TransferSyntaxUID == sets[source].file_meta.TransferSyntaxUID
+        assert np.array_equal(sets[copy].pixel_array, sets[source].pixel_array)
+    # The two drawn studies are two films.
+    assert not np.array_equal(sets[0].pixel_array, sets[1].pixel_array)
