@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import shutil
@@ -114,7 +115,10 @@ def generate(
             "explicit" if index % 2 == 0 else "j2k"
         )
         jobs.append((folder, index, rows, cols, syntax, (12, 14, 16)[index % 3]))
-    with ProcessPoolExecutor(processes, initializer=_one_thread) as pool:
+    # Spawned, not forked: a fork of a process whose threads hold locks (torch's, a test
+    # runner's) can leave the child waiting on a lock no thread will release.
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(processes, mp_context=spawn, initializer=_one_thread) as pool:
         list(pool.map(_generate, jobs))
         copies = [(folder, index % drawn, index) for index in range(drawn, count)]
         list(pool.map(_copy_study, copies, chunksize=8))
