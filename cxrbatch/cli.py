@@ -34,7 +34,6 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import enum
-import faulthandler
 import functools
 import importlib.util
 import io
@@ -1422,9 +1421,7 @@ app.add_typer(training_app, name="training")
 
 
 def main() -> None:
-    # A crash in native code (a library's segmentation fault) prints every thread's Python
-    # stack on stderr, into the service's log, instead of leaving no trace.
-    faulthandler.enable()
+    logs.report_native_crashes()
     app()
 
 

@@ -6,6 +6,7 @@ warnings (which can quote element values such as PatientName) are silenced.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import sys
@@ -28,6 +29,16 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             document["exception"] = self.formatException(record.exc_info)
         return json.dumps(document)
+
+
+def report_native_crashes() -> None:
+    """A crash in native code (a library's segmentation fault) prints every thread's Python
+    stack on stderr, into the service's log, instead of leaving no trace. A fault handler
+    already on (pytest's, `python -X faulthandler`, PYTHONFAULTHANDLER) is left as it is:
+    enabling it again would point it at whatever sys.stderr is now, which inside a test run
+    is a capture file that a crashing process never shows."""
+    if not faulthandler.is_enabled():
+        faulthandler.enable()
 
 
 def configure(level: str = "INFO", fmt: str = "text") -> None:

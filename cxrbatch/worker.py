@@ -11,7 +11,6 @@ and writing overlap another's networks.
 
 from __future__ import annotations
 
-import faulthandler
 import logging
 import os
 import resource
@@ -734,7 +733,7 @@ def start_worker(
     """A worker process's set-up (its logging, `threads` CPU threads, its models, SIGTERM
     and SIGINT as a drain): the process exits with EXIT_CANNOT_START when the models
     cannot be loaded (spawned by `watch` / `worker` here, and by `process --workers N`)."""
-    faulthandler.enable()  # a native crash leaves the threads' stacks in the log (cli.main)
+    logs.report_native_crashes()
     logs.configure(site.settings.logging.level, site.settings.logging.format)
     limit_cpu_threads(threads)
     try:

@@ -275,3 +275,23 @@ def test_a_native_crash_leaves_every_threads_python_stack_on_stderr() -> None:
     assert crashed.returncode == -signal.SIGSEGV, crashed.stderr[-2000:]
     assert "Fatal Python error: Segmentation fault" in crashed.stderr, crashed.stderr[-2000:]
     assert "cxrbatch/cli.py" in crashed.stderr, crashed.stderr[-2000:]
+
+
+def test_a_fault_handler_already_on_keeps_its_file(tmp_path: Path) -> None:
+    """Under a test runner (pytest's own handler on, sys.stderr a capture file) a worker
+    started in the test's process must not re-point the handler at the capture file: the
+    engines' crash in CI of 2026-12-05 printed nothing because the batch's worker did."""
+    code = (
+        "import ctypes, sys; from cxrbatch import logs; "
+        f"sys.stderr = open({str(tmp_path / 'captured')!r}, 'w'); "
+        "logs.report_native_crashes(); ctypes.string_at(0)"
+    )
+    crashed = subprocess.run(
+        [sys.executable, "-X", "faulthandler", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert crashed.returncode == -signal.SIGSEGV, crashed.stderr[-2000:]
+    assert "Fatal Python error: Segmentation fault" in crashed.stderr, crashed.stderr[-2000:]
+    assert "Segmentation fault" not in (tmp_path / "captured").read_text()
