@@ -219,3 +219,64 @@ def test_torch_reference_on_the_probe_is_computed_once(tmp_path: Path) -> None:
     cache.chmod(0o777)
     engines.cached_reference(cache, key, compute, "probe")
     assert len(calls) == 4  # a cache others can write to is not read
+
+
+# Two OpenVINO networks compiled, dropped in the other order, then a signal handled by
+# Python on the main thread: OpenVINO (on an AMX processor) gives the compiling thread an
+# alternate signal stack per compiled model and restores the one it found when that model
+# is destroyed, so without engines.keeping_signal_stack the thread ends on an unmapped
+# stack and the signal kills the process with no trace (the CI crash with these engines).
+_SIGNAL_AFTER_OUT_OF_ORDER_DROPS = """
+import ctypes, faulthandler, gc, os, signal, sys
+import torch
+from cxrbatch.models import engines
+
+def stack():
+    current = engines._SignalStack()
+    assert ctypes.CDLL(None).sigaltstack(None, ctypes.byref(current)) == 0
+    return (current.ss_sp, current.ss_size, current.ss_flags)
+
+faulthandler.enable()
+before = stack()
+net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+example = (torch.rand(1, 3, 16, 16),)
+compile = engines.compile_network if sys.argv[1] == "product" else None
+if compile is None:  # OpenVINO called directly, as the product did before
+    import openvino as ov
+    model = ov.convert_model(net, example_input=example)
+    compile = lambda *args: ov.Core().compile_model(model, "CPU")
+first = compile(net, example, "openvino", "first")
+second = compile(net, example, "openvino", "second")
+changed = stack() != before
+del first
+gc.collect()
+del second
+gc.collect()
+print("changed" if changed or stack() != before else "kept", flush=True)
+signal.signal(signal.SIGUSR1, lambda *_: print("handled", flush=True))
+os.kill(os.getpid(), signal.SIGUSR1)
+print("alive", flush=True)
+"""
+
+
+def test_compiled_openvino_models_leave_the_threads_signal_stack_alone(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    def run(how: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", _SIGNAL_AFTER_OUT_OF_ORDER_DROPS, how],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    product = run("product")
+    assert product.returncode == 0, product.stderr[-2000:]
+    assert product.stdout.split() == ["kept", "handled", "alive"], product.stderr[-2000:]
+    # Where OpenVINO swaps the stack (an AMX processor, as this project's hosts), calling
+    # it directly is the crash this guards against: the guard is what keeps it alive.
+    direct = run("direct")
+    if direct.stdout.startswith("changed"):
+        assert direct.returncode == -signal.SIGSEGV, direct.stdout

@@ -28,13 +28,17 @@ segmentation.decoder_engine = "onnxruntime").
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import hashlib
 import importlib.util
 import io
 import logging
+import sys
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -200,16 +204,64 @@ def _openvino(
             model = ov.convert_model(module, example_input=tuple(example), input=shapes)
         if path is not None:
             _store_openvino(model, path, what)
-    compiled = core.compile_model(
-        model,
-        "CPU",
-        {
-            "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_NUM_THREADS": torch.get_num_threads(),
-            "INFERENCE_PRECISION_HINT": "f32",
-        },
-    )
+    with keeping_signal_stack():
+        compiled = core.compile_model(
+            model,
+            "CPU",
+            {
+                "PERFORMANCE_HINT": "LATENCY",
+                "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+                "INFERENCE_PRECISION_HINT": "f32",
+            },
+        )
     return _OpenVINOForward(compiled)
+
+
+class _SignalStack(ctypes.Structure):  # stack_t of <signal.h> (Linux)
+    _fields_ = [
+        ("ss_sp", ctypes.c_void_p),
+        ("ss_flags", ctypes.c_int),
+        ("ss_size", ctypes.c_size_t),
+    ]
+
+
+@contextlib.contextmanager
+def keeping_signal_stack() -> Iterator[None]:
+    """The calling thread's alternate signal stack as it was before the block.
+
+    OpenVINO's CPU plugin, on a processor with AMX, gives the thread that compiles a model
+    an alternate signal stack of its own (its AMX state makes a signal frame larger than
+    some stacks allow) and puts the previous one back when that compiled model is
+    destroyed. Compiled models destroyed in another order than they were made (two
+    segmenters loaded, the first dropped) leave the thread on a stack already unmapped;
+    the next signal handled there (Python's handlers run on the alternate stack: a
+    SIGTERM drain, Ctrl-C, the fault handler itself) then kills the process with a
+    segmentation fault and no trace. That was the crash of the test runs with these
+    engines as the default (docs/performance.md). Every compiled model here saves and
+    restores the caller's own stack instead, which is always mapped: the fault handler's
+    (about 58 KiB, more than OpenVINO's 20 KiB) or none (signals on the thread's stack).
+    Where sigaltstack cannot be called (not Linux), the block runs as it is."""
+    libc = _libc()
+    saved = _SignalStack()
+    if libc is None or libc.sigaltstack(None, ctypes.byref(saved)) != 0:
+        yield
+        return
+    try:
+        yield
+    finally:
+        libc.sigaltstack(ctypes.byref(saved), None)
+
+
+@functools.cache
+def _libc() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.sigaltstack  # noqa: B018  # present in every Linux C library
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 def _store_openvino(model: Any, path: Path, what: str) -> None:
