@@ -62,8 +62,8 @@ class SegmentationSettings(_Section):
     # features within ~1e-5 of eager, faster; docs/performance.md). False = plain eager.
     optimize_cpu: bool = True
     # With optimize_cpu on the CPU: the engine of the image encoder and of the mask decoder
-    # (torch, openvino, onnxruntime; auto = torch for now, engines.py says why; measured
-    # fastest here: encoder openvino, decoder onnxruntime, docs/performance.md). A converted
+    # (torch, openvino, onnxruntime; auto = the fastest measured where installed: encoder
+    # openvino, decoder onnxruntime, docs/performance.md; else torch). A converted
     # network is used only where it gives torch fp32's masks on a probe film; a missing
     # engine package means torch.
     encoder_engine: Literal["auto", "torch", "openvino", "onnxruntime"] = "auto"

@@ -21,7 +21,7 @@ from cxrbatch.models.prompts import segment_pixels
 from cxrbatch.models.segmenter import LiteMedSAM, probe_film
 from cxrbatch_training.synthetic import make_hard_phantom
 
-# The `engines` extra, not in `dev` (pyproject.toml says why): pip install -e '.[dev,engines]'.
+# The `engines` extra (in `dev` too).
 pytest.importorskip("openvino", reason="the engines extra is not installed")
 pytest.importorskip("onnxruntime", reason="the engines extra is not installed")
 
@@ -35,12 +35,12 @@ def eager() -> LiteMedSAM:
     return LiteMedSAM(device="cpu", optimize_cpu=False)
 
 
-def test_auto_is_torch_until_the_crash_is_understood(models: pipeline.Models) -> None:
-    """The session's segmenter (default settings, both engine packages installed) runs on
-    torch: "auto" is torch for every network for now (engines.py says why); the fastest
-    engines measured are opt-in."""
-    assert models.segmenter.engines == {"encoder": "torch", "decoder": "torch"}  # type: ignore[attr-defined]
-    assert set(engines.DEFAULTS.values()) == {"torch"}
+def test_auto_is_the_fastest_engine_measured(models: pipeline.Models) -> None:
+    """The session's segmenter (default settings, both engine packages installed) runs its
+    encoder on OpenVINO and its decoder on ONNX Runtime: "auto" is the fastest engine
+    bench/engines.py measured per network."""
+    assert models.segmenter.engines == {"encoder": "openvino", "decoder": "onnxruntime"}  # type: ignore[attr-defined]
+    assert engines.DEFAULTS == engines.FASTEST
     assert engines.FASTEST["segmenter encoder"] == "openvino"
     assert engines.FASTEST["segmenter decoder"] == "onnxruntime"
 
