@@ -32,11 +32,12 @@ from cxrbatch.models.device import resolve_device
 from cxrbatch.models.engines import (
     PROBABILITY_TOLERANCE,
     Engine,
+    cached_reference,
     compile_network,
     largest_difference,
     resolve,
 )
-from cxrbatch.models.graphs import cpu_inference_graph, image_shape
+from cxrbatch.models.graphs import cpu_inference_graph, image_shape, source_sha256
 from cxrbatch.models.masks import MaskMode
 from cxrbatch.models.preflight import bundle_files
 from cxrbatch.models.preprocess import Crop, Resize
@@ -449,6 +450,15 @@ def load_bundle(
     return ClassifierBundle(root, spec, model, network, torch_device, bf16, graph)
 
 
+def probe_batch(shape: tuple[int, ...]) -> torch.Tensor:
+    """The load-time check's input for a converted classifier: one random image (a fixed
+    seed) of the network's input shape, the batch the CPU runs at (processing.max_batch
+    1); tests/test_engines.py checks the conversions at batch 2. Torch's answer on it is
+    kept in the graph cache (engines.cached_reference), so a later process runs only the
+    converted network, whose first call this also is."""
+    return torch.rand(shape, generator=torch.Generator().manual_seed(0))
+
+
 def _on_engine(
     network: torch.nn.Module,
     spec: BundleSpec,
@@ -467,11 +477,13 @@ def _on_engine(
     )  # fmt: skip
     if converted is None:
         return None
-    probe = torch.rand((3, *shape[1:]), generator=torch.Generator().manual_seed(0))
+    probe = probe_batch(shape)
+    key = (network, (tuple(probe.shape), source_sha256(probe_batch)), digest)
     with torch.inference_mode():
-        difference = largest_difference(
-            torch.sigmoid(network(probe)), torch.sigmoid(converted(probe))
+        reference = cached_reference(
+            graph_cache, key, lambda: torch.sigmoid(network(probe)), f"{what} probe"
         )
+        difference = largest_difference(reference, torch.sigmoid(converted(probe)))
     if difference > PROBABILITY_TOLERANCE:
         log.warning(
             "%s: %s refused: its probabilities on the probe batch differ from torch fp32's by "

