@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cxrbatch import pipeline
-from cxrbatch.config import Settings
+from cxrbatch.config import Settings, load_settings
 from cxrbatch.models import engines
 from cxrbatch.models.bundle import load_bundle
 from cxrbatch.models.prompts import segment_pixels
@@ -35,14 +35,24 @@ def eager() -> LiteMedSAM:
     return LiteMedSAM(device="cpu", optimize_cpu=False)
 
 
-def test_auto_is_the_fastest_engine_measured(models: pipeline.Models) -> None:
+def test_auto_is_the_fastest_engine_measured(
+    models: pipeline.Models, tiny_bundles: dict[str, Path], tmp_path: Path
+) -> None:
     """The session's segmenter (default settings, both engine packages installed) runs its
-    encoder on OpenVINO and its decoder on ONNX Runtime: "auto" is the fastest engine
-    bench/engines.py measured per network."""
+    encoder on OpenVINO and its decoder on ONNX Runtime, and a classifier bundle loaded
+    with the defaults runs on OpenVINO: "auto" is the engine bench/engines.py measured
+    fastest per network (for the classifiers, the one ready soonest)."""
     assert models.segmenter.engines == {"encoder": "openvino", "decoder": "onnxruntime"}  # type: ignore[attr-defined]
     assert engines.DEFAULTS == engines.FASTEST
     assert engines.FASTEST["segmenter encoder"] == "openvino"
     assert engines.FASTEST["segmenter decoder"] == "onnxruntime"
+    assert engines.FASTEST["classifier"] == "openvino"
+    settings = load_settings(None)
+    loaded = load_bundle(
+        tiny_bundles["classifier"], "cpu", settings.classifier.precision,
+        settings.classifier.optimize_cpu, tmp_path, settings.classifier.engine,
+    )  # fmt: skip
+    assert loaded.engine == "openvino"
 
 
 @pytest.mark.parametrize("engine", ["openvino", "onnxruntime"])
