@@ -42,7 +42,7 @@ import torch
 
 from bench.peak import best_seconds, measure
 from cxrbatch.models import engines
-from cxrbatch.models.bundle import build_network
+from cxrbatch.models.bundle import Trunk, build_network, head
 from cxrbatch.models.graphs import cpu_inference_graph, image_shape
 
 
@@ -114,23 +114,27 @@ def segmenter_networks(cache: Path) -> dict[str, dict[str, Any]]:
 
 
 def classifier_networks(cache: Path) -> dict[str, dict[str, Any]]:
+    """Each classifier as the product runs it: its trunk on the engine (the CPU graph or a
+    converted model), then the pooling and linear head in torch (bundle.head)."""
     networks = {}
     for architecture in ("resnet50", "densenet121"):
         torch.manual_seed(0)
         net = build_network(architecture, 5).eval()
+        trunk = Trunk(net)
         shape = image_shape(512)
         digest = f"bench-{architecture}"  # the cache key's weights part: the seed's weights
         build: dict[str, Callable[[], Any]] = {
             "torch": partial(
-                cpu_inference_graph, net, shape, architecture, cache, digest, fuse=True
+                cpu_inference_graph, trunk, shape, architecture, cache, digest, fuse=True
             ),
         }
         for engine in ("openvino", "onnxruntime"):
             if engines.available(engine):
                 build[engine] = partial(
-                    engines.compile_network, net, (torch.zeros(shape),), engine, architecture,
+                    engines.compile_network, trunk, (torch.zeros(shape),), engine, architecture,
                     cache, digest, dynamic={"input0": 0, "output": 0},
                 )  # fmt: skip
+        build = {engine: partial(_with_head, net, make) for engine, make in build.items()}
         probe = torch.rand(shape, generator=torch.Generator().manual_seed(1))
         networks[f"classifier {architecture}"] = {
             "engines": {engine: make() for engine, make in build.items()},
@@ -139,6 +143,13 @@ def classifier_networks(cache: Path) -> dict[str, dict[str, Any]]:
             "eager": net,
         }
     return networks
+
+
+def _with_head(network: torch.nn.Module, make: Callable[[], Any]) -> Callable[..., Any]:
+    """The trunk `make` gives, followed by the network's head: logits, as the product's
+    ClassifierBundle.evaluate makes them."""
+    trunk = make()
+    return lambda batch: head(network, trunk(batch))
 
 
 def _ready_seconds(spec: dict[str, Any], engine: str) -> float:

@@ -161,16 +161,17 @@ def study(rounds: int, work: Path) -> dict[str, Any]:
     spent: dict[str, float] = defaultdict(float)
     cpu: dict[str, float] = defaultdict(float)
     # Module attributes and the segmenter's own callables, swapped for timed ones and put
-    # back after; the classifiers' network call is ClassifierBundle.forward.
+    # back after; the classifiers' network call is ClassifierBundle.trunk.
     module_patches = {
         (pipeline, "build_seg"): "build SEG",
         (pipeline, "build_key_image"): "build key image",
         (pipeline, "build_presentation_state"): "build presentation state",
         (pipeline, "build_sr"): "build SR",
         (export, "write_dicom"): "write files",
-        (ClassifierBundle, "forward"): "network: classifiers",
-        # Grad-CAM's forward and backward passes, where a label reaches its threshold
-        (pipeline, "finding_maps"): "network: finding maps",
+        (ClassifierBundle, "trunk"): "network: classifiers",
+        # Grad-CAM from the classification pass's activations, where a label reaches its
+        # threshold: host-side work since 2026-12-05 (a second network pass before)
+        (pipeline, "finding_maps"): "finding maps",
         # host-side steps besides the writers
         (pipeline, "decode"): "decode",
         (qc, "assess"): "quality gate",

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import highdicom as hd
 from pydicom.dataset import Dataset
@@ -60,6 +61,9 @@ from cxrbatch.models.preprocess import ClassifierInputs
 from cxrbatch.models.prompts import segment_lungs
 from cxrbatch.models.segmenter import BoxSegmenter, load_segmenter
 from cxrbatch.paths import uid_path_component
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -186,20 +190,28 @@ def classify(
 ) -> Findings | None:
     """Run one bundle on one image with exactly the mask mode the bundle declares. A
     masked bundle (M-15, M-50) is not run on masks that failed QC: None."""
+    return _classified(bundle, inputs, masks_passed_qc)[0]
+
+
+def _classified(
+    bundle: ClassifierBundle | None, inputs: ClassifierInputs, masks_passed_qc: bool = True
+) -> tuple[Findings | None, torch.Tensor | None]:
+    """`classify`, with the activations of the network's last convolutional block on the
+    image (what its finding maps are made of), None where it did not run."""
     if bundle is None:
-        return None
+        return None, None
     spec = bundle.spec
     if spec.mask_mode != "original" and not masks_passed_qc:
-        return None
+        return None, None
     network_input = inputs.tensor(
         spec.mask_mode, spec.input_size, spec.mean, spec.std, spec.crop, spec.resize
     )
-    findings = bundle.findings(bundle.predict(network_input[None])[0])
-    findings = replace(findings, box=inputs.box(spec.crop))
+    probabilities, activations = bundle.evaluate(network_input[None])
+    findings = replace(bundle.findings(probabilities[0]), box=inputs.box(spec.crop))
     if not masks_passed_qc and findings.triage is Triage.LIKELY_NORMAL:
         # An unmasked screening model still ran; its "normal" is not trusted either.
         findings = replace(findings, triage=Triage.NEEDS_REVIEW)
-    return findings
+    return findings, activations[0]
 
 
 @dataclass(frozen=True, eq=False)
@@ -223,12 +235,17 @@ def _process_image(
     with timer.stage("classify"):
         inputs = ClassifierInputs(image.pixels, segmentation.lungs)  # shared by both bundles
         passed = segmentation.qc_passed
-        findings = classify(models.classifier, inputs, passed)
+        findings, activations = _classified(models.classifier, inputs, passed)
         screening = classify(models.screening, inputs, passed)
     maps: tuple[FindingMap, ...] = ()
-    if settings.output.finding_maps and findings is not None and models.classifier is not None:
+    if (
+        settings.output.finding_maps
+        and findings is not None
+        and activations is not None
+        and models.classifier is not None
+    ):
         with timer.stage("finding_maps"):
-            maps = finding_maps(models.classifier, inputs, findings)
+            maps = finding_maps(models.classifier, inputs, findings, activations)
     shadow = shadow_screening = None
     if models.shadow is not None or models.shadow_screening is not None:
         with timer.stage("shadow"):  # timed only where a candidate runs

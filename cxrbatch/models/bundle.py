@@ -13,6 +13,7 @@ training data with a flag saying whether it was synthetic.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass, replace
@@ -124,6 +125,39 @@ def build_network(
             net.features.conv0 = conv
         return cast(torch.nn.Module, net)
     raise ModelError(f"Expected architecture 'resnet50' or 'densenet121', found {architecture!r}.")
+
+
+class Trunk(torch.nn.Module):
+    """A classifier up to its last convolutional block's output (ResNet-50 `layer4`,
+    DenseNet-121 `features` after its ReLU), as torchvision's forward() computes it: what
+    the CPU graph or another engine runs. The head (`head`: global average pooling, then
+    the linear layer) runs after it in torch, and the finding maps are made from the
+    same activations (heatmaps.py), so a study's maps cost no second pass."""
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        super().__init__()
+        if not isinstance(network, torchvision.models.ResNet | torchvision.models.DenseNet):
+            raise ValueError(f"no trunk known for {type(network).__name__}")
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        net = self.network
+        if isinstance(net, torchvision.models.ResNet):
+            x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+            return cast(torch.Tensor, net.layer4(net.layer3(net.layer2(net.layer1(x)))))
+        return torch.relu(net.features(x))
+
+
+def linear_head(network: torch.nn.Module) -> torch.nn.Linear:
+    """The linear layer that makes the logits from the pooled activations."""
+    layer = network.fc if isinstance(network, torchvision.models.ResNet) else network.classifier
+    return cast(torch.nn.Linear, layer)
+
+
+def head(network: torch.nn.Module, activations: torch.Tensor) -> torch.Tensor:
+    """Logits from the trunk's activations, as torchvision's forward() ends."""
+    pooled = torch.nn.functional.adaptive_avg_pool2d(activations, (1, 1))
+    return cast(torch.Tensor, linear_head(network)(torch.flatten(pooled, 1)))
 
 
 # The metadata schema of MONAI's bundle specification (the one the MONAI model zoo uses).
@@ -339,32 +373,46 @@ class ClassifierBundle:
     network: torch.nn.Module
     device: torch.device
     bf16: bool = False
-    # What forward() runs: `network`, or on the CPU its frozen inference graph or another
-    # engine's model of it (engines.py).
+    # What trunk() runs: Trunk(network), or on the CPU its frozen inference graph or
+    # another engine's model of it (engines.py).
     graph: Forward | None = None
     engine: str = "torch"
-    # What predict() calls on a device batch: forward(), or a Batcher around it that
-    # joins the passes of concurrent studies (with_batching).
+    # What evaluate() calls on a device batch: trunk(), or a Batcher around it that joins
+    # the passes of concurrent studies (with_batching).
     run: Forward | None = None
 
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        """Logits for a batch on the device (autocast is per thread: it is set here)."""
+    def trunk(self, batch: torch.Tensor) -> torch.Tensor:
+        """The last convolutional block's activations for a batch on the device (autocast
+        is per thread: it is set here)."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return cast(torch.Tensor, (self.graph or self.network)(batch))
+            return cast(torch.Tensor, (self.graph or self._eager_trunk)(batch))
+
+    @functools.cached_property
+    def _eager_trunk(self) -> Trunk:
+        return Trunk(self.network)
 
     def with_batching(self, max_batch: int, max_wait_s: float = 0.005) -> ClassifierBundle:
-        """This bundle with concurrent predict() calls sharing batches of up to max_batch."""
-        return replace(self, run=batched(self.forward, max_batch, max_wait_s))
+        """This bundle with concurrent evaluate() calls sharing batches of up to max_batch."""
+        return replace(self, run=batched(self.trunk, max_batch, max_wait_s))
 
     @torch.inference_mode()
-    def predict(self, inputs: np.ndarray) -> np.ndarray:
-        """Sigmoid probabilities (N, labels) for network inputs (N, 3, S, S)."""
+    def evaluate(self, inputs: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+        """Sigmoid probabilities (N, labels) for network inputs (N, 3, S, S), and the
+        trunk's activations they came from (N, C, h, w; float32 on the CPU), which the
+        finding maps use."""
         batch = torch.from_numpy(np.ascontiguousarray(inputs))
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
             batch = batch.contiguous(memory_format=torch.channels_last)
-        logits = (self.run or self.forward)(batch)
-        return torch.sigmoid(logits.float()).cpu().numpy()
+        activations = (self.run or self.trunk)(batch)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            logits = head(self.network, activations)
+        probabilities = torch.sigmoid(logits.float()).cpu().numpy()
+        return probabilities, activations.float().cpu()
+
+    def predict(self, inputs: np.ndarray) -> np.ndarray:
+        """Sigmoid probabilities (N, labels) for network inputs (N, 3, S, S)."""
+        return self.evaluate(inputs)[0]
 
     def findings(self, probabilities: np.ndarray) -> Findings:
         probs = {label: float(p) for label, p in zip(self.spec.labels, probabilities, strict=True)}
@@ -387,10 +435,10 @@ def load_bundle(
     engine: str = "torch",
 ) -> ClassifierBundle:
     """Load and verify a bundle. precision: fp32, bf16, or auto (bf16 on CUDA only);
-    optimize_cpu: on the CPU, predict with a frozen inference graph of the network, kept
-    in `graph_cache` between processes when given (cxrbatch/models/graphs.py), or with
-    the network on `engine` (engines.py) where it gives torch fp32's probabilities on a
-    probe batch."""
+    optimize_cpu: on the CPU, run the network's trunk (`Trunk`) as a frozen inference
+    graph, kept in `graph_cache` between processes when given (cxrbatch/models/graphs.py),
+    or on `engine` (engines.py) where it gives torch fp32's probabilities and activations
+    on a probe."""
     root = Path(path)
     meta_path, model_path, metadata = bundle_files(root)
     try:
@@ -440,7 +488,7 @@ def load_bundle(
         return ClassifierBundle(root, spec, model, network, torch_device, bf16, graph, chosen)
     if optimize_cpu and torch_device.type == "cpu":
         graph = cpu_inference_graph(
-            network,
+            Trunk(network),
             image_shape(spec.input_size, spec.in_channels),
             f"classifier {model.name}",
             graph_cache,
@@ -448,6 +496,11 @@ def load_bundle(
             fuse=True,
         )
     return ClassifierBundle(root, spec, model, network, torch_device, bf16, graph)
+
+
+# The trunk's activations make the finding maps (pictures, scaled to a peak of 1): a
+# converted trunk may differ from torch's by this share of the largest activation.
+ACTIVATION_TOLERANCE = 1e-4
 
 
 def probe_batch(shape: tuple[int, ...]) -> torch.Tensor:
@@ -467,34 +520,46 @@ def _on_engine(
     graph_cache: Path | None,
     digest: str,
 ) -> Forward | None:
-    """The network converted for `engine`, or None where it could not be or where its
-    probabilities on a fixed probe batch differ from torch fp32's by more than
-    PROBABILITY_TOLERANCE (refused in one line; the torch graph serves)."""
+    """The network's trunk converted for `engine`, or None where it could not be or where,
+    on a fixed probe, the probabilities differ from torch fp32's by more than
+    PROBABILITY_TOLERANCE or the activations (the finding maps' input) by more than
+    ACTIVATION_TOLERANCE of the largest (refused in one line; the torch graph serves)."""
     shape = image_shape(spec.input_size, spec.in_channels)
+    trunk = Trunk(network)
     converted = compile_network(
-        network, (torch.zeros(shape),), engine, what, graph_cache, digest,
+        trunk, (torch.zeros(shape),), engine, what, graph_cache, digest,
         dynamic={"input0": 0, "output": 0},
     )  # fmt: skip
     if converted is None:
         return None
     probe = probe_batch(shape)
-    key = (network, (tuple(probe.shape), source_sha256(probe_batch)), digest)
+    key = (trunk, (tuple(probe.shape), source_sha256(probe_batch)), digest)
     with torch.inference_mode():
-        reference = cached_reference(
-            graph_cache, key, lambda: torch.sigmoid(network(probe)), f"{what} probe"
+        reference = cached_reference(graph_cache, key, lambda: trunk(probe), f"{what} probe")
+        candidate = converted(probe)
+        difference = largest_difference(
+            torch.sigmoid(head(network, reference)), torch.sigmoid(head(network, candidate))
         )
-        difference = largest_difference(reference, torch.sigmoid(converted(probe)))
-    if difference > PROBABILITY_TOLERANCE:
+        scale = float(reference.abs().max()) or 1.0
+        activations = largest_difference(reference, candidate) / scale
+    if difference > PROBABILITY_TOLERANCE or activations > ACTIVATION_TOLERANCE:
         log.warning(
-            "%s: %s refused: its probabilities on the probe batch differ from torch fp32's by "
-            "%.1e (allowed %.0e); torch runs it",
+            "%s: %s refused: on the probe its probabilities differ from torch fp32's by %.1e "
+            "(allowed %.0e), its activations by %.1e of the largest (allowed %.0e); torch "
+            "runs it",
             what,
             engine,
             difference,
             PROBABILITY_TOLERANCE,
+            activations,
+            ACTIVATION_TOLERANCE,
         )
         return None
     log.info(
-        "%s on %s (probe batch: probabilities within %.1e of torch fp32)", what, engine, difference
+        "%s on %s (probe: probabilities within %.1e of torch fp32, activations within %.1e)",
+        what,
+        engine,
+        difference,
+        activations,
     )
     return cast(Forward, converted)
