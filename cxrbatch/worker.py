@@ -443,6 +443,49 @@ class Started:
 Tell = Callable[["Started | StudyReport"], None]
 
 
+class Turns:
+    """Which claimed studies a worker's study loops may process now. A study whose last
+    attempt died with its worker process (killed, out of memory, a crash in native code)
+    runs alone: the studies already in flight here finish first and none starts beside
+    it. So a study that kills its worker takes no other study's attempts with it, and a
+    study that was only in flight beside such a study is tried again without it."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._running = 0
+        self._alone = False
+
+    def wait_while_alone(self, timeout: float) -> bool:
+        """Whether a study runs (or waits to run) alone here; if so, wait up to `timeout`
+        for it to end, so that the caller claims nothing meanwhile."""
+        with self._condition:
+            if not self._alone:
+                return False
+            self._condition.wait(timeout)
+            return True
+
+    def take(self, claimed: jobs.Claim) -> bool:
+        """Start processing `claimed` (waiting, for a study that runs alone, until the
+        others in flight end), or False where another study runs alone here now: the
+        caller gives `claimed` back."""
+        with self._condition:
+            if self._alone:
+                return False
+            if claimed.lost:
+                self._alone = True
+                while self._running:
+                    self._condition.wait()
+            self._running += 1
+            return True
+
+    def end(self, claimed: jobs.Claim) -> None:
+        with self._condition:
+            self._running -= 1
+            if claimed.lost:
+                self._alone = False
+            self._condition.notify_all()
+
+
 class QueueWorker:
     """One worker: claims jobs until stopped. Models are loaded once, at construction."""
 
@@ -469,6 +512,7 @@ class QueueWorker:
         self.stopping = threading.Event()
         self.current: list[jobs.Claim] = []  # the claims in hand
         self._lock = threading.Lock()
+        self._turns = Turns()
         self._paused_for_disk = False
         self._low_since = 0.0  # when the free disk went under the watermark (monotonic)
         self._free_mb = 0.0
@@ -567,6 +611,8 @@ class QueueWorker:
                     self._stop_batch_if_disk_stays_low()
                 self.stopping.wait(interval)
                 continue
+            if self._turns.wait_while_alone(interval):
+                continue  # a study runs alone in this worker: nothing claimed meanwhile
             claimed = jobs.claim(self.sessions, self.owner, self.settings.queue.lease_seconds)
             if claimed is not None and self.stopping.is_set():
                 # The stop came while this claim waited for the database: no new study
@@ -582,7 +628,17 @@ class QueueWorker:
                 self.current.append(claimed)
             try:
                 with _Heartbeat(self.sessions, claimed, self.settings):
-                    self.process_claim(claimed)
+                    turn = self._turns.take(claimed)
+                    if turn:
+                        try:
+                            self.process_claim(claimed)
+                        finally:
+                            self._turns.end(claimed)
+                if not turn:
+                    # Another loop claimed, at the same moment, a study that must run
+                    # alone: this one goes back to the queue, its attempt uncounted.
+                    jobs.release(self.sessions, claimed)
+                    continue
                 with self._lock:
                     self.processed += 1
             finally:

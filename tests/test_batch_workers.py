@@ -5,6 +5,7 @@ study its outcome; workers that cannot start stop the batch with a clear error."
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,15 +15,18 @@ from cxrbatch import pipeline
 from cxrbatch.batch import run_batch
 from cxrbatch.config import Settings
 from cxrbatch.db import models as tables
+from cxrbatch.db.jobs import Claim
 from cxrbatch.db.session import make_engine, session_factory
 from cxrbatch.errors import CxrBatchError
 from cxrbatch.site import Site
+from cxrbatch.worker import Turns
 from cxrbatch_training.synthetic import write_studies
 
 # Imported by every Python process started while it is on PYTHONPATH: the spawned worker
 # processes kill themselves (SIGKILL, as the kernel's OOM killer does) on one study.
 KILLER = """
 import os
+import threading
 import signal
 
 if os.environ.get("CXRBATCH_TEST_KILL_STUDY"):
@@ -70,7 +74,9 @@ def test_a_study_that_kills_its_worker_costs_no_other_study(
     out = tmp_path / "out"
 
     # 2 workers x 2 studies in flight: the poisoned study's worker dies, and the pool with
-    # it; whatever was in flight is retried alone, so the poisoned study is found.
+    # it; whatever was in flight is retried alone (worker.Turns), so the poisoned study is
+    # found and the study that was only beside it is processed. (Before Turns, the two
+    # were claimed together again by one worker now and then, and both failed.)
     summary = run_batch(tmp_path / "in", Site.at(settings, out), workers=2)
 
     assert summary.studies == {"processed": 3, "failed": 1}
@@ -126,6 +132,7 @@ def test_workers_that_cannot_load_their_models_stop_the_batch(
 # The spawned workers find the results database full when they record.
 FULL = """
 import os
+import threading
 
 if os.environ.get("CXRBATCH_TEST_FULL_DATABASE"):
     from sqlalchemy.exc import OperationalError
@@ -155,3 +162,27 @@ def test_workers_that_cannot_record_stop_the_batch_with_the_reason(
     with pytest.raises(CxrBatchError, match=r"cannot be recorded.*database or disk is full"):
         run_batch(tmp_path / "in", Site.at(settings, tmp_path / "out"), workers=2)
     assert _current_outcomes(tmp_path / "out") == {}
+
+
+def test_a_study_whose_worker_died_runs_alone_in_the_next_one() -> None:
+    """worker.Turns: a claim whose last attempt died with its worker waits for the
+    studies in flight, and nothing starts beside it until it ends."""
+    turns = Turns()
+    normal = Claim(1, "1.2.1", attempts=1, generation=0, owner="o")
+    suspect = Claim(2, "1.2.2", attempts=2, generation=0, owner="o", lost=True)
+    other = Claim(3, "1.2.3", attempts=1, generation=0, owner="o")
+    assert turns.take(normal)
+    started = threading.Event()
+    took: list[bool] = []
+    waiting = threading.Thread(target=lambda: (took.append(turns.take(suspect)), started.set()))
+    waiting.start()
+    assert not started.wait(0.5)  # the study in flight finishes first
+    assert turns.wait_while_alone(0.01)  # the loops claim nothing meanwhile
+    assert not turns.take(other)  # one claimed at the same moment goes back
+    turns.end(normal)
+    assert started.wait(10) and took == [True]
+    assert not turns.take(other)  # nothing beside it while it runs
+    turns.end(suspect)
+    waiting.join()
+    assert not turns.wait_while_alone(0.01)
+    assert turns.take(other) and turns.take(normal)  # two in flight again

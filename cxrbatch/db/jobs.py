@@ -18,7 +18,7 @@ from sqlalchemy import exists, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
-from cxrbatch.db.leased import LeasedWork, RetryPolicy, db_now, new_owner
+from cxrbatch.db.leased import WORKER_LOST, LeasedWork, RetryPolicy, db_now, new_owner
 from cxrbatch.db.models import Job
 from cxrbatch.domain import JobStatus
 
@@ -46,6 +46,9 @@ class Claim:
     attempts: int
     generation: int
     owner: str
+    # Its last attempt ended with its worker process (killed, out of memory, a crash in
+    # native code): the worker runs it alone (worker.QueueWorker).
+    lost: bool = False
 
 
 def enqueue_study(session: Session, study_instance_uid: str, stable_seconds: float) -> Job:
@@ -106,7 +109,8 @@ def claim(sessions: sessionmaker[Session], owner: str, lease_seconds: float) -> 
             return None
         job.claimed_generation = job.generation
         job.heartbeat_at = job.updated_at
-        return Claim(job.id, job.study_instance_uid, job.attempts, job.generation, owner)
+        lost = (job.last_error or "").startswith(WORKER_LOST)
+        return Claim(job.id, job.study_instance_uid, job.attempts, job.generation, owner, lost)
 
 
 def heartbeat(sessions: sessionmaker[Session], claimed: Claim, lease_seconds: float) -> bool:

@@ -27,6 +27,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from cxrbatch.db.models import utcnow
 
+# How `recover` begins a row's last_error: its holder vanished during the attempt.
+WORKER_LOST = "worker lost"
+
 
 class RetrySettings(Protocol):
     max_attempts: int
@@ -246,7 +249,7 @@ class LeasedWork:
                 expired = row.lease_expires_at is not None and as_utc(row.lease_expires_at) < now
                 if not expired and not owner_is_dead_local_process(row.lease_owner or ""):
                     continue
-                reason = f"worker lost during attempt {row.attempts} (lease of {row.lease_owner})"
+                reason = f"{WORKER_LOST} during attempt {row.attempts} (lease of {row.lease_owner})"
                 row.lease_owner = None
                 row.lease_expires_at = None
                 row.updated_at = now
