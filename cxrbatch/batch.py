@@ -8,7 +8,8 @@ studies in flight on threads sharing its models. So `process` and `watch` share 
 failure model: a study that fails is recorded as failed (retried after the queue's
 backoff, or at the next run); a worker process that dies (killed, out of memory, a
 crash in native code) is replaced, and the studies it held go back to the front of the
-queue, each death counted as a failed attempt; a study that kills its worker
+queue, each death counted as a failed attempt, each then tried alone in its worker
+(worker.Turns); a study that kills its worker
 `queue.max_attempts` times is recorded as failed with that reason, and no other study
 loses its outcome.
 """
