@@ -398,8 +398,9 @@ class ClassifierBundle:
     @torch.inference_mode()
     def evaluate(self, inputs: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
         """Sigmoid probabilities (N, labels) for network inputs (N, 3, S, S), and the
-        trunk's activations they came from (N, C, h, w; float32 on the CPU), which the
-        finding maps use."""
+        trunk's activations they came from (N, C, h, w; on the device, in the pass's
+        precision), which the finding maps use: copied to the host only where a map is
+        made."""
         batch = torch.from_numpy(np.ascontiguousarray(inputs))
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
@@ -408,7 +409,7 @@ class ClassifierBundle:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             logits = head(self.network, activations)
         probabilities = torch.sigmoid(logits.float()).cpu().numpy()
-        return probabilities, activations.float().cpu()
+        return probabilities, activations
 
     def predict(self, inputs: np.ndarray) -> np.ndarray:
         """Sigmoid probabilities (N, labels) for network inputs (N, 3, S, S)."""

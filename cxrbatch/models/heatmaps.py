@@ -42,9 +42,9 @@ def grad_cam(
 ) -> dict[int, np.ndarray]:
     """Per label index, the Grad-CAM map (float32, `size`, peak 1; all 0 when the label
     has no positive evidence) of `network` from its trunk's `activations` for one input
-    (channels, h, w)."""
+    (channels, h, w; on any device, in any precision: computed in float32 on the host)."""
     weights = linear_head(network).weight.detach().float().cpu()
-    features = activations.float()
+    features = activations.float().cpu()
     area = features.shape[-2] * features.shape[-1]
     maps: dict[int, np.ndarray] = {}
     with torch.inference_mode():
