@@ -32,7 +32,7 @@ import json
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -191,6 +191,12 @@ def _accuracy(name: str, spec: dict[str, Any], engine: str) -> dict[str, float]:
     return result
 
 
+def _alternating(order: list[str], rounds: int) -> Iterator[str]:
+    """The engines of `rounds` rounds, in `order` and reversed every other round."""
+    for round_ in range(rounds):
+        yield from order if round_ % 2 == 0 else order[::-1]
+
+
 def _ready(networks: dict[str, dict[str, Any]], rounds: int) -> dict[str, dict[str, list[float]]]:
     """Each network's ready seconds per engine over `rounds`, the order reversed every
     other round (the cache already warm: every engine's model was made once)."""
@@ -198,9 +204,8 @@ def _ready(networks: dict[str, dict[str, Any]], rounds: int) -> dict[str, dict[s
     for name, spec in networks.items():
         order = [e for e, f in spec["engines"].items() if f is not None]
         ready[name] = {e: [] for e in order}
-        for round_ in range(rounds):
-            for engine in order if round_ % 2 == 0 else order[::-1]:
-                ready[name][engine].append(_ready_seconds(spec, engine))
+        for engine in _alternating(order, rounds):
+            ready[name][engine].append(_ready_seconds(spec, engine))
     return ready
 
 
@@ -219,10 +224,9 @@ def _run(
         order = list(table)
         seconds: dict[str, list[float]] = {e: [] for e in order}
         with torch.inference_mode():
-            for round_ in range(rounds):
-                for engine in order if round_ % 2 == 0 else order[::-1]:
-                    call = partial(table[engine], *spec["inputs"])
-                    seconds[engine].append(best_seconds(call, repeats))
+            for engine in _alternating(order, rounds):
+                call = partial(table[engine], *spec["inputs"])
+                seconds[engine].append(best_seconds(call, repeats))
         base = statistics.median(seconds["torch"])
         rows: dict[str, dict[str, Any]] = {}
         for engine in order:
