@@ -90,8 +90,8 @@ class ClassifierSettings(_Section):
     # (probability differences measured in docs/performance.md).
     precision: Literal["auto", "fp32", "bf16"] = "fp32"
     # On the CPU, run the networks as frozen TorchScript graphs (as segmentation.optimize_cpu),
-    # or on the engine named here (as segmentation.encoder_engine; checked against torch
-    # fp32 on a probe batch at load).
+    # or on the engine named here (as segmentation.encoder_engine; auto = openvino where
+    # installed, else torch; checked against torch fp32 on a probe image at load).
     optimize_cpu: bool = True
     engine: Literal["auto", "torch", "openvino", "onnxruntime"] = "auto"
 

@@ -47,7 +47,7 @@ class Claim:
     generation: int
     owner: str
     # Its last attempt ended with its worker process (killed, out of memory, a crash in
-    # native code): the worker runs it alone (worker.QueueWorker).
+    # native code): the worker runs it alone (worker.Turns).
     lost: bool = False
 
 
